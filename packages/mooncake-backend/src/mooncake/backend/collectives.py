@@ -1,0 +1,221 @@
+"""Collective algorithms, written only against ``Exchange`` (send / recv / recv_each).
+
+Each function runs one attempt among ``x.members`` and returns a ``commit`` callable that
+publishes the result into the caller's tensors. The process group calls it only after the
+agreement step confirmed that no member failed, so inputs stay intact until then and an attempt
+that met a failure can be re-run among the survivors from the same inputs.
+
+Algorithms by size: small payloads go directly to every peer (one message step, latency-bound);
+large all-reduces use a direct reduce-scatter + all-gather (each rank reduces 1/n of the tensor,
+2(n-1)/n of the data crosses the wire per rank, the bandwidth-optimal volume in two steps).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .exchange import Exchange
+from .reduce_ops import reduce_into
+
+Commit = Callable[[], None]
+SMALL_ALLREDUCE_BYTES = 64 * 1024
+
+
+def _nothing() -> None:
+    return None
+
+
+def _chunks(numel: int, n: int) -> list[tuple[int, int]]:
+    base, extra = divmod(numel, n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append((start, size))
+        start += size
+    return out
+
+
+def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
+    flat = t.reshape(-1)
+    nbytes = flat.numel() * flat.element_size()
+    members = x.members
+    if len(members) == 1:
+        result = reduce_into(flat.clone(), [flat], op)
+        return lambda: flat.copy_(result)
+    if nbytes <= SMALL_ALLREDUCE_BYTES or flat.numel() < len(members):
+        return _allreduce_direct(x, flat, op)
+    return _allreduce_rs_ag(x, flat, op)
+
+
+def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
+    for p in x.peers:
+        x.send(p, 0, flat)
+    bufs = {p: torch.empty_like(flat) for p in x.peers}
+    got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
+    if len(got) != len(x.peers):
+        return _nothing
+    parts = [flat if r == x.me else bufs[r] for r in x.members]
+    result = reduce_into(torch.empty_like(flat), parts, op)
+    return lambda: flat.copy_(result)
+
+
+def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
+    members = x.members
+    idx = {r: i for i, r in enumerate(members)}
+    chunks = _chunks(flat.numel(), len(members))
+    my_start, my_size = chunks[idx[x.me]]
+    # Phase 0: reduce-scatter.
+    for p in x.peers:
+        s, n = chunks[idx[p]]
+        x.send(p, 0, flat[s : s + n])
+    bufs = {p: torch.empty(my_size, dtype=flat.dtype) for p in x.peers}
+    got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
+    mine = flat[my_start : my_start + my_size]
+    result = torch.empty_like(flat)
+    my_out = result[my_start : my_start + my_size]
+    if len(got) == len(x.peers):
+        parts = [mine if r == x.me else bufs[r] for r in members]
+        reduce_into(my_out, parts, op)
+    # Phase 1: all-gather of the reduced chunks, landing in place in ``result``.
+    for p in x.peers:
+        x.send(p, 1, my_out)
+    got = x.recv_each(
+        x.peers, 1, lambda src, n: result[chunks[idx[src]][0] : sum(chunks[idx[src]])]
+    )
+    if len(got) != len(x.peers) or x.failed:
+        return _nothing
+    return lambda: flat.copy_(result)
+
+
+def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
+    flat = t.reshape(-1)
+    if root not in x.members:
+        return _nothing  # the root failed before: every survivor keeps its tensor unchanged
+    if x.me == root:
+        for p in x.peers:
+            x.send(p, 0, flat)
+        return _nothing
+    tmp = torch.empty_like(flat)
+    if not x.recv(root, 0, tmp):
+        return _nothing
+    return lambda: flat.copy_(tmp)
+
+
+def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
+    flat = t.reshape(-1)
+    if root not in x.members:
+        return _nothing
+    if x.me != root:
+        x.send(root, 0, flat)
+        return _nothing
+    bufs = {p: torch.empty_like(flat) for p in x.peers}
+    got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
+    if len(got) != len(x.peers):
+        return _nothing
+    parts = [flat if r == x.me else bufs[r] for r in x.members]
+    result = reduce_into(torch.empty_like(flat), parts, op)
+    return lambda: flat.copy_(result)
+
+
+def allgather(x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor) -> Commit:
+    """``outs[r]`` receives rank r's ``t``; slots of non-members are zeroed."""
+    flat = t.reshape(-1)
+    for p in x.peers:
+        x.send(p, 0, flat)
+    x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
+    members = set(x.members)
+
+    def commit() -> None:
+        outs[x.me].reshape(-1).copy_(flat)
+        for r, o in enumerate(outs):
+            if r not in members:
+                o.zero_()
+
+    return commit
+
+
+def gather(x: Exchange, outs: Optional[Sequence[torch.Tensor]], t: torch.Tensor, root: int) -> Commit:
+    flat = t.reshape(-1)
+    if root not in x.members:
+        return _nothing
+    if x.me != root:
+        x.send(root, 0, flat)
+        return _nothing
+    assert outs is not None
+    x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
+    members = set(x.members)
+
+    def commit() -> None:
+        outs[x.me].reshape(-1).copy_(flat)
+        for r, o in enumerate(outs):
+            if r not in members:
+                o.zero_()
+
+    return commit
+
+
+def scatter(x: Exchange, out: torch.Tensor, ins: Optional[Sequence[torch.Tensor]], root: int) -> Commit:
+    flat = out.reshape(-1)
+    if root not in x.members:
+        return _nothing
+    if x.me == root:
+        assert ins is not None
+        for p in x.peers:
+            x.send(p, 0, ins[p].reshape(-1))
+        return lambda: flat.copy_(ins[x.me].reshape(-1))
+    tmp = torch.empty_like(flat)
+    if not x.recv(root, 0, tmp):
+        return _nothing
+    return lambda: flat.copy_(tmp)
+
+
+def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], op: str) -> Commit:
+    """``out`` = reduction over members of their ``ins[me]``."""
+    flat = out.reshape(-1)
+    for p in x.peers:
+        x.send(p, 0, ins[p].reshape(-1))
+    bufs = {p: torch.empty_like(flat) for p in x.peers}
+    got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
+    if len(got) != len(x.peers):
+        return _nothing
+    parts = [ins[x.me].reshape(-1) if r == x.me else bufs[r] for r in x.members]
+    result = reduce_into(torch.empty_like(flat), parts, op)
+    return lambda: flat.copy_(result)
+
+
+def alltoall(x: Exchange, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor]) -> Commit:
+    """``outs[r]`` receives rank r's ``ins[me]``; slots of non-members are zeroed."""
+    for p in x.peers:
+        x.send(p, 0, ins[p].reshape(-1))
+    x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
+    members = set(x.members)
+
+    def commit() -> None:
+        if outs[x.me].numel():
+            outs[x.me].reshape(-1).copy_(ins[x.me].reshape(-1))
+        for r, o in enumerate(outs):
+            if r not in members:
+                o.zero_()
+
+    return commit
+
+
+def barrier(x: Exchange) -> Commit:
+    for p in x.peers:
+        x.send(p, 0, raw=b"")
+    x.recv_each(x.peers, 0, lambda src, n: None)
+    return _nothing
+
+
+def allgather_bytes(x: Exchange, payload: bytes) -> dict[int, bytes]:
+    """Control-plane all-gather of small byte strings (membership, readiness flags)."""
+    for p in x.peers:
+        x.send(p, 0, raw=payload)
+    out = {x.me: payload}
+    for p in x.peers:
+        got = x.recv_bytes(p, 0)
+        if got is not None:
+            out[p] = got
+    return out

@@ -1,0 +1,257 @@
+"""The small transport interface collectives are written against.
+
+``Exchange`` is one attempt of one op among a known member set. Algorithms call ``send``,
+``recv`` and ``recv_each``; a peer that dies, or misses the attempt's deadline, is recorded in
+``failed`` instead of raising, so an algorithm simply runs to its end and the agreement step
+(``agreement.py``) decides what the op means. Nothing here knows about sockets: bytes move
+through the transfer engine (``mailbox.Mailbox``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import faults, wire
+from .mailbox import Mailbox, PeerGone
+
+DataSink = Callable[[int, int], Optional[torch.Tensor]]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Exchange:
+    """One attempt of one collective op.
+
+    Args:
+        mailbox: per-process message layer over the transfer engine.
+        names: group rank -> engine peer name.
+        tag: the group's collective tag.
+        seq, attempt: identify the op attempt; carried in every header.
+        members: sorted group ranks taking part in this attempt.
+        me: this process's group rank.
+        deadline: ``time.monotonic()`` value after which a silent peer counts as failed.
+        sig: signature of this rank's op; peers with another signature are reported as mismatch.
+    """
+
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        names: dict[int, str],
+        tag: int,
+        seq: int,
+        attempt: int,
+        members: list[int],
+        me: int,
+        deadline: float,
+        sig: int,
+    ) -> None:
+        self.mailbox = mailbox
+        self.names = names
+        self.tag = tag
+        self.seq = seq
+        self.attempt = attempt
+        self.members = members
+        self.me = me
+        self.deadline = deadline
+        self.sig = sig
+        self.failed: set[int] = set()
+        self.mismatch: Optional[str] = None
+        self.bytes_sent = 0
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def peers(self) -> list[int]:
+        return [r for r in self.members if r != self.me]
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _hdr(self, kind: int, phase: int, nbytes: int) -> bytes:
+        return wire.Header(kind, phase, self.attempt, self.sig, self.seq, nbytes).pack()
+
+    def note_mismatch(self, src: int, what: str) -> None:
+        if self.mismatch is None:
+            self.mismatch = f"group rank {src}: {what}"
+
+    # -------------------------------------------------------------------- send
+    def send(self, dst: int, phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b"") -> None:
+        """Send ``t`` (a contiguous CPU tensor) or ``raw`` bytes to ``dst``; failures are recorded."""
+        if dst in self.failed:
+            return
+        name = self.names[dst]
+        try:
+            if t is None:
+                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_INLINE, phase, len(raw)) + raw)
+                self.bytes_sent += len(raw)
+                return
+            n = tensor_bytes(t)
+            if n <= wire.INLINE_LIMIT:
+                payload = ctypes.string_at(t.data_ptr(), n) if n else b""
+                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_INLINE, phase, n) + payload)
+            else:
+                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_NEXT, phase, n))
+                self.mailbox.send_ptr(name, self.tag, t.data_ptr(), n)
+            self.bytes_sent += n
+            faults.hit("data_send")
+        except PeerGone:
+            self.failed.add(dst)
+
+    # -------------------------------------------------------------------- recv
+    def _accept(self, src: int, data: bytes, phase: int) -> Optional[wire.Header]:
+        """Validate a data header from ``src``; returns it or None (mismatch/agreement recorded)."""
+        hdr = wire.Header.unpack(data)
+        if hdr.kind in (wire.AGREE, wire.DECIDED):
+            # The peer finished its data phase without sending what this rank expects.
+            self.mailbox.unread(self.names[src], self.tag, data)
+            self.note_mismatch(src, "did not send the data this rank's op expects (different op?)")
+            return None
+        if hdr.sig != self.sig or hdr.phase != phase:
+            self.note_mismatch(src, "issued a different op, dtype, shape or reduce op")
+            if hdr.kind == wire.DATA_NEXT:
+                self._next_raw(src)  # swallow the payload
+            return None
+        return hdr
+
+    def _next(self, src: int) -> Optional[bytes]:
+        """Next message of this attempt from ``src``; None when it failed or timed out."""
+        name = self.names[src]
+        while True:
+            try:
+                msg = self.mailbox.recv(name, self.tag, self.remaining())
+            except PeerGone:
+                self.failed.add(src)
+                return None
+            if msg is None:
+                self.failed.add(src)
+                return None
+            if self._is_current(name, msg):
+                return msg
+
+    def _is_current(self, name: str, msg: bytes) -> bool:
+        """Skip stale messages (older seq/attempt); push future ones back."""
+        hdr = wire.Header.unpack(msg)
+        key, cur = (hdr.seq, hdr.attempt), (self.seq, self.attempt)
+        if key == cur:
+            return True
+        if key < cur:
+            if hdr.kind == wire.DATA_NEXT:
+                self.mailbox.skip_raw(name, self.tag)
+            return False
+        self.mailbox.unread(name, self.tag, msg)
+        raise _FutureMessage(name)
+
+    def _land(self, src: int, hdr: wire.Header, data: bytes, out: Optional[torch.Tensor]) -> bool:
+        expected = tensor_bytes(out) if out is not None else hdr.nbytes
+        if hdr.nbytes != expected:
+            self.note_mismatch(
+                src, f"sent {hdr.nbytes} bytes where this rank expects {expected} (shape/dtype mismatch)"
+            )
+            if hdr.kind == wire.DATA_NEXT:
+                self._next_raw(src)
+            return False
+        if hdr.kind == wire.DATA_INLINE:
+            if out is not None and hdr.nbytes:
+                src_ptr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+                ctypes.memmove(out.data_ptr(), src_ptr + wire.HEADER_SIZE, hdr.nbytes)
+            faults.hit("data_recv")
+            return True
+        payload_ok = self._next_raw(src, out)
+        faults.hit("data_recv")
+        return payload_ok
+
+    def _next_raw(self, src: int, out: Optional[torch.Tensor] = None) -> bool:
+        name = self.names[src]
+        try:
+            ok = self.mailbox.recv_raw_into(
+                name, self.tag, None if out is None else out.data_ptr(),
+                0 if out is None else tensor_bytes(out), self.remaining(),
+            )
+        except PeerGone:
+            ok = False
+        if not ok:
+            self.failed.add(src)
+        return ok
+
+    def recv(self, src: int, phase: int, out: Optional[torch.Tensor]) -> bool:
+        """Receive the next payload from ``src`` into ``out``; False when ``src`` failed or mismatched."""
+        if src in self.failed:
+            return False
+        try:
+            data = self._next(src)
+        except _FutureMessage:
+            self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
+            return False
+        if data is None:
+            return False
+        hdr = self._accept(src, data, phase)
+        if hdr is None:
+            return False
+        return self._land(src, hdr, data, out)
+
+    def recv_bytes(self, src: int, phase: int) -> Optional[bytes]:
+        """Receive an inline payload of unknown size (control data)."""
+        if src in self.failed:
+            return None
+        try:
+            data = self._next(src)
+        except _FutureMessage:
+            self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
+            return None
+        if data is None:
+            return None
+        hdr = self._accept(src, data, phase)
+        if hdr is None:
+            return None
+        if hdr.kind != wire.DATA_INLINE:
+            self._next_raw(src)
+            self.note_mismatch(src, "sent bulk data where control data was expected")
+            return None
+        return data[wire.HEADER_SIZE : wire.HEADER_SIZE + hdr.nbytes]
+
+    def recv_each(self, srcs: Iterable[int], phase: int, sink: DataSink) -> set[int]:
+        """Receive one payload from each of ``srcs`` in arrival order.
+
+        ``sink(src, nbytes)`` returns the tensor to land the payload in (or None to check only
+        the size). Returns the set of sources whose payload arrived.
+        """
+        pending = {self.names[s]: s for s in srcs if s not in self.failed}
+        got: set[int] = set()
+        while pending:
+            try:
+                res = self.mailbox.recv_any(list(pending), self.tag, self.remaining())
+            except PeerGone as e:
+                src = pending.pop(e.peer)
+                self.failed.add(src)
+                continue
+            if res is None:  # deadline
+                self.failed.update(pending.values())
+                break
+            name, data = res
+            src = pending[name]
+            try:
+                if not self._is_current(name, data):
+                    continue
+            except _FutureMessage:
+                self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
+                pending.pop(name)
+                continue
+            pending.pop(name)
+            hdr = self._accept(src, data, phase)
+            if hdr is None:
+                continue
+            out = sink(src, hdr.nbytes)
+            if self._land(src, hdr, data, out):
+                got.add(src)
+        return got
+
+
+class _FutureMessage(Exception):
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer)
+        self.peer = peer

@@ -1,0 +1,110 @@
+"""Point-to-point send/recv. Sends are eager (queued by the engine); receives complete on a
+per-group worker thread so ``irecv`` before ``isend`` in ``batch_isend_irecv`` cannot deadlock.
+A receive from a peer that fails raises ``RankFailureError`` from ``Work.wait()``."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
+
+from . import wire
+from .errors import RankFailureError
+from .mailbox import PeerGone
+
+if TYPE_CHECKING:
+    from .process_group import MooncakeProcessGroup
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+def _pool(pg: "MooncakeProcessGroup") -> ThreadPoolExecutor:
+    with _pool_lock:
+        pool = _pools.get(id(pg))
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-recv")
+            _pools[id(pg)] = pool
+        return pool
+
+
+def _tag(pg: "MooncakeProcessGroup", tag: int) -> int:
+    return wire.make_tag(pg._gid, wire.CH_P2P, int(tag) & ((1 << 38) - 1))
+
+
+def _peer(pg: "MooncakeProcessGroup", r: int, what: str) -> str:
+    if not 0 <= r < pg.size():
+        raise ValueError(f"{what} rank {r} is out of range for a group of size {pg.size()}")
+    if r not in pg.members:
+        raise RankFailureError(f"{what} rank {r} is not an active member of the group", [r])
+    return pg.membership.names[r]
+
+
+def send(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], dst: int, tag: int) -> None:
+    name = _peer(pg, dst, "destination")
+    mb, t_ = pg._world.mailbox, _tag(pg, tag)
+    try:
+        for t in tensors:
+            src = t if t.device.type == "cpu" else t.detach().cpu()
+            n = src.numel() * src.element_size()
+            if n <= wire.INLINE_LIMIT:
+                hdr = wire.Header(wire.DATA_INLINE, 0, 0, 0, 0, n).pack()
+                mb.send(name, t_, hdr + (ctypes.string_at(src.data_ptr(), n) if n else b""))
+            else:
+                mb.send(name, t_, wire.Header(wire.DATA_NEXT, 0, 0, 0, 0, n).pack())
+                mb.send_ptr(name, t_, src.data_ptr(), n)
+    except PeerGone as e:
+        raise RankFailureError(f"send to rank {dst} failed: {e.reason}", [dst]) from None
+
+
+def recv(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], src: Optional[int], tag: int) -> dist.Work:
+    names = [_peer(pg, src, "source")] if src is not None else [
+        pg.membership.names[r] for r in sorted(pg.members) if r != pg.rank()
+    ]
+    by_name = {v: k for k, v in pg.membership.names.items()}
+    mb, t_ = pg._world.mailbox, _tag(pg, tag)
+    deadline = time.monotonic() + pg._op_timeout()
+    fut: torch.futures.Future = torch.futures.Future()
+
+    def run() -> None:
+        try:
+            peer = names[0] if len(names) == 1 else None
+            for t in tensors:
+                host = t if t.device.type == "cpu" else torch.empty_like(t, device="cpu")
+                n = host.numel() * host.element_size()
+                if peer is None:
+                    got = mb.recv_any(names, t_, deadline - time.monotonic())
+                    if got is None:
+                        raise TimeoutError("recv from any source timed out")
+                    peer, data = got
+                else:
+                    data = mb.recv(peer, t_, deadline - time.monotonic())
+                    if data is None:
+                        raise TimeoutError(f"recv from rank {by_name.get(peer)} timed out")
+                hdr = wire.Header.unpack(data)
+                if hdr.nbytes != n:
+                    raise ValueError(
+                        f"recv: rank {by_name.get(peer)} sent {hdr.nbytes} bytes, the tensor holds {n}"
+                    )
+                if hdr.kind == wire.DATA_INLINE:
+                    if n:
+                        ctypes.memmove(host.data_ptr(), ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + wire.HEADER_SIZE, n)
+                elif not mb.recv_raw_into(peer, t_, host.data_ptr(), n, deadline - time.monotonic()):
+                    raise PeerGone(peer, "payload did not arrive")
+                if host is not t:
+                    t.copy_(host)
+            fut.set_result(list(tensors))
+        except PeerGone as e:
+            r = by_name.get(e.peer, -1)
+            fut.set_exception(RankFailureError(f"recv: rank {r} failed ({e.reason})", [r]))
+        except Exception as e:  # noqa: BLE001 - delivered through the Work
+            fut.set_exception(e)
+
+    _pool(pg).submit(run)
+    return _create_work_from_future(fut)

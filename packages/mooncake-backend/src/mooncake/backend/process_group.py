@@ -1,0 +1,465 @@
+"""``MooncakeProcessGroup``: a torch ``ProcessGroup`` whose collectives survive rank failures.
+
+Every op runs as: data phase (``collectives``) -> agreement (``agreement``) -> commit, or a re-run
+among the survivors when a member failed. Membership changes (failures, admissions) take effect
+only at commit points, so every rank sees them at the same op. Recovery and extension live in
+``membership.py``; this file is the torch surface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
+
+from . import collectives as algo
+from . import faults, wire
+from .agreement import agree
+from .errors import EvictedError, OpMismatchError, RankFailureError
+from .exchange import Exchange
+from .membership import Membership
+from .options import MooncakeBackendOptions
+from .reduce_ops import check_op, op_name
+from .staging import Staged
+from .world import get_world
+
+log = logging.getLogger("mooncake.backend")
+
+_groups: "weakref.WeakSet[MooncakeProcessGroup]" = weakref.WeakSet()
+_debug = bool(__import__("os").environ.get("MOONCAKE_DEBUG"))
+
+
+def _done(result) -> dist.Work:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(result)
+    return _create_work_from_future(fut)
+
+
+def _check_tensors(name: str, tensors: Sequence[torch.Tensor], device_type: str) -> None:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+        if t.device.type != device_type:
+            raise ValueError(
+                f"{name}[{i}] is on {t.device}, but this mooncake group moves {device_type} tensors "
+                f"(use backend={'mooncake' if device_type == 'cpu' else 'mooncake-cpu'!r} for {t.device.type})"
+            )
+        if t.is_sparse:
+            raise ValueError(f"{name}[{i}] is sparse; mooncake moves dense tensors only")
+
+
+class MooncakeProcessGroup(dist.ProcessGroup):
+    """Fault-tolerant process group. Construct through ``init_process_group``/``new_group``."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        global_ranks: Sequence[int],
+        group_id: str,
+        timeout_s: float,
+        options: Optional[MooncakeBackendOptions],
+        device_type: str,
+    ) -> None:
+        super().__init__(rank, size)
+        self._opts = options or MooncakeBackendOptions()
+        self._device_type = device_type
+        self._rank = rank
+        self._timeout = float(self._opts.timeout or timeout_s)
+        self._timeout_override = threading.local()
+        self._grace = min(self._timeout, 1.0)
+        self._group_name = ""
+        self._world = get_world(self._opts.host, self._opts.heartbeat_interval, self._opts.heartbeat_timeout)
+        self._gid = wire.group_hash(str(group_id))
+        self._tag = wire.make_tag(self._gid, wire.CH_OP)
+        self._p2p_lock = threading.Lock()
+        self._recv_pool: Optional[object] = None
+        self._seq = 0
+        self._evicted = False
+        cap = self._opts.max_world_size or size
+        if cap < size:
+            raise ValueError(f"max_world_size={cap} is smaller than world_size={size}")
+        active = self._opts.active_ranks
+        if active is not None and active.numel() not in (size, cap):
+            raise ValueError(
+                f"active_ranks has {active.numel()} entries; expected world_size={size}"
+                + (f" or max_world_size={cap}" if cap != size else "")
+            )
+        if active is None:
+            dev = "cpu" if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}"
+            active = torch.ones(cap, dtype=torch.int32, device=dev)
+        self.active_ranks = active
+        self.membership = Membership(self, store, rank, size, cap, list(global_ranks), str(group_id))
+        _groups.add(self)
+        self._publish(force=True)
+
+    # ------------------------------------------------------------ torch plumbing
+    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+        return "mooncake-cpu" if self._device_type == "cpu" else "mooncake"
+
+    def name(self) -> str:
+        return self.getBackendName()
+
+    def _get_backend(self, device=None):  # the spec's snippet: WORLD._get_backend(cpu)
+        return self
+
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    def _get_group_name(self) -> str:
+        return self._group_name
+
+    @property
+    def group_name(self) -> str:  # type: ignore[override]
+        return self._group_name
+
+    def size(self) -> int:  # type: ignore[override]
+        """The group's extent: its original size, grown by ``extend_group_size_to``."""
+        return self.membership.extent
+
+    def rank(self) -> int:  # type: ignore[override]
+        return self._rank
+
+    # ------------------------------------------------------------ state
+    @property
+    def members(self) -> set[int]:
+        return self.membership.members
+
+    def _op_timeout(self) -> float:
+        return getattr(self._timeout_override, "value", None) or self._timeout
+
+    @contextlib.contextmanager
+    def op_timeout(self, seconds: Optional[float]):
+        prev = getattr(self._timeout_override, "value", None)
+        self._timeout_override.value = seconds if seconds and seconds > 0 else None
+        try:
+            yield
+        finally:
+            self._timeout_override.value = prev
+
+    def _publish(self, force: bool = False) -> None:
+        mask = torch.zeros(self.active_ranks.numel(), dtype=torch.int32)
+        for r in self.members:
+            if r < mask.numel():
+                mask[r] = 1
+        if self.active_ranks.device.type == "cpu":
+            self.active_ranks.copy_(mask)
+        elif force or not torch.equal(mask, getattr(self, "_last_mask", mask + 1)):
+            self.active_ranks.copy_(mask)
+        self._last_mask = mask
+
+    # ------------------------------------------------------------ op engine
+    def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):
+        """Run one collective with agreement; returns when committed on this rank."""
+        if self._evicted:
+            raise EvictedError("this rank was excluded by the group's survivors; re-join to continue")
+        self.membership.poll_admission()
+        seq = self._seq
+        self._seq += 1
+        sig = wire.signature(kind, *sig_parts)
+        faults.hit("op_start")
+        attempt = 0
+        while True:
+            members = sorted(self.members)
+            x = Exchange(
+                self._world.mailbox, self.membership.names, self._tag, seq, attempt, members,
+                self._rank, time.monotonic() + self._op_timeout(), sig,
+            )
+            commit = body(x)
+            if len(members) > 1:
+                excluded, errors = agree(x, self._grace)
+            else:
+                excluded, errors = set(), set()
+            if _debug:
+                log.warning("rank %d %s seq %d attempt %d members %s failed %s -> excluded %s errors %s",
+                            self._rank, kind, seq, attempt, members, sorted(x.failed), sorted(excluded), sorted(errors))
+            if errors:
+                self.membership.remove(excluded - {self._rank})
+                self._publish()
+                raise OpMismatchError(
+                    f"mooncake {kind}: ranks disagree on the op (reported by ranks {sorted(errors)}): "
+                    + (x.mismatch or "another rank saw a different op, shape, dtype or reduce op")
+                )
+            if self._rank in excluded:
+                self._evicted = True
+                raise EvictedError(
+                    f"mooncake {kind}: this rank (group rank {self._rank}) missed the op deadline and "
+                    "was excluded by the survivors"
+                )
+            if not excluded:
+                faults.hit("pre_commit")
+                commit()
+                self._publish()
+                faults.hit("post_commit")
+                return
+            log.warning("mooncake %s seq %d: ranks %s failed; continuing with survivors", kind, seq, sorted(excluded))
+            self.membership.remove(excluded)
+            self._publish()
+            if self._opts.raise_on_failure:
+                raise RankFailureError(f"mooncake {kind}: ranks {sorted(excluded)} failed", sorted(excluded))
+            attempt += 1
+
+    def _staged(self, kind: str, sig: tuple, ins: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                body: Callable[[Exchange, list, list], Callable[[], None]], result) -> dist.Work:
+        """Stage CUDA tensors through host memory (``"mooncake"``), run, copy results back."""
+        si, so = Staged(ins, False), Staged(outs, True)
+        self.run_op(kind, sig, lambda x: body(x, si.host, so.host))
+        so.finish()
+        return _done(result)
+
+    # ------------------------------------------------------------ collectives
+    def allreduce(self, tensors, opts=None):
+        op = op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        _check_tensors("tensors", tensors, self._device_type)
+        for t in tensors:
+            check_op(op, t.dtype)
+        sig = (op, tuple((str(t.dtype), t.numel()) for t in tensors))
+
+        def body(x, ins, outs):
+            commits = [algo.allreduce(x, t, op) for t in outs]
+            return lambda: [c() for c in commits]
+
+        return self._staged("allreduce", sig, [], tensors, body, tensors)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        return self.allreduce(tensors, opts)
+
+    def broadcast(self, tensors, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        self._check_root(root)
+        _check_tensors("tensors", tensors, self._device_type)
+        sig = (root, tuple((str(t.dtype), t.numel()) for t in tensors))
+
+        def body(x, ins, outs):
+            commits = [algo.broadcast(x, t, root) for t in outs]
+            return lambda: [c() for c in commits]
+
+        return self._staged("broadcast", sig, [], tensors, body, tensors)
+
+    def reduce(self, tensors, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        op = op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        self._check_root(root)
+        _check_tensors("tensors", tensors, self._device_type)
+        for t in tensors:
+            check_op(op, t.dtype)
+        sig = (root, op, tuple((str(t.dtype), t.numel()) for t in tensors))
+
+        def body(x, ins, outs):
+            commits = [algo.reduce(x, t, root, op) for t in outs]
+            return lambda: [c() for c in commits]
+
+        return self._staged("reduce", sig, [], tensors, body, tensors)
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        for outs, t in zip(output_tensors, input_tensors):
+            self._check_list("output_tensors", outs, t)
+        _check_tensors("input_tensors", input_tensors, self._device_type)
+        flat_outs = [o for outs in output_tensors for o in outs]
+        sig = tuple((str(t.dtype), t.numel()) for t in input_tensors)
+        n = self.size()
+
+        def body(x, ins, outs):
+            commits = [algo.allgather(x, outs[i * n : (i + 1) * n], t) for i, t in enumerate(ins)]
+            return lambda: [c() for c in commits]
+
+        return self._staged("allgather", sig, input_tensors, flat_outs, body, output_tensors)
+
+    def allgather_coalesced(self, output_lists, input_list, opts=None):
+        return self.allgather(output_lists, input_list, opts)
+
+    def all_gather_single(self, output, input, opts=None):  # noqa: A002 (torch's name)
+        return self._allgather_base(output, input, opts)
+
+    def _allgather_base(self, output, input, opts=None):  # noqa: A002
+        _check_tensors("output", [output], self._device_type)
+        _check_tensors("input", [input], self._device_type)
+        self._check_split(output, input, "output", "input")
+        sig = (str(input.dtype), input.numel())
+
+        def body(x, ins, outs):
+            return algo.allgather(x, list(outs[0].reshape(self.size(), -1).unbind(0)), ins[0])
+
+        return self._staged("allgather", sig, [input], [output], body, [output])
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        for o, i in zip(outputs, inputs):
+            self._allgather_base(o, i, opts)
+        return _done(outputs)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def gather(self, output_tensors, input_tensors, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        self._check_root(root)
+        _check_tensors("input_tensors", input_tensors, self._device_type)
+        t = input_tensors[0]
+        outs = output_tensors[0] if self._rank == root else []
+        if self._rank == root:
+            self._check_list("output_tensors", outs, t)
+        sig = (root, str(t.dtype), t.numel())
+
+        def body(x, ins, o):
+            return algo.gather(x, o if self._rank == root else None, ins[0], root)
+
+        return self._staged("gather", sig, [t], outs, body, output_tensors)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        self._check_root(root)
+        out = output_tensors[0]
+        _check_tensors("output_tensors", [out], self._device_type)
+        ins = input_tensors[0] if self._rank == root else []
+        if self._rank == root:
+            self._check_list("input_tensors", ins, out)
+        sig = (root, str(out.dtype), out.numel())
+
+        def body(x, i, o):
+            return algo.scatter(x, o[0], i if self._rank == root else None, root)
+
+        return self._staged("scatter", sig, ins, [out], body, output_tensors)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        op = op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        out, ins = output_tensors[0], input_tensors[0]
+        _check_tensors("output_tensors", [out], self._device_type)
+        self._check_list("input_tensors", ins, out)
+        check_op(op, out.dtype)
+        sig = (op, str(out.dtype), out.numel())
+
+        def body(x, i, o):
+            return algo.reduce_scatter(x, o[0], i, op)
+
+        return self._staged("reduce_scatter", sig, ins, [out], body, output_tensors)
+
+    def reduce_scatter_single(self, output, input, opts=None):  # noqa: A002
+        return self._reduce_scatter_base(output, input, opts)
+
+    def _reduce_scatter_base(self, output, input, opts=None):  # noqa: A002
+        op = op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        _check_tensors("output", [output], self._device_type)
+        _check_tensors("input", [input], self._device_type)
+        self._check_split(input, output, "input", "output")
+        check_op(op, output.dtype)
+        sig = (op, str(output.dtype), output.numel())
+
+        def body(x, i, o):
+            return algo.reduce_scatter(x, o[0], list(i[0].reshape(self.size(), -1).unbind(0)), op)
+
+        return self._staged("reduce_scatter", sig, [input], [output], body, [output])
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        for o, i in zip(outputs, inputs):
+            self._reduce_scatter_base(o, i, opts)
+        return _done(outputs)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        n = self.size()
+        for name, lst in (("output_tensors", output_tensors), ("input_tensors", input_tensors)):
+            if len(lst) != n:
+                raise ValueError(f"{name} has {len(lst)} tensors; the group has {n} ranks")
+            _check_tensors(name, lst, self._device_type)
+        dtypes = {t.dtype for t in list(output_tensors) + list(input_tensors)}
+        if len(dtypes) > 1:
+            raise ValueError(f"all_to_all tensors must share one dtype, got {sorted(map(str, dtypes))}")
+        sig = (str(input_tensors[0].dtype),)
+
+        def body(x, i, o):
+            return algo.alltoall(x, o, i)
+
+        return self._staged("alltoall", sig, input_tensors, output_tensors, body, output_tensors)
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):  # noqa: A002
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):  # noqa: A002
+        n = self.size()
+        _check_tensors("output", [output], self._device_type)
+        _check_tensors("input", [input], self._device_type)
+        if output.dtype != input.dtype:
+            raise ValueError(f"all_to_all_single: output dtype {output.dtype} != input dtype {input.dtype}")
+        outs = self._split(output, output_split_sizes, "output_split_sizes")
+        ins = self._split(input, input_split_sizes, "input_split_sizes")
+        sig = (str(input.dtype),)
+
+        def body(x, i, o):
+            return algo.alltoall(
+                x, self._split(o[0], output_split_sizes, "output_split_sizes"),
+                self._split(i[0], input_split_sizes, "input_split_sizes"),
+            )
+
+        del outs, ins
+        return self._staged("alltoall", sig, [input], [output], body, [output])
+
+    def barrier(self, opts=None):
+        self.run_op("barrier", (), algo.barrier)
+        return _done([])
+
+    def monitored_barrier(self, timeout=None, wait_all_ranks=False):
+        return self.barrier()
+
+    # ------------------------------------------------------------ point to point
+    def send(self, tensors, dstRank, tag=0):  # noqa: N803 (torch's names)
+        from .p2p import send
+
+        _check_tensors("tensors", tensors, self._device_type)
+        send(self, tensors, dstRank, tag)
+        return _done(tensors)
+
+    def recv(self, tensors, srcRank, tag=0):  # noqa: N803
+        from .p2p import recv
+
+        _check_tensors("tensors", tensors, self._device_type)
+        return recv(self, tensors, srcRank, tag)
+
+    def recv_anysource(self, tensors, tag=0):
+        from .p2p import recv
+
+        _check_tensors("tensors", tensors, self._device_type)
+        return recv(self, tensors, None, tag)
+
+    # ------------------------------------------------------------ checks
+    def _check_root(self, root: int) -> None:
+        if not 0 <= root < self.size():
+            raise ValueError(f"root rank {root} is out of range for a group of size {self.size()}")
+
+    def _check_list(self, name: str, lst: Sequence[torch.Tensor], like: torch.Tensor) -> None:
+        if len(lst) != self.size():
+            raise ValueError(f"{name} has {len(lst)} tensors; the group has {self.size()} ranks")
+        _check_tensors(name, lst, self._device_type)
+        for i, t in enumerate(lst):
+            if t.numel() != like.numel() or t.dtype != like.dtype:
+                raise ValueError(
+                    f"{name}[{i}] has {t.numel()} elements of {t.dtype}; expected {like.numel()} of {like.dtype}"
+                )
+
+    def _check_split(self, big: torch.Tensor, small: torch.Tensor, bname: str, sname: str) -> None:
+        if big.numel() != small.numel() * self.size() or big.dtype != small.dtype:
+            raise ValueError(
+                f"{bname} must hold world_size ({self.size()}) x {sname}: got {big.numel()} {big.dtype} "
+                f"elements vs {small.numel()} {small.dtype}"
+            )
+
+    def _split(self, t: torch.Tensor, sizes, name: str) -> list[torch.Tensor]:
+        n = self.size()
+        flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+        if not sizes:
+            if t.shape[0] % n:
+                raise ValueError(f"dim 0 of size {t.shape[0]} is not divisible by world size {n} ({name} empty)")
+            sizes = [t.shape[0] // n] * n
+        sizes = list(sizes)
+        if len(sizes) != n or sum(sizes) != t.shape[0] or min(sizes) < 0:
+            raise ValueError(f"{name}={sizes} must have {n} non-negative entries summing to {t.shape[0]}")
+        return [p.reshape(-1) for p in flat.split(sizes, 0)]

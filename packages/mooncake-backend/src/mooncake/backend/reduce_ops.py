@@ -1,0 +1,80 @@
+"""Reductions over CPU tensors, applied in a fixed rank order so every rank gets identical bits."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+_INT_TYPES = {
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+    getattr(torch, "uint16", torch.uint8), getattr(torch, "uint32", torch.uint8),
+    getattr(torch, "uint64", torch.uint8),
+}
+
+SUPPORTED = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
+
+
+def op_name(op) -> str:
+    """Name of a ``ReduceOp`` (or ``ReduceOp.RedOpType``)."""
+    if isinstance(op, dist.ReduceOp):
+        op = op.op if hasattr(op, "op") else op
+    for name in ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR", "PREMUL_SUM"):
+        if op == getattr(dist.ReduceOp, name) or op == getattr(dist.ReduceOp.RedOpType, name, None):
+            return name
+    raise ValueError(f"unsupported reduce op {op!r}")
+
+
+def check_op(name: str, dtype: torch.dtype) -> None:
+    if name not in SUPPORTED:
+        raise ValueError(f"reduce op {name} is not supported by mooncake (supported: {SUPPORTED})")
+    if name in ("BAND", "BOR", "BXOR") and (dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(f"reduce op {name} needs an integer or bool tensor, got dtype {dtype}")
+    if dtype.is_complex and name in ("MIN", "MAX"):
+        raise ValueError(f"reduce op {name} is not defined for complex dtype {dtype}")
+
+
+def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values."""
+    if acc.data_ptr() != parts[0].data_ptr():
+        acc.copy_(parts[0])
+    fp8 = acc.dtype in _FP8
+    work = acc.float() if fp8 else acc
+    for p in parts[1:]:
+        p = p.float() if fp8 else p
+        if name in ("SUM", "AVG"):
+            if work.dtype == torch.bool:
+                work.logical_or_(p)
+            else:
+                work.add_(p)
+        elif name == "PRODUCT":
+            if work.dtype == torch.bool:
+                work.logical_and_(p)
+            else:
+                work.mul_(p)
+        elif name == "MIN":
+            torch.minimum(work, p, out=work)
+        elif name == "MAX":
+            torch.maximum(work, p, out=work)
+        elif name == "BAND":
+            work.bitwise_and_(p)
+        elif name == "BOR":
+            work.bitwise_or_(p)
+        elif name == "BXOR":
+            work.bitwise_xor_(p)
+    if name == "AVG" and len(parts) > 1:
+        if work.dtype.is_floating_point or work.dtype.is_complex:
+            work.div_(len(parts))
+        elif work.dtype != torch.bool:
+            work.copy_(torch.div(work, len(parts), rounding_mode="trunc"))
+    if fp8:
+        acc.copy_(work.to(acc.dtype))
+    return acc
+
+
+_FP8 = {
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+}

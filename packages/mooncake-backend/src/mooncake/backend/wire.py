@@ -1,0 +1,106 @@
+"""Message framing between ranks of a group.
+
+Every collective message of a group travels on one engine tag per group, so the messages from one
+peer arrive exactly in the order it sent them (stale messages of an aborted attempt or an extra
+DECIDED are recognised by their (seq, attempt) and skipped, so nothing accumulates). Each message
+starts with a fixed header:
+
+    kind u8 | phase u8 | attempt u16 | sig u32 | seq u64 | nbytes u64
+
+* ``DATA_INLINE``: the payload follows the header in the same message (small payloads).
+* ``DATA_NEXT``: the payload is the next message on the same tag (large payloads, no copy).
+* ``AGREE`` / ``DECIDED``: agreement rounds; payload = round u32 + two rank bitmasks.
+* ``sig``: a hash of what the sender's op is (op code, dtype, reduce op, shape class). A receiver
+  whose own signature differs reports a mismatch; every rank then raises the same error.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+HEADER = struct.Struct("<BBHIQQ")
+HEADER_SIZE = HEADER.size  # 24 bytes
+
+DATA_INLINE = 1
+DATA_NEXT = 2
+AGREE = 3
+DECIDED = 4
+ABORT = 5
+
+INLINE_LIMIT = 64 * 1024
+
+# Engine tag layout (62 bits): group 20 | channel 4 | user 38
+CH_OP = 0
+CH_P2P = 1
+CH_ADMIT = 2
+
+
+def group_hash(group_id: str) -> int:
+    return zlib.crc32(group_id.encode()) & 0xFFFFF
+
+
+def make_tag(group: int, channel: int, user: int = 0) -> int:
+    if not 0 <= user < (1 << 38):
+        raise ValueError(f"tag must be in [0, 2**38), got {user}")
+    return (group << 42) | (channel << 38) | user
+
+
+def signature(*parts: object) -> int:
+    return zlib.crc32(repr(parts).encode()) & 0xFFFFFFFF
+
+
+@dataclass
+class Header:
+    kind: int
+    phase: int
+    attempt: int
+    sig: int
+    seq: int
+    nbytes: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.kind, self.phase, self.attempt, self.sig, self.seq, self.nbytes)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Header":
+        if len(data) < HEADER_SIZE:
+            raise ValueError(f"short message: {len(data)} bytes < header {HEADER_SIZE}")
+        return cls(*HEADER.unpack_from(data, 0))
+
+
+def mask_of(ranks) -> int:
+    m = 0
+    for r in ranks:
+        m |= 1 << int(r)
+    return m
+
+
+def ranks_of(mask: int) -> set[int]:
+    out = set()
+    r = 0
+    while mask:
+        if mask & 1:
+            out.add(r)
+        mask >>= 1
+        r += 1
+    return out
+
+
+_ROUND = struct.Struct("<IHH")
+
+
+def pack_agree(kind: int, seq: int, attempt: int, sig: int, rnd: int, excluded: int, errors: int) -> bytes:
+    ex = excluded.to_bytes((excluded.bit_length() + 7) // 8, "little")
+    er = errors.to_bytes((errors.bit_length() + 7) // 8, "little")
+    body = _ROUND.pack(rnd, len(ex), len(er)) + ex + er
+    return Header(kind, 0, attempt, sig, seq, len(body)).pack() + body
+
+
+def unpack_agree(data: bytes) -> tuple[int, int, int]:
+    rnd, lex, ler = _ROUND.unpack_from(data, HEADER_SIZE)
+    off = HEADER_SIZE + _ROUND.size
+    ex = int.from_bytes(data[off : off + lex], "little")
+    er = int.from_bytes(data[off + lex : off + lex + ler], "little")
+    return rnd, ex, er

@@ -1,0 +1,407 @@
+"""``python -m mooncake.pg.bench``: collectives of the Mooncake backend against a reference
+backend in the same processes (interleaved per size), nccl-tests style, plus fault timing.
+
+Examples::
+
+    python -m mooncake.pg.bench --world 2 -c all_reduce -b 1K -e 64M
+    python -m mooncake.pg.bench --world 4 -c all --backends mooncake-cpu,gloo --json out.json
+    python -m mooncake.pg.bench --world 4 --fault kill --trials 20
+    python -m mooncake.pg.bench --world 4 --fault stop --trials 3
+
+Columns: time per op (median of ``-r`` repetitions of ``-n`` back-to-back ops, after ``-w``
+warm-up ops), algbw = bytes / time, busbw = algbw x factor (all_reduce 2(n-1)/n; all_gather,
+reduce_scatter, all_to_all (n-1)/n; broadcast 1), and ratio = mooncake time / reference time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+COLLECTIVES = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"]
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def human(n: int) -> str:
+    for unit, m in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= m and n % m == 0:
+            return f"{n // m}{unit}"
+    return str(n)
+
+
+def bus_factor(coll: str, n: int) -> float:
+    if coll == "all_reduce":
+        return 2 * (n - 1) / n
+    if coll == "broadcast":
+        return 1.0
+    return (n - 1) / n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- workers
+def _init(rank: int, world: int, port: int, backend: str, **opts):
+    import torch
+    import torch.distributed as dist
+
+    import mooncake.pg as pg
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
+    kw = {}
+    if backend.startswith("mooncake"):
+        kw["pg_options"] = pg.MooncakeBackendOptions(torch.ones(opts.pop("cap", world), dtype=torch.int32), **opts)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60), **kw)
+
+
+def _op(coll: str, nbytes: int, world: int, group, device: str):
+    import torch
+    import torch.distributed as dist
+
+    n = max(1, nbytes // 4)
+    n -= n % world
+    n = max(n, world)
+    if coll == "all_reduce":
+        t = torch.ones(n, device=device)
+        return lambda: dist.all_reduce(t, group=group)
+    if coll == "all_gather":
+        t = torch.ones(n // world, device=device)
+        out = torch.empty(n, device=device)
+        return lambda: dist.all_gather_into_tensor(out, t, group=group)
+    if coll == "reduce_scatter":
+        t = torch.ones(n, device=device)
+        out = torch.empty(n // world, device=device)
+        return lambda: dist.reduce_scatter_tensor(out, t, group=group)
+    if coll == "all_to_all":
+        t = torch.ones(n, device=device)
+        out = torch.empty(n, device=device)
+        return lambda: dist.all_to_all_single(out, t, group=group)
+    if coll == "broadcast":
+        t = torch.ones(n, device=device)
+        return lambda: dist.broadcast(t, src=0, group=group)
+    raise ValueError(f"unknown collective {coll!r}")
+
+
+def _perf_worker(rank, world, port, args, q):
+    try:
+        import torch.distributed as dist
+
+        backends = args["backends"]
+        _init(rank, world, port, backends[0])
+        groups = {backends[0]: None}
+        for b in backends[1:]:
+            groups[b] = dist.new_group(backend=b)
+        rows = []
+        for coll in args["collectives"]:
+            for size in args["sizes"]:
+                ops = {b: _op(coll, size, world, g, args["device"]) for b, g in groups.items()}
+                for b in backends:
+                    for _ in range(args["warmup"]):
+                        ops[b]()
+                samples = {b: [] for b in backends}
+                for _ in range(args["reps"]):
+                    for b in backends:  # interleaved A B A B
+                        dist.barrier(group=groups[b])
+                        t0 = time.perf_counter()
+                        for _ in range(args["iters"]):
+                            ops[b]()
+                        samples[b].append((time.perf_counter() - t0) / args["iters"])
+                if rank == 0:
+                    rows.append({"collective": coll, "bytes": size,
+                                 "time_s": {b: statistics.median(v) for b, v in samples.items()}})
+                    q.put(("progress", f"{coll} {human(size)} done"))
+        dist.barrier()
+        if rank == 0:
+            q.put(("rows", rows))
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001
+        import traceback
+
+        q.put(("error", f"rank {rank}: {e}\n{traceback.format_exc()}"))
+
+
+def _fault_member(rank, world, port, q, stop_evt_name, hb_timeout):
+    """Loop 1 KiB all_reduces, recording (start, end, active mask); recover replacements."""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        import mooncake.pg as pg
+
+        _init(rank, world, port, "mooncake-cpu", heartbeat_timeout=hb_timeout)
+        t = torch.ones(256)
+        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+        _serve(rank, world, q, t, backend, pg, dist)
+    except BaseException as e:  # noqa: BLE001
+        import traceback
+
+        q.put(("error", f"rank {rank}: {e}\n{traceback.format_exc()}"))
+
+
+def _serve(rank, world, q, t, backend, pg, dist):
+    import torch
+
+    while True:
+        t0 = time.time()
+        dist.all_reduce(t)
+        t1 = time.time()
+        act = pg.get_active_ranks().tolist()
+        if t[0].item() < 0:  # stop signal: a negative value broadcast by the driver's command
+            break
+        t.fill_(1.0)
+        if not all(act):
+            dead = [r for r, a in enumerate(act) if not a]
+            q.put(("failure_seen", rank, t0, t1, dead))
+            while True:
+                (ready,) = pg.get_peer_state(backend, [dead[0]])
+                if ready:
+                    pg.recover_ranks(backend, [dead[0]])
+                    break
+                dist.all_reduce(t)
+                t.fill_(1.0)
+            q.put(("recovered", rank, time.time()))
+        if rank == 0 and os.path.exists(_STOP_FILE.format(os.getppid())):
+            t.fill_(-1e9)
+
+
+_STOP_FILE = "/tmp/mooncake-pg-bench-stop-{}"
+
+
+def _fault_joiner(rank, world, port, q, hb_timeout):
+    try:
+        import torch
+        import torch.distributed as dist
+
+        import mooncake.pg as pg
+
+        t_start = time.time()
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            backend="mooncake-cpu", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60),
+            pg_options=pg.MooncakeBackendOptions(torch.ones(world, dtype=torch.int32), is_extension=True,
+                                                 heartbeat_timeout=hb_timeout),
+        )
+        pg.join_group(timeout=60)
+        t = torch.ones(256)
+        dist.all_reduce(t)
+        q.put(("joined", rank, t_start, time.time()))
+        t.fill_(1.0)
+        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+        _serve(rank, world, q, t, backend, pg, dist)
+    except BaseException as e:  # noqa: BLE001
+        import traceback
+
+        q.put(("error", f"joiner {rank}: {e}\n{traceback.format_exc()}"))
+
+
+# ----------------------------------------------------------------------------- drivers
+def run_perf(args) -> list[dict]:
+    import torch.distributed as dist
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
+    sizes = []
+    s = args.begin
+    while s <= args.end:
+        sizes.append(s)
+        s *= args.factor
+    colls = COLLECTIVES if args.collective == "all" else args.collective.split(",")
+    cfg = {"backends": args.backends.split(","), "collectives": colls, "sizes": sizes, "warmup": args.warmup,
+           "iters": args.iters, "reps": args.reps, "device": args.device}
+    procs = [ctx.Process(target=_perf_worker, args=(r, args.world, port, cfg, q), daemon=True)
+             for r in range(args.world)]
+    for p in procs:
+        p.start()
+    rows = None
+    deadline = time.monotonic() + args.timeout
+    while rows is None:
+        kind, payload = q.get(timeout=max(1, deadline - time.monotonic()))
+        if kind == "error":
+            raise RuntimeError(payload)
+        if kind == "progress":
+            print(f"  .. {payload}", file=sys.stderr, flush=True)
+        if kind == "rows":
+            rows = payload
+    for p in procs:
+        p.join(timeout=30)
+    return rows
+
+
+def print_perf(rows, backends, world) -> None:
+    ref = backends[1] if len(backends) > 1 else None
+    head = f"{'collective':<15}{'size':>8}" + "".join(
+        f"{b + ' us':>18}{'algbw GB/s':>12}{'busbw GB/s':>12}" for b in backends)
+    if ref:
+        head += f"{'ratio':>8}"
+    print(head)
+    for row in rows:
+        line = f"{row['collective']:<15}{human(row['bytes']):>8}"
+        for b in backends:
+            t = row["time_s"][b]
+            alg = row["bytes"] / t / 1e9
+            line += f"{t * 1e6:>18.1f}{alg:>12.3f}{alg * bus_factor(row['collective'], world):>12.3f}"
+        if ref:
+            row["ratio"] = row["time_s"][backends[0]] / row["time_s"][ref]
+            line += f"{row['ratio']:>8.3f}"
+        print(line, flush=True)
+
+
+def run_fault(args) -> dict:
+    import torch.distributed as dist
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
+    world, victim = args.world, args.victim
+    hb = args.heartbeat_timeout
+    procs = {r: ctx.Process(target=_fault_member, args=(r, world, port, q, None, hb), daemon=True)
+             for r in range(world)}
+    for p in procs.values():
+        p.start()
+    time.sleep(args.settle)
+    results = {"mode": args.fault, "world": world, "victim": victim, "trials": []}
+    try:
+        for trial in range(args.trials):
+            time.sleep(0.3)
+            t_fault = time.time()
+            os.kill(procs[victim].pid, signal.SIGSTOP if args.fault == "stop" else signal.SIGKILL)
+            seen, recovered = {}, {}
+            joined = None
+            deadline = time.monotonic() + 60
+            joiner_started = False
+            while (len(recovered) < world - 1 or joined is None) and time.monotonic() < deadline:
+                try:
+                    msg = q.get(timeout=0.5)
+                except Exception:  # noqa: BLE001 - queue.Empty
+                    continue
+                if msg[0] == "error":
+                    raise RuntimeError(msg[1])
+                if msg[0] == "failure_seen":
+                    seen[msg[1]] = msg[3]
+                    if len(seen) == world - 1 and not joiner_started:
+                        if args.fault == "stop":
+                            os.kill(procs[victim].pid, signal.SIGKILL)
+                        procs[victim].join(timeout=5)
+                        procs[victim] = ctx.Process(target=_fault_joiner, args=(victim, world, port, q, hb), daemon=True)
+                        procs[victim].start()
+                        joiner_started = True
+                elif msg[0] == "recovered":
+                    recovered[msg[1]] = msg[2]
+                elif msg[0] == "joined":
+                    joined = (msg[2], msg[3])
+            if joined is None:
+                raise RuntimeError(f"trial {trial}: the replacement did not join in time")
+            lat = max(seen.values()) - t_fault
+            results["trials"].append({"detect_s": lat, "join_first_op_s": joined[1] - joined[0]})
+            print(f"  trial {trial}: survivors' op returned {lat * 1e3:.1f} ms after the "
+                  f"{'kill' if args.fault == 'kill' else 'stop'}; replacement's first full-world op "
+                  f"{(joined[1] - joined[0]) * 1e3:.0f} ms after its init started", flush=True)
+    finally:
+        open(_STOP_FILE.format(os.getpid()), "w").close()
+        time.sleep(1.0)
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+        os.unlink(_STOP_FILE.format(os.getpid()))
+    det = sorted(t["detect_s"] for t in results["trials"])
+    joins = sorted(t["join_first_op_s"] for t in results["trials"])
+    pick = lambda v, p: v[min(len(v) - 1, int(round(p * (len(v) - 1))))]  # noqa: E731
+    results["summary"] = {
+        "survivor_latency_ms_median": statistics.median(det) * 1e3,
+        "survivor_latency_ms_p99": pick(det, 0.99) * 1e3,
+        "join_first_op_ms_median": statistics.median(joins) * 1e3,
+        "join_first_op_ms_max": joins[-1] * 1e3,
+    }
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mooncake.pg.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-b", "--begin", type=parse_size, default=parse_size("1K"))
+    ap.add_argument("-e", "--end", type=parse_size, default=parse_size("64M"))
+    ap.add_argument("-f", "--factor", type=int, default=2)
+    ap.add_argument("-n", "--iters", type=int, default=50)
+    ap.add_argument("-w", "--warmup", type=int, default=5)
+    ap.add_argument("-r", "--reps", type=int, default=3, help="interleaved repetitions per backend")
+    ap.add_argument("-c", "--collective", default="all_reduce", help=f"one of {COLLECTIVES}, comma list, or all")
+    ap.add_argument("--backends", default="mooncake-cpu,gloo")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fault", choices=["kill", "stop"])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--victim", type=int, default=None)
+    ap.add_argument("--heartbeat-timeout", type=float, default=1.0)
+    ap.add_argument("--settle", type=float, default=2.0)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+    if args.world < 2:
+        ap.error(f"--world must be >= 2, got {args.world}")
+    if args.fault:
+        args.victim = args.world // 2 if args.victim is None else args.victim
+        if not 0 <= args.victim < args.world:
+            ap.error(f"--victim {args.victim} out of range")
+        res = run_fault(args)
+        s = res["summary"]
+        print(f"fault={args.fault} world={args.world} victim={args.victim} trials={args.trials}: "
+              f"survivors' op after the fault median {s['survivor_latency_ms_median']:.1f} ms, "
+              f"p99 {s['survivor_latency_ms_p99']:.1f} ms; replacement's first full-world op median "
+              f"{s['join_first_op_ms_median']:.0f} ms, max {s['join_first_op_ms_max']:.0f} ms")
+        out = res
+    else:
+        rows = run_perf(args)
+        print(f"# world={args.world} device={args.device} backends={args.backends} "
+              f"iters={args.iters} warmup={args.warmup} reps={args.reps}")
+        print_perf(rows, args.backends.split(","), args.world)
+        out = {"world": args.world, "backends": args.backends.split(","), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if args.plot and not args.fault:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("--plot: matplotlib is not installed; skipped", file=sys.stderr)
+        else:
+            fig, ax = plt.subplots()
+            for coll in sorted({r["collective"] for r in out["rows"]}):
+                rs = [r for r in out["rows"] if r["collective"] == coll]
+                for b in out["backends"]:
+                    ax.loglog([r["bytes"] for r in rs], [r["time_s"][b] * 1e6 for r in rs], marker="o",
+                              label=f"{coll} {b}")
+            ax.set_xlabel("bytes")
+            ax.set_ylabel("us per op")
+            ax.legend(fontsize=6)
+            fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Rank bodies for fault tests: loops of collectives whose results identify the contributors."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from harness import init
+
+
+def mask_of(active: torch.Tensor) -> int:
+    return sum(1 << r for r, a in enumerate(active.tolist()) if a)
+
+
+def allreduce_loop(rank: int, world: int, port: int, iters: int, sizes: tuple, ops: tuple, pace: float = 0.0):
+    """Each op's result must be the bitmask of the contributors = active_ranks after the op."""
+    active = init(rank, world, port, timeout_s=30.0)
+    log = []
+    for i in range(iters):
+        n = sizes[i % len(sizes)]
+        kind = ops[i % len(ops)]
+        t0 = time.monotonic()
+        if kind == "all_reduce":
+            t = torch.full((n,), 1 << rank, dtype=torch.int64)
+            dist.all_reduce(t)
+            got = int(t[0])
+            assert torch.all(t == got), "all_reduce result not uniform"
+        elif kind == "all_gather":
+            t = torch.full((n,), 1 << rank, dtype=torch.int64)
+            outs = [torch.full((n,), -1, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(outs, t)
+            got = 0
+            for r, o in enumerate(outs):
+                v = int(o[0])
+                assert torch.all(o == v), "all_gather slot not uniform"
+                assert v in (0, 1 << r), f"slot {r} holds {v}: stale or foreign data"
+                got |= v
+        elif kind == "broadcast":
+            root = i % world
+            t = torch.full((n,), 1 << rank, dtype=torch.int64)
+            dist.broadcast(t, src=root)
+            got = int(t[0])
+            assert torch.all(t == got)
+        elif kind == "barrier":
+            dist.barrier()
+            got = None
+        dt = time.monotonic() - t0
+        log.append((i, kind, got, mask_of(active), dt))
+        if pace:
+            time.sleep(pace)
+    return log

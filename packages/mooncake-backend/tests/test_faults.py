@@ -1,0 +1,78 @@
+"""Real kill -9 at random points inside ops; survivors agree and never hang."""
+
+import os
+import random
+import time
+
+import pytest
+
+from fault_cases import allreduce_loop
+from harness import Ranks
+
+POINTS = ["op_start", "data_send", "data_recv", "agree_send", "pre_commit", "post_commit"]
+TRIALS = int(os.environ.get("MOONCAKE_FAULT_TRIALS", "2"))
+
+
+def check_survivors(res: dict, victim: int, world: int, kinds: dict) -> None:
+    logs = {r: v[1] for r, v in res.items() if r != victim}
+    for r, (status, detail) in res.items():
+        if r != victim:
+            assert status == "ok", f"survivor {r} {status}:\n{detail}"
+    ref = None
+    for r, log in logs.items():
+        rows = [(i, kind, got, mask) for (i, kind, got, mask, _) in log]
+        if ref is None:
+            ref = rows
+        assert rows == ref, f"survivors disagree: rank {r} vs first survivor"
+    full = (1 << world) - 1
+    for i, kind, got, mask in ref:
+        assert not (mask >> victim & 1) or mask == full
+        assert mask | (1 << victim) == full, f"op {i}: unexpected mask {mask:b}"
+        if kind in ("all_reduce", "all_gather"):
+            assert got == mask, f"op {i} {kind}: result {got:b} != contributors {mask:b}"
+        elif kind == "broadcast":
+            root = i % world
+            if mask >> root & 1:
+                assert got == 1 << root
+    assert ref[-1][3] == full & ~(1 << victim), "victim still active at the end"
+
+
+def run_trial(world, victim, point, nth, ops, sizes, iters=12):
+    with Ranks(timeout=90) as rk:
+        for r in range(world):
+            env = {"MOONCAKE_FAULT": f"{point}:{nth}"} if r == victim else {}
+            rk.start(allreduce_loop, r, world, iters, sizes, ops, key=r, env=env)
+        res = rk.collect(range(world))
+    assert res[victim][0] == "died", f"victim did not die: {res[victim]}"
+    check_survivors(res, victim, world, ops)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [3, 4])
+def test_kill_at_random_points_every_victim(world):
+    rng = random.Random(1234 + world)
+    for victim in range(world):
+        for _ in range(TRIALS):
+            point = rng.choice(POINTS)
+            nth = rng.randint(1, 8)
+            ops = rng.choice([("all_reduce",), ("all_reduce", "all_gather", "broadcast", "barrier")])
+            sizes = rng.choice([(4,), (200000,), (4, 200000)])
+            run_trial(world, victim, point, nth, ops, sizes)
+
+
+@pytest.mark.timeout(300)
+def test_external_kill_during_loop_latency():
+    """kill -9 from outside while the ranks loop all_reduce: survivors' op returns quickly."""
+    world, victim = 4, 2
+    with Ranks(timeout=120) as rk:
+        for r in range(world):
+            rk.start(allreduce_loop, r, world, 400, (256,), ("all_reduce",), 0.002, key=r)
+        time.sleep(3.0)
+        rk.kill(victim)
+        res = rk.collect(range(world))
+    check_survivors(res, victim, world, None)
+    for r, (status, log) in res.items():
+        if r == victim:
+            continue
+        worst = max(dt for (_, _, _, _, dt) in log)
+        assert worst < 2.0, f"rank {r}: an op took {worst:.3f} s"

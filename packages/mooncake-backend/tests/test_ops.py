@@ -1,0 +1,17 @@
+import pytest
+
+from harness import run_world
+from ops_cases import ops_body
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_op_dtype_and_reduce_op(world):
+    res = run_world(ops_body, world, timeout=280)
+    assert all(v > 500 for v in res.values()), res
+
+
+@pytest.mark.timeout(400)
+def test_every_op_world_8():
+    res = run_world(ops_body, 8, (1, 40000), timeout=380)
+    assert all(v > 300 for v in res.values()), res

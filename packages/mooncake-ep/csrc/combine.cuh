@@ -1,0 +1,149 @@
+// Combine: send phase (each expert output row back to its token's rank, into that rank's
+// combine_recv row (token n, slot k); one arrival per block and destination) and receive phase
+// (wait for every live owner's arrivals with a deadline, mark failed owners, weighted fp32
+// reduction in k order that skips them). Signalling as in dispatch.cuh (arrival counters).
+#pragma once
+
+#include "dispatch.cuh"
+
+namespace mooncake {
+namespace ep {
+
+constexpr int kCombineKind = 1;
+constexpr int kCombinePieceChunks = 8 * 32;  // 16-byte chunks a warp moves per work item
+
+template <class Tp, int kH>
+__global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p, const Tp tp) {
+  extern __shared__ int smem[];
+  const int H = kH > 0 ? kH : p.H;
+  const int chunks = H / 8;  // 16-byte chunks of a bf16 row
+  const int E = p.L * p.R;
+  const int RT = p.R * p.T;
+  const int tid = threadIdx.x, nthreads = blockDim.x, G = gridDim.x, b = blockIdx.x;
+  const int lane = tid & 31, warps = nthreads >> 5, warp_id = b * warps + (tid >> 5), num_warps = G * warps;
+  const int half = p.half, slot_idx = kCombineKind * 2 + p.half;
+  EpState* st = p.state;
+  const bool do_send = (p.phases & kPhaseSend) != 0, do_recv = (p.phases & kPhaseRecv) != 0;
+
+  uint32_t tag;
+  uint64_t start_ns;
+  if (do_send) {
+    tag = st->seq[slot_idx] + 1;
+    start_ns = globaltimer_ns();
+  } else {
+    tag = st->seq[slot_idx];
+    start_ns = st->start_ns[slot_idx];
+  }
+
+  if (do_send) {
+    if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
+    // Rows per (local expert l, token rank r), pair q = l*R + r, straight from layout_range so
+    // every block flattens the rows identically; rows for failed ranks are skipped.
+    int* s_pref = smem;           // [E + 1]
+    int* s_tmp = s_pref + E + 1;  // [32]
+    for (int q = tid; q < E; q += nthreads) s_pref[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
+    __syncthreads();
+    const int total = block_exclusive_scan(s_pref, E, s_tmp);
+    if (tid == 0) s_pref[E] = total;
+    __syncthreads();
+    // Work item = (row, piece of 256 chunks): one warp, eight 16-byte loads in flight per lane.
+    const int pieces = (chunks + kCombinePieceChunks - 1) / kCombinePieceChunks;
+    const int items = total * pieces;
+    for (int it = warp_id; it < items; it += num_warps) {
+      const int f = it / pieces, piece = it - f * pieces;
+      const int q = upper_index(s_pref, E, f);
+      const int l = q / p.R, r = q - l * p.R;
+      if (ld_relaxed_sys(p.active_ranks + r) == 0) continue;
+      const int j = static_cast<int>(p.layout_range[q] >> 32) + (f - s_pref[q]);
+      if (j < 0 || j >= RT) continue;
+      const int n = p.src_info[static_cast<uint64_t>(l) * RT + j];
+      const int k = p.src_info[static_cast<uint64_t>(p.L) * RT + static_cast<uint64_t>(l) * RT + j];
+      if (n < 0 || n >= p.T || k < 0 || k >= kMaxTopk) continue;
+      const int4* src = reinterpret_cast<const int4*>(p.x) + (static_cast<uint64_t>(l) * RT + j) * chunks;
+      const uint64_t dst_off = p.off.combine_recv + (static_cast<uint64_t>(n) * kMaxTopk + k) * chunks * 16;
+      const int first = piece * kCombinePieceChunks;
+      if constexpr (Tp::kDirectStore) {
+        int4* dst = static_cast<int4*>(tp.peer_ptr(r, dst_off));
+        int4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int c = first + u * 32 + lane;
+          if (c < chunks) v[u] = ld_stream_int4(src + c);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int c = first + u * 32 + lane;
+          if (c < chunks) dst[c] = v[u];
+        }
+      } else {
+        const int n_chunks = min(kCombinePieceChunks, chunks - first);
+        tp.put(r, dst_off + first * 16ull, src + first, n_chunks * 16ull, lane, 32);
+      }
+    }
+    announce_arrival(tp, p.active_ranks, p.off, p.R, p.rank, kCombineKind, half);
+    if (!do_recv) {
+      if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(&st->blocks_done[slot_idx], 1u) == static_cast<uint32_t>(G - 1)) {
+          st->blocks_done[slot_idx] = 0;
+          st->seq[slot_idx] = tag;
+        }
+      }
+    }
+  }
+
+  if (do_recv) {
+    // 1. Arrivals of every live owner; grid barrier: one view of the failed owners for every
+    //    token (a failed owner contributes nothing, even for rows that had arrived).
+    wait_arrivals(tp, p.active_ranks, p.off, p.R, kCombineKind, half, tag, p.grid,
+                  deadline_after(start_ns, p.timeout_us), st);
+    if (do_send && b == 0 && tid == 0) st->seq[slot_idx] = tag;
+
+    // 2. Work item = (token, 32 chunks): lane c of the warp owns 8 channels of the token.
+    const int4* recv = static_cast<const int4*>(tp.local_ptr(p.off.combine_recv));
+    const int per_token = (chunks + 31) / 32;
+    const int items = p.N * per_token;
+    for (int it = warp_id; it < items; it += num_warps) {
+      const int n = it / per_token;
+      const int c = (it - n * per_token) * 32 + lane;
+      int ok = 0;
+      float w = 0.f;
+      if (lane < p.K) {
+        const int64_t e = p.topk_idx[static_cast<uint64_t>(n) * p.K + lane];
+        if (e >= 0 && e < E && ld_relaxed_sys(p.active_ranks + e / p.L) != 0) {
+          ok = 1;
+          w = p.topk_weights[static_cast<uint64_t>(n) * p.K + lane];
+        }
+      }
+      const unsigned ok_mask = __ballot_sync(0xffffffffu, ok);
+      const int4* rows = recv + static_cast<uint64_t>(n) * kMaxTopk * chunks;
+      // sum_k w_k * x_k in k order, product and sum rounded separately (no FMA): the order and
+      // rounding of the portable path and the reference, so BF16 results match bit for bit.
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int k0 = 0; k0 < p.K; k0 += 8) {
+        int4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int k = k0 + u;
+          v[u] = make_int4(0, 0, 0, 0);
+          if (k < p.K && ((ok_mask >> k) & 1u) && c < chunks) v[u] = ld_cg_int4(rows + static_cast<uint64_t>(k) * chunks + c);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int k = k0 + u;
+          const float wk = __shfl_sync(0xffffffffu, w, k & 31);
+          if (k < p.K && ((ok_mask >> k) & 1u)) {
+            float fv[8];
+            unpack_bf16x8(v[u], fv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(wk, fv[i]));
+          }
+        }
+      }
+      if (c < chunks) reinterpret_cast<int4*>(p.out)[static_cast<uint64_t>(n) * chunks + c] = pack_bf16x8(acc);
+    }
+  }
+}
+
+}  // namespace ep
+}  // namespace mooncake

@@ -1,0 +1,304 @@
+// Dispatch: send phase (cast + per-expert slots + puts + count words + one arrival per block) and
+// receive phase (wait for every live source's arrivals with a deadline, mark failed sources, pack
+// rows per expert).
+//
+// Signals (see ep_params.h):
+//   - dispatch_signals[l][src] at the receiver = (tag << 32) | count: src's rows for local expert
+//     l, written for every (l, receiver) pair, zero counts included;
+//   - arrival counter (src, dispatch, half) in the receiver's control region: every block of src's
+//     grid adds 1 with release semantics after all its stores (rows and counts). The receiver
+//     waits for tag * grid, then reads counts and rows. `tag` is the per-(kind, half) op number
+//     kept on the device (EpState::seq), so nothing is cleaned between ops, a value left by an
+//     earlier op never satisfies a later wait, and a count word whose tag differs is never used.
+#pragma once
+
+#include "ep_device.cuh"
+
+namespace mooncake {
+namespace ep {
+
+constexpr int kDispatchKind = 0;
+
+// Writes this thread's 16-byte chunk `c` of token `n`'s message: payload (BF16 chunk, or FP8
+// chunk + the group's scale from the group's first thread) and, from chunk 0, the header.
+__device__ __forceinline__ void write_dispatch_chunk(char* msg, int c, int H, bool fp8, const int4& v, const uint2& q,
+                                                     float scale_inv, int n, int k) {
+  if (fp8) {
+    *reinterpret_cast<uint2*>(msg + kDispatchHeaderBytes + 8ull * c) = q;
+    if ((c & 15) == 0) *reinterpret_cast<float*>(msg + kDispatchHeaderBytes + H + 4ull * (c >> 4)) = scale_inv;
+  } else {
+    *reinterpret_cast<int4*>(msg + kDispatchHeaderBytes + 16ull * c) = v;
+  }
+  if (c == 0) *reinterpret_cast<int4*>(msg) = make_int4(n, k, 0, 0);
+}
+
+// Every block announces its completion to every live rank: one release-add per destination, after
+// a barrier, so the block's stores (and puts) are visible before the count moves.
+template <class Tp>
+__device__ __forceinline__ void announce_arrival(const Tp& tp, const int* active_ranks, const HalfOffsets& off,
+                                                 int num_ranks, int rank, int kind, int half) {
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    tp.fence();
+    for (int r = threadIdx.x; r < num_ranks; r += 32)
+      if (ld_relaxed_sys(active_ranks + r) != 0) tp.signal_add(r, arrival_offset(off, rank, kind, half), 1);
+  }
+}
+
+// Waits (all threads of the grid, one source each) until every live source's blocks arrived;
+// a source silent past the deadline is marked failed. Then a grid barrier, so all blocks agree on
+// who failed before anything is read.
+template <class Tp>
+__device__ __forceinline__ void wait_arrivals(const Tp& tp, int* active_ranks, const HalfOffsets& off, int num_ranks,
+                                              int kind, int half, uint32_t tag, int grid, uint64_t deadline,
+                                              EpState* st) {
+  const uint64_t target = static_cast<uint64_t>(tag) * static_cast<uint64_t>(grid);
+  for (int src = blockIdx.x * blockDim.x + threadIdx.x; src < num_ranks; src += gridDim.x * blockDim.x) {
+    if (ld_relaxed_sys(active_ranks + src) == 0) continue;
+    const uint64_t* word = static_cast<const uint64_t*>(tp.local_ptr(arrival_offset(off, src, kind, half)));
+    if (!wait_until(word, [target](uint64_t v) { return v >= target; }, deadline))
+      st_relaxed_sys(active_ranks + src, 0);
+  }
+  grid_barrier(st, kind * 2 + half);
+}
+
+// kH > 0: compiled for that hidden size (one 16-byte chunk per thread when H <= 8192);
+// kH == 0: any H % 128 == 0 (threads loop over chunks).
+template <class Tp, int kH>
+__global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams p, const Tp tp) {
+  extern __shared__ int smem[];
+  const int H = kH > 0 ? kH : p.H;
+  const int tpt = kH > 0 ? (kH / 8 <= 1024 ? kH / 8 : 1024) : p.tpt;
+  const int chunks = H / 8;
+  const int E = p.L * p.R;
+  const int tid = threadIdx.x, nthreads = blockDim.x, G = gridDim.x, b = blockIdx.x;
+  const int half = p.half, slot_idx = kDispatchKind * 2 + p.half;
+  const bool fp8 = p.use_fp8 != 0;
+  EpState* st = p.state;
+  const bool do_send = (p.phases & kPhaseSend) != 0, do_recv = (p.phases & kPhaseRecv) != 0;
+
+  uint32_t tag;
+  uint64_t start_ns;
+  if (do_send) {
+    tag = st->seq[slot_idx] + 1;
+    start_ns = globaltimer_ns();
+  } else {
+    tag = st->seq[slot_idx];
+    start_ns = st->start_ns[slot_idx];
+  }
+
+  if (do_send) {
+    if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
+    // Tokens [n0, n1) are this block's. Slot of selection (n, k) for expert e = number of
+    // selections of e before it in (token, k) order: deterministic, rows arrive in token order.
+    const int per_block = (p.N + G - 1) / G;
+    const int n0 = min(p.N, b * per_block), n1 = min(p.N, n0 + per_block);
+    const int m = (n1 - n0) * p.K;
+    int* s_total = smem;        // [E] selections per expert (all tokens)
+    int* s_before = smem + E;   // [E] selections per expert in tokens < n0
+    int* s_e = smem + 2 * E;    // [m] expert of each selection here, -1: none / destination failed
+    int* s_slot = s_e + m;      // [m]
+    for (int i = tid; i < E; i += nthreads) {
+      s_total[i] = 0;
+      s_before[i] = 0;
+    }
+    __syncthreads();
+    const int nk = p.N * p.K, before_end = n0 * p.K;
+    for (int i = tid; i < nk; i += nthreads) {
+      const int64_t e = p.topk_idx[i];
+      if (e >= 0 && e < E) {
+        atomicAdd(&s_total[e], 1);
+        if (i < before_end) atomicAdd(&s_before[e], 1);
+      }
+    }
+    for (int i = tid; i < m; i += nthreads) {
+      const int64_t e = p.topk_idx[before_end + i];
+      int v = -1;
+      if (e >= 0 && e < E && ld_relaxed_sys(p.active_ranks + e / p.L) != 0) v = static_cast<int>(e);
+      s_e[i] = v;
+    }
+    __syncthreads();
+    for (int i = tid; i < m; i += nthreads) {
+      const int e = s_e[i];
+      if (e >= 0) {
+        int c = s_before[e];
+        for (int j = 0; j < i; ++j) c += (s_e[j] == e);
+        s_slot[i] = c;
+      }
+    }
+    // Count words of every (expert, destination) pair, spread over the grid; each block's
+    // arrival below releases the words it wrote.
+    for (int e = b * nthreads + tid; e < E; e += G * nthreads) {
+      const int dest = e / p.L;
+      if (ld_relaxed_sys(p.active_ranks + dest) != 0)
+        tp.put_value(dest, p.off.dispatch_signals + (static_cast<uint64_t>(e - dest * p.L) * p.R + p.rank) * 8,
+                     pack_count_signal(tag, static_cast<uint32_t>(s_total[e])));
+    }
+    __syncthreads();
+
+    const int tpp = nthreads / tpt;  // token rows per pass
+    const int row = tid / tpt, c0 = tid - row * tpt;
+    const uint64_t payload_bytes = fp8 ? ((static_cast<uint64_t>(H) + H / 32 + 15) / 16 * 16) : 2ull * H;
+    for (int base = n0; base < n1; base += tpp) {
+      const int n = base + row;
+      const bool has = row < tpp && n < n1;
+      const int sel0 = (n - n0) * p.K;
+      if (has) {
+        const int4* xrow = reinterpret_cast<const int4*>(p.x) + static_cast<uint64_t>(n) * chunks;
+        for (int c = c0; c < chunks; c += tpt) {
+          const int4 v = ld_stream_int4(xrow + c);
+          uint2 q = make_uint2(0, 0);
+          float scale_inv = 0.f;
+          if (fp8) {
+            float f[8];
+            unpack_bf16x8(v, f);
+            float amax = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+            // 16 threads (aligned) hold one 128-channel group.
+            const unsigned mask = 0xffffu << (threadIdx.x & 16u);
+#pragma unroll
+            for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(mask, amax, o));
+            scale_inv = fp8_scale_inv(amax, p.round_scale != 0);
+            q = cast_fp8x8(f, scale_inv);
+          }
+          if constexpr (Tp::kDirectStore) {
+            // Cast once, store straight into every destination's slot.
+            for (int k = 0; k < p.K; ++k) {
+              const int e = s_e[sel0 + k];
+              if (e < 0) continue;
+              const int dest = e / p.L, l = e - dest * p.L;
+              char* msg = static_cast<char*>(tp.peer_ptr(
+                  dest, p.off.dispatch_recv +
+                            ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + s_slot[sel0 + k]) * p.msg_bytes));
+              write_dispatch_chunk(msg, c, H, fp8, v, q, scale_inv, n, k);
+            }
+          } else {
+            char* msg = static_cast<char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
+            write_dispatch_chunk(msg, c, H, fp8, v, q, scale_inv, n, 0);
+          }
+        }
+      }
+      if constexpr (!Tp::kDirectStore) {
+        // Staged: the token's message is in dispatch_send; put it to each destination.
+        __syncthreads();
+        if (has) {
+          const char* src = static_cast<const char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
+          for (int k = 0; k < p.K; ++k) {
+            const int e = s_e[sel0 + k];
+            if (e < 0) continue;
+            const int dest = e / p.L, l = e - dest * p.L;
+            const uint64_t off =
+                p.off.dispatch_recv + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + s_slot[sel0 + k]) * p.msg_bytes;
+            tp.put(dest, off + kDispatchHeaderBytes, src + kDispatchHeaderBytes, payload_bytes, c0, tpt);
+            if (c0 == 0)
+              tp.put_value(dest, off, static_cast<uint64_t>(static_cast<uint32_t>(n)) | (static_cast<uint64_t>(k) << 32));
+          }
+        }
+        __syncthreads();
+      }
+    }
+    announce_arrival(tp, p.active_ranks, p.off, p.R, p.rank, kDispatchKind, half);
+    if (!do_recv) {
+      // The last block to finish publishes the tag for the receive kernel (hook).
+      if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(&st->blocks_done[slot_idx], 1u) == static_cast<uint32_t>(G - 1)) {
+          st->blocks_done[slot_idx] = 0;
+          st->seq[slot_idx] = tag;
+        }
+      }
+    }
+  }
+
+  if (do_recv) {
+    // 1. Arrivals of every live source (deadline: the op's start + timeout), grid barrier.
+    wait_arrivals(tp, p.active_ranks, p.off, p.R, kDispatchKind, half, tag, p.grid,
+                  deadline_after(start_ns, p.timeout_us), st);
+    if (do_send && b == 0 && tid == 0) st->seq[slot_idx] = tag;
+
+    // 2. Rows per (local expert l, source r), pair q = l*R + r, prefix-summed in every block:
+    //    row f of the flattened [L][R][count] order is row j = f - s_pref[l*R] of expert l.
+    const uint64_t* sig = static_cast<const uint64_t*>(tp.local_ptr(p.off.dispatch_signals));
+    int* s_pref = smem;          // [E + 1]
+    int* s_tmp = smem + E + 1;   // [32]
+    for (int q = tid; q < E; q += nthreads) {
+      const int r = q % p.R;
+      int cnt = 0;
+      if (ld_relaxed_sys(p.active_ranks + r) != 0) {
+        const uint64_t v = ld_acquire_sys(sig + q);
+        if (static_cast<uint32_t>(v >> 32) == tag) cnt = min(p.T, static_cast<int>(v & 0xffffffffu));
+        else atomicOr(&st->error, 2u);  // arrived without its count word: cannot happen
+      }
+      s_pref[q] = cnt;
+    }
+    __syncthreads();
+    const int total = block_exclusive_scan(s_pref, E, s_tmp);
+    if (tid == 0) s_pref[E] = total;
+    __syncthreads();
+    const int RT = p.R * p.T;
+    for (int q = b * nthreads + tid; q < E; q += G * nthreads) {
+      const int l = q / p.R, r = q - l * p.R;
+      const int base = s_pref[l * p.R];
+      p.layout_range[q] = (static_cast<int64_t>(s_pref[q] - base) << 32) | static_cast<int64_t>(s_pref[q + 1] - s_pref[q]);
+      if (r == 0) {
+        const int count = s_pref[(l + 1) * p.R] - base;
+        p.recv_count[l] = count;
+        if (p.cum_stats != nullptr) p.cum_stats[l] += count;
+      }
+    }
+
+    // 3. One warp per row: payload, header, scales.
+    const int lane = tid & 31;
+    const int warps = nthreads >> 5;
+    const int groups = H / 128;
+    const int words = (groups + 3) / 4;
+    const int row_chunks = fp8 ? H / 16 : H / 8;
+    const uint64_t row_bytes = fp8 ? static_cast<uint64_t>(H) : 2ull * H;
+    const char* recv_base = static_cast<const char*>(tp.local_ptr(p.off.dispatch_recv));
+    for (int f = b * warps + (tid >> 5); f < total; f += G * warps) {
+      const int q = upper_index(s_pref, E, f);
+      const int l = q / p.R;
+      const int j = f - s_pref[l * p.R];
+      const char* msg = recv_base + (static_cast<uint64_t>(q) * p.T + (f - s_pref[q])) * p.msg_bytes;
+      const int4* src = reinterpret_cast<const int4*>(msg + kDispatchHeaderBytes);
+      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + (static_cast<uint64_t>(l) * RT + j) * row_bytes);
+      for (int c0 = lane; c0 < row_chunks; c0 += 8 * 32) {
+        int4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (c0 + u * 32 < row_chunks) v[u] = ld_cg_int4(src + c0 + u * 32);
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (c0 + u * 32 < row_chunks) dst[c0 + u * 32] = v[u];
+      }
+      if (lane == 0) {
+        const int* header = reinterpret_cast<const int*>(msg);
+        p.src_info[static_cast<uint64_t>(l) * RT + j] = __ldcg(header);
+        p.src_info[static_cast<uint64_t>(p.L) * RT + static_cast<uint64_t>(l) * RT + j] = __ldcg(header + 1);
+      }
+      if (fp8) {
+        // Column-major per expert ([groups, R*T]): a row's scales are R*T apart.
+        const uint32_t* sc = reinterpret_cast<const uint32_t*>(msg + kDispatchHeaderBytes + H);
+        if (!p.use_ue8m0) {
+          float* scales = static_cast<float*>(p.recv_scales) + static_cast<uint64_t>(l) * groups * RT + j;
+          for (int g = lane; g < groups; g += 32) scales[static_cast<uint64_t>(g) * RT] = __uint_as_float(__ldcg(sc + g));
+        } else {
+          int* scales = static_cast<int*>(p.recv_scales) + static_cast<uint64_t>(l) * words * RT + j;
+          for (int w = lane; w < words; w += 32) {
+            uint32_t packed = 0;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int g = 4 * w + u;
+              if (g < groups) packed |= ((__ldcg(sc + g) >> 23) & 0xffu) << (8 * u);
+            }
+            scales[static_cast<uint64_t>(w) * RT] = static_cast<int>(packed);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace ep
+}  // namespace mooncake

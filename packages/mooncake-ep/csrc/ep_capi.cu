@@ -1,0 +1,368 @@
+// The C ABI of _mooncake_ep_cuda.so, loaded from Python with ctypes (no torch, no pybind11).
+//
+// Every function returns 0 on success or a non-zero code (a cudaError_t, or kInvalidArgument);
+// mep_last_error() describes the last failure of the calling thread.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ep_launch.h"
+#include "ep_params.h"
+#include "mooncake/device/p2p.cuh"
+#include "mooncake/device/p2p_host.h"
+
+namespace {
+
+using namespace mooncake::ep;
+namespace dev = mooncake::device;
+
+constexpr int kAbiVersion = 1;
+constexpr int kInvalidArgument = 100000;
+
+thread_local std::string g_last_error;
+
+int fail(int code, const std::string& what) {
+  g_last_error = what;
+  return code;
+}
+
+int check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return 0;
+  return fail(static_cast<int>(err), std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+#define MEP_CHECK(expr)                         \
+  do {                                          \
+    const int _rc = check((expr), #expr);       \
+    if (_rc != 0) return _rc;                   \
+  } while (0)
+
+struct Context {
+  int device = 0, rank = 0, num_ranks = 0, num_sms = 0, max_smem = 0;
+  void* buffer = nullptr;
+  uint64_t buffer_bytes = 0;
+  void* state = nullptr;
+  uint64_t* peer_table = nullptr;       // device [R]
+  std::vector<void*> peers;             // mapped base per rank; own rank = buffer
+  std::vector<unsigned char> handles;   // [R][64] handle each mapping was opened from
+};
+
+struct DeviceGuard {
+  int previous = -1;
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&previous) == cudaSuccess && previous != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    if (previous >= 0) cudaSetDevice(previous);
+  }
+};
+
+// Argument vectors (int64 words) of mep_dispatch / mep_combine; Python (fast_path.py) fills the
+// same order.
+enum DispatchArg {
+  kDX, kDTopk, kDActive, kDRecvX, kDRecvScales, kDRecvCount, kDSrcInfo, kDLayoutRange, kDCumStats,
+  kDN, kDT, kDH, kDK, kDE, kDHalf, kDFlags, kDPhases, kDTimeout, kDStream,
+  kDOffDispatchSend, kDOffDispatchRecv, kDOffDispatchSignals, kDOffCombineSend, kDOffCombineRecv,
+  kDOffCombineSignals, kDOffControl, kDMsgBytes, kDTransport, kDGrid, kDispatchArgs
+};
+enum CombineArg {
+  kCX, kCSrcInfo, kCLayoutRange, kCTopk, kCWeights, kCActive, kCOut,
+  kCN, kCT, kCH, kCK, kCE, kCHalf, kCPhases, kCTimeout, kCStream,
+  kCOffDispatchSend, kCOffDispatchRecv, kCOffDispatchSignals, kCOffCombineSend, kCOffCombineRecv,
+  kCOffCombineSignals, kCOffControl, kCTransport, kCGrid, kCombineArgs
+};
+
+int check_shape(const Context& c, int64_t N, int64_t T, int64_t H, int64_t K, int64_t E) {
+  char msg[256];
+  if (H <= 0 || H % 128 != 0) {
+    std::snprintf(msg, sizeof(msg), "hidden=%lld must be a positive multiple of 128", static_cast<long long>(H));
+    return fail(kInvalidArgument, msg);
+  }
+  if (K < 1 || K > kMaxTopk) {
+    std::snprintf(msg, sizeof(msg), "topk=%lld must be in [1, %d]", static_cast<long long>(K), kMaxTopk);
+    return fail(kInvalidArgument, msg);
+  }
+  if (T < 1 || N < 0 || N > T) {
+    std::snprintf(msg, sizeof(msg), "num_tokens=%lld must be in [0, T=%lld]", static_cast<long long>(N),
+                  static_cast<long long>(T));
+    return fail(kInvalidArgument, msg);
+  }
+  if (E < c.num_ranks || E % c.num_ranks != 0 || E > kMaxExperts) {
+    std::snprintf(msg, sizeof(msg), "num_experts=%lld must be a multiple of num_ranks=%d and <= %d",
+                  static_cast<long long>(E), c.num_ranks, kMaxExperts);
+    return fail(kInvalidArgument, msg);
+  }
+  return 0;
+}
+
+// Blocks per launch: the grid every rank agreed on (the smallest SM count of the group), so
+// arrival counters reach tag * grid on every receiver.
+int grid_for(const Context& c, int64_t requested) {
+  if (requested <= 0 || requested > c.num_sms) return c.num_sms;
+  return static_cast<int>(requested);
+}
+
+HalfOffsets offsets_from(const int64_t* a, int first) {
+  HalfOffsets o;
+  o.dispatch_send = static_cast<uint64_t>(a[first]);
+  o.dispatch_recv = static_cast<uint64_t>(a[first + 1]);
+  o.dispatch_signals = static_cast<uint64_t>(a[first + 2]);
+  o.combine_send = static_cast<uint64_t>(a[first + 3]);
+  o.combine_recv = static_cast<uint64_t>(a[first + 4]);
+  o.combine_signals = static_cast<uint64_t>(a[first + 5]);
+  o.control = static_cast<uint64_t>(a[first + 6]);
+  return o;
+}
+
+
+}  // namespace
+
+extern "C" {
+
+int mep_abi_version() { return kAbiVersion; }
+
+const char* mep_last_error() { return g_last_error.c_str(); }
+
+// PCI bus id, compute capability and SM count of `device`.
+int mep_device_info(int device, char* bus_id, int bus_id_len, int* cc_major, int* cc_minor, int* num_sms) {
+  MEP_CHECK(dev::p2p_device_bus_id(device, bus_id, bus_id_len));
+  MEP_CHECK(cudaDeviceGetAttribute(cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  MEP_CHECK(cudaDeviceGetAttribute(cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+  MEP_CHECK(cudaDeviceGetAttribute(num_sms, cudaDevAttrMultiProcessorCount, device));
+  return 0;
+}
+
+int mep_can_reach(int device, const char* bus_id, int* out) {
+  DeviceGuard guard(device);
+  MEP_CHECK(dev::p2p_can_reach(device, bus_id, out));
+  return 0;
+}
+
+// Allocates the symmetric buffer (zeroed), the local state and the peer table on `device`.
+int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, void** out) {
+  *out = nullptr;
+  if (num_ranks < 1 || rank < 0 || rank >= num_ranks || buffer_bytes == 0)
+    return fail(kInvalidArgument, "mep_ctx_create: bad rank/num_ranks/buffer_bytes");
+  DeviceGuard guard(device);
+  auto* c = new Context();
+  c->device = device;
+  c->rank = rank;
+  c->num_ranks = num_ranks;
+  c->buffer_bytes = buffer_bytes;
+  c->peers.assign(num_ranks, nullptr);
+  c->handles.assign(static_cast<size_t>(num_ranks) * dev::kIpcHandleBytes, 0);
+  int rc = check(cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, device), "sm count");
+  if (rc == 0) rc = check(cudaDeviceGetAttribute(&c->max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "smem");
+  if (rc == 0) rc = check(prepare_kernels(c->max_smem), "prepare kernels");
+  if (rc == 0) rc = check(cudaMalloc(&c->buffer, buffer_bytes), "cudaMalloc(buffer)");
+  if (rc == 0) rc = check(cudaMalloc(&c->state, kStateBytes), "cudaMalloc(state)");
+  if (rc == 0) rc = check(cudaMalloc(&c->peer_table, sizeof(uint64_t) * num_ranks), "cudaMalloc(peer table)");
+  if (rc == 0) rc = check(cudaMemset(c->buffer, 0, buffer_bytes), "cudaMemset(buffer)");
+  if (rc == 0) rc = check(cudaMemset(c->state, 0, kStateBytes), "cudaMemset(state)");
+  if (rc == 0) rc = check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (rc != 0) {
+    if (c->buffer) cudaFree(c->buffer);
+    if (c->state) cudaFree(c->state);
+    if (c->peer_table) cudaFree(c->peer_table);
+    delete c;
+    return rc;
+  }
+  c->peers[rank] = c->buffer;
+  *out = c;
+  return 0;
+}
+
+uint64_t mep_ctx_buffer(void* ctx) { return reinterpret_cast<uint64_t>(static_cast<Context*>(ctx)->buffer); }
+uint64_t mep_ctx_state(void* ctx) { return reinterpret_cast<uint64_t>(static_cast<Context*>(ctx)->state); }
+int mep_ctx_num_sms(void* ctx) { return static_cast<Context*>(ctx)->num_sms; }
+
+int mep_ctx_export(void* ctx, unsigned char* out) {
+  auto* c = static_cast<Context*>(ctx);
+  DeviceGuard guard(c->device);
+  MEP_CHECK(dev::p2p_export(c->buffer, out));
+  return 0;
+}
+
+// Maps `peer`'s buffer from its handle; a handle equal to the one already mapped is a no-op,
+// a different one replaces the mapping (a replacement process), NULL unmaps.
+int mep_ctx_set_peer(void* ctx, int peer, const unsigned char* handle) {
+  auto* c = static_cast<Context*>(ctx);
+  if (peer < 0 || peer >= c->num_ranks) return fail(kInvalidArgument, "mep_ctx_set_peer: bad peer");
+  if (peer == c->rank) return 0;
+  DeviceGuard guard(c->device);
+  unsigned char* known = c->handles.data() + static_cast<size_t>(peer) * dev::kIpcHandleBytes;
+  if (handle != nullptr && c->peers[peer] != nullptr && std::memcmp(known, handle, dev::kIpcHandleBytes) == 0) return 0;
+  if (c->peers[peer] != nullptr) {
+    dev::p2p_close(c->peers[peer]);  // the peer may be gone: nothing to do about an error here
+    (void)cudaGetLastError();
+    c->peers[peer] = nullptr;
+    std::memset(known, 0, dev::kIpcHandleBytes);
+  }
+  if (handle == nullptr) return 0;
+  void* base = nullptr;
+  MEP_CHECK(dev::p2p_import(handle, &base));
+  c->peers[peer] = base;
+  std::memcpy(known, handle, dev::kIpcHandleBytes);
+  return 0;
+}
+
+// Changes this rank's index or the number of ranks (the backend extended or shrank the group):
+// every peer mapping is closed; set_peer + commit rebuild them.
+int mep_ctx_resize(void* ctx, int rank, int num_ranks) {
+  auto* c = static_cast<Context*>(ctx);
+  if (num_ranks < 1 || rank < 0 || rank >= num_ranks) return fail(kInvalidArgument, "mep_ctx_resize: bad rank/num_ranks");
+  if (rank == c->rank && num_ranks == c->num_ranks) return 0;
+  DeviceGuard guard(c->device);
+  MEP_CHECK(cudaDeviceSynchronize());
+  for (int r = 0; r < c->num_ranks; ++r)
+    if (r != c->rank && c->peers[r] != nullptr) dev::p2p_close(c->peers[r]);
+  (void)cudaGetLastError();
+  uint64_t* table = nullptr;
+  MEP_CHECK(cudaMalloc(&table, sizeof(uint64_t) * num_ranks));
+  cudaFree(c->peer_table);
+  c->peer_table = table;
+  c->rank = rank;
+  c->num_ranks = num_ranks;
+  c->peers.assign(num_ranks, nullptr);
+  c->handles.assign(static_cast<size_t>(num_ranks) * dev::kIpcHandleBytes, 0);
+  c->peers[rank] = c->buffer;
+  return 0;
+}
+
+// Uploads the peer table (unmapped peers point at this rank's own buffer, never dereferenced
+// while they are marked failed) and waits for it.
+int mep_ctx_commit(void* ctx) {
+  auto* c = static_cast<Context*>(ctx);
+  DeviceGuard guard(c->device);
+  std::vector<uint64_t> table(c->num_ranks);
+  for (int r = 0; r < c->num_ranks; ++r)
+    table[r] = reinterpret_cast<uint64_t>(c->peers[r] != nullptr ? c->peers[r] : c->buffer);
+  MEP_CHECK(cudaMemcpy(c->peer_table, table.data(), sizeof(uint64_t) * c->num_ranks, cudaMemcpyHostToDevice));
+  return 0;
+}
+
+// Zeroes the signal words (the whole buffer) and the local state: op sequence numbers restart
+// on every rank. Collective use only (setup, update_ep_member), with a barrier after it.
+int mep_ctx_reset(void* ctx) {
+  auto* c = static_cast<Context*>(ctx);
+  DeviceGuard guard(c->device);
+  MEP_CHECK(cudaDeviceSynchronize());
+  MEP_CHECK(cudaMemset(c->buffer, 0, c->buffer_bytes));
+  MEP_CHECK(cudaMemset(c->state, 0, kStateBytes));
+  MEP_CHECK(cudaDeviceSynchronize());
+  return 0;
+}
+
+int mep_ctx_error_flags(void* ctx, uint32_t* out) {
+  auto* c = static_cast<Context*>(ctx);
+  DeviceGuard guard(c->device);
+  MEP_CHECK(cudaMemcpy(out, static_cast<char*>(c->state) + offsetof(EpState, error), sizeof(uint32_t),
+                       cudaMemcpyDeviceToHost));
+  return 0;
+}
+
+int mep_ctx_destroy(void* ctx) {
+  auto* c = static_cast<Context*>(ctx);
+  if (c == nullptr) return 0;
+  DeviceGuard guard(c->device);
+  cudaDeviceSynchronize();
+  for (int r = 0; r < c->num_ranks; ++r)
+    if (r != c->rank && c->peers[r] != nullptr) dev::p2p_close(c->peers[r]);
+  cudaFree(c->peer_table);
+  cudaFree(c->state);
+  cudaFree(c->buffer);
+  (void)cudaGetLastError();
+  delete c;
+  return 0;
+}
+
+int mep_dispatch(void* ctx, const int64_t* a, int nargs) {
+  auto* c = static_cast<Context*>(ctx);
+  if (nargs != kDispatchArgs) return fail(kInvalidArgument, "mep_dispatch: wrong argument count (ABI mismatch)");
+  const int rc = check_shape(*c, a[kDN], a[kDT], a[kDH], a[kDK], a[kDE]);
+  if (rc != 0) return rc;
+  DispatchParams p = {};
+  p.x = reinterpret_cast<const void*>(a[kDX]);
+  p.topk_idx = reinterpret_cast<const int64_t*>(a[kDTopk]);
+  p.active_ranks = reinterpret_cast<int*>(a[kDActive]);
+  p.recv_x = reinterpret_cast<void*>(a[kDRecvX]);
+  p.recv_scales = reinterpret_cast<void*>(a[kDRecvScales]);
+  p.recv_count = reinterpret_cast<int*>(a[kDRecvCount]);
+  p.src_info = reinterpret_cast<int*>(a[kDSrcInfo]);
+  p.layout_range = reinterpret_cast<int64_t*>(a[kDLayoutRange]);
+  p.cum_stats = reinterpret_cast<int*>(a[kDCumStats]);
+  p.state = static_cast<EpState*>(c->state);
+  p.half = static_cast<int>(a[kDHalf]) & 1;
+  p.off = offsets_from(a, kDOffDispatchSend);
+  p.msg_bytes = static_cast<uint64_t>(a[kDMsgBytes]);
+  p.timeout_us = a[kDTimeout];
+  p.N = static_cast<int>(a[kDN]);
+  p.T = static_cast<int>(a[kDT]);
+  p.H = static_cast<int>(a[kDH]);
+  p.K = static_cast<int>(a[kDK]);
+  p.R = c->num_ranks;
+  p.L = static_cast<int>(a[kDE] / c->num_ranks);
+  p.rank = c->rank;
+  p.use_fp8 = (a[kDFlags] & 1) != 0;
+  p.round_scale = (a[kDFlags] & 2) != 0;
+  p.use_ue8m0 = (a[kDFlags] & 4) != 0;
+  p.phases = static_cast<int>(a[kDPhases]);
+  LaunchShape shape = launch_shape(p.H, grid_for(*c, a[kDGrid]));
+  p.tpt = shape.tpt;
+  p.grid = shape.blocks;
+  shape.smem_bytes = dispatch_smem_bytes(p, shape);
+  if (shape.smem_bytes > static_cast<uint64_t>(c->max_smem))
+    return fail(kInvalidArgument, "mep_dispatch: num_experts too large for shared memory");
+  const dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
+  DeviceGuard guard(c->device);
+  MEP_CHECK(launch_dispatch(p, tp, static_cast<TransportKind>(a[kDTransport]), shape,
+                            reinterpret_cast<cudaStream_t>(a[kDStream])));
+  return 0;
+}
+
+int mep_combine(void* ctx, const int64_t* a, int nargs) {
+  auto* c = static_cast<Context*>(ctx);
+  if (nargs != kCombineArgs) return fail(kInvalidArgument, "mep_combine: wrong argument count (ABI mismatch)");
+  const int rc = check_shape(*c, a[kCN], a[kCT], a[kCH], a[kCK], a[kCE]);
+  if (rc != 0) return rc;
+  CombineParams p = {};
+  p.x = reinterpret_cast<const void*>(a[kCX]);
+  p.src_info = reinterpret_cast<const int*>(a[kCSrcInfo]);
+  p.layout_range = reinterpret_cast<const int64_t*>(a[kCLayoutRange]);
+  p.topk_idx = reinterpret_cast<const int64_t*>(a[kCTopk]);
+  p.topk_weights = reinterpret_cast<const float*>(a[kCWeights]);
+  p.active_ranks = reinterpret_cast<int*>(a[kCActive]);
+  p.out = reinterpret_cast<void*>(a[kCOut]);
+  p.state = static_cast<EpState*>(c->state);
+  p.half = static_cast<int>(a[kCHalf]) & 1;
+  p.off = offsets_from(a, kCOffDispatchSend);
+  p.timeout_us = a[kCTimeout];
+  p.N = static_cast<int>(a[kCN]);
+  p.T = static_cast<int>(a[kCT]);
+  p.H = static_cast<int>(a[kCH]);
+  p.K = static_cast<int>(a[kCK]);
+  p.R = c->num_ranks;
+  p.L = static_cast<int>(a[kCE] / c->num_ranks);
+  p.rank = c->rank;
+  p.phases = static_cast<int>(a[kCPhases]);
+  LaunchShape shape = launch_shape(p.H, grid_for(*c, a[kCGrid]));
+  p.tpt = shape.tpt;
+  p.grid = shape.blocks;
+  shape.smem_bytes = combine_smem_bytes(p, shape);
+  if (shape.smem_bytes > static_cast<uint64_t>(c->max_smem))
+    return fail(kInvalidArgument, "mep_combine: num_experts too large for shared memory");
+  const dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
+  DeviceGuard guard(c->device);
+  MEP_CHECK(launch_combine(p, tp, static_cast<TransportKind>(a[kCTransport]), shape,
+                           reinterpret_cast<cudaStream_t>(a[kCStream])));
+  return 0;
+}
+
+int mep_dispatch_num_args() { return kDispatchArgs; }
+int mep_combine_num_args() { return kCombineArgs; }
+
+}  // extern "C"

@@ -1,0 +1,149 @@
+// Device helpers of the EP kernels: block scan, grid barrier, FP8 cast, bf16 packing.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "ep_params.h"
+#include "mooncake/device/primitives.cuh"
+
+namespace mooncake {
+namespace ep {
+
+using namespace mooncake::device;
+
+__device__ __forceinline__ uint64_t pack_count_signal(uint32_t tag, uint32_t count) {
+  return (static_cast<uint64_t>(tag) << 32) | count;
+}
+
+// Exclusive prefix sum of a[0..n) in shared memory, in place; returns the total. blockDim.x must
+// be a multiple of 32; s_tmp holds 32 ints. Every thread of the block must call it.
+__device__ __forceinline__ int block_exclusive_scan(int* a, int n, int* s_tmp) {
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int nwarps = nthreads >> 5;
+  const int per = (n + nthreads - 1) / nthreads;
+  const int lo = min(n, tid * per), hi = min(n, lo + per);
+  int sum = 0;
+  for (int i = lo; i < hi; ++i) sum += a[i];
+  int v = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += t;
+  }
+  if (lane == 31) s_tmp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? s_tmp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += t;
+    }
+    s_tmp[lane] = w;
+  }
+  __syncthreads();
+  int prefix = v - sum + (warp > 0 ? s_tmp[warp - 1] : 0);
+  const int total = s_tmp[nwarps - 1];
+  for (int i = lo; i < hi; ++i) {
+    const int t = a[i];
+    a[i] = prefix;
+    prefix += t;
+  }
+  __syncthreads();
+  return total;
+}
+
+// Largest p in [0, n) with pref[p] <= x (pref exclusive and non-decreasing, pref[n] > x).
+__device__ __forceinline__ int upper_index(const int* pref, int n, int x) {
+  int lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (pref[mid] <= x) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Grid-wide barrier for a cooperative launch (every block resident). It depends only on this
+// kernel's own blocks, never on a peer; the safety deadline only guards against a broken launch.
+__device__ __forceinline__ void grid_barrier(EpState* st, int slot) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const uint32_t gen = ld_acquire_gpu(&st->bar_gen[slot]);  // read before arriving
+    __threadfence();
+    if (atomicAdd(&st->bar_count[slot], 1u) == gridDim.x - 1) {
+      st->bar_count[slot] = 0;
+      __threadfence();
+      atomicAdd(&st->bar_gen[slot], 1u);
+    } else {
+      const uint64_t deadline = globaltimer_ns() + 10ull * 1000 * 1000 * 1000;
+      uint32_t spin = 0;
+      while (ld_acquire_gpu(&st->bar_gen[slot]) == gen) {
+        if ((++spin & 63u) == 0 && globaltimer_ns() > deadline) {
+          atomicOr(&st->error, 1u);
+          break;
+        }
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+__device__ __forceinline__ void unpack_bf16x8(const int4& v, float (&f)[8]) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = bf16_lo(w[i]);
+    f[2 * i + 1] = bf16_hi(w[i]);
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&f)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    w[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
+}
+
+// The contract's scale: amax clamped to >= 1e-4, divided (IEEE) by 448; round_scale rounds it up
+// to a power of two on the bits (exponent + 1 when the mantissa is non-zero), as fp8.py does.
+__device__ __forceinline__ float fp8_scale_inv(float amax, bool round_scale) {
+  float s = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+  if (round_scale) {
+    const uint32_t bits = __float_as_uint(s);
+    const uint32_t exponent = ((bits >> 23) & 0xffu) + ((bits & 0x7fffffu) != 0u ? 1u : 0u);
+    s = __uint_as_float(exponent << 23);
+  }
+  return s;
+}
+
+// Saturating e4m3 of x / scale_inv for 8 values (true division, round to nearest even).
+__device__ __forceinline__ uint2 cast_fp8x8(const float (&f)[8], float scale_inv) {
+  uint32_t out[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float a = __fdiv_rn(f[4 * i + 2 * j], scale_inv);
+      const float b = __fdiv_rn(f[4 * i + 2 * j + 1], scale_inv);
+      const __nv_fp8x2_storage_t pair = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+      word |= static_cast<uint32_t>(pair) << (16 * j);
+    }
+    out[i] = word;
+  }
+  return make_uint2(out[0], out[1]);
+}
+
+}  // namespace ep
+}  // namespace mooncake

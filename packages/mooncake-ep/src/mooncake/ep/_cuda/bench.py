@@ -1,0 +1,225 @@
+"""Kernel timing of the fast path on one GPU with one rank: ``python -m mooncake.ep._cuda.bench``.
+
+DeepEP's low-latency shape by default (128 tokens, hidden 7168, top-8, 288 experts, FP8 dispatch,
+BF16 combine). Reports, each over ``--iters`` iterations with L2 flushed before each:
+
+- kernel times from the profiler (fused dispatch and combine; with ``return_recv_hook`` the send and
+  receive kernels separately), median and mean;
+- end to end: CUDA events around the Python calls ``dispatch`` + ``combine`` through ``Buffer``
+  (synchronised after the flush, so the Python time counts);
+- logical bandwidth (dispatch bytes = selections x (H + H/128*4 + 16), combine bytes = selections x 2H,
+  over the kernel time) and its fraction of the HBM bandwidth measured here (device-to-device copy,
+  bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _init_single_rank() -> Any:
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="mooncake-ep-bench-"), "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    return dist.group.WORLD
+
+
+def _hbm_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times[2:])
+
+
+def _kernel_times(prof: Any, name: str) -> list[float]:
+    """Durations (us) of the kernels whose name contains ``name``, in start order."""
+    events = []
+    for evt in prof.events():
+        if name in evt.name and str(getattr(evt, "device_type", "")).endswith("CUDA"):
+            rng = evt.time_range
+            events.append((rng.start, rng.end - rng.start))
+    events.sort()
+    return [d for _, d in events]
+
+
+def main(argv: Any = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mooncake.ep._cuda.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=288)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--bf16-dispatch", action="store_true", help="dispatch BF16 instead of FP8")
+    ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--profile-host", default="", help="write a cProfile of the Python calls here")
+    args = ap.parse_args(argv)
+
+    from mooncake.ep.buffer import Buffer
+
+    torch.cuda.set_device(0)
+    group = _init_single_rank()
+    T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+    use_fp8 = not args.bf16_dispatch
+    buffer = Buffer(group, Buffer.get_ep_buffer_size_hint(T, H, 1, E), path="fast")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn((T, H), device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    scores = torch.randn((T, E), device="cuda", generator=gen).abs() + 1
+    topk_idx = torch.topk(scores, K, dim=-1).indices.contiguous()
+    weights = torch.rand((T, K), device="cuda", generator=gen)
+    active = torch.ones(1, dtype=torch.int32, device="cuda")
+    expert_out = torch.randn((E, T, H), device="cuda", generator=gen).to(torch.bfloat16)
+    flush = torch.empty(int(256e6 // 4), dtype=torch.int32, device="cuda")
+    selections = int((topk_idx >= 0).sum())
+    timeout_us = 10_000_000
+
+    def pair(hook: bool) -> Any:
+        recv = buffer.dispatch(x, topk_idx, active, T, E, timeout_us, use_fp8=use_fp8, return_recv_hook=hook)
+        if hook:
+            recv[4]()
+        out = buffer.combine(expert_out, topk_idx, weights, active, timeout_us, recv[2], return_recv_hook=hook)
+        if hook:
+            out[2]()
+        return recv, out
+
+    # Warm-up and a sanity check against the identity expert (combine = x * sum(weights) for BF16).
+    for _ in range(5):
+        pair(False)
+    torch.cuda.synchronize()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    results: dict[str, Any] = {"shape": dict(tokens=T, hidden=H, topk=K, experts=E, fp8_dispatch=use_fp8),
+                               "device": torch.cuda.get_device_name(0), "path": buffer.path.name}  # fmt: skip
+    for hook in (False, True):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                flush.zero_()
+                pair(hook)
+            torch.cuda.synchronize()
+        d = _kernel_times(prof, "dispatch_kernel")
+        c = _kernel_times(prof, "combine_kernel")
+        if hook:
+            results["dispatch_send_us"] = statistics.median(d[0::2])
+            results["dispatch_recv_us"] = statistics.median(d[1::2])
+            results["combine_send_us"] = statistics.median(c[0::2])
+            results["combine_recv_us"] = statistics.median(c[1::2])
+        else:
+            results["dispatch_us"] = statistics.median(d)
+            results["dispatch_mean_us"] = statistics.mean(d)
+            results["combine_us"] = statistics.median(c)
+            results["combine_mean_us"] = statistics.mean(c)
+
+    e2e = []
+    for _ in range(args.iters):
+        flush.zero_()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pair(False)
+        end.record()
+        end.synchronize()
+        e2e.append(start.elapsed_time(end) * 1e3)
+    results["e2e_mean_us"] = statistics.mean(e2e)
+    results["e2e_median_us"] = statistics.median(e2e)
+    results["e2e_best_us"] = min(e2e)
+
+    # Host time of the two Python calls alone (no sync in between), to split API overhead.
+    host = []
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pair(False)
+        host.append((time.perf_counter() - t0) * 1e6)
+    results["python_calls_host_us"] = statistics.median(host)
+
+    # The same two calls straight on the path (no Buffer argument validation).
+    path = buffer.path
+
+    def pair_direct() -> None:
+        recv = path.dispatch(x, topk_idx, active, T, E, timeout_us, use_fp8, False, False, False, False, None)
+        path.combine(expert_out, topk_idx, weights, active, timeout_us, recv[2], False, False, False, None)
+        buffer.num_ops += 2
+
+    direct = []
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pair_direct()
+        direct.append((time.perf_counter() - t0) * 1e6)
+    results["path_calls_host_us"] = statistics.median(direct)
+    if args.profile_host:
+        import cProfile
+        import io
+        import pstats
+
+        prof_host = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof_host.enable()
+        for _ in range(200):
+            pair(False)
+            torch.cuda.synchronize()
+        prof_host.disable()
+        text = io.StringIO()
+        pstats.Stats(prof_host, stream=text).sort_stats("tottime").print_stats(30)
+        with open(args.profile_host, "w") as f:
+            f.write(text.getvalue())
+
+    hbm = _hbm_bandwidth()
+    d_bytes = selections * ((H + H // 128 * 4 + 16) if use_fp8 else (2 * H + 16))
+    c_bytes = selections * 2 * H
+    results.update(
+        selections=selections,
+        hbm_copy_GBps=hbm / 1e9,
+        dispatch_logical_GBps=d_bytes / (results["dispatch_us"] * 1e-6) / 1e9,
+        combine_logical_GBps=c_bytes / (results["combine_us"] * 1e-6) / 1e9,
+    )
+    results["dispatch_hbm_fraction"] = results["dispatch_logical_GBps"] * 1e9 / hbm
+    results["combine_hbm_fraction"] = results["combine_logical_GBps"] * 1e9 / hbm
+    results["kernel_error_flags"] = buffer.path.error_flags()
+
+    rows = [
+        ("dispatch kernel (median / mean)", f"{results['dispatch_us']:.1f} / {results['dispatch_mean_us']:.1f} us", "<= 15 us"),
+        ("combine kernel (median / mean)", f"{results['combine_us']:.1f} / {results['combine_mean_us']:.1f} us", "<= 20 us"),
+        ("dispatch send + recv (hook)", f"{results['dispatch_send_us']:.1f} + {results['dispatch_recv_us']:.1f} us", ""),
+        ("combine send + recv (hook)", f"{results['combine_send_us']:.1f} + {results['combine_recv_us']:.1f} us", ""),
+        ("dispatch+combine via Python (mean/median/best)",
+         f"{results['e2e_mean_us']:.1f} / {results['e2e_median_us']:.1f} / {results['e2e_best_us']:.1f} us", "<= 60 us"),
+        ("host time of the two Python calls (Buffer / path)",
+         f"{results['python_calls_host_us']:.1f} / {results['path_calls_host_us']:.1f} us", ""),
+        ("dispatch logical bandwidth", f"{results['dispatch_logical_GBps']:.0f} GB/s "
+         f"({100 * results['dispatch_hbm_fraction']:.1f}% of HBM copy {hbm / 1e9:.0f} GB/s)", ""),
+        ("combine logical bandwidth", f"{results['combine_logical_GBps']:.0f} GB/s "
+         f"({100 * results['combine_hbm_fraction']:.1f}% of HBM copy)", ""),
+    ]  # fmt: skip
+    print(f"mooncake-ep fast path bench: {results['device']}, path {results['path']}, T={T} H={H} K={K} E={E} "
+          f"{'FP8' if use_fp8 else 'BF16'} dispatch, BF16 combine, {args.iters} iterations, L2 flushed")  # fmt: skip
+    for name, value, target in rows:
+        print(f"  {name:<48} {value:<44} {target}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    buffer.destroy()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

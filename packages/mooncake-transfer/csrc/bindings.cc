@@ -1,0 +1,364 @@
+// pybind11 bindings: mooncake.transfer._engine. Every call that can wait releases the GIL.
+// Argument errors raise ValueError naming the argument; transfer failures raise the Python
+// exception types registered by mooncake.transfer (TransferError, PeerDeadError, TransferTimeout).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "engine.h"
+
+namespace py = pybind11;
+using namespace mooncake::transfer;
+
+namespace {
+
+PyObject* g_err_types[3] = {nullptr, nullptr, nullptr};  // generic, peer dead, timeout
+
+// Releases the GIL for a blocking call. Unlike py::gil_scoped_release its destructor may throw:
+// a daemon thread re-taking the GIL while the interpreter finalizes is ended by pthread_exit(),
+// whose forced unwind must pass through here (through a noexcept destructor it would abort).
+class GilRelease {
+ public:
+  GilRelease() : state_(PyEval_SaveThread()) {}
+  ~GilRelease() noexcept(false) { PyEval_RestoreThread(state_); }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+double timeout_arg(const std::optional<double>& t, const char* name = "timeout") {
+  if (!t) return -1.0;
+  if (!std::isfinite(*t) || *t < 0)
+    throw std::invalid_argument(std::string(name) + " must be a finite number >= 0 or None, got " +
+                                std::to_string(*t));
+  return *t;
+}
+
+uint64_t nonneg(int64_t v, const char* name) {
+  if (v < 0) throw std::invalid_argument(std::string(name) + " must be >= 0, got " + std::to_string(v));
+  return static_cast<uint64_t>(v);
+}
+
+struct SegmentObj {
+  std::shared_ptr<LocalSegment> seg;
+  std::string desc;
+};
+
+// Buffer exporter for Segment.view(): keeps the mapping alive while a memoryview exists.
+struct SegmentBuffer {
+  std::shared_ptr<LocalSegment> seg;
+};
+
+struct NotificationObj {
+  MessagePtr m;
+  py::object data_cache;
+};
+
+Op make_op(const std::string& kind, const std::shared_ptr<RemoteSeg>& seg, int64_t offset, int64_t addr,
+           int64_t length, const std::string& where, const char* addr_name) {
+  if (!seg) throw std::invalid_argument(where + "seg must be a RemoteSegment, got None");
+  Op op;
+  if (kind == "write") op.write = true;
+  else if (kind == "read") op.write = false;
+  else throw std::invalid_argument(where + "kind must be 'write' or 'read', got '" + kind + "'");
+  op.seg = seg;
+  op.offset = nonneg(offset, (where + "offset").c_str());
+  op.len = nonneg(length, (where + "length").c_str());
+  uint64_t a = nonneg(addr, (where + addr_name).c_str());
+  if (op.offset > seg->desc.length || op.len > seg->desc.length - op.offset)
+    throw std::invalid_argument(where + "offset + length = " + std::to_string(op.offset + op.len) +
+                                " exceeds the remote segment length " + std::to_string(seg->desc.length));
+  if (op.len > 0 && a == 0) throw std::invalid_argument(where + addr_name + " is a null address");
+  op.local = reinterpret_cast<uint8_t*>(a);
+  return op;
+}
+
+void run_sync(Engine& e, Op op, double timeout, const char* what) {
+  std::vector<Op> ops{std::move(op)};
+  auto b = e.submit(ops);
+  Status s = b->wait(deadline_after(timeout));
+  if (s == Status::kTimeout)
+    throw TransferErr(ErrKind::kTimeout, ops[0].seg->peer->name,
+                      std::string(what) + " of " + std::to_string(ops[0].len) + " bytes did not finish in time");
+  if (s == Status::kFailed) throw TransferErr(b->error());
+}
+
+py::object to_notification(MessagePtr m) {
+  if (!m) return py::none();
+  return py::cast(NotificationObj{std::move(m), py::none()});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_engine, m) {
+  m.doc() = "mooncake transfer engine native core (torch-free)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const TransferErr& e) {
+      PyObject* type = g_err_types[static_cast<int>(e.info.kind)];
+      if (!type) type = g_err_types[0];
+      if (!type) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+        return;
+      }
+      py::object peer = e.info.peer.empty() ? py::none() : py::object(py::str(e.info.peer));
+      py::object inst = py::reinterpret_borrow<py::object>(type)(e.what(), peer, e.info.reason);
+      PyErr_SetObject(type, inst.ptr());
+    }
+  });
+
+  m.def("_set_error_types", [](py::object generic, py::object dead, py::object timeout) {
+    py::object objs[3] = {generic, dead, timeout};
+    for (int i = 0; i < 3; ++i) {
+      Py_XDECREF(g_err_types[i]);
+      g_err_types[i] = objs[i].inc_ref().ptr();
+    }
+  });
+
+  m.def("rdma_status", []() {
+    std::string devs;
+    std::string why = VerbsTransport::probe(&devs);
+    return why.empty() ? std::string("available: ") + devs : why;
+  }, "Why RDMA verbs can (not) be used here, as a sentence.");
+
+  m.def("_memcpy", [](int64_t dst, int64_t src, int64_t n) {
+    std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), static_cast<size_t>(n));
+  }, py::call_guard<GilRelease>(), "memcpy between raw addresses (bench floor).");
+
+  py::class_<SegmentBuffer>(m, "_SegmentBuffer", py::buffer_protocol())
+      .def_buffer([](SegmentBuffer& b) {
+        return py::buffer_info(b.seg->addr, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.seg->length)}, {1});
+      });
+
+  py::class_<SegmentObj>(m, "Segment", "Memory this engine owns or registered. addr/length in bytes.")
+      .def_property_readonly("addr", [](const SegmentObj& s) { return reinterpret_cast<uint64_t>(s.seg->addr); })
+      .def_property_readonly("length", [](const SegmentObj& s) { return s.seg->length; })
+      .def_property_readonly("location", [](const SegmentObj& s) { return s.seg->location; })
+      .def_property_readonly("id", [](const SegmentObj& s) { return s.seg->id; })
+      .def_property_readonly("shared", [](const SegmentObj& s) { return s.seg->kind == SegKind::kMemfd; })
+      .def("descriptor", [](const SegmentObj& s) { return py::bytes(s.desc); },
+           "Portable bytes a peer passes to open_segment().")
+      .def("view", [](const SegmentObj& s) { return py::memoryview(py::cast(SegmentBuffer{s.seg})); },
+           "Writable memoryview of the whole segment (keeps allocate()d memory alive).")
+      .def("__len__", [](const SegmentObj& s) { return s.seg->length; })
+      .def("__repr__", [](const SegmentObj& s) {
+        return "<Segment id=" + std::to_string(s.seg->id) + " length=" + std::to_string(s.seg->length) +
+               " location=" + s.seg->location + (s.seg->kind == SegKind::kMemfd ? " shared" : "") + ">";
+      });
+
+  py::class_<RemoteSeg, std::shared_ptr<RemoteSeg>>(m, "RemoteSegment", "A peer's segment opened by this engine.")
+      .def_property_readonly("peer", [](const RemoteSeg& r) { return r.peer->name; })
+      .def_property_readonly("length", [](const RemoteSeg& r) { return r.desc.length; })
+      .def_property_readonly("transport", [](const RemoteSeg& r) { return std::string(transport_name(r.kind)); })
+      .def_property_readonly("location", [](const RemoteSeg& r) { return r.desc.location; })
+      .def_property_readonly("segment_id", [](const RemoteSeg& r) { return r.desc.seg_id; })
+      .def("__repr__", [](const RemoteSeg& r) {
+        return "<RemoteSegment peer='" + r.peer->name + "' id=" + std::to_string(r.desc.seg_id) +
+               " length=" + std::to_string(r.desc.length) + " transport=" + transport_name(r.kind) + ">";
+      });
+
+  py::class_<Batch, std::shared_ptr<Batch>>(m, "_Batch")
+      .def("poll", [](const Batch& b) { return static_cast<int>(b.poll()); })
+      .def("wait", [](Batch& b, std::optional<double> timeout) {
+        double t = timeout_arg(timeout);
+        GilRelease r;
+        return static_cast<int>(b.wait(deadline_after(t)));
+      }, py::arg("timeout") = py::none())
+      .def("error", [](const Batch& b) -> py::object {
+        if (!b.failed()) return py::none();
+        ErrorInfo e = b.error();
+        return py::make_tuple(static_cast<int>(e.kind), e.peer.empty() ? py::object(py::none()) : py::str(e.peer),
+                              e.reason, format_error(e));
+      });
+
+  py::class_<NotificationObj>(m, "Notification", "A received notification: peer name, tag and payload bytes.")
+      .def_property_readonly("peer", [](const NotificationObj& n) { return *n.m->peer; })
+      .def_property_readonly("tag", [](const NotificationObj& n) { return n.m->tag; })
+      .def_property_readonly("data", [](NotificationObj& n) {
+        if (n.data_cache.is_none()) n.data_cache = py::bytes(n.m->data);
+        return n.data_cache;
+      })
+      .def_property_readonly("nbytes", [](const NotificationObj& n) { return n.m->data.size(); })
+      .def("copy_to", [](const NotificationObj& n, int64_t addr, int64_t length) {
+        uint64_t a = nonneg(addr, "addr"), len = nonneg(length, "length");
+        if (len < n.m->data.size())
+          throw std::invalid_argument("length: buffer of " + std::to_string(len) +
+                                      " bytes is smaller than the notification (" +
+                                      std::to_string(n.m->data.size()) + " bytes)");
+        if (!n.m->data.empty() && a == 0) throw std::invalid_argument("addr is a null address");
+        std::memcpy(reinterpret_cast<void*>(a), n.m->data.data(), n.m->data.size());
+        return n.m->data.size();
+      }, py::arg("addr"), py::arg("length"), "Copies the payload to raw memory; returns bytes copied.")
+      .def("__len__", [](const NotificationObj& n) { return n.m->data.size(); })
+      .def("__repr__", [](const NotificationObj& n) {
+        return "<Notification peer='" + *n.m->peer + "' tag=" + std::to_string(n.m->tag) +
+               " nbytes=" + std::to_string(n.m->data.size()) + ">";
+      });
+
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+      .def(py::init([](std::string name, std::string host, int port, py::bytes secret, double hb_interval,
+                       double hb_timeout, std::string transport, std::string host_id, double hs_timeout) {
+             EngineConfig c;
+             c.name = std::move(name);
+             c.host = std::move(host);
+             c.port = port;
+             c.secret = secret;
+             c.heartbeat_interval_s = hb_interval;
+             c.heartbeat_timeout_s = hb_timeout;
+             c.transport = std::move(transport);
+             c.host_id = std::move(host_id);
+             c.handshake_timeout_s = hs_timeout;
+             GilRelease r;
+             return std::make_shared<Engine>(std::move(c));
+           }),
+           py::arg("name"), py::arg("host"), py::arg("port"), py::arg("secret"), py::arg("heartbeat_interval"),
+           py::arg("heartbeat_timeout"), py::arg("transport"), py::arg("host_id"),
+           py::arg("handshake_timeout") = 5.0)
+      .def_property_readonly("name", &Engine::name)
+      .def_property_readonly("endpoint", &Engine::endpoint)
+      .def_property_readonly("host_id", &Engine::host_id)
+      .def_property_readonly("transport", &Engine::transport_mode)
+      .def_property_readonly("heartbeat_interval", &Engine::heartbeat_interval)
+      .def_property_readonly("heartbeat_timeout", &Engine::heartbeat_timeout)
+      .def_property_readonly("closed", &Engine::is_closed)
+      .def("connection_count", &Engine::connection_count)
+      .def("connect", [](Engine& e, const std::string& ep, double timeout) {
+        GilRelease r;
+        return e.connect(ep, timeout);
+      })
+      .def("allocate", [](Engine& e, int64_t length) {
+        if (length <= 0) throw std::invalid_argument("length must be > 0, got " + std::to_string(length));
+        std::shared_ptr<LocalSegment> s;
+        {
+          GilRelease r;
+          s = e.allocate(static_cast<uint64_t>(length));
+        }
+        return SegmentObj{s, e.descriptor(*s)};
+      })
+      .def("register_memory", [](Engine& e, int64_t addr, int64_t length, const std::string& location) {
+        if (addr <= 0) throw std::invalid_argument("addr must be a non-null address, got " + std::to_string(addr));
+        if (length <= 0) throw std::invalid_argument("length must be > 0, got " + std::to_string(length));
+        auto s = e.register_memory(static_cast<uint64_t>(addr), static_cast<uint64_t>(length), location);
+        return SegmentObj{s, e.descriptor(*s)};
+      })
+      .def("unregister", [](Engine& e, const SegmentObj& s, double timeout) {
+        GilRelease r;
+        e.unregister(s.seg->id, timeout);
+      })
+      .def("open_segment", [](Engine& e, py::bytes desc, double timeout, const std::string& transport) {
+        std::string d = desc;
+        GilRelease r;
+        return e.open_segment(d, timeout, transport);
+      })
+      .def("transfer", [](Engine& e, const std::string& kind, const std::shared_ptr<RemoteSeg>& seg, int64_t offset,
+                          int64_t addr, int64_t length, std::optional<double> timeout) {
+        const bool w = kind == "write";
+        Op op = make_op(kind, seg, offset, addr, length, "", w ? "src_addr" : "dst_addr");
+        double t = timeout_arg(timeout);
+        GilRelease r;
+        run_sync(e, std::move(op), t, w ? "write" : "read");
+      })
+      .def("submit", [](Engine& e, py::sequence ops) {
+        std::vector<Op> v;
+        v.reserve(ops.size());
+        for (size_t i = 0; i < ops.size(); ++i) {
+          const std::string where = "ops[" + std::to_string(i) + "]: ";
+          py::object o = ops[i];
+          if (!py::isinstance<py::tuple>(o) || py::len(o) != 5)
+            throw std::invalid_argument(where + "each op must be a tuple (kind, seg, remote_offset, local_addr, length)");
+          py::tuple t = o;
+          auto seg = t[1].cast<std::shared_ptr<RemoteSeg>>();
+          v.push_back(make_op(t[0].cast<std::string>(), seg, t[2].cast<int64_t>(), t[3].cast<int64_t>(),
+                              t[4].cast<int64_t>(), where, "local_addr"));
+        }
+        GilRelease r;
+        return e.submit(v);
+      })
+      .def("notify", [](Engine& e, const std::string& peer, py::buffer data, int64_t tag) {
+        uint64_t tg = nonneg(tag, "tag");
+        py::buffer_info info = data.request();
+        if (info.ndim > 1 && info.strides.back() != info.itemsize)
+          throw std::invalid_argument("data must be a C-contiguous bytes-like object");
+        const size_t len = static_cast<size_t>(info.size * info.itemsize);
+        {
+          GilRelease r;
+          e.notify(peer, info.ptr, len, tg);
+        }
+      })
+      .def("notify_ptr", [](Engine& e, const std::string& peer, int64_t addr, int64_t length, int64_t tag) {
+        uint64_t tg = nonneg(tag, "tag"), len = nonneg(length, "length"), a = nonneg(addr, "addr");
+        if (len > 0 && a == 0) throw std::invalid_argument("addr is a null address");
+        GilRelease r;
+        e.notify(peer, reinterpret_cast<const void*>(a), static_cast<size_t>(len), tg);
+      })
+      .def("recv_notify", [](Engine& e, std::optional<std::string> peer, std::optional<int64_t> tag,
+                             std::optional<double> timeout) {
+        double t = timeout_arg(timeout);
+        uint64_t tg = tag ? nonneg(*tag, "tag") : 0;
+        MessagePtr msg;
+        {
+          GilRelease r;
+          msg = e.recv_notify(peer ? &*peer : nullptr, tag ? &tg : nullptr, t);
+        }
+        return to_notification(std::move(msg));
+      })
+      .def("recv_notify_any", [](Engine& e, const std::vector<std::string>& peers, int64_t tag,
+                                 std::optional<double> timeout) {
+        double t = timeout_arg(timeout);
+        uint64_t tg = nonneg(tag, "tag");
+        MessagePtr msg;
+        {
+          GilRelease r;
+          msg = e.recv_notify_any(peers, tg, t);
+        }
+        return to_notification(std::move(msg));
+      })
+      .def("peer_state", [](Engine& e, const std::string& p) { return static_cast<int>(e.peer_state(p)); })
+      .def("peers", [](Engine& e) {
+        py::dict d;
+        for (auto& kv : e.peers()) d[py::str(kv.first)] = kv.second;
+        return d;
+      })
+      .def("wait_peer_event", [](Engine& e, std::optional<double> timeout) -> py::object {
+        double t = timeout_arg(timeout);
+        Event ev;
+        bool got;
+        {
+          GilRelease r;
+          got = e.wait_peer_event(t, ev);
+        }
+        if (!got) return py::none();
+        return py::make_tuple(ev.text, ev.value);
+      })
+      .def("next_bg_event", [](Engine& e, double timeout) -> py::object {
+        Event ev;
+        bool got;
+        {
+          GilRelease r;
+          got = e.next_bg_event(timeout, ev);
+        }
+        if (!got) return py::none();
+        return py::make_tuple(ev.is_log, ev.text, ev.value);
+      })
+      .def("enable_callbacks", &Engine::enable_callbacks)
+      .def("probe", [](Engine& e, const std::string& peer, double timeout) {
+        GilRelease r;
+        return e.probe(peer, timeout);
+      })
+      .def("disconnect", [](Engine& e, const std::string& peer) {
+        GilRelease r;
+        e.disconnect(peer);
+      })
+      .def("close", [](Engine& e) {
+        GilRelease r;
+        e.close();
+      });
+}

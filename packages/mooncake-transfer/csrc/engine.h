@@ -1,0 +1,166 @@
+// The transfer engine: listens on TCP, keeps one connection per peer, moves data through the
+// transport chosen per remote segment, delivers notifications and runs the failure detector.
+//
+// Threads: one I/O thread (epoll: accept, handshakes, frame receive, send flushing, heartbeats,
+// failure detection), one lazily started copy worker for large same-host async copies, and the
+// callers' threads (connect handshakes, inline sends, small same-host copies, waits).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "batch.h"
+#include "common.h"
+#include "connection.h"
+#include "detector.h"
+#include "inbox.h"
+#include "peer.h"
+#include "segment.h"
+#include "transport.h"
+
+namespace mooncake::transfer {
+
+struct EngineConfig {
+  std::string name;
+  std::string host = "127.0.0.1";
+  int port = 0;
+  std::string secret;
+  double heartbeat_interval_s = 0.1;
+  double heartbeat_timeout_s = 1.0;
+  std::string transport = "auto";  // auto | tcp | cma | shm | rdma
+  std::string host_id;             // empty: derived from boot id, hostname and pid namespace
+  double handshake_timeout_s = 5.0;
+};
+
+class Engine : private FrameHandler {
+ public:
+  explicit Engine(EngineConfig cfg);
+  ~Engine() override;
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const std::string& name() const { return cfg_.name; }
+  const std::string& endpoint() const { return endpoint_; }
+  const std::string& host_id() const { return cfg_.host_id; }
+  const std::string& transport_mode() const { return cfg_.transport; }
+  double heartbeat_interval() const { return cfg_.heartbeat_interval_s; }
+  double heartbeat_timeout() const { return cfg_.heartbeat_timeout_s; }
+
+  // Connection management (engine.cc).
+  std::string connect(const std::string& endpoint, double timeout_s);
+  PeerState peer_state(const std::string& peer);
+  std::vector<std::pair<std::string, int>> peers();
+  void disconnect(const std::string& peer);
+  double probe(const std::string& peer, double timeout_s);
+  bool wait_peer_event(double timeout_s, Event& out);
+  bool next_bg_event(double timeout_s, Event& out);
+  void enable_callbacks() { callbacks_on_.store(true); }
+  void close();
+  bool is_closed() const { return closing_.load(); }
+
+  // Segments (engine.cc).
+  std::shared_ptr<LocalSegment> allocate(uint64_t length);
+  std::shared_ptr<LocalSegment> register_memory(uint64_t addr, uint64_t length, const std::string& location);
+  void unregister(uint64_t seg_id, double timeout_s);
+  std::string descriptor(const LocalSegment& seg) const;
+  std::shared_ptr<RemoteSeg> open_segment(const std::string& desc, double timeout_s,
+                                          const std::string& transport_override);
+
+  // Transfers and notifications (engine_ops.cc). Ops must be validated by the caller.
+  std::shared_ptr<Batch> submit(std::vector<Op>& ops);
+  void notify(const std::string& peer, const void* data, size_t len, uint64_t tag);
+  MessagePtr recv_notify(const std::string* peer, const uint64_t* tag, double timeout_s);
+  MessagePtr recv_notify_any(const std::vector<std::string>& peers, uint64_t tag, double timeout_s);
+
+  // Used by transports.
+  void log(int level, const std::string& msg);
+  uint64_t next_req() { return next_req_.fetch_add(1, std::memory_order_relaxed); }
+  // From any thread: marks the peer DEAD now; its connection is closed by the I/O thread.
+  void mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason);
+  void local_op_done(Peer& p);
+
+  // Established peer connections (tests and the bench).
+  size_t connection_count();
+
+ private:
+  // engine.cc
+  std::shared_ptr<Peer> find_peer(const std::string& name);
+  std::shared_ptr<Peer> require_peer(const std::string& name);  // throws unless known
+  void set_state(const std::shared_ptr<Peer>& p, PeerState s);
+  void publish_state(const std::shared_ptr<Peer>& p, PeerState s);
+  void register_conn(const std::shared_ptr<Connection>& c);
+  std::string compute_host_id();
+
+  // engine_io.cc
+  void io_loop();
+  void accept_ready();
+  void tick(int64_t now, int64_t* next_wake);
+  void close_conn(const std::shared_ptr<Connection>& c, const std::string& why, bool eof);
+  void wake_io();
+  bool on_header(Connection& c, const FrameHeader& h, RecvTarget& t, std::string& why) override;
+  bool on_frame(Connection& c, const FrameHeader& h, std::string& payload, std::string& why) override;
+  bool handle_hello(Connection& c, const std::string& payload, std::string& why);
+  void send_error(Connection& c, uint64_t req, uint32_t code, const std::string& msg);
+  void send_control(Connection& c, uint8_t type, uint64_t req = 0);
+  std::string mac_hello(const std::string& nonce, const std::string& name) const;
+  std::string mac_ack(const std::string& nonce, const std::string& name) const;
+
+  // engine_ops.cc
+  void copier_loop();
+  void run_local(const Op& op, const std::shared_ptr<Batch>& b);
+
+  EngineConfig cfg_;
+  std::string endpoint_;
+  std::string token_;  // random, names this engine's memfds
+  FailureDetector detector_;
+
+  int listen_fd_ = -1;
+  int epfd_ = -1;
+  int wake_fd_ = -1;
+  std::thread io_thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> closing_{false};
+  std::mutex close_mu_;
+
+  // Guards peers_, conns_, dialing_, and Connection handshake fields.
+  std::mutex mu_;
+  std::condition_variable peers_cv_;  // a peer got established / a dial finished
+  std::unordered_map<std::string, std::shared_ptr<Peer>> peers_;
+  std::unordered_map<Connection*, std::shared_ptr<Connection>> conns_;
+  std::set<std::string> dialing_;  // names we sent a HELLO to and await the answer from
+  size_t handshaking_ = 0;
+
+  SegmentRegistry segments_;
+  Inbox inbox_;
+  EventQueue poll_events_;
+  EventQueue bg_events_;
+  std::atomic<bool> callbacks_on_{false};
+  std::atomic<uint64_t> next_req_{1};
+  std::atomic<bool> cma_eperm_logged_{false};
+
+  LocalCopyTransport shm_;
+  LocalCopyTransport cma_;
+  TcpTransport tcp_;
+
+  // Large same-host async copies.
+  std::mutex copier_mu_;
+  std::condition_variable copier_cv_;
+  std::deque<std::pair<Op, std::shared_ptr<Batch>>> copier_q_;
+  std::thread copier_;
+  bool copier_stop_ = false;
+
+  // Remote shm mappings, shared by every open of the same segment.
+  std::mutex maps_mu_;
+  std::unordered_map<std::string, std::weak_ptr<ShmMapping>> maps_;
+};
+
+}  // namespace mooncake::transfer

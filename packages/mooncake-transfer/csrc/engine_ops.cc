@@ -1,0 +1,138 @@
+// Engine data path: submit (per-transport dispatch), notify, receive, same-host copy worker.
+#include <cerrno>
+
+#include "engine.h"
+
+namespace mooncake::transfer {
+
+namespace {
+// Same-host batches up to this size are copied inline by the caller (lowest latency); larger
+// ones go to the copy worker so submit() stays asynchronous.
+constexpr uint64_t kInlineCopyBytes = 256 * 1024;
+// notify() waits for earlier same-host copies to the peer; they are memcpys, so this is generous.
+constexpr int64_t kNotifyOrderWaitNs = 60LL * 1000000000LL;
+}  // namespace
+
+const char* transport_name(TransportKind k) {
+  switch (k) {
+    case TransportKind::kTcp:
+      return "tcp";
+    case TransportKind::kShm:
+      return "shm";
+    case TransportKind::kCma:
+      return "cma";
+    case TransportKind::kRdma:
+      return "rdma";
+  }
+  return "?";
+}
+
+void Engine::local_op_done(Peer& p) {
+  if (p.local_inflight.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    std::lock_guard<std::mutex> g(p.mu);
+    p.cv.notify_all();
+  }
+}
+
+void Engine::run_local(const Op& op, const std::shared_ptr<Batch>& b) {
+  op.seg->transport->post(op, b);
+  local_op_done(*op.seg->peer);
+}
+
+std::shared_ptr<Batch> Engine::submit(std::vector<Op>& ops) {
+  if (closing_.load()) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
+  auto b = std::make_shared<Batch>(static_cast<int>(ops.size()));
+  uint64_t local_bytes = 0;
+  size_t local_n = 0;
+  for (auto& op : ops) {
+    if (op.seg->kind == TransportKind::kShm || op.seg->kind == TransportKind::kCma) {
+      local_bytes += op.len;
+      ++local_n;
+      op.seg->peer->local_inflight.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+  const bool inline_copy = local_bytes <= kInlineCopyBytes;
+  std::vector<const Op*> deferred;
+  for (auto& op : ops) {
+    if (op.seg->kind == TransportKind::kShm || op.seg->kind == TransportKind::kCma) {
+      if (inline_copy) run_local(op, b);
+      else deferred.push_back(&op);
+    } else if (op.len == 0) {
+      b->complete_ok();
+    } else {
+      op.seg->transport->post(op, b);
+    }
+  }
+  if (!deferred.empty()) {
+    std::lock_guard<std::mutex> g(copier_mu_);
+    if (copier_stop_) {
+      for (auto* op : deferred) {
+        b->complete_err(ErrorInfo{ErrKind::kGeneric, op->seg->peer->name, "engine closed"});
+        local_op_done(*op->seg->peer);
+      }
+      return b;
+    }
+    for (auto* op : deferred) copier_q_.emplace_back(*op, b);
+    if (!copier_.joinable()) copier_ = std::thread([this] { copier_loop(); });
+  }
+  if (!deferred.empty()) copier_cv_.notify_one();
+  (void)local_n;
+  return b;
+}
+
+void Engine::copier_loop() {
+  std::unique_lock<std::mutex> lk(copier_mu_);
+  for (;;) {
+    while (copier_q_.empty() && !copier_stop_) copier_cv_.wait(lk);
+    if (copier_q_.empty()) return;
+    auto task = std::move(copier_q_.front());
+    copier_q_.pop_front();
+    if (copier_stop_) {
+      lk.unlock();
+      task.second->complete_err(ErrorInfo{ErrKind::kGeneric, task.first.seg->peer->name, "engine closed"});
+      local_op_done(*task.first.seg->peer);
+      lk.lock();
+      continue;
+    }
+    lk.unlock();
+    run_local(task.first, task.second);
+    lk.lock();
+  }
+}
+
+void Engine::notify(const std::string& peer_name, const void* data, size_t len, uint64_t tag) {
+  if (closing_.load()) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
+  if (len > kMaxNotifyPayload)
+    throw std::invalid_argument("data: notify payload of " + std::to_string(len) + " bytes exceeds the limit of " +
+                                std::to_string(kMaxNotifyPayload) + " bytes");
+  auto p = require_peer(peer_name);
+  if (p->dead()) throw TransferErr(p->dead_error());
+  if (p->local_inflight.load(std::memory_order_acquire) > 0) {
+    // Ordering: same-host copies issued before this notify must have landed.
+    std::unique_lock<std::mutex> lk(p->mu);
+    const int64_t deadline = now_ns() + kNotifyOrderWaitNs;
+    while (p->local_inflight.load(std::memory_order_acquire) > 0 && !p->dead()) {
+      int64_t left = deadline - now_ns();
+      if (left <= 0)
+        throw TransferErr(ErrKind::kTimeout, peer_name, "notify: earlier same-host transfers did not finish");
+      p->cv.wait_for(lk, std::chrono::nanoseconds(std::min<int64_t>(left, 100000000)));
+    }
+  }
+  auto c = p->get_conn();
+  if (!c || p->dead()) throw TransferErr(p->dead_error());
+  SendItem it;
+  it.hdr = make_header(kNotify, 0, static_cast<uint32_t>(len), 0, tag);
+  it.data = static_cast<const uint8_t*>(data);
+  it.len = len;
+  if (!c->send(&it, 1, /*copy_rest=*/true)) throw TransferErr(p->dead_error());
+}
+
+MessagePtr Engine::recv_notify(const std::string* peer, const uint64_t* tag, double timeout_s) {
+  return inbox_.recv(peer, tag, deadline_after(timeout_s));
+}
+
+MessagePtr Engine::recv_notify_any(const std::vector<std::string>& peers, uint64_t tag, double timeout_s) {
+  return inbox_.recv_any(peers, tag, deadline_after(timeout_s));
+}
+
+}  // namespace mooncake::transfer

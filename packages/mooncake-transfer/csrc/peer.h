@@ -1,0 +1,46 @@
+// A remote engine as this engine knows it: identity, liveness and its one connection.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common.h"
+#include "connection.h"
+
+namespace mooncake::transfer {
+
+struct Peer {
+  std::string name;
+  std::shared_ptr<const std::string> name_ptr;  // shared with queued notifications
+  std::string host_id;
+  uint32_t pid = 0;
+  std::string endpoint;
+  bool same_host = false;
+
+  std::atomic<int> state{static_cast<int>(PeerState::kUnknown)};
+  std::atomic<bool> forgotten{false};  // disconnect() was called
+
+  // Same-host copies in flight (shm/cma); notify() waits for them so it stays ordered after writes.
+  std::atomic<int> local_inflight{0};
+
+  bool dead() const { return state.load(std::memory_order_acquire) == static_cast<int>(PeerState::kDead); }
+
+  std::shared_ptr<Connection> get_conn() {
+    std::lock_guard<std::mutex> g(mu);
+    return conn;
+  }
+  ErrorInfo dead_error() {
+    std::lock_guard<std::mutex> g(mu);
+    return ErrorInfo{ErrKind::kPeerDead, name, reason.empty() ? "peer is dead" : reason};
+  }
+
+  std::mutex mu;
+  std::condition_variable cv;  // local_inflight reached 0, or death
+  std::shared_ptr<Connection> conn;
+  std::string reason;  // why it died
+};
+
+}  // namespace mooncake::transfer

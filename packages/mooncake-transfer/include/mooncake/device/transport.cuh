@@ -1,0 +1,54 @@
+// Device transport: the primitives GPU kernels use to talk to peers.
+//
+// Kernels (e.g. mooncake-ep's dispatch/combine) are templates over a transport type `Tp` and
+// use only the members below, so a new implementation slots in without touching them.
+//
+//   struct Tp {
+//     // True when peer memory is load/store addressable from this GPU (P2P over CUDA IPC,
+//     // NVSHMEM with nvshmem_ptr != nullptr). Kernels may then store computed values straight
+//     // into peer_ptr(); otherwise they stage data in local symmetric memory and put() it.
+//     static constexpr bool kDirectStore;
+//     int rank, num_ranks;
+//
+//     // Address of byte `offset` of `peer`'s symmetric buffer (only meaningful if kDirectStore).
+//     __device__ void* peer_ptr(int peer, uint64_t offset) const;
+//     // This rank's own symmetric buffer (always addressable).
+//     __device__ void* local_ptr(uint64_t offset) const;
+//
+//     // Copies `bytes` (multiple of 16, 16-byte aligned) from local `src` to `peer`'s buffer at
+//     // `dst_offset`, with the `group_size` threads that call it together (a warp, a block
+//     // slice). Completes asynchronously: ordered before later signals only through fence().
+//     __device__ void put(int peer, uint64_t dst_offset, const void* src, uint64_t bytes,
+//                         int rank_in_group, int group_size) const;
+//     // Warp-cooperative form of put (all 32 lanes call it).
+//     __device__ void put_warp(int peer, uint64_t dst_offset, const void* src, uint64_t bytes) const;
+//
+//     // Non-signalling 8-byte put of an immediate value (message headers).
+//     __device__ void put_value(int peer, uint64_t offset, uint64_t value) const;
+//
+//     // Release-store of a 64-bit signal word into `peer`'s buffer at `offset`: every put and
+//     // store this thread issued before (and, after a barrier + fence(), its block's) is
+//     // visible to a peer that observes the value with an acquire load.
+//     __device__ void signal(int peer, uint64_t offset, uint64_t value) const;
+//     // Atomic add with release semantics on a peer's signal word.
+//     __device__ void signal_add(int peer, uint64_t offset, uint64_t value) const;
+//
+//     // Orders earlier puts/stores before later signals (release fence at system scope).
+//     __device__ void fence() const;
+//     // Waits until every earlier put of this thread is complete at its destination.
+//     __device__ void quiet() const;
+//   };
+//
+// Waiting is transport independent: signals land in local memory, so kernels poll them with
+// mooncake::device::wait_until(local address, predicate, deadline) from primitives.cuh.
+//
+// Implementations:
+//   p2p.cuh         P2PTransport: peers' buffers mapped through CUDA IPC (same host, same or peer
+//                   GPU); puts are plain stores over NVLink/PCIe. Host setup: p2p_host.h.
+//   (planned)       HostProxyTransport: put/signal append commands to a pinned host ring that an
+//                   engine thread carries over TCP/RDMA, writing completion words back.
+//   (planned)       NvshmemTransport: nvshmem put/signal (IBGDA), kDirectStore where
+//                   nvshmem_ptr() maps the peer.
+#pragma once
+
+#include "mooncake/device/primitives.cuh"

@@ -1,0 +1,387 @@
+"""TransferEngine: the Python face of the native engine (mooncake.transfer._engine).
+
+Units: lengths and offsets in bytes, addresses are integers (raw pointers in this process),
+timeouts in seconds (None = no deadline; such waits still end with PeerDeadError when the peer
+they depend on dies).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import secrets as _secrets
+import socket
+import threading
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from . import _engine
+from .enums import PeerState, TransferStatus
+from .errors import PeerDeadError, TransferError, TransferTimeout
+
+__all__ = ["TransferEngine", "TransferHandle"]
+
+logger = logging.getLogger("mooncake.transfer")
+
+_engine._set_error_types(TransferError, PeerDeadError, TransferTimeout)
+
+Segment = _engine.Segment
+RemoteSegment = _engine.RemoteSegment
+Notification = _engine.Notification
+
+_TRANSPORTS = ("auto", "tcp", "cma", "shm", "rdma")
+_ERROR_TYPES = {0: TransferError, 1: PeerDeadError, 2: TransferTimeout}
+
+_live_engines: "weakref.WeakSet[TransferEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    # Close engines before the interpreter finalizes: it wakes every thread blocked in the engine
+    # (event threads, recv_notify waiters) while they can still return to Python cleanly.
+    for eng in list(_live_engines):
+        try:
+            eng.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+DEFAULT_HEARTBEAT_INTERVAL = 0.1
+DEFAULT_HEARTBEAT_TIMEOUT = 1.0
+
+
+def _env_seconds_from_ms(var: str) -> Optional[float]:
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw) / 1000.0
+    except ValueError:
+        raise ValueError(f"{var} must be a number of milliseconds, got {raw!r}") from None
+    return value
+
+
+def _check_timeout(value: Optional[float], name: str = "timeout") -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+    return float(value)
+
+
+def _check_str(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _check_int(value: object, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _make_error(info: Tuple[int, Optional[str], str, str]) -> TransferError:
+    kind, peer, reason, message = info
+    return _ERROR_TYPES.get(kind, TransferError)(message, peer, reason)
+
+
+class TransferHandle:
+    """An asynchronous batch of transfers returned by TransferEngine.submit()."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch: "_engine._Batch") -> None:
+        self._batch = batch
+
+    def wait(self, timeout: Optional[float] = None) -> TransferStatus:
+        """Blocks (GIL released) until every op finished: DONE or FAILED; TIMEOUT when `timeout`
+        seconds passed first (the ops keep going; the local buffers stay in use until they end)."""
+        return TransferStatus(self._batch.wait(_check_timeout(timeout)))
+
+    def poll(self) -> Optional[TransferStatus]:
+        """DONE or FAILED once finished, else None."""
+        s = self._batch.poll()
+        return None if s == 0 else TransferStatus(s)
+
+    @property
+    def error(self) -> Optional[TransferError]:
+        """The first failure (PeerDeadError, TransferError...), or None."""
+        info = self._batch.error()
+        return None if info is None else _make_error(info)
+
+    def __repr__(self) -> str:
+        s = self._batch.poll()
+        return f"<TransferHandle {TransferStatus(s).name}>"
+
+
+def _event_loop(core: "_engine.Engine", callbacks: List[Callable[[str, PeerState], None]]) -> None:
+    # Forwards native log records to logging and runs on_peer_state callbacks (GIL held here,
+    # never in the native I/O thread, so a busy interpreter cannot delay failure detection).
+    while True:
+        ev = core.next_bg_event(0.5)
+        if ev is None:
+            if core.closed:
+                return
+            continue
+        is_log, text, value = ev
+        if is_log:
+            logger.log(value, "%s", text)
+            continue
+        state = PeerState(value)
+        for cb in list(callbacks):
+            try:
+                cb(text, state)
+            except Exception:  # noqa: BLE001 - a user callback must not kill the thread
+                logger.exception("on_peer_state callback %r failed for %s -> %s", cb, text, state.name)
+
+
+class TransferEngine:
+    """One endpoint of the transfer engine (see the package README for the full contract).
+
+    Args:
+        name: unique identity of this engine; default "<hostname>-<pid>-<random>".
+        host: address to listen on ("0.0.0.0" for all; the endpoint then names the hostname).
+        port: TCP port, 0 = any free port.
+        secret: group secret every peer must share (bytes or str); env MOONCAKE_SECRET.
+        heartbeat_interval: seconds between heartbeats (default 0.1; env MOONCAKE_HEARTBEAT_INTERVAL_MS).
+        heartbeat_timeout: seconds of silence before a peer is DEAD, SUSPECT after half (default 1.0;
+            env MOONCAKE_HEARTBEAT_TIMEOUT_MS).
+        transport: "auto" | "tcp" | "cma" | "shm" (env MOONCAKE_TRANSPORT); "rdma" raises
+            TransferError unless an RDMA device exists.
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        secret: Union[bytes, str, None] = None,
+        heartbeat_interval: Optional[float] = None,
+        heartbeat_timeout: Optional[float] = None,
+        transport: Optional[str] = None,
+    ) -> None:
+        self._core: Optional[_engine.Engine] = None
+        if name is None:
+            name = f"{socket.gethostname()}-{os.getpid()}-{_secrets.token_hex(4)}"
+        _check_str(name, "name")
+        if not name or len(name.encode()) > 256:
+            raise ValueError(f"name must be 1..256 bytes, got {name!r}")
+        _check_str(host, "host")
+        _check_int(port, "port")
+        if port > 65535:
+            raise ValueError(f"port must be in 0..65535, got {port}")
+        if secret is None:
+            secret = os.environ.get("MOONCAKE_SECRET", "")
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if not isinstance(secret, (bytes, bytearray, memoryview)):
+            raise TypeError(f"secret must be bytes, str or None, got {type(secret).__name__}")
+        if heartbeat_interval is None:
+            heartbeat_interval = _env_seconds_from_ms("MOONCAKE_HEARTBEAT_INTERVAL_MS")
+        if heartbeat_interval is None:
+            heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
+        if heartbeat_timeout is None:
+            heartbeat_timeout = _env_seconds_from_ms("MOONCAKE_HEARTBEAT_TIMEOUT_MS")
+        if heartbeat_timeout is None:
+            heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT
+        hb_i = _check_timeout(heartbeat_interval, "heartbeat_interval")
+        hb_t = _check_timeout(heartbeat_timeout, "heartbeat_timeout")
+        if not 0.001 <= hb_i <= 60:
+            raise ValueError(f"heartbeat_interval must be in [0.001, 60] seconds, got {hb_i}")
+        if not hb_t >= 2 * hb_i:
+            raise ValueError(
+                f"heartbeat_timeout must be >= 2 x heartbeat_interval ({2 * hb_i} s), got {hb_t}"
+            )
+        if transport is None:
+            transport = os.environ.get("MOONCAKE_TRANSPORT") or "auto"
+        _check_str(transport, "transport")
+        transport = transport.lower()
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+        host_id = os.environ.get("MOONCAKE_HOST_ID", "")
+        hs_timeout = _env_seconds_from_ms("MOONCAKE_HANDSHAKE_TIMEOUT_MS")
+        hs_timeout = 5.0 if hs_timeout is None else hs_timeout
+        if not 0.01 <= hs_timeout <= 600:
+            raise ValueError(f"MOONCAKE_HANDSHAKE_TIMEOUT_MS must be in [10, 600000], got {hs_timeout * 1e3:g}")
+
+        self._core = _engine.Engine(name, host, port, bytes(secret), hb_i, hb_t, transport, host_id, hs_timeout)
+        self._callbacks: List[Callable[[str, PeerState], None]] = []
+        self._events = threading.Thread(
+            target=_event_loop, args=(self._core, self._callbacks), name=f"mooncake-events-{name}", daemon=True
+        )
+        self._events.start()
+        _live_engines.add(self)
+
+    # ---- identity -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def endpoint(self) -> str:
+        """"host:port" peers connect() to."""
+        return self._core.endpoint
+
+    @property
+    def transport(self) -> str:
+        return self._core.transport
+
+    @property
+    def host_id(self) -> str:
+        return self._core.host_id
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self._core.heartbeat_interval
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self._core.heartbeat_timeout
+
+    # ---- peers ----------------------------------------------------------------------------
+    def connect(self, endpoint: str, timeout: float = 5.0) -> str:
+        """Connects to the engine at `endpoint` ("host:port"); returns its name. Idempotent.
+        Raises TransferError (refused, bad secret), TransferTimeout, PeerDeadError."""
+        _check_str(endpoint, "endpoint")
+        return self._core.connect(endpoint, _check_timeout(timeout))
+
+    def peer_state(self, peer: str) -> PeerState:
+        return PeerState(self._core.peer_state(_check_str(peer, "peer")))
+
+    def peers(self) -> Dict[str, PeerState]:
+        return {k: PeerState(v) for k, v in self._core.peers().items()}
+
+    def on_peer_state(self, callback: Callable[[str, PeerState], None]) -> None:
+        """Registers callback(peer, state), called on every state change from a native-started
+        thread holding the GIL; exceptions are logged."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self._callbacks.append(callback)
+        self._core.enable_callbacks()
+
+    def wait_peer_event(self, timeout: Optional[float]) -> Optional[Tuple[str, PeerState]]:
+        """Next peer state change (FIFO since the engine started), or None on timeout."""
+        ev = self._core.wait_peer_event(_check_timeout(timeout))
+        return None if ev is None else (ev[0], PeerState(ev[1]))
+
+    def probe(self, peer: str, timeout: float = 1.0) -> float:
+        """Round trip to `peer` in seconds; raises PeerDeadError / TransferTimeout."""
+        return self._core.probe(_check_str(peer, "peer"), _check_timeout(timeout))
+
+    def disconnect(self, peer: str) -> None:
+        """Forgets `peer`: closes its connection (it sees us as DEAD) and drops its queued notifications."""
+        self._core.disconnect(_check_str(peer, "peer"))
+
+    # ---- memory ---------------------------------------------------------------------------
+    def allocate(self, length: int) -> Segment:
+        """Engine-owned, page-aligned shared memory (memfd) of `length` bytes, zero filled."""
+        return self._core.allocate(_check_int(length, "length", 1))
+
+    def register(self, addr: int, length: int, location: str = "cpu") -> Segment:
+        """Registers `length` bytes at `addr` (this process) for remote access."""
+        _check_int(addr, "addr", 1)
+        _check_int(length, "length", 1)
+        _check_str(location, "location")
+        if location.startswith("cuda"):
+            raise NotImplementedError(
+                f"location={location!r}: this build has no CUDA IPC support; register host memory "
+                "(GPU memory goes through the device transport)"
+            )
+        if location != "cpu":
+            raise ValueError(f"location must be 'cpu' or 'cuda:N', got {location!r}")
+        return self._core.register_memory(addr, length, location)
+
+    def unregister(self, seg: Segment, timeout: float = 30.0) -> None:
+        """Stops remote access to `seg`; waits for in-flight remote transfers into it to end."""
+        if not isinstance(seg, Segment):
+            raise TypeError(f"seg must be a Segment, got {type(seg).__name__}")
+        self._core.unregister(seg, _check_timeout(timeout))
+
+    def open_segment(self, desc: bytes, timeout: float = 5.0, *, transport: Optional[str] = None) -> RemoteSegment:
+        """Opens a peer's segment from its descriptor (connecting to the owner if needed).
+        `transport` overrides this engine's transport choice for this segment."""
+        if not isinstance(desc, (bytes, bytearray, memoryview)):
+            raise TypeError(f"desc must be bytes, got {type(desc).__name__}")
+        if transport is not None:
+            _check_str(transport, "transport")
+            if transport.lower() not in _TRANSPORTS:
+                raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+        return self._core.open_segment(bytes(desc), _check_timeout(timeout), (transport or "").lower())
+
+    # ---- data -----------------------------------------------------------------------------
+    def write(self, dst: RemoteSegment, offset: int, src_addr: int, length: int,
+              timeout: Optional[float] = None) -> None:
+        """Copies `length` bytes from local `src_addr` to `dst` at `offset`; returns when done."""
+        self._core.transfer("write", dst, offset, src_addr, length, timeout)
+
+    def read(self, src: RemoteSegment, offset: int, dst_addr: int, length: int,
+             timeout: Optional[float] = None) -> None:
+        """Copies `length` bytes of `src` at `offset` to local `dst_addr`; returns when done."""
+        self._core.transfer("read", src, offset, dst_addr, length, timeout)
+
+    def submit(self, ops: Sequence[Tuple[str, RemoteSegment, int, int, int]]) -> TransferHandle:
+        """Starts ("write"|"read", seg, remote_offset, local_addr, length) ops; local buffers must
+        stay valid until the handle finishes."""
+        return TransferHandle(self._core.submit(ops))
+
+    def notify(self, peer: str, data, tag: int = 0) -> None:
+        """Sends `data` (bytes-like, <= 64 MiB) to `peer`, delivered after every write this engine
+        issued to that peer before."""
+        if isinstance(data, str):
+            raise TypeError("data must be bytes-like, got str (encode it first)")
+        self._core.notify(peer, data, tag)
+
+    def notify_ptr(self, peer: str, addr: int, length: int, tag: int = 0) -> None:
+        """notify() with the payload read from raw memory."""
+        self._core.notify_ptr(peer, addr, length, tag)
+
+    def recv_notify(self, peer: Optional[str] = None, tag: Optional[int] = None,
+                    timeout: Optional[float] = None) -> Optional[Notification]:
+        """Next queued notification matching (peer, tag) (None = any), FIFO per peer and tag.
+        None on timeout; PeerDeadError when `peer` is DEAD and nothing matching is queued."""
+        return self._core.recv_notify(peer, tag, timeout)
+
+    def recv_notify_any(self, peers: List[str], tag: int, timeout: Optional[float] = None) -> Optional[Notification]:
+        """First queued notification with `tag` from any of `peers`; PeerDeadError(peer=...) as soon
+        as one of them is DEAD with nothing queued from it for this tag."""
+        return self._core.recv_notify_any(peers, tag, timeout)
+
+    # ---- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Says goodbye to peers, stops the threads, fails what is still pending. Idempotent."""
+        core = self._core
+        if core is None:
+            return
+        core.close()
+        ev = getattr(self, "_events", None)
+        if ev is not None and ev is not threading.current_thread() and ev.is_alive():
+            ev.join(timeout=2.0)
+
+    @property
+    def closed(self) -> bool:
+        return self._core is None or self._core.closed
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            try:
+                core.close()  # bounded: joins native threads that exit within milliseconds
+            except Exception:  # noqa: BLE001
+                pass
+
+    def __repr__(self) -> str:
+        return f"<TransferEngine name={self.name!r} endpoint={self.endpoint!r} transport={self.transport!r}>"

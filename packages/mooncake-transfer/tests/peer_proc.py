@@ -1,0 +1,131 @@
+"""A peer engine in its own process, driven by the tests over stdin/stdout (one JSON per line).
+
+Start: python peer_proc.py --name N [--alloc BYTES] [--reg BYTES] [--secret S] [--hb-interval S]
+       [--hb-timeout S] [--transport T] [--host H]
+Prints {"name", "endpoint", "pid", "alloc": desc-hex, "reg": desc-hex} then serves commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import mmap
+import os
+import random
+import sys
+import time
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """Deterministic pseudo-random bytes (built from 1 MiB blocks: randbytes has a size limit)."""
+    rnd = random.Random(seed)
+    block = 1 << 20
+    return b"".join(rnd.randbytes(min(block, n - i)) for i in range(0, n, block))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--alloc", type=int, default=0)
+    ap.add_argument("--reg", type=int, default=0)
+    ap.add_argument("--secret", default=None)
+    ap.add_argument("--hb-interval", type=float, default=None)
+    ap.add_argument("--hb-timeout", type=float, default=None)
+    ap.add_argument("--transport", default=None)
+    args = ap.parse_args()
+
+    from mooncake.transfer import PeerDeadError, TransferEngine
+
+    eng = TransferEngine(
+        args.name,
+        host=args.host,
+        secret=args.secret,
+        heartbeat_interval=args.hb_interval,
+        heartbeat_timeout=args.hb_timeout,
+        transport=args.transport,
+    )
+    segs = {}
+    addrs = {}
+    info = {"name": eng.name, "endpoint": eng.endpoint, "pid": os.getpid()}
+    if args.alloc:
+        s = eng.allocate(args.alloc)
+        segs["alloc"] = s
+        addrs["alloc"] = s.addr
+        info["alloc"] = s.descriptor().hex()
+    if args.reg:
+        mm = mmap.mmap(-1, args.reg)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        s = eng.register(addr, args.reg)
+        segs["reg"] = s
+        addrs["reg"] = addr
+        info["reg"] = s.descriptor().hex()
+    print(json.dumps(info), flush=True)
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        out: dict = {"ok": True}
+        try:
+            if op == "sha":
+                addr = addrs[cmd["seg"]] + cmd["offset"]
+                out["sha"] = hashlib.sha256(ctypes.string_at(addr, cmd["length"])).hexdigest()
+            elif op == "fill":
+                data = pattern(cmd["seed"], cmd["length"])
+                ctypes.memmove(addrs[cmd["seg"]] + cmd["offset"], data, len(data))
+            elif op == "connect":
+                out["peer"] = eng.connect(cmd["endpoint"], timeout=cmd.get("timeout", 5.0))
+            elif op == "notify":
+                eng.notify(cmd["peer"], bytes.fromhex(cmd["data"]), cmd.get("tag", 0))
+            elif op == "recv":
+                n = eng.recv_notify(cmd.get("peer"), cmd.get("tag"), cmd.get("timeout", 5.0))
+                out["data"] = None if n is None else n.data.hex()
+                out["peer"] = None if n is None else n.peer
+            elif op == "echo":
+                # Answer every notification with the same bytes until `count` were echoed.
+                for _ in range(cmd["count"]):
+                    n = eng.recv_notify(cmd["peer"], cmd.get("tag", 0), cmd.get("timeout", 10.0))
+                    if n is None:
+                        raise TimeoutError("echo: no notification")
+                    eng.notify(n.peer, n.data, n.tag)
+            elif op == "recv_sha":
+                # Hash the segment region right when the notification arrives (ordering check).
+                n = eng.recv_notify(cmd.get("peer"), cmd.get("tag"), cmd.get("timeout", 10.0))
+                if n is None:
+                    raise TimeoutError("recv_sha: no notification")
+                addr = addrs[cmd["seg"]] + cmd["offset"]
+                out["sha"] = hashlib.sha256(ctypes.string_at(addr, cmd["length"])).hexdigest()
+                out["data"] = n.data.hex()
+            elif op == "roundtrip":
+                # Act as initiator: write random bytes to a peer segment and read them back.
+                rseg = eng.open_segment(bytes.fromhex(cmd["desc"]), transport=cmd.get("transport"))
+                size = cmd["size"]
+                src = os.urandom(size)
+                back = ctypes.create_string_buffer(size)
+                eng.write(rseg, 0, ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value, size, timeout=30)
+                eng.read(rseg, 0, ctypes.addressof(back), size, timeout=30)
+                out["exact"] = back.raw == src
+                out["transport"] = rseg.transport
+                out["peer"] = rseg.peer
+                out["rtt"] = eng.probe(rseg.peer)
+            elif op == "state":
+                out["state"] = int(eng.peer_state(cmd["peer"]))
+            elif op == "sleep":
+                time.sleep(cmd["seconds"])
+            elif op == "exit":
+                print(json.dumps(out), flush=True)
+                break
+            else:
+                raise ValueError(f"unknown op {op}")
+        except PeerDeadError as e:
+            out = {"ok": False, "error": "PeerDeadError", "msg": str(e)}
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out = {"ok": False, "error": type(e).__name__, "msg": str(e)}
+        print(json.dumps(out), flush=True)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""API unit tests: notify ordering, matching, timeouts, handles, descriptors, bad arguments."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import LocalBuf
+
+import mooncake.transfer as mt
+from mooncake.transfer import (
+    PeerDeadError,
+    PeerState,
+    TransferEngine,
+    TransferError,
+    TransferStatus,
+    TransferTimeout,
+)
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport,which", [("tcp", "alloc"), ("cma", "reg"), ("shm", "alloc")])
+def test_notify_is_ordered_after_writes(engine_factory, peer_factory, transport, which):
+    """The receiver hashes the region the moment the notification arrives: it must see every
+    write issued before the notify, for async (submit) and sync writes, big and small."""
+    chunk, nchunks = 2 * MiB, 8
+    peer = peer_factory(f"orderee-{transport}", **{which: chunk * nchunks})
+    eng = engine_factory(f"orderer-{transport}", transport=transport)
+    rseg = eng.open_segment(peer.desc(which))
+    assert rseg.transport == transport
+    bufs = [LocalBuf(chunk) for _ in range(nchunks)]
+    for rnd in range(4):
+        blobs = [os.urandom(chunk) for _ in range(nchunks)]
+        for b, data in zip(bufs, blobs):
+            b.fill(data)
+        peer.send_only(op="recv_sha", peer=eng.name, tag=rnd, seg=which, offset=0, length=chunk * nchunks)
+        handles = [eng.submit([("write", rseg, i * chunk, bufs[i].addr, chunk)]) for i in range(nchunks - 1)]
+        eng.write(rseg, (nchunks - 1) * chunk, bufs[-1].addr, chunk)
+        eng.notify(peer.name, b"done-%d" % rnd, tag=rnd)  # no wait on the handles before notify
+        reply = peer.read_reply()
+        assert reply["ok"], reply
+        assert reply["sha"] == hashlib.sha256(b"".join(blobs)).hexdigest(), f"round {rnd}: notify overtook a write"
+        assert bytes.fromhex(reply["data"]) == b"done-%d" % rnd
+        assert all(h.wait(10) == TransferStatus.DONE for h in handles)
+
+
+@pytest.mark.timeout(60)
+def test_recv_notify_matching_fifo_and_timeouts(engine_factory):
+    a, b, c = engine_factory("a"), engine_factory("b"), engine_factory("c")
+    a.connect(b.endpoint)
+    c.connect(b.endpoint)
+    a.notify("b", b"a1", tag=1)
+    a.notify("b", b"a2", tag=2)
+    a.notify("b", bytearray(b"a3"), tag=1)
+    c.notify("b", memoryview(b"c1"), tag=1)
+    c.notify_ptr("b", ctypes.addressof(ctypes.create_string_buffer(b"c2", 2)), 2, tag=2)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(b.peers()) < 2:
+        time.sleep(0.01)
+    time.sleep(0.1)  # let all five arrive
+    # FIFO holds per (peer, tag); across connections arrival order decides.
+    n = b.recv_notify("a", tag=2, timeout=1)
+    assert (n.peer, n.tag, n.data) == ("a", 2, b"a2")
+    n = b.recv_notify("a", 1, timeout=1)
+    assert n.data == b"a1"
+    n = b.recv_notify("a", 1, timeout=1)
+    assert n.data == b"a3"
+    n = b.recv_notify_any(["c", "a"], 2, timeout=1)
+    assert (n.peer, n.data) == ("c", b"c2")
+    n = b.recv_notify(timeout=1)
+    assert (n.peer, n.tag, n.data) == ("c", 1, b"c1")
+    # nothing left: timeouts return None, promptly
+    for t in (0, 0.05):
+        t0 = time.monotonic()
+        assert b.recv_notify(timeout=t) is None
+        assert b.recv_notify("a", 1, timeout=t) is None
+        assert b.recv_notify_any(["a", "c"], 1, timeout=t) is None
+        assert time.monotonic() - t0 < t * 3 + 0.05
+    # copy_to, nbytes, len
+    a.notify("b", b"payload!", tag=9)
+    n = b.recv_notify("a", 9, timeout=2)
+    dst = ctypes.create_string_buffer(16)
+    assert n.copy_to(ctypes.addressof(dst), 16) == 8 and dst.raw[:8] == b"payload!"
+    assert len(n) == 8 and n.nbytes == 8
+    with pytest.raises(ValueError, match="length"):
+        n.copy_to(ctypes.addressof(dst), 4)
+    # recv_notify_any is FIFO across peers by arrival
+    for i in range(20):
+        (a if i % 2 else c).notify("b", b"%d" % i, tag=5)
+        time.sleep(0.005)
+    time.sleep(0.1)
+    got = [int(b.recv_notify_any(["a", "c"], 5, timeout=1).data) for _ in range(20)]
+    assert got == list(range(20))
+
+
+@pytest.mark.timeout(60)
+def test_blocked_receiver_wakes_on_arrival_and_on_close(engine_factory):
+    a, b = engine_factory("wa"), engine_factory("wb")
+    a.connect(b.endpoint)
+    out = []
+
+    def recv():
+        out.append(b.recv_notify("wa", 3, timeout=None))
+
+    t = threading.Thread(target=recv)
+    t.start()
+    time.sleep(0.1)
+    a.notify("wb", b"hi", tag=3)
+    t.join(2)
+    assert out and out[0].data == b"hi"
+
+    errs = []
+
+    def recv_dead():
+        try:
+            b.recv_notify("wa", 4, timeout=None)
+        except PeerDeadError as e:
+            errs.append(e)
+
+    t = threading.Thread(target=recv_dead)
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    a.close()  # graceful close: peers see DEAD at once (BYE)
+    t.join(2)
+    assert errs and errs[0].peer == "wa" and time.monotonic() - t0 < 0.5
+    assert b.peer_state("wa") == PeerState.DEAD
+
+
+@pytest.mark.timeout(60)
+def test_handles_descriptors_and_remote_rejection(engine_factory):
+    owner, user = engine_factory("owner"), engine_factory("user", transport="tcp")
+    seg = owner.allocate(1 * MiB)
+    assert seg.addr % 4096 == 0 and seg.length == 1 * MiB and seg.location == "cpu"
+    desc = seg.descriptor()
+    assert isinstance(desc, bytes)
+    rseg = user.open_segment(desc)
+    assert (rseg.peer, rseg.length, rseg.transport) == ("owner", 1 * MiB, "tcp")
+    again = user.open_segment(desc)  # idempotent, same connection
+    assert again.peer == "owner" and owner._core.connection_count() == 1
+    buf = LocalBuf(4096)
+    buf.fill(b"\x5a" * 4096)
+    h = user.submit([("write", rseg, 0, buf.addr, 4096), ("read", rseg, 0, buf.addr, 16)])
+    assert h.wait(5) == TransferStatus.DONE and h.poll() == TransferStatus.DONE and h.error is None
+    assert bytes(seg.view()[:4]) == b"\x5a" * 4
+    # Segment.view writes are visible to remote reads
+    seg.view()[100:104] = b"ABCD"
+    user.read(rseg, 100, buf.addr, 4)
+    assert buf.bytes(0, 4) == b"ABCD"
+    # unregistered on the owner: the request fails (TransferError, not PeerDead), the peer stays
+    view = seg.view()
+    owner.unregister(seg)
+    view[0:1] = b"z"  # the memoryview still owns a live mapping
+    h = user.submit([("write", rseg, 0, buf.addr, 16)])
+    assert h.wait(5) == TransferStatus.FAILED
+    assert type(h.error) is TransferError and "unknown segment" in str(h.error)
+    with pytest.raises(TransferError, match="unknown segment"):
+        user.read(rseg, 0, buf.addr, 16, timeout=5)
+    assert user.peer_state("owner") == PeerState.ALIVE
+    assert user.probe("owner") < 1.0
+    with pytest.raises(ValueError, match="not registered"):
+        owner.unregister(seg)
+    # registered memory round trip through a descriptor
+    mem = LocalBuf(8192)
+    rs = owner.register(mem.addr, 8192)
+    r2 = user.open_segment(rs.descriptor())
+    buf.fill(b"\x5a" * 4096)
+    user.write(r2, 8000, buf.addr, 192)
+    assert mem.bytes(8000, 4) == b"\x5a" * 4
+    # bad descriptors
+    for bad in (b"", b"garbage", desc[:-3], desc + b"x"):
+        with pytest.raises(ValueError, match="desc"):
+            user.open_segment(bad)
+    with pytest.raises(ValueError, match="desc"):
+        owner.open_segment(rs.descriptor())  # own segment
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_name_the_argument(engine_factory):
+    a, b = engine_factory("x1"), engine_factory("x2")
+    seg = b.allocate(4096)
+    rseg = a.open_segment(seg.descriptor())
+    buf = LocalBuf(4096)
+    cases = [
+        (lambda: a.write(rseg, -1, buf.addr, 1), "offset"),
+        (lambda: a.write(rseg, 0, buf.addr, -1), "length"),
+        (lambda: a.write(rseg, 4000, buf.addr, 100), "exceeds the remote segment length 4096"),
+        (lambda: a.write(rseg, 0, 0, 10), "src_addr"),
+        (lambda: a.read(rseg, 0, 0, 10), "dst_addr"),
+        (lambda: a.write(rseg, 0, buf.addr, 1, timeout=-1), "timeout"),
+        (lambda: a.write(rseg, 0, buf.addr, 1, timeout=float("nan")), "timeout"),
+        (lambda: a.submit([("copy", rseg, 0, buf.addr, 1)]), r"ops\[0\]: kind"),
+        (lambda: a.submit([("write", rseg, 0, buf.addr, 1), ("read", rseg, 0, buf.addr, 5000)]), r"ops\[1\]"),
+        (lambda: a.submit([("write", rseg, 0)]), r"ops\[0\]"),
+        (lambda: a.notify("x2", b"x", tag=-1), "tag"),
+        (lambda: a.recv_notify(timeout=-0.5), "timeout"),
+        (lambda: a.recv_notify_any(["x2"], -3, 0), "tag"),
+        (lambda: a.allocate(0), "length"),
+        (lambda: a.register(0, 10), "addr"),
+        (lambda: a.register(buf.addr, 10, "gpu"), "location"),
+        (lambda: a.connect("nohostport"), "endpoint"),
+        (lambda: a.connect("127.0.0.1:99999"), "endpoint"),
+        (lambda: a.notify_ptr("x2", 0, 10), "addr"),
+        (lambda: TransferEngine(port=70000), "port"),
+        (lambda: TransferEngine(transport="udp"), "transport"),
+        (lambda: TransferEngine(heartbeat_interval=0.5, heartbeat_timeout=0.6), "heartbeat_timeout"),
+        (lambda: TransferEngine(heartbeat_interval=0), "heartbeat_interval"),
+        (lambda: TransferEngine(name=""), "name"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            fn()
+    with pytest.raises(TypeError, match="data"):
+        a.notify("x2", "text")
+    with pytest.raises(TypeError, match="seg"):
+        a.unregister("not a segment")
+    with pytest.raises(NotImplementedError, match="cuda"):
+        a.register(buf.addr, 10, "cuda:0")
+    with pytest.raises(ValueError, match="data"):
+        a.notify("x2", bytes(64 * MiB + 1))
+    with pytest.raises(TransferError, match="unknown peer"):
+        a.notify("nobody", b"x")
+    with pytest.raises(TransferError, match="unknown peer"):
+        a.probe("nobody")
+
+
+@pytest.mark.timeout(60)
+def test_secret_env_and_config(engine_factory, monkeypatch):
+    s1 = engine_factory("s1", secret="right")
+    s2 = engine_factory("s2", secret=b"wrong")
+    with pytest.raises(TransferError, match="bad secret"):
+        s2.connect(s1.endpoint)
+    assert s1.peer_state("s2") == PeerState.UNKNOWN
+    monkeypatch.setenv("MOONCAKE_SECRET", "right")
+    monkeypatch.setenv("MOONCAKE_TRANSPORT", "tcp")
+    monkeypatch.setenv("MOONCAKE_HEARTBEAT_INTERVAL_MS", "20")
+    monkeypatch.setenv("MOONCAKE_HEARTBEAT_TIMEOUT_MS", "300")
+    s3 = engine_factory("s3")
+    assert (s3.transport, s3.heartbeat_interval, s3.heartbeat_timeout) == ("tcp", 0.02, 0.3)
+    assert s3.connect(s1.endpoint) == "s1"
+    s4 = engine_factory("s4", transport="shm", heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    assert (s4.transport, s4.heartbeat_interval) == ("shm", 0.1)
+    monkeypatch.setenv("MOONCAKE_HEARTBEAT_TIMEOUT_MS", "soon")
+    with pytest.raises(ValueError, match="MOONCAKE_HEARTBEAT_TIMEOUT_MS"):
+        TransferEngine()
+    monkeypatch.delenv("MOONCAKE_HEARTBEAT_TIMEOUT_MS")
+    auto = engine_factory()
+    assert auto.name.count("-") >= 2 and auto.name != engine_factory().name
+    assert ":" in auto.endpoint
+
+
+@pytest.mark.timeout(90)
+def test_crossing_connects_keep_one_connection(engine_factory):
+    for rnd in range(10):
+        x, y = engine_factory(f"p{rnd}-x"), engine_factory(f"p{rnd}-y")
+        res = {}
+        barrier = threading.Barrier(2)
+
+        def dial(src, dst, key):
+            barrier.wait()
+            res[key] = src.connect(dst.endpoint)
+
+        ts = [threading.Thread(target=dial, args=(x, y, "x")), threading.Thread(target=dial, args=(y, x, "y"))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert res == {"x": y.name, "y": x.name}
+        assert x._core.connection_count() == 1 and y._core.connection_count() == 1
+        assert x.connect(y.endpoint) == y.name  # idempotent
+        x.notify(y.name, b"ok")
+        assert y.recv_notify(x.name, timeout=2).data == b"ok"
+        x.close()
+        y.close()
+
+
+@pytest.mark.timeout(60)
+def test_callbacks_poll_api_probe_and_close(engine_factory, caplog):
+    a, b = engine_factory("cb-a"), engine_factory("cb-b")
+    seen = []
+    b.on_peer_state(lambda n, s: seen.append((n, s)))
+
+    def bad_callback(n, s):
+        raise RuntimeError("boom")
+
+    b.on_peer_state(bad_callback)
+    with pytest.raises(TypeError, match="callback"):
+        b.on_peer_state(42)
+    with caplog.at_level(logging.ERROR, logger="mooncake.transfer"):
+        a.connect(b.endpoint)
+        assert b.wait_peer_event(2) == ("cb-a", PeerState.ALIVE)
+        rtt = a.probe("cb-b")
+        assert 0 < rtt < 0.5
+        a.close()
+        a.close()  # idempotent
+        assert b.wait_peer_event(2) == ("cb-a", PeerState.DEAD)
+        assert b.wait_peer_event(0.05) is None
+        deadline = time.monotonic() + 2
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert seen == [("cb-a", PeerState.ALIVE), ("cb-a", PeerState.DEAD)]
+    assert any("boom" in r.getMessage() or "boom" in str(r.exc_info) for r in caplog.records)
+    with pytest.raises(TransferError, match="closed"):
+        a.allocate(10)
+    with TransferEngine("ctx") as e:
+        assert not e.closed
+    assert e.closed
+
+
+@pytest.mark.timeout(60)
+def test_del_without_close_does_not_hang_and_no_torch():
+    code = (
+        "import sys, mooncake.transfer as mt\n"
+        "a = mt.TransferEngine('d1'); b = mt.TransferEngine('d2'); a.connect(b.endpoint)\n"
+        "s = b.allocate(1 << 20); r = a.open_segment(s.descriptor())\n"
+        "h = a.submit([('write', r, 0, s.addr, 1 << 20)])\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print('OK', flush=True)\n"
+        "del a\n"  # dropped with a live connection; interpreter exit with b still open
+    )
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_get_include_and_rdma_status():
+    inc = mt.get_include()
+    assert os.path.isfile(os.path.join(inc, "mooncake", "transfer", "version.h"))
+    status = mt.rdma_status()
+    assert "no RDMA device" in status
+    with pytest.raises(TransferError, match="rdma"):
+        TransferEngine(transport="rdma")
+
+
+@pytest.mark.timeout(60)
+def test_idle_cpu_is_tiny(peer_factory):
+    peers = [peer_factory(f"idle-{i}") for i in range(3)]
+    code = (
+        "import sys, time, resource, mooncake.transfer as mt\n"
+        "e = mt.TransferEngine('idle-main')\n"
+        "for ep in sys.argv[1:]: e.connect(ep)\n"
+        "time.sleep(0.5)\n"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.monotonic()\n"
+        "time.sleep(3.0)\n"
+        "r1 = resource.getrusage(resource.RUSAGE_SELF); t1 = time.monotonic()\n"
+        "cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)\n"
+        "print(cpu / (t1 - t0))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code] + [x.endpoint for x in peers], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    frac = float(p.stdout.strip())
+    print(f"idle engine with 3 peers: {frac * 100:.2f}% of a core")
+    assert frac < 0.02
