@@ -14,9 +14,13 @@ def mask_of(active: torch.Tensor) -> int:
     return sum(1 << r for r, a in enumerate(active.tolist()) if a)
 
 
-def allreduce_loop(rank: int, world: int, port: int, iters: int, sizes: tuple, ops: tuple, pace: float = 0.0):
+def allreduce_loop(rank: int, world: int, port: int, iters: int, sizes: tuple, ops: tuple, pace: float = 0.0,
+                   ready_path: str = ""):
     """Each op's result must be the bitmask of the contributors = active_ranks after the op."""
     active = init(rank, world, port, timeout_s=30.0)
+    if ready_path:
+        dist.barrier()
+        open(f"{ready_path}.{rank}", "w").close()
     log = []
     for i in range(iters):
         n = sizes[i % len(sizes)]
@@ -43,6 +47,9 @@ def allreduce_loop(rank: int, world: int, port: int, iters: int, sizes: tuple, o
             dist.broadcast(t, src=root)
             got = int(t[0])
             assert torch.all(t == got)
+            if not active[root]:
+                assert got == 1 << rank, "broadcast from a failed root changed the tensor"
+                got = None  # unchanged on every survivor (each keeps its own input)
         elif kind == "barrier":
             dist.barrier()
             got = None

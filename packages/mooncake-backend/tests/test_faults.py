@@ -34,6 +34,8 @@ def check_survivors(res: dict, victim: int, world: int, kinds: dict) -> None:
             root = i % world
             if mask >> root & 1:
                 assert got == 1 << root
+            else:
+                assert got is None
     assert ref[-1][3] == full & ~(1 << victim), "victim still active at the end"
 
 
@@ -61,13 +63,18 @@ def test_kill_at_random_points_every_victim(world):
 
 
 @pytest.mark.timeout(300)
-def test_external_kill_during_loop_latency():
+def test_external_kill_during_loop_latency(tmp_path):
     """kill -9 from outside while the ranks loop all_reduce: survivors' op returns quickly."""
     world, victim = 4, 2
+    ready = str(tmp_path / "ready")
     with Ranks(timeout=120) as rk:
         for r in range(world):
-            rk.start(allreduce_loop, r, world, 400, (256,), ("all_reduce",), 0.002, key=r)
-        time.sleep(3.0)
+            rk.start(allreduce_loop, r, world, 400, (256,), ("all_reduce",), 0.002, ready, key=r)
+        deadline = time.monotonic() + 90
+        while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):
+            assert time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.05)
+        time.sleep(0.3)
         rk.kill(victim)
         res = rk.collect(range(world))
     check_survivors(res, victim, world, None)

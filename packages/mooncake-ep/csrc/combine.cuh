@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
     start_ns = st->start_ns[slot_idx];
   }
 
+  trace_point(p.trace, 0);
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
     // Rows per (local expert l, token rank r), pair q = l*R + r, straight from layout_range so
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
     const int total = block_exclusive_scan(s_pref, E, s_tmp);
     if (tid == 0) s_pref[E] = total;
     __syncthreads();
+    trace_point(p.trace, 1);
     // Work item = (row, piece of 256 chunks): one warp, eight 16-byte loads in flight per lane.
     const int pieces = (chunks + kCombinePieceChunks - 1) / kCombinePieceChunks;
     const int items = total * pieces;
@@ -80,24 +82,17 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
         tp.put(r, dst_off + first * 16ull, src + first, n_chunks * 16ull, lane, 32);
       }
     }
+    trace_point(p.trace, 2);
     announce_arrival(tp, p.active_ranks, p.off, p.R, p.rank, kCombineKind, half);
-    if (!do_recv) {
-      if (tid == 0) {
-        __threadfence();
-        if (atomicAdd(&st->blocks_done[slot_idx], 1u) == static_cast<uint32_t>(G - 1)) {
-          st->blocks_done[slot_idx] = 0;
-          st->seq[slot_idx] = tag;
-        }
-      }
-    }
+    trace_point(p.trace, 3);
   }
 
   if (do_recv) {
-    // 1. Arrivals of every live owner; grid barrier: one view of the failed owners for every
-    //    token (a failed owner contributes nothing, even for rows that had arrived).
-    wait_arrivals(tp, p.active_ranks, p.off, p.R, kCombineKind, half, tag, p.grid,
-                  deadline_after(start_ns, p.timeout_us), st);
-    if (do_send && b == 0 && tid == 0) st->seq[slot_idx] = tag;
+    // 1. Arrivals of every live owner; one verdict per owner for the whole grid, so every token
+    //    sees the same failed owners (they contribute nothing, even rows that had arrived).
+    decide_sources(tp, p.active_ranks, p.verdicts, p.off, p.R, kCombineKind, half, tag, p.grid,
+                   deadline_after(start_ns, p.timeout_us));
+    trace_point(p.trace, 4);
 
     // 2. Work item = (token, 32 chunks): lane c of the warp owns 8 channels of the token.
     const int4* recv = static_cast<const int4*>(tp.local_ptr(p.off.combine_recv));
@@ -143,6 +138,9 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
       if (c < chunks) reinterpret_cast<int4*>(p.out)[static_cast<uint64_t>(n) * chunks + c] = pack_bf16x8(acc);
     }
   }
+  trace_point(p.trace, 6);
+  if (do_send) publish_tag(st, slot_idx, tag);
+  trace_point(p.trace, 7);
 }
 
 }  // namespace ep

@@ -45,21 +45,32 @@ __device__ __forceinline__ void announce_arrival(const Tp& tp, const int* active
   }
 }
 
-// Waits (all threads of the grid, one source each) until every live source's blocks arrived;
-// a source silent past the deadline is marked failed. Then a grid barrier, so all blocks agree on
-// who failed before anything is read.
+// Each block decides, for every live source, whether all of the source's blocks arrived before
+// the deadline (arrival counter >= tag * grid). The first decision for (op, source) wins: the
+// verdict word becomes (tag << 1) | arrived by compare-and-swap, so every block of the grid uses
+// the same answer without a grid barrier (a source arriving just at the deadline is either taken
+// by all blocks or dropped by all). A source found failed is set to 0 in active_ranks.
 template <class Tp>
-__device__ __forceinline__ void wait_arrivals(const Tp& tp, int* active_ranks, const HalfOffsets& off, int num_ranks,
-                                              int kind, int half, uint32_t tag, int grid, uint64_t deadline,
-                                              EpState* st) {
+__device__ __forceinline__ void decide_sources(const Tp& tp, int* active_ranks, uint64_t* verdicts,
+                                               const HalfOffsets& off, int num_ranks, int kind, int half,
+                                               uint32_t tag, int grid, uint64_t deadline) {
   const uint64_t target = static_cast<uint64_t>(tag) * static_cast<uint64_t>(grid);
-  for (int src = blockIdx.x * blockDim.x + threadIdx.x; src < num_ranks; src += gridDim.x * blockDim.x) {
+  uint64_t* mine = verdicts + static_cast<uint64_t>(kind * 2 + half) * num_ranks;
+  for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
     if (ld_relaxed_sys(active_ranks + src) == 0) continue;
-    const uint64_t* word = static_cast<const uint64_t*>(tp.local_ptr(arrival_offset(off, src, kind, half)));
-    if (!wait_until(word, [target](uint64_t v) { return v >= target; }, deadline))
-      st_relaxed_sys(active_ranks + src, 0);
+    uint64_t v = atomicAdd(reinterpret_cast<unsigned long long*>(mine + src), 0ull);
+    if ((v >> 1) < tag) {
+      const uint64_t* word = static_cast<const uint64_t*>(tp.local_ptr(arrival_offset(off, src, kind, half)));
+      const bool arrived = wait_until(word, [target](uint64_t a) { return a >= target; }, deadline);
+      const uint64_t desired = (static_cast<uint64_t>(tag) << 1) | (arrived ? 1u : 0u);
+      while ((v >> 1) < tag) {
+        const uint64_t old = atomicCAS(reinterpret_cast<unsigned long long*>(mine + src), v, desired);
+        v = old == v ? desired : old;
+      }
+    }
+    if ((v & 1u) == 0) st_relaxed_sys(active_ranks + src, 0);
   }
-  grid_barrier(st, kind * 2 + half);
+  __syncthreads();
 }
 
 // kH > 0: compiled for that hidden size (one 16-byte chunk per thread when H <= 8192);
@@ -87,13 +98,22 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     start_ns = st->start_ns[slot_idx];
   }
 
+  trace_point(p.trace, 0);
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
+    const int tpp = nthreads / tpt;  // token rows per pass
+    const int row = tid / tpt, c0 = tid - row * tpt;
     // Tokens [n0, n1) are this block's. Slot of selection (n, k) for expert e = number of
     // selections of e before it in (token, k) order: deterministic, rows arrive in token order.
     const int per_block = (p.N + G - 1) / G;
     const int n0 = min(p.N, b * per_block), n1 = min(p.N, n0 + per_block);
     const int m = (n1 - n0) * p.K;
+    // The first chunk of this thread's first token is loaded now; its latency hides behind the
+    // routing work below.
+    const bool prefetched = row < tpp && n0 + row < n1 && c0 < chunks;
+    int4 first_chunk = make_int4(0, 0, 0, 0);
+    if (prefetched)
+      first_chunk = ld_stream_int4(reinterpret_cast<const int4*>(p.x) + static_cast<uint64_t>(n0 + row) * chunks + c0);
     int* s_total = smem;        // [E] selections per expert (all tokens)
     int* s_before = smem + E;   // [E] selections per expert in tokens < n0
     int* s_e = smem + 2 * E;    // [m] expert of each selection here, -1: none / destination failed
@@ -126,6 +146,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         s_slot[i] = c;
       }
     }
+    trace_point(p.trace, 1);
     // Count words of every (expert, destination) pair, spread over the grid; each block's
     // arrival below releases the words it wrote.
     for (int e = b * nthreads + tid; e < E; e += G * nthreads) {
@@ -136,8 +157,6 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     }
     __syncthreads();
 
-    const int tpp = nthreads / tpt;  // token rows per pass
-    const int row = tid / tpt, c0 = tid - row * tpt;
     const uint64_t payload_bytes = fp8 ? ((static_cast<uint64_t>(H) + H / 32 + 15) / 16 * 16) : 2ull * H;
     for (int base = n0; base < n1; base += tpp) {
       const int n = base + row;
@@ -146,7 +165,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       if (has) {
         const int4* xrow = reinterpret_cast<const int4*>(p.x) + static_cast<uint64_t>(n) * chunks;
         for (int c = c0; c < chunks; c += tpt) {
-          const int4 v = ld_stream_int4(xrow + c);
+          const int4 v = (prefetched && base == n0 && c == c0) ? first_chunk : ld_stream_int4(xrow + c);
           uint2 q = make_uint2(0, 0);
           float scale_inv = 0.f;
           if (fp8) {
@@ -198,24 +217,17 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         __syncthreads();
       }
     }
+    trace_point(p.trace, 2);
     announce_arrival(tp, p.active_ranks, p.off, p.R, p.rank, kDispatchKind, half);
-    if (!do_recv) {
-      // The last block to finish publishes the tag for the receive kernel (hook).
-      if (tid == 0) {
-        __threadfence();
-        if (atomicAdd(&st->blocks_done[slot_idx], 1u) == static_cast<uint32_t>(G - 1)) {
-          st->blocks_done[slot_idx] = 0;
-          st->seq[slot_idx] = tag;
-        }
-      }
-    }
+    trace_point(p.trace, 3);
   }
 
   if (do_recv) {
-    // 1. Arrivals of every live source (deadline: the op's start + timeout), grid barrier.
-    wait_arrivals(tp, p.active_ranks, p.off, p.R, kDispatchKind, half, tag, p.grid,
-                  deadline_after(start_ns, p.timeout_us), st);
-    if (do_send && b == 0 && tid == 0) st->seq[slot_idx] = tag;
+    // 1. Arrivals of every live source (deadline: the op's start + timeout); one verdict per
+    //    source for the whole grid.
+    decide_sources(tp, p.active_ranks, p.verdicts, p.off, p.R, kDispatchKind, half, tag, p.grid,
+                   deadline_after(start_ns, p.timeout_us));
+    trace_point(p.trace, 4);
 
     // 2. Rows per (local expert l, source r), pair q = l*R + r, prefix-summed in every block:
     //    row f of the flattened [L][R][count] order is row j = f - s_pref[l*R] of expert l.
@@ -226,7 +238,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       const int r = q % p.R;
       int cnt = 0;
       if (ld_relaxed_sys(p.active_ranks + r) != 0) {
-        const uint64_t v = ld_acquire_sys(sig + q);
+        const uint64_t v = __ldcg(reinterpret_cast<const unsigned long long*>(sig + q));  // after the verdicts' acquire
         if (static_cast<uint32_t>(v >> 32) == tag) cnt = min(p.T, static_cast<int>(v & 0xffffffffu));
         else atomicOr(&st->error, 2u);  // arrived without its count word: cannot happen
       }
@@ -248,6 +260,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
 
+    trace_point(p.trace, 5);
     // 3. One warp per row: payload, header, scales.
     const int lane = tid & 31;
     const int warps = nthreads >> 5;
@@ -298,6 +311,9 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
   }
+  trace_point(p.trace, 6);
+  if (do_send) publish_tag(st, slot_idx, tag);
+  trace_point(p.trace, 7);
 }
 
 }  // namespace ep

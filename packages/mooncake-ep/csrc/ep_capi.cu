@@ -46,6 +46,9 @@ struct Context {
   void* buffer = nullptr;
   uint64_t buffer_bytes = 0;
   void* state = nullptr;
+  uint64_t* verdicts = nullptr;         // device [4][R]
+  bool cooperative = true;              // cooperative launches (all blocks co-resident)
+  uint64_t* trace[2] = {nullptr, nullptr};  // optional phase timestamps (dispatch, combine)
   uint64_t* peer_table = nullptr;       // device [R]
   std::vector<void*> peers;             // mapped base per rank; own rank = buffer
   std::vector<unsigned char> handles;   // [R][64] handle each mapping was opened from
@@ -161,6 +164,8 @@ int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, v
   if (rc == 0) rc = check(cudaMalloc(&c->buffer, buffer_bytes), "cudaMalloc(buffer)");
   if (rc == 0) rc = check(cudaMalloc(&c->state, kStateBytes), "cudaMalloc(state)");
   if (rc == 0) rc = check(cudaMalloc(&c->peer_table, sizeof(uint64_t) * num_ranks), "cudaMalloc(peer table)");
+  if (rc == 0) rc = check(cudaMalloc(&c->verdicts, sizeof(uint64_t) * 4 * num_ranks), "cudaMalloc(verdicts)");
+  if (rc == 0) rc = check(cudaMemset(c->verdicts, 0, sizeof(uint64_t) * 4 * num_ranks), "cudaMemset(verdicts)");
   if (rc == 0) rc = check(cudaMemset(c->buffer, 0, buffer_bytes), "cudaMemset(buffer)");
   if (rc == 0) rc = check(cudaMemset(c->state, 0, kStateBytes), "cudaMemset(state)");
   if (rc == 0) rc = check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -168,6 +173,7 @@ int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, v
     if (c->buffer) cudaFree(c->buffer);
     if (c->state) cudaFree(c->state);
     if (c->peer_table) cudaFree(c->peer_table);
+    if (c->verdicts) cudaFree(c->verdicts);
     delete c;
     return rc;
   }
@@ -225,6 +231,11 @@ int mep_ctx_resize(void* ctx, int rank, int num_ranks) {
   MEP_CHECK(cudaMalloc(&table, sizeof(uint64_t) * num_ranks));
   cudaFree(c->peer_table);
   c->peer_table = table;
+  uint64_t* verdicts = nullptr;
+  MEP_CHECK(cudaMalloc(&verdicts, sizeof(uint64_t) * 4 * num_ranks));
+  MEP_CHECK(cudaMemset(verdicts, 0, sizeof(uint64_t) * 4 * num_ranks));
+  cudaFree(c->verdicts);
+  c->verdicts = verdicts;
   c->rank = rank;
   c->num_ranks = num_ranks;
   c->peers.assign(num_ranks, nullptr);
@@ -253,7 +264,24 @@ int mep_ctx_reset(void* ctx) {
   MEP_CHECK(cudaDeviceSynchronize());
   MEP_CHECK(cudaMemset(c->buffer, 0, c->buffer_bytes));
   MEP_CHECK(cudaMemset(c->state, 0, kStateBytes));
+  MEP_CHECK(cudaMemset(c->verdicts, 0, sizeof(uint64_t) * 4 * c->num_ranks));
   MEP_CHECK(cudaDeviceSynchronize());
+  return 0;
+}
+
+// Cooperative launches (default) guarantee that all blocks of a kernel are resident together,
+// which the receive phase needs when another of this context's kernels could run beside it.
+// Benchmarks: device buffers of [grid][8] uint64 that the kernels fill with %globaltimer at their
+// phase boundaries (0 = off).
+int mep_ctx_set_trace(void* ctx, uint64_t dispatch_trace, uint64_t combine_trace) {
+  auto* c = static_cast<Context*>(ctx);
+  c->trace[0] = reinterpret_cast<uint64_t*>(dispatch_trace);
+  c->trace[1] = reinterpret_cast<uint64_t*>(combine_trace);
+  return 0;
+}
+
+int mep_ctx_set_cooperative(void* ctx, int cooperative) {
+  static_cast<Context*>(ctx)->cooperative = cooperative != 0;
   return 0;
 }
 
@@ -273,6 +301,7 @@ int mep_ctx_destroy(void* ctx) {
   for (int r = 0; r < c->num_ranks; ++r)
     if (r != c->rank && c->peers[r] != nullptr) dev::p2p_close(c->peers[r]);
   cudaFree(c->peer_table);
+  cudaFree(c->verdicts);
   cudaFree(c->state);
   cudaFree(c->buffer);
   (void)cudaGetLastError();
@@ -296,6 +325,8 @@ int mep_dispatch(void* ctx, const int64_t* a, int nargs) {
   p.layout_range = reinterpret_cast<int64_t*>(a[kDLayoutRange]);
   p.cum_stats = reinterpret_cast<int*>(a[kDCumStats]);
   p.state = static_cast<EpState*>(c->state);
+  p.verdicts = c->verdicts;
+  p.trace = c->trace[0];
   p.half = static_cast<int>(a[kDHalf]) & 1;
   p.off = offsets_from(a, kDOffDispatchSend);
   p.msg_bytes = static_cast<uint64_t>(a[kDMsgBytes]);
@@ -319,6 +350,7 @@ int mep_dispatch(void* ctx, const int64_t* a, int nargs) {
     return fail(kInvalidArgument, "mep_dispatch: num_experts too large for shared memory");
   const dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
   DeviceGuard guard(c->device);
+  shape.cooperative = c->cooperative;
   MEP_CHECK(launch_dispatch(p, tp, static_cast<TransportKind>(a[kDTransport]), shape,
                             reinterpret_cast<cudaStream_t>(a[kDStream])));
   return 0;
@@ -338,6 +370,8 @@ int mep_combine(void* ctx, const int64_t* a, int nargs) {
   p.active_ranks = reinterpret_cast<int*>(a[kCActive]);
   p.out = reinterpret_cast<void*>(a[kCOut]);
   p.state = static_cast<EpState*>(c->state);
+  p.verdicts = c->verdicts;
+  p.trace = c->trace[1];
   p.half = static_cast<int>(a[kCHalf]) & 1;
   p.off = offsets_from(a, kCOffDispatchSend);
   p.timeout_us = a[kCTimeout];
@@ -357,6 +391,7 @@ int mep_combine(void* ctx, const int64_t* a, int nargs) {
     return fail(kInvalidArgument, "mep_combine: num_experts too large for shared memory");
   const dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
   DeviceGuard guard(c->device);
+  shape.cooperative = c->cooperative;
   MEP_CHECK(launch_combine(p, tp, static_cast<TransportKind>(a[kCTransport]), shape,
                            reinterpret_cast<cudaStream_t>(a[kCStream])));
   return 0;

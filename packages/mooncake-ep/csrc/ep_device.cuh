@@ -66,30 +66,23 @@ __device__ __forceinline__ int upper_index(const int* pref, int n, int x) {
   return lo;
 }
 
-// Grid-wide barrier for a cooperative launch (every block resident). It depends only on this
-// kernel's own blocks, never on a peer; the safety deadline only guards against a broken launch.
-__device__ __forceinline__ void grid_barrier(EpState* st, int slot) {
+// Benchmark instrumentation: block `blockIdx.x` reached phase boundary `point` (no-op unless a
+// trace buffer was set with mep_ctx_set_trace).
+__device__ __forceinline__ void trace_point(uint64_t* trace, int point) {
+  if (trace != nullptr && threadIdx.x == 0) trace[blockIdx.x * kTracePoints + point] = globaltimer_ns();
+}
+
+// Publishes `tag` as the last op sent on this (kind, half): the last block of the grid to
+// finish writes it, after every block has read the previous value at its start.
+__device__ __forceinline__ void publish_tag(EpState* st, int slot, uint32_t tag) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    const uint32_t gen = ld_acquire_gpu(&st->bar_gen[slot]);  // read before arriving
     __threadfence();
-    if (atomicAdd(&st->bar_count[slot], 1u) == gridDim.x - 1) {
-      st->bar_count[slot] = 0;
-      __threadfence();
-      atomicAdd(&st->bar_gen[slot], 1u);
-    } else {
-      const uint64_t deadline = globaltimer_ns() + 10ull * 1000 * 1000 * 1000;
-      uint32_t spin = 0;
-      while (ld_acquire_gpu(&st->bar_gen[slot]) == gen) {
-        if ((++spin & 63u) == 0 && globaltimer_ns() > deadline) {
-          atomicOr(&st->error, 1u);
-          break;
-        }
-      }
+    if (atomicAdd(&st->blocks_done[slot], 1u) == gridDim.x - 1) {
+      st->blocks_done[slot] = 0;
+      st->seq[slot] = tag;
     }
-    __threadfence();
   }
-  __syncthreads();
 }
 
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }

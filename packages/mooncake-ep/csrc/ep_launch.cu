@@ -70,7 +70,7 @@ cudaError_t launch_cooperative(Fn fn, const LaunchShape& shape, cudaStream_t str
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = shape.cooperative ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, fn, args...);
 }
 
@@ -105,6 +105,7 @@ LaunchShape launch_shape(int hidden, int num_sms) {
   s.threads = (tpp * tpt + 31) / 32 * 32;
   s.blocks = num_sms;
   s.smem_bytes = 0;
+  s.cooperative = true;
   return s;
 }
 

@@ -18,6 +18,7 @@ struct LaunchShape {
   int threads;
   int tpt;  // threads per token row
   uint64_t smem_bytes;
+  bool cooperative;
 };
 
 LaunchShape launch_shape(int hidden, int num_sms);

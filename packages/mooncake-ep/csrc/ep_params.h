@@ -10,17 +10,16 @@ constexpr int kPhaseSend = 1;
 constexpr int kPhaseRecv = 2;
 constexpr int kMaxTopk = 16;              // combine_recv rows per token (layout.py MAX_TOPK)
 constexpr int kMaxExperts = 32768;        // shared-memory prefix sums over (expert, rank) pairs
-constexpr int kDispatchHeaderBytes = 16;  // int32 (src_token_index, topk_slot_k, 0, 0)
+constexpr int kDispatchHeaderBytes = 16;
+constexpr int kTracePoints = 8;  // int32 (src_token_index, topk_slot_k, 0, 0)
 
 // Per-rank local state (device memory, not symmetric). Zeroed at setup and by update_ep_member.
 // Slots indexed by `kind * 2 + half` (kind 0 dispatch, 1 combine) belong to one op at a time, so
 // kernels of different ops (e.g. an async op on the comm stream next to a hook) never share them.
 struct EpState {
   uint32_t seq[4];          // tag (count) of the last op of each kind *sent* on each half (0: none)
-  uint32_t blocks_done[4];  // send-only kernels: blocks finished (the last one publishes seq)
-  uint32_t bar_count[4];    // grid barrier of the receive phase
-  uint32_t bar_gen[4];
-  uint32_t error;           // sticky: bit 0 = a grid barrier gave up after its safety deadline
+  uint32_t blocks_done[4];  // blocks of the sending kernel finished (the last one publishes seq)
+  uint32_t error;           // sticky diagnostics: bit 1 = an arrival came without its count word
   uint32_t reserved;
   uint64_t start_ns[4];     // %globaltimer at the start of the op last sent on each kind/half
 };
@@ -52,6 +51,8 @@ struct DispatchParams {
   int64_t* layout_range;     // [L, R]
   int* cum_stats;            // [L] or null
   EpState* state;
+  uint64_t* verdicts;        // [4][R] (kind*2 + half)*R + src: (tag << 1) | arrived, see decide_sources
+  uint64_t* trace;           // optional [grid][kTracePoints] %globaltimer per phase (benchmarks)
   HalfOffsets off;
   uint64_t msg_bytes;
   int64_t timeout_us;        // -1: forever
@@ -71,6 +72,8 @@ struct CombineParams {
   int* active_ranks;         // [R]
   void* out;                 // bf16 [N, H]
   EpState* state;
+  uint64_t* verdicts;
+  uint64_t* trace;
   HalfOffsets off;
   int64_t timeout_us;
   int N, T, H, K, R, L, rank, half;

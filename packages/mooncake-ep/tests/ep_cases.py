@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from mooncake.ep.fp8 import calc_diff, num_scale_groups, num_ue8m0_ints, per_token_cast_back
-from mooncake.ep.reference import expert_view_of_tokens, reference_combine, reference_dispatch
-from mooncake.ep.records import RecordFormat
 from mooncake.ep.portable_path import COUNT_MESSAGE_BYTES
+from mooncake.ep.records import RecordFormat
+from mooncake.ep.reference import expert_view_of_tokens, reference_combine, reference_dispatch
 
 RANK_OFFSET = 128
 INT32_MASK = (1 << 32) - 1
@@ -33,7 +33,9 @@ def tokens_on(case: dict, rank: int) -> int:
     return tokens[rank % len(tokens)]
 
 
-def make_inputs(case: dict, rank: int, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_inputs(
+    case: dict, rank: int, seed_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x bf16 [N, H], topk_idx int64 [N, K], topk_weights float32 [N, K]) of ``rank``."""
     num_tokens, hidden, num_experts, topk = tokens_on(case, rank), case["H"], case["E"], case["K"]
     gen = torch.Generator().manual_seed(case.get("seed", 0) * 7919 + rank * 104729 + seed_offset)
@@ -85,13 +87,24 @@ def check_dispatch(
     name = case["name"]
     recv_x, recv_count, handle = result[0], result[1], result[2]
     tokens, hidden, num_experts = case["T"], case["H"], case["E"]
-    use_fp8, round_scale, use_ue8m0 = case.get("use_fp8", False), case.get("round_scale", False), case.get("use_ue8m0", False)
+    use_fp8, round_scale, use_ue8m0 = (
+        case.get("use_fp8", False),
+        case.get("round_scale", False),
+        case.get("use_ue8m0", False),
+    )
     num_local = num_experts // num_ranks
     rows = num_ranks * tokens
     src_info, layout_range = handle[0], handle[1]
     inputs = [make_inputs(case, r, seed_offset) for r in range(num_ranks)]
     expected = reference_dispatch(
-        [i[0] for i in inputs], [i[1] for i in inputs], rank, num_experts, alive, use_fp8, round_scale, use_ue8m0
+        [i[0] for i in inputs],
+        [i[1] for i in inputs],
+        rank,
+        num_experts,
+        alive,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
     )
 
     def fail(msg: str) -> None:
@@ -100,17 +113,28 @@ def check_dispatch(
     # shapes, dtypes and layouts
     if use_fp8:
         data, scales = recv_x
-        if data.dtype != torch.float8_e4m3fn or tuple(data.shape) != (num_local, rows, hidden) or not data.is_contiguous():
+        if (
+            data.dtype != torch.float8_e4m3fn
+            or tuple(data.shape) != (num_local, rows, hidden)
+            or not data.is_contiguous()
+        ):
             fail(f"recv data {data.dtype} {tuple(data.shape)} contiguous={data.is_contiguous()}")
         width = num_ue8m0_ints(hidden) if use_ue8m0 else num_scale_groups(hidden)
         want_dtype = torch.int32 if use_ue8m0 else torch.float32
         if scales.dtype != want_dtype or tuple(scales.shape) != (num_local, rows, width):
-            fail(f"scales {scales.dtype} {tuple(scales.shape)}, want {want_dtype} {(num_local, rows, width)}")
+            fail(
+                f"scales {scales.dtype} {tuple(scales.shape)}, want {want_dtype} "
+                f"{(num_local, rows, width)}"
+            )
         if scales.stride() != (width * rows, 1, rows):
             fail(f"scales strides {scales.stride()} are not column-major {(width * rows, 1, rows)}")
     else:
         data, scales = recv_x, None
-        if data.dtype != torch.bfloat16 or tuple(data.shape) != (num_local, rows, hidden) or not data.is_contiguous():
+        if (
+            data.dtype != torch.bfloat16
+            or tuple(data.shape) != (num_local, rows, hidden)
+            or not data.is_contiguous()
+        ):
             fail(f"recv_x {data.dtype} {tuple(data.shape)}")
     if recv_count.dtype != torch.int32 or tuple(recv_count.shape) != (num_local,):
         fail(f"recv_count {recv_count.dtype} {tuple(recv_count.shape)}")
@@ -139,16 +163,24 @@ def check_dispatch(
         want_begins = exp.per_source.cumsum(0) - exp.per_source
         if not torch.equal(begins, want_begins):
             fail(f"expert {local}: layout begins {begins.tolist()} != {want_begins.tolist()}")
-        if stats_tensor is not None and int(stats_tensor[local]) != count * case.get("stats_multiplier", 1):
+        if stats_tensor is not None and int(stats_tensor[local]) != count * case.get(
+            "stats_multiplier", 1
+        ):
             fail(f"expert {local}: cumulative stats {int(stats_tensor[local])} != {count}")
         if not torch.equal(src_info[local, :count].to(torch.int64), exp.tokens):
-            fail(f"expert {local}: src_info {src_info[local, :count].tolist()} != {exp.tokens.tolist()}")
+            fail(
+                f"expert {local}: src_info {src_info[local, :count].tolist()} != "
+                f"{exp.tokens.tolist()}"
+            )
         got_data = data[local, :count]
         if use_fp8:
             if not torch.equal(got_data.view(torch.uint8), exp.data.view(torch.uint8)):
                 fail(f"expert {local}: FP8 data bytes differ from the contract's cast")
             if not torch.equal(scales[local, :count], exp.scales):
-                fail(f"expert {local}: scales differ: {scales[local, :count][:2].tolist()} vs {exp.scales[:2].tolist()}")
+                fail(
+                    f"expert {local}: scales differ: {scales[local, :count][:2].tolist()} vs "
+                    f"{exp.scales[:2].tolist()}"
+                )
         elif not torch.equal(got_data, exp.data):
             fail(f"expert {local}: BF16 rows differ")
         got = values[local, :count]
@@ -166,10 +198,19 @@ def check_dispatch(
 
 
 def check_combine(
-    case: dict, rank: int, num_ranks: int, combined: torch.Tensor, alive: list[bool], seed_offset: int = 0
+    case: dict,
+    rank: int,
+    num_ranks: int,
+    combined: torch.Tensor,
+    alive: list[bool],
+    seed_offset: int = 0,
 ) -> list[str]:
     errors = []
-    use_fp8, round_scale, use_ue8m0 = case.get("use_fp8", False), case.get("round_scale", False), case.get("use_ue8m0", False)
+    use_fp8, round_scale, use_ue8m0 = (
+        case.get("use_fp8", False),
+        case.get("round_scale", False),
+        case.get("use_ue8m0", False),
+    )
     x, topk_idx, weights = make_inputs(case, rank, seed_offset)
     num_local = case["E"] // num_ranks
     seen = expert_view_of_tokens(x, use_fp8, round_scale, use_ue8m0)
@@ -178,10 +219,20 @@ def check_combine(
         return [f"[{case['name']}] rank {rank}: combined {combined.dtype} {tuple(combined.shape)}"]
     if not torch.equal(combined, want):
         diff = (combined.float() - want.float()).abs().max().item() if combined.numel() else 0
-        errors.append(f"[{case['name']}] rank {rank}: combine differs from the fp32 k-ordered reference (max {diff})")
-    # The contract's tolerance check (identity-like experts): x * sum of valid weights * expert scale.
+        errors.append(
+            f"[{case['name']}] rank {rank}: combine differs from the fp32 k-ordered reference (max "
+            f"{diff})"
+        )
+    # The contract's tolerance check (identity-like experts): x * sum of valid weights * expert
+    # scale.
     owner_ok = torch.tensor(alive)[(topk_idx.clamp_min(0) // num_local)] & (topk_idx >= 0)
-    scale = torch.tensor([[expert_scale(int(e)) for e in row] for row in topk_idx.clamp_min(0)]).view_as(weights) if topk_idx.numel() else weights
+    scale = (
+        torch.tensor(
+            [[expert_scale(int(e)) for e in row] for row in topk_idx.clamp_min(0)]
+        ).view_as(weights)
+        if topk_idx.numel()
+        else weights
+    )
     factor = (weights * scale * owner_ok).sum(dim=1, keepdim=True)
     if x.numel():
         diff = calc_diff(x.float() * factor, combined.float())
@@ -191,7 +242,9 @@ def check_combine(
     return errors
 
 
-def expected_routed(case: dict, rank: int, num_ranks: int, alive: list[bool]) -> tuple[int, int, int]:
+def expected_routed(
+    case: dict, rank: int, num_ranks: int, alive: list[bool]
+) -> tuple[int, int, int]:
     """Counted from the inputs: (records this rank sends to other ranks in dispatch, i.e. distinct
     (token, remote owner) pairs; rows it sends back in combine, i.e. other ranks' selections of its
     experts; its selections of live experts)."""
@@ -239,11 +292,19 @@ def run_case(buffer: Any, rank: int, num_ranks: int, case: dict) -> list[str]:
     stats_tensor = torch.zeros(num_local, dtype=torch.int32)
     before = buffer.stats.snapshot()
     result = buffer.dispatch(
-        x, topk_idx, active, case["T"], case["E"], case.get("timeout_us", -1),
-        use_fp8=use_fp8, round_scale=case.get("round_scale", False), use_ue8m0=case.get("use_ue8m0", False),
-        async_finish=mode == "async", return_recv_hook=mode == "hook",
+        x,
+        topk_idx,
+        active,
+        case["T"],
+        case["E"],
+        case.get("timeout_us", -1),
+        use_fp8=use_fp8,
+        round_scale=case.get("round_scale", False),
+        use_ue8m0=case.get("use_ue8m0", False),
+        async_finish=mode == "async",
+        return_recv_hook=mode == "hook",
         cumulative_local_expert_recv_stats=stats_tensor,
-    )  # fmt: skip
+    )
     if mode == "sync" and result[4] is not None:
         errors.append(f"[{case['name']}] hook returned without return_recv_hook")
     if mode == "hook" and not callable(result[4]):
@@ -257,40 +318,69 @@ def run_case(buffer: Any, rank: int, num_ranks: int, case: dict) -> list[str]:
     if case.get("zero_copy"):
         buffer.get_next_combine_buffer(result[2])[:, :, :] = simulated
     combined, event, hook = buffer.combine(
-        simulated, topk_idx, weights, active, case.get("timeout_us", -1), result[2],
-        zero_copy=case.get("zero_copy", False), async_finish=mode == "async", return_recv_hook=mode == "hook", out=out,
-    )  # fmt: skip
+        simulated,
+        topk_idx,
+        weights,
+        active,
+        case.get("timeout_us", -1),
+        result[2],
+        zero_copy=case.get("zero_copy", False),
+        async_finish=mode == "async",
+        return_recv_hook=mode == "hook",
+        out=out,
+    )
     wait(mode, event, hook)
     if out is not None and combined.data_ptr() != out.data_ptr():
         errors.append(f"[{case['name']}] combine did not write into out")
     errors += check_combine(case, rank, num_ranks, combined, alive)
     if case.get("check_bytes", True):
-        errors += check_bytes(case, rank, num_ranks, before, after_dispatch, buffer.stats.snapshot(), alive)
+        errors += check_bytes(
+            case, rank, num_ranks, before, after_dispatch, buffer.stats.snapshot(), alive
+        )
     if active.tolist() != [1] * num_ranks:
         errors.append(f"[{case['name']}] active_ranks changed without failures: {active.tolist()}")
     return errors
 
 
-def check_bytes(case: dict, rank: int, num_ranks: int, before: dict, mid: dict, after: dict, alive: list[bool]) -> list[str]:
+def check_bytes(
+    case: dict, rank: int, num_ranks: int, before: dict, mid: dict, after: dict, alive: list[bool]
+) -> list[str]:
     """Bytes on the wire = routed bytes + bounded metadata; nothing gathered."""
     errors = []
-    fmt = RecordFormat.make(case["H"], case["K"], case["E"] // num_ranks, case.get("use_fp8", False), case.get("use_ue8m0", False))
+    fmt = RecordFormat.make(
+        case["H"],
+        case["K"],
+        case["E"] // num_ranks,
+        case.get("use_fp8", False),
+        case.get("use_ue8m0", False),
+    )
     records, returned_rows, selections = expected_routed(case, rank, num_ranks, alive)
     d_payload = mid["dispatch_payload_bytes"] - before["dispatch_payload_bytes"]
     d_meta = mid["dispatch_meta_bytes"] - before["dispatch_meta_bytes"]
     c_payload = after["combine_payload_bytes"] - mid["combine_payload_bytes"]
     c_meta = after["combine_meta_bytes"] - mid["combine_meta_bytes"]
     if d_payload != records * fmt.payload_bytes:
-        errors.append(f"[{case['name']}] rank {rank}: dispatch payload {d_payload} != routed {records} x {fmt.payload_bytes}")
+        errors.append(
+            f"[{case['name']}] rank {rank}: dispatch payload {d_payload} != routed {records} x "
+            f"{fmt.payload_bytes}"
+        )
     meta_bound = records * (4 + 4 * case["K"] + 8) + COUNT_MESSAGE_BYTES * (num_ranks - 1)
     if d_meta > meta_bound:
-        errors.append(f"[{case['name']}] rank {rank}: dispatch metadata {d_meta} > bound {meta_bound}")
+        errors.append(
+            f"[{case['name']}] rank {rank}: dispatch metadata {d_meta} > bound {meta_bound}"
+        )
     if c_payload != returned_rows * 2 * case["H"]:
-        errors.append(f"[{case['name']}] rank {rank}: combine payload {c_payload} != {returned_rows} x {2 * case['H']}")
+        errors.append(
+            f"[{case['name']}] rank {rank}: combine payload {c_payload} != {returned_rows} x "
+            f"{2 * case['H']}"
+        )
     if c_meta > COUNT_MESSAGE_BYTES * (num_ranks - 1):
         errors.append(f"[{case['name']}] rank {rank}: combine metadata {c_meta}")
     if mid["dispatch_selections"] - before["dispatch_selections"] != selections:
-        errors.append(f"[{case['name']}] rank {rank}: selections {mid['dispatch_selections'] - before['dispatch_selections']} != {selections}")
+        errors.append(
+            f"[{case['name']}] rank {rank}: selections "
+            f"{mid['dispatch_selections'] - before['dispatch_selections']} != {selections}"
+        )
     return errors
 
 
@@ -303,9 +393,17 @@ def run_two_alive(buffer: Any, rank: int, num_ranks: int, case: dict) -> list[st
     alive = [True] * num_ranks
     first = make_inputs(case, rank, 0)
     second = make_inputs(case, rank, 1)
-    kwargs = dict(use_fp8=use_fp8, round_scale=case.get("round_scale", False), use_ue8m0=case.get("use_ue8m0", False))
-    res_a = buffer.dispatch(first[0], first[1], active, case["T"], case["E"], -1, return_recv_hook=True, **kwargs)
-    res_b = buffer.dispatch(second[0], second[1], active, case["T"], case["E"], -1, return_recv_hook=True, **kwargs)
+    kwargs = {
+        "use_fp8": use_fp8,
+        "round_scale": case.get("round_scale", False),
+        "use_ue8m0": case.get("use_ue8m0", False),
+    }
+    res_a = buffer.dispatch(
+        first[0], first[1], active, case["T"], case["E"], -1, return_recv_hook=True, **kwargs
+    )
+    res_b = buffer.dispatch(
+        second[0], second[1], active, case["T"], case["E"], -1, return_recv_hook=True, **kwargs
+    )
     res_b[4]()
     res_a[4]()
     errors += check_dispatch(case, rank, num_ranks, res_a, alive, None, 0)
@@ -326,11 +424,13 @@ def run_two_alive(buffer: Any, rank: int, num_ranks: int, case: dict) -> list[st
     return errors
 
 
-# ---------------------------------------------------------------------------- entry points (one spawn each)
+# ---------------------------------------------------------------------------- entry points (one
+# spawn each)
 
 
 def run_cases(rank: int, world_size: int, port: int, backend: str, cases: list[dict]) -> dict:
     from ep_harness import init_group
+
     from mooncake.mooncake_ep_buffer import Buffer
 
     group = init_group(rank, world_size, port, backend)
@@ -342,7 +442,7 @@ def run_cases(rank: int, world_size: int, port: int, backend: str, cases: list[d
             try:
                 runner = run_two_alive if case.get("two_alive") else run_case
                 errors += runner(buffer, rank, world_size, case)
-            except Exception:  # noqa: BLE001 - reported, ranks may desync afterwards
+            except Exception:
                 errors.append(f"[{case['name']}] rank {rank} raised:\n{traceback.format_exc()}")
             timings[case["name"]] = time.monotonic() - start
         path = (buffer.path.name, buffer.path.reason)
@@ -371,49 +471,114 @@ def bad_dispatch_inputs(num_ranks: int) -> list[tuple[str, type, str, dict]]:
     x = torch.ones((N, H), dtype=torch.bfloat16)
     topk = torch.stack([torch.arange(K) for _ in range(N)]).to(torch.int64)
     return [
-        ("hidden not multiple of 128", ValueError, "multiple of 128", dict(x=torch.ones((N, 200), dtype=torch.bfloat16))),
-        ("top-k 17", ValueError, "K <= 16", dict(topk_idx=torch.zeros((N, 17), dtype=torch.int64))),
-        ("T 1025", ValueError, "<= 1024", dict(num_max_dispatch_tokens_per_rank=1025)),
-        ("T 0", ValueError, "1 <= num_max_dispatch_tokens_per_rank", dict(num_max_dispatch_tokens_per_rank=0)),
-        ("N > T", ValueError, "N <= T", dict(num_max_dispatch_tokens_per_rank=3)),
-        ("E not multiple of R", ValueError, "multiple of the number of ranks", dict(num_experts=E + 1) if num_ranks > 1 else dict(num_experts=0)),
-        ("x float32", TypeError, "x must have dtype torch.bfloat16", dict(x=x.float())),
-        ("x not contiguous", ValueError, "x must be contiguous", dict(x=torch.ones((H, N), dtype=torch.bfloat16).t())),
-        ("topk int32", TypeError, "topk_idx must have dtype torch.int64", dict(topk_idx=topk.to(torch.int32))),
-        ("topk rows != N", ValueError, "topk_idx must have shape", dict(topk_idx=topk[:2])),
-        ("expert id == E", ValueError, "num_experts=", dict(topk_idx=torch.full((N, K), E, dtype=torch.int64))),
-        ("expert id -2", ValueError, "entry -2", dict(topk_idx=torch.full((N, K), -2, dtype=torch.int64))),
-        ("expert twice", ValueError, "twice", dict(topk_idx=torch.zeros((N, K), dtype=torch.int64))),
-        ("active_ranks shape", ValueError, "active_ranks must have shape", dict(active_ranks=torch.ones(num_ranks + 1, dtype=torch.int32))),
-        ("active_ranks dtype", TypeError, "active_ranks must have dtype torch.int32", dict(active_ranks=torch.ones(num_ranks, dtype=torch.int64))),
-        ("ue8m0 without round_scale", ValueError, "use_ue8m0=True requires round_scale=True", dict(use_ue8m0=True)),
-        ("round_scale without fp8", ValueError, "round_scale=True requires use_fp8=True", dict(use_fp8=False, round_scale=True)),
-        ("async and hook", ValueError, "cannot be combined", dict(async_finish=True, return_recv_hook=True)),
-        ("timeout -5", ValueError, "timeout_us=-5", dict(timeout_us=-5)),
-        ("timeout float", TypeError, "timeout_us must be an int", dict(timeout_us=1.5)),
-        ("stats shape", ValueError, "cumulative_local_expert_recv_stats must have shape",
-         dict(cumulative_local_expert_recv_stats=torch.zeros(E, dtype=torch.int32))),
-        ("use_fp8 not bool", TypeError, "use_fp8 must be a bool", dict(use_fp8=1)),
-    ]  # fmt: skip
+        (
+            "hidden not multiple of 128",
+            ValueError,
+            "multiple of 128",
+            {"x": torch.ones((N, 200), dtype=torch.bfloat16)},
+        ),
+        ("top-k 17", ValueError, "K <= 16", {"topk_idx": torch.zeros((N, 17), dtype=torch.int64)}),
+        ("T 1025", ValueError, "<= 1024", {"num_max_dispatch_tokens_per_rank": 1025}),
+        (
+            "T 0",
+            ValueError,
+            "1 <= num_max_dispatch_tokens_per_rank",
+            {"num_max_dispatch_tokens_per_rank": 0},
+        ),
+        ("N > T", ValueError, "N <= T", {"num_max_dispatch_tokens_per_rank": 3}),
+        (
+            "E not multiple of R",
+            ValueError,
+            "multiple of the number of ranks",
+            {"num_experts": E + 1} if num_ranks > 1 else {"num_experts": 0},
+        ),
+        ("x float32", TypeError, "x must have dtype torch.bfloat16", {"x": x.float()}),
+        (
+            "x not contiguous",
+            ValueError,
+            "x must be contiguous",
+            {"x": torch.ones((H, N), dtype=torch.bfloat16).t()},
+        ),
+        (
+            "topk int32",
+            TypeError,
+            "topk_idx must have dtype torch.int64",
+            {"topk_idx": topk.to(torch.int32)},
+        ),
+        ("topk rows != N", ValueError, "topk_idx must have shape", {"topk_idx": topk[:2]}),
+        (
+            "expert id == E",
+            ValueError,
+            "num_experts=",
+            {"topk_idx": torch.full((N, K), E, dtype=torch.int64)},
+        ),
+        (
+            "expert id -2",
+            ValueError,
+            "entry -2",
+            {"topk_idx": torch.full((N, K), -2, dtype=torch.int64)},
+        ),
+        ("expert twice", ValueError, "twice", {"topk_idx": torch.zeros((N, K), dtype=torch.int64)}),
+        (
+            "active_ranks shape",
+            ValueError,
+            "active_ranks must have shape",
+            {"active_ranks": torch.ones(num_ranks + 1, dtype=torch.int32)},
+        ),
+        (
+            "active_ranks dtype",
+            TypeError,
+            "active_ranks must have dtype torch.int32",
+            {"active_ranks": torch.ones(num_ranks, dtype=torch.int64)},
+        ),
+        (
+            "ue8m0 without round_scale",
+            ValueError,
+            "use_ue8m0=True requires round_scale=True",
+            {"use_ue8m0": True},
+        ),
+        (
+            "round_scale without fp8",
+            ValueError,
+            "round_scale=True requires use_fp8=True",
+            {"use_fp8": False, "round_scale": True},
+        ),
+        (
+            "async and hook",
+            ValueError,
+            "cannot be combined",
+            {"async_finish": True, "return_recv_hook": True},
+        ),
+        ("timeout -5", ValueError, "timeout_us=-5", {"timeout_us": -5}),
+        ("timeout float", TypeError, "timeout_us must be an int", {"timeout_us": 1.5}),
+        (
+            "stats shape",
+            ValueError,
+            "cumulative_local_expert_recv_stats must have shape",
+            {"cumulative_local_expert_recv_stats": torch.zeros(E, dtype=torch.int32)},
+        ),
+        ("use_fp8 not bool", TypeError, "use_fp8 must be a bool", {"use_fp8": 1}),
+    ]
 
 
 def run_bad_inputs(rank: int, world_size: int, port: int, backend: str) -> dict:
     """Every bad argument raises on every rank, sends nothing, and leaves the ranks in step."""
     from ep_harness import init_group
+
     from mooncake.mooncake_ep_buffer import Buffer
 
     group = init_group(rank, world_size, port, backend)
     errors: list[str] = []
     T, H, E, K, N = 8, 256, 2 * world_size, 2, 4
-    good = dict(
-        x=torch.ones((N, H), dtype=torch.bfloat16),
-        topk_idx=torch.stack([torch.arange(K) for _ in range(N)]).to(torch.int64),
-        active_ranks=torch.ones(world_size, dtype=torch.int32),
-        num_max_dispatch_tokens_per_rank=T,
-        num_experts=E,
-        timeout_us=-1,
-        use_fp8=True,
-    )
+    good = {
+        "x": torch.ones((N, H), dtype=torch.bfloat16),
+        "topk_idx": torch.stack([torch.arange(K) for _ in range(N)]).to(torch.int64),
+        "active_ranks": torch.ones(world_size, dtype=torch.int32),
+        "num_max_dispatch_tokens_per_rank": T,
+        "num_experts": E,
+        "timeout_us": -1,
+        "use_fp8": True,
+    }
     buffer = Buffer(group)
     before = buffer.stats.snapshot()
     start = time.monotonic()
@@ -424,22 +589,51 @@ def run_bad_inputs(rank: int, world_size: int, port: int, backend: str) -> dict:
         except exc_type as exc:
             if text not in str(exc):
                 errors.append(f"dispatch {label}: message {str(exc)!r} lacks {text!r}")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"dispatch {label}: {type(exc).__name__} {exc} instead of {exc_type.__name__}")
+        except Exception as exc:
+            errors.append(
+                f"dispatch {label}: {type(exc).__name__} {exc} instead of {exc_type.__name__}"
+            )
     # One good dispatch, then bad combines against its handle.
     recv_x, _, handle, _, _ = buffer.dispatch(**{**good, "use_fp8": False})
     w = torch.ones((N, K), dtype=torch.float32)
-    good_c = dict(x=recv_x, topk_idx=good["topk_idx"], topk_weights=w, active_ranks=good["active_ranks"], timeout_us=-1, handle=handle)
+    good_c = {
+        "x": recv_x,
+        "topk_idx": good["topk_idx"],
+        "topk_weights": w,
+        "active_ranks": good["active_ranks"],
+        "timeout_us": -1,
+        "handle": handle,
+    }
     bad_combines = [
-        ("x shape", ValueError, "x must have shape", dict(x=recv_x[:, :1])),
-        ("weights float64", TypeError, "topk_weights must have dtype torch.float32", dict(topk_weights=w.double())),
-        ("weights shape", ValueError, "topk_weights must have shape", dict(topk_weights=w[:, :1].contiguous())),
-        ("handle not tuple", TypeError, "handle must be", dict(handle=handle[:3])),
-        ("handle T", ValueError, "handle[2]", dict(handle=(handle[0], handle[1], 0, H, E))),
-        ("out shape", ValueError, "out must have shape", dict(out=torch.empty((N + 1, H), dtype=torch.bfloat16))),
-        ("async and hook", ValueError, "cannot be combined", dict(async_finish=True, return_recv_hook=True)),
-        ("zero_copy without buffer", ValueError, "get_next_combine_buffer", dict(zero_copy=True)),
-    ]  # fmt: skip
+        ("x shape", ValueError, "x must have shape", {"x": recv_x[:, :1]}),
+        (
+            "weights float64",
+            TypeError,
+            "topk_weights must have dtype torch.float32",
+            {"topk_weights": w.double()},
+        ),
+        (
+            "weights shape",
+            ValueError,
+            "topk_weights must have shape",
+            {"topk_weights": w[:, :1].contiguous()},
+        ),
+        ("handle not tuple", TypeError, "handle must be", {"handle": handle[:3]}),
+        ("handle T", ValueError, "handle[2]", {"handle": (handle[0], handle[1], 0, H, E)}),
+        (
+            "out shape",
+            ValueError,
+            "out must have shape",
+            {"out": torch.empty((N + 1, H), dtype=torch.bfloat16)},
+        ),
+        (
+            "async and hook",
+            ValueError,
+            "cannot be combined",
+            {"async_finish": True, "return_recv_hook": True},
+        ),
+        ("zero_copy without buffer", ValueError, "get_next_combine_buffer", {"zero_copy": True}),
+    ]
     mid = buffer.stats.snapshot()
     for label, exc_type, text, override in bad_combines:
         try:
@@ -448,15 +642,20 @@ def run_bad_inputs(rank: int, world_size: int, port: int, backend: str) -> dict:
         except exc_type as exc:
             if text not in str(exc):
                 errors.append(f"combine {label}: message {str(exc)!r} lacks {text!r}")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"combine {label}: {type(exc).__name__} {exc} instead of {exc_type.__name__}")
+        except Exception as exc:
+            errors.append(
+                f"combine {label}: {type(exc).__name__} {exc} instead of {exc_type.__name__}"
+            )
     if buffer.stats.snapshot() != mid:
         errors.append(f"bad combines sent bytes: {mid} -> {buffer.stats.snapshot()}")
     combined = buffer.combine(**good_c)[0]
     if not torch.equal(combined, (good["x"].float() * K).to(torch.bfloat16)):
         errors.append("the good combine after bad inputs is wrong")
     after = buffer.stats.snapshot()
-    if after["dispatch_ops"] - before["dispatch_ops"] != 1 or after["combine_ops"] - before["combine_ops"] != 1:
+    if (
+        after["dispatch_ops"] - before["dispatch_ops"] != 1
+        or after["combine_ops"] - before["combine_ops"] != 1
+    ):
         errors.append(f"bad inputs reached the wire: {before} -> {after}")
     hint_errors = []
     for args in ((0, H, 2, 4), (8, 100, 2, 4), (8, H, 2, 5), (2048, H, 2, 4), (8, H, 0, 4)):
@@ -479,16 +678,24 @@ def run_bad_inputs(rank: int, world_size: int, port: int, backend: str) -> dict:
 def run_deep_ep_script(rank: int, world_size: int, port: int, backend: str) -> dict:
     """A DeepEP low-latency test body, unchanged except for the import line."""
     from ep_harness import init_group
+
     from mooncake.ep import deep_ep_compat as deep_ep
 
     group = init_group(rank, world_size, port, backend)
     errors: list[str] = []
     num_tokens, hidden, num_topk, num_experts = 16, 512, 4, 4 * world_size
     num_local_experts = num_experts // world_size
-    num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_tokens, hidden, world_size, num_experts)
-    buffer = deep_ep.Buffer(group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
-                            num_qps_per_rank=num_experts // world_size, allow_nvlink_for_low_latency_mode=True,
-                            explicitly_destroy=True)  # fmt: skip
+    num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
+        num_tokens, hidden, world_size, num_experts
+    )
+    buffer = deep_ep.Buffer(
+        group,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=True,
+        num_qps_per_rank=num_experts // world_size,
+        allow_nvlink_for_low_latency_mode=True,
+        explicitly_destroy=True,
+    )
     torch.manual_seed(rank)
     x = torch.ones((num_tokens, hidden), dtype=torch.bfloat16) * (rank - 128)
     x[:, -128:] = torch.arange(num_tokens).to(torch.bfloat16).view(-1, 1)
@@ -500,13 +707,23 @@ def run_deep_ep_script(rank: int, world_size: int, port: int, backend: str) -> d
         for use_fp8 in (False, True):
             stats = torch.zeros((num_local_experts,), dtype=torch.int)
             packed_recv_x, packed_recv_count, handle, event, hook = buffer.low_latency_dispatch(
-                x, topk_idx, num_tokens, num_experts, use_fp8=use_fp8, round_scale=False, use_ue8m0=False,
-                cumulative_local_expert_recv_stats=stats, async_finish=not return_recv_hook,
+                x,
+                topk_idx,
+                num_tokens,
+                num_experts,
+                use_fp8=use_fp8,
+                round_scale=False,
+                use_ue8m0=False,
+                cumulative_local_expert_recv_stats=stats,
+                async_finish=not return_recv_hook,
                 return_recv_hook=return_recv_hook,
-            )  # fmt: skip
+            )
             hook() if return_recv_hook else event.current_stream_wait()
             if use_fp8:
-                sim = per_token_cast_back(packed_recv_x[0].view(-1, hidden), packed_recv_x[1].contiguous().view(-1, hidden // 128))
+                sim = per_token_cast_back(
+                    packed_recv_x[0].view(-1, hidden),
+                    packed_recv_x[1].contiguous().view(-1, hidden // 128),
+                )
                 sim = sim.view(packed_recv_x[0].shape)
             else:
                 sim = packed_recv_x.clone()
@@ -517,13 +734,26 @@ def run_deep_ep_script(rank: int, world_size: int, port: int, backend: str) -> d
                     buffer.get_next_low_latency_combine_buffer(handle)[:, :, :] = sim
                 out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
                 combined_x, event, hook = buffer.low_latency_combine(
-                    sim, topk_idx, topk_weights, handle, use_logfmt=False, async_finish=not return_recv_hook,
-                    zero_copy=zero_copy, return_recv_hook=return_recv_hook, out=out,
-                )  # fmt: skip
+                    sim,
+                    topk_idx,
+                    topk_weights,
+                    handle,
+                    use_logfmt=False,
+                    async_finish=not return_recv_hook,
+                    zero_copy=zero_copy,
+                    return_recv_hook=return_recv_hook,
+                    out=out,
+                )
                 hook() if return_recv_hook else event.current_stream_wait()
-                diff = calc_diff(x * topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1), combined_x)
+                diff = calc_diff(
+                    x * topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1),
+                    combined_x,
+                )
                 if not diff < (9e-4 if use_fp8 else 1e-5):
-                    errors.append(f"combine diff {diff} (fp8={use_fp8}, hook={return_recv_hook}, zero_copy={zero_copy})")
+                    errors.append(
+                        f"combine diff {diff} (fp8={use_fp8}, hook={return_recv_hook}, "
+                        f"zero_copy={zero_copy})"
+                    )
     if buffer.active_ranks.tolist() != [1] * world_size:
         errors.append(f"active_ranks {buffer.active_ranks.tolist()}")
     buffer.clean_low_latency_buffer(num_tokens, hidden, num_experts)

@@ -23,6 +23,9 @@ from datetime import timedelta
 from typing import Any, Optional
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Backend of the non-fault tests: gloo by default; MOONCAKE_EP_TEST_BACKEND=mooncake-cpu runs them
+# on ours.
+TEST_BACKEND = os.environ.get("MOONCAKE_EP_TEST_BACKEND", "gloo")
 
 
 def free_port() -> int:
@@ -68,9 +71,17 @@ class World:
             if os.path.exists(path):
                 with open(path, "rb") as f:
                     ok, payload = pickle.load(f)
-                out.append(RankResult(rank, exitcode, ok, payload if ok else None, "" if ok else payload, slot))
+                out.append(
+                    RankResult(
+                        rank, exitcode, ok, payload if ok else None, "" if ok else payload, slot
+                    )
+                )
             else:
-                why = "hung (killed at the harness deadline)" if slot in hung else f"died with exit code {exitcode}"
+                why = (
+                    "hung (killed at the harness deadline)"
+                    if slot in hung
+                    else f"died with exit code {exitcode}"
+                )
                 out.append(RankResult(rank, exitcode, False, None, why, slot))
         return out
 
@@ -96,7 +107,7 @@ def _rank_main(
         module_name, func_name = target.split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         result = (True, func(rank, world_size, port, backend, *args))
-    except BaseException:  # noqa: BLE001 - reported to the test
+    except BaseException:
         result = (False, traceback.format_exc())
     name = f"rank{slot}.pkl"
     with open(os.path.join(outdir, name + ".tmp"), "wb") as f:
@@ -109,28 +120,56 @@ def _rank_main(
 
 
 def start_world(
-    world_size: int, target: str, args: tuple = (), backend: str = "gloo", env: Optional[dict] = None
+    world_size: int,
+    target: str,
+    args: tuple = (),
+    backend: str = TEST_BACKEND,
+    env: Optional[dict] = None,
 ) -> World:
     import torch.distributed as dist
 
     port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=120))  # fmt: skip
-    world = World(world_size, outdir=tempfile.mkdtemp(prefix="mooncake-ep-test-"), store=store, port=port)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size=None,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=120),
+    )
+    world = World(
+        world_size, outdir=tempfile.mkdtemp(prefix="mooncake-ep-test-"), store=store, port=port
+    )
     for rank in range(world_size):
         spawn_rank(world, rank, target, args, backend, env)
     return world
 
 
 def spawn_rank(
-    world: World, rank: int, target: str, args: tuple, backend: str, env: Optional[dict] = None, slot: Optional[str] = None
+    world: World,
+    rank: int,
+    target: str,
+    args: tuple,
+    backend: str,
+    env: Optional[dict] = None,
+    slot: Optional[str] = None,
 ) -> Any:
     """Start one rank's process under ``slot`` (default: the rank number)."""
     slot = str(rank) if slot is None else slot
     ctx = mp.get_context("spawn")
     proc = ctx.Process(
         target=_rank_main,
-        args=(rank, world.world_size, world.port, backend, target, args, world.outdir, dict(env or {}), slot),
+        args=(
+            rank,
+            world.world_size,
+            world.port,
+            backend,
+            target,
+            args,
+            world.outdir,
+            dict(env or {}),
+            slot,
+        ),
         daemon=True,
     )
     proc.start()
@@ -143,7 +182,7 @@ def run_world(
     world_size: int,
     target: str,
     args: tuple = (),
-    backend: str = "gloo",
+    backend: str = TEST_BACKEND,
     timeout: float = 120,
     env: Optional[dict] = None,
 ) -> list[RankResult]:
@@ -158,7 +197,14 @@ def assert_all_ok(results: list[RankResult]) -> list[Any]:
     return [r.value for r in results]
 
 
-def init_group(rank: int, world_size: int, port: int, backend: str, timeout_s: float = 60, pg_options: Any = None) -> Any:
+def init_group(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float = 60,
+    pg_options: Any = None,
+) -> Any:
     """Initialise the default process group against the harness's store; returns the WORLD group."""
     import torch.distributed as dist
 
@@ -168,6 +214,11 @@ def init_group(rank: int, world_size: int, port: int, backend: str, timeout_s: f
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout_s))
     kwargs = {} if pg_options is None else {"pg_options": pg_options}
     dist.init_process_group(
-        backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s), **kwargs
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+        **kwargs,
     )
     return dist.group.WORLD

@@ -205,7 +205,8 @@ PYBIND11_MODULE(_engine, m) {
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](std::string name, std::string host, int port, py::bytes secret, double hb_interval,
-                       double hb_timeout, std::string transport, std::string host_id, double hs_timeout) {
+                       double hb_timeout, std::string transport, std::string host_id, double hs_timeout,
+                       bool notify_ring) {
              EngineConfig c;
              c.name = std::move(name);
              c.host = std::move(host);
@@ -216,12 +217,13 @@ PYBIND11_MODULE(_engine, m) {
              c.transport = std::move(transport);
              c.host_id = std::move(host_id);
              c.handshake_timeout_s = hs_timeout;
+             c.notify_ring = notify_ring;
              GilRelease r;
              return std::make_shared<Engine>(std::move(c));
            }),
            py::arg("name"), py::arg("host"), py::arg("port"), py::arg("secret"), py::arg("heartbeat_interval"),
            py::arg("heartbeat_timeout"), py::arg("transport"), py::arg("host_id"),
-           py::arg("handshake_timeout") = 5.0)
+           py::arg("handshake_timeout") = 5.0, py::arg("notify_ring") = true)
       .def_property_readonly("name", &Engine::name)
       .def_property_readonly("endpoint", &Engine::endpoint)
       .def_property_readonly("host_id", &Engine::host_id)

@@ -147,6 +147,7 @@ bool Connection::flush_locked() {
 bool Connection::add_pending(uint64_t req, Pending p) {
   std::lock_guard<std::mutex> g(ops_mu_);
   if (closed_.load(std::memory_order_acquire)) return false;
+  if (p.kind == Pending::kWrite) writes_inflight_.fetch_add(1, std::memory_order_acq_rel);
   pending_.emplace(req, std::move(p));
   return true;
 }
@@ -165,6 +166,7 @@ bool Connection::take_pending(uint64_t req, Pending* out) {
   if (it == pending_.end()) return false;
   *out = std::move(it->second);
   pending_.erase(it);
+  if (out->kind == Pending::kWrite) writes_inflight_.fetch_sub(1, std::memory_order_acq_rel);
   return true;
 }
 
@@ -180,6 +182,7 @@ std::vector<Pending> Connection::shut(bool shutdown_socket) {
   out.reserve(pending_.size());
   for (auto& kv : pending_) out.push_back(std::move(kv.second));
   pending_.clear();
+  writes_inflight_.store(0, std::memory_order_release);
   return out;
 }
 

@@ -81,6 +81,8 @@ class Connection {
   bool on_readable(FrameHandler& h, std::string& why, bool& eof);
 
   bool add_pending(uint64_t req, Pending p);  // false when closed
+  // TCP writes sent but not acknowledged yet (a same-host ring notify must not overtake them).
+  int writes_inflight() const { return writes_inflight_.load(std::memory_order_acquire); }
   bool find_pending(uint64_t req, Pending* out);
   bool take_pending(uint64_t req, Pending* out);
   // Marks closed, drops queued sends and hands back every pending request (to be failed).
@@ -118,6 +120,7 @@ class Connection {
   std::deque<SendItem> sendq_;
   bool out_armed_ = false;
 
+  std::atomic<int> writes_inflight_{0};
   std::mutex ops_mu_;
   std::unordered_map<uint64_t, Pending> pending_;
 

@@ -349,6 +349,8 @@ std::string Engine::connect(const std::string& endpoint, double timeout_s) {
   hello.endpoint = endpoint_;
   hello.nonce = random_bytes(kNonceBytes);
   hello.mac = mac_hello(banner.nonce, cfg_.name);
+  hello.doorbell_fd = static_cast<uint32_t>(inbox_.doorbell_region().fd());
+  hello.doorbell_name = inbox_.doorbell_region().name();
   send_frame_blocking(g.fd, kHello, encode(hello), deadline, what);
   HelloAckMsg ack;
   if (!decode(read_handshake_frame(g.fd, kHelloAck, deadline, what), ack))
@@ -380,6 +382,8 @@ std::string Engine::connect(const std::string& endpoint, double timeout_s) {
   peer->pid = ack.pid;
   peer->endpoint = ack.endpoint.empty() ? endpoint : ack.endpoint;
   peer->same_host = ack.host_id == cfg_.host_id;
+  peer->doorbell_fd = ack.doorbell_fd;
+  peer->doorbell_name = ack.doorbell_name;
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closing_.load()) throw TransferErr(ErrKind::kGeneric, "", "engine closed");

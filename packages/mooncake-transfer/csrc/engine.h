@@ -39,6 +39,7 @@ struct EngineConfig {
   std::string transport = "auto";  // auto | tcp | cma | shm | rdma
   std::string host_id;             // empty: derived from boot id, hostname and pid namespace
   double handshake_timeout_s = 5.0;
+  bool notify_ring = true;  // same-host notifications through a shared-memory ring
 };
 
 class Engine : private FrameHandler {
@@ -110,12 +111,14 @@ class Engine : private FrameHandler {
   bool on_frame(Connection& c, const FrameHeader& h, std::string& payload, std::string& why) override;
   bool handle_hello(Connection& c, const std::string& payload, std::string& why);
   void send_error(Connection& c, uint64_t req, uint32_t code, const std::string& msg);
-  void send_control(Connection& c, uint8_t type, uint64_t req = 0);
+  void send_control(Connection& c, uint8_t type, uint64_t req = 0, uint64_t a = 0);
+  void handle_ring_offer(Connection& c, const FrameHeader& h, const std::string& payload);
   std::string mac_hello(const std::string& nonce, const std::string& name) const;
   std::string mac_ack(const std::string& nonce, const std::string& name) const;
 
   // engine_ops.cc
   void copier_loop();
+  void offer_ring(Peer& p, Connection& c);
   void run_local(const Op& op, const std::shared_ptr<Batch>& b);
 
   EngineConfig cfg_;
@@ -146,6 +149,7 @@ class Engine : private FrameHandler {
   std::atomic<bool> callbacks_on_{false};
   std::atomic<uint64_t> next_req_{1};
   std::atomic<bool> cma_eperm_logged_{false};
+  std::atomic<uint64_t> ring_counter_{0};
 
   LocalCopyTransport shm_;
   LocalCopyTransport cma_;

@@ -49,9 +49,9 @@ void Engine::wake_io() {
   (void)r;
 }
 
-void Engine::send_control(Connection& c, uint8_t type, uint64_t req) {
+void Engine::send_control(Connection& c, uint8_t type, uint64_t req, uint64_t a) {
   SendItem it;
-  it.hdr = make_header(type, 0, 0, req);
+  it.hdr = make_header(type, 0, 0, req, a);
   c.send(&it, 1, false);
 }
 
@@ -188,6 +188,8 @@ bool Engine::handle_hello(Connection& c, const std::string& payload, std::string
     peer->pid = m.pid;
     peer->endpoint = m.endpoint;
     peer->same_host = m.host_id == cfg_.host_id;
+    peer->doorbell_fd = m.doorbell_fd;
+    peer->doorbell_name = m.doorbell_name;
     peer->conn = cit->second;
     c.peer = peer;
     c.established = true;
@@ -201,6 +203,8 @@ bool Engine::handle_hello(Connection& c, const std::string& payload, std::string
     a.pid = static_cast<uint32_t>(getpid());
     a.endpoint = endpoint_;
     a.mac = mac_ack(m.nonce, cfg_.name);
+    a.doorbell_fd = static_cast<uint32_t>(inbox_.doorbell_region().fd());
+    a.doorbell_name = inbox_.doorbell_region().name();
     SendItem si;
     si.owned = encode(a);
     si.len = si.owned.size();
@@ -262,7 +266,13 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
       return true;
     }
     case kNotify:
-      if (c.peer) inbox_.push(c.peer->name_ptr, h.a, std::move(payload));
+      if (c.peer) inbox_.push(c.peer->name_ptr, h.b, h.a, std::move(payload));
+      return true;
+    case kRingOffer:
+      handle_ring_offer(c, h, payload);
+      return true;
+    case kRingAccept:
+      if (c.peer) c.peer->ring_state.store(h.a == 0 ? Peer::kRingReady : Peer::kRingOff);
       return true;
     case kWrite:
       if (c.cur_err != 0) {
@@ -331,7 +341,29 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
   }
 }
 
+void Engine::handle_ring_offer(Connection& c, const FrameHeader& h, const std::string& payload) {
+  Reader r(payload.data(), payload.size());
+  const uint32_t fd = r.u32();
+  const std::string name = r.str(256);
+  std::string why;
+  std::shared_ptr<SharedRegion> region;
+  if (!r.ok() || !r.at_end() || h.a != kRingBytes) why = "malformed offer";
+  else if (!cfg_.notify_ring) why = "disabled here";
+  else if (!c.peer || !c.peer->same_host) why = "not on this host";
+  else region = SharedRegion::open_peer(c.peer->pid, static_cast<int>(fd), name, kRingDataOffset + kRingBytes, why);
+  auto reader = region ? std::make_unique<RingReader>(region) : nullptr;
+  if (reader && !reader->valid()) {
+    reader.reset();
+    why = "bad ring header";
+  }
+  const bool accepted = reader != nullptr;
+  if (accepted) inbox_.add_ring(c.peer->name_ptr, std::move(reader));
+  else log(kLogDebug, "refused notify ring from '" + (c.peer ? c.peer->name : c.remote()) + "': " + why);
+  send_control(c, kRingAccept, 0, accepted ? 0 : 1);
+}
+
 void Engine::tick(int64_t now, int64_t* next_wake) {
+  inbox_.drain();  // same-host rings nobody is waiting on
   const bool stalled = detector_.begin_tick(now);
   int64_t nw = now + detector_.interval_ns();
   std::vector<std::shared_ptr<Connection>> beat, expired, finished;

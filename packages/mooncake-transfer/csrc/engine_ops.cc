@@ -120,11 +120,49 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
   }
   auto c = p->get_conn();
   if (!c || p->dead()) throw TransferErr(p->dead_error());
+  std::lock_guard<std::mutex> g(p->notify_mu);
+  const uint64_t seq = ++p->notify_seq;  // the receiver delivers in this order, whatever the channel
+  // Same-host fast path: the shared ring, unless a TCP write to this peer is still unacknowledged
+  // (an acknowledged write has landed; an unacknowledged one could be overtaken).
+  if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingReady && len <= kRingMaxPayload &&
+      c->writes_inflight() == 0 && p->ring->push(seq, tag, data, len)) {
+    ring_doorbell(reinterpret_cast<DoorbellWord*>(p->their_doorbell->base()));
+    return;
+  }
+  if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingNone) offer_ring(*p, *c);
   SendItem it;
-  it.hdr = make_header(kNotify, 0, static_cast<uint32_t>(len), 0, tag);
+  it.hdr = make_header(kNotify, 0, static_cast<uint32_t>(len), 0, tag, seq);
   it.data = static_cast<const uint8_t*>(data);
   it.len = len;
   if (!c->send(&it, 1, /*copy_rest=*/true)) throw TransferErr(p->dead_error());
+}
+
+void Engine::offer_ring(Peer& p, Connection& c) {
+  p.ring_state.store(Peer::kRingOff);  // unless everything below works
+  if (!cfg_.notify_ring || !p.same_host || p.doorbell_fd == UINT32_MAX) return;
+  std::string why;
+  auto bell = SharedRegion::open_peer(p.pid, static_cast<int>(p.doorbell_fd), p.doorbell_name, 4096, why);
+  if (!bell) {
+    log(kLogDebug, "no notify ring to '" + p.name + "': " + why);
+    return;
+  }
+  std::unique_ptr<RingWriter> ring;
+  try {
+    ring = std::make_unique<RingWriter>("mooncake-ring-" + token_ + "-" + std::to_string(++ring_counter_));
+  } catch (const TransferErr& e) {
+    log(kLogDebug, std::string("no notify ring to '") + p.name + "': " + e.what());
+    return;
+  }
+  Writer w;
+  w.u32(static_cast<uint32_t>(ring->region().fd()));
+  w.str(ring->region().name());
+  p.their_doorbell = std::move(bell);
+  p.ring = std::move(ring);
+  SendItem it;
+  it.owned = std::move(w.data());
+  it.len = it.owned.size();
+  it.hdr = make_header(kRingOffer, 0, static_cast<uint32_t>(it.len), 0, kRingBytes);
+  if (c.send(&it, 1, false)) p.ring_state.store(Peer::kRingOffered);
 }
 
 MessagePtr Engine::recv_notify(const std::string* peer, const uint64_t* tag, double timeout_s) {

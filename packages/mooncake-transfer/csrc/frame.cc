@@ -27,7 +27,7 @@ std::string errno_str(int err) {
 const char* frame_type_name(uint8_t type) {
   static const char* names[] = {"?",         "BANNER", "HELLO",   "HELLO_ACK", "HEARTBEAT",
                                 "BYE",       "PING",   "PONG",    "NOTIFY",    "WRITE",
-                                "WRITE_ACK", "READ_REQ", "READ_RESP", "ERROR"};
+                                "WRITE_ACK", "READ_REQ", "READ_RESP", "ERROR", "RING_OFFER", "RING_ACCEPT"};
   return type < kFrameTypeEnd ? names[type] : "?";
 }
 
@@ -65,6 +65,10 @@ const char* validate_header(const FrameHeader& h, bool established) {
       return n == 8 ? nullptr : "bad READ_REQ length";
     case kError:
       return n > kMaxErrorPayload ? "error payload too large" : nullptr;
+    case kRingOffer:
+      return (n == 0 || n > kMaxHandshakePayload) ? "bad RING_OFFER length" : nullptr;
+    case kRingAccept:
+      return n == 0 ? nullptr : "RING_ACCEPT with payload";
     default:
       return "unexpected frame type";
   }
@@ -136,6 +140,8 @@ std::string encode(const HelloMsg& m) {
   w.str(m.endpoint);
   w.raw(m.nonce);
   w.raw(m.mac);
+  w.u32(m.doorbell_fd);
+  w.str(m.doorbell_name);
   return std::move(w.data());
 }
 
@@ -149,6 +155,8 @@ std::string encode(const HelloAckMsg& m) {
   w.u8(static_cast<uint8_t>(m.mac.size()));
   w.raw(m.mac);
   w.str(m.message);
+  w.u32(m.doorbell_fd);
+  w.str(m.doorbell_name);
   return std::move(w.data());
 }
 
@@ -167,6 +175,8 @@ bool decode(const std::string& p, HelloMsg& m) {
   m.endpoint = r.str(512);
   m.nonce = r.raw(kNonceBytes);
   m.mac = r.raw(32);
+  m.doorbell_fd = r.u32();
+  m.doorbell_name = r.str(256);
   return r.ok() && r.at_end() && !m.name.empty();
 }
 
@@ -181,6 +191,8 @@ bool decode(const std::string& p, HelloAckMsg& m) {
   if (mac_len != 0 && mac_len != 32) return false;
   m.mac = r.raw(mac_len);
   m.message = r.str(1024);
+  m.doorbell_fd = r.u32();
+  m.doorbell_name = r.str(256);
   return r.ok() && r.at_end();
 }
 

@@ -20,13 +20,15 @@ enum FrameType : uint8_t {
   kBye = 5,        // graceful close, no payload
   kPing = 6,       // req = probe id
   kPong = 7,       // req = probe id
-  kNotify = 8,     // a = tag, payload = user bytes
+  kNotify = 8,     // a = tag, b = sender sequence number, payload = user bytes
   kWrite = 9,      // req, a = segment id, b = offset, payload = data chunk; flag LAST on the final chunk
   kWriteAck = 10,  // req
   kReadReq = 11,   // req, a = segment id, b = offset, payload = u64 length
   kReadResp = 12,  // req, b = offset inside the read, payload = data chunk; flag LAST on the final chunk
   kError = 13,     // req, a = error code, payload = message
-  kFrameTypeEnd = 14,
+  kRingOffer = 14,   // a = ring bytes, payload = u32 memfd number + memfd name (same-host notify ring)
+  kRingAccept = 15,  // a = 0 accepted, 1 refused
+  kFrameTypeEnd = 16,
 };
 
 enum FrameFlags : uint16_t { kFlagLast = 1 };
@@ -122,6 +124,8 @@ struct HelloMsg {
   std::string endpoint;
   std::string nonce;  // kNonceBytes
   std::string mac;    // 32 bytes: HMAC(secret, "mooncake-hello" | banner nonce | name)
+  uint32_t doorbell_fd = UINT32_MAX;  // same-host notify doorbell (memfd number), or none
+  std::string doorbell_name;
 };
 
 struct HelloAckMsg {
@@ -132,6 +136,8 @@ struct HelloAckMsg {
   std::string endpoint;
   std::string mac;  // 32 bytes: HMAC(secret, "mooncake-ack" | hello nonce | name); empty unless ok
   std::string message;
+  uint32_t doorbell_fd = UINT32_MAX;
+  std::string doorbell_name;
 };
 
 std::string encode(const BannerMsg& m);

@@ -1,40 +1,130 @@
 #include "inbox.h"
 
+#include <unistd.h>
+
 namespace mooncake::transfer {
 
 namespace {
 constexpr int64_t kSpinNs = 20000;  // brief spin before sleeping (ping-pong latency)
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
 }
 
-void Inbox::push(std::shared_ptr<const std::string> peer, uint64_t tag, std::string data) {
+// Keeps the doorbell's sleeper count right on every exit path (including exceptions).
+struct Sleeper {
+  DoorbellWord* d;
+  explicit Sleeper(DoorbellWord* b) : d(b) { d->sleepers.fetch_add(1, std::memory_order_seq_cst); }
+  ~Sleeper() { d->sleepers.fetch_sub(1, std::memory_order_seq_cst); }
+};
+}  // namespace
+
+Inbox::Inbox() {
+  doorbell_region_ = SharedRegion::create("mooncake-doorbell-" + std::to_string(getpid()), 4096);
+  bell_ = new (doorbell_region_->base()) DoorbellWord;
+  bell_->seq.store(0);
+  bell_->sleepers.store(0);
+}
+
+void Inbox::enqueue_locked(MessagePtr m) {
+  const std::string& name = *m->peer;
+  q_[m->tag][name].push_back(std::move(m));
+}
+
+void Inbox::deliver_locked(const std::shared_ptr<const std::string>& peer, uint64_t seq, uint64_t tag,
+                           int64_t stamp, std::string data) {
   auto m = std::make_shared<Message>();
-  m->peer = std::move(peer);
+  m->order = stamp;
+  m->peer = peer;
   m->tag = tag;
   m->data = std::move(data);
-  bool wake;
+  if (seq == 0) {
+    enqueue_locked(std::move(m));
+    return;
+  }
+  PeerOrder& o = order_[*peer];
+  if (seq < o.expected) return;  // duplicate
+  if (seq > o.expected && !dead_.count(*peer)) {
+    o.held.emplace(seq, std::move(m));
+    return;
+  }
+  enqueue_locked(std::move(m));
+  o.expected = seq + 1;
+  while (!o.held.empty() && (o.held.begin()->first == o.expected || dead_.count(*peer))) {
+    o.expected = o.held.begin()->first + 1;
+    enqueue_locked(std::move(o.held.begin()->second));
+    o.held.erase(o.held.begin());
+  }
+}
+
+bool Inbox::drain_locked() {
+  bool any = false;
+  for (size_t i = 0; i < rings_.size();) {
+    Ring& r = rings_[i];
+    bool ok = r.reader->drain([&](uint64_t seq, uint64_t tag, int64_t stamp, const uint8_t* p, size_t n) {
+      deliver_locked(r.peer, seq, tag, stamp, std::string(reinterpret_cast<const char*>(p), n));
+      any = true;
+    });
+    if (!ok) {
+      rings_.erase(rings_.begin() + static_cast<long>(i));  // corrupt: the peer falls back to nothing
+      continue;
+    }
+    ++i;
+  }
+  return any;
+}
+
+void Inbox::push(const std::shared_ptr<const std::string>& peer, uint64_t seq, uint64_t tag, std::string data) {
   {
     std::lock_guard<std::mutex> g(mu_);
     if (closed_) return;
-    m->seq = ++seq_;
-    q_[tag][*m->peer].push_back(std::move(m));
-    version_.fetch_add(1, std::memory_order_release);
-    wake = waiters_ > 0;
+    const bool gap = seq != 0 && seq > order_[*peer].expected;
+    deliver_locked(peer, seq, tag, now_ns(), std::move(data));
+    if (gap) drain_locked();  // the missing ones may be waiting in the ring
   }
-  if (wake) cv_.notify_all();
+  ring_doorbell(bell_);
+}
+
+void Inbox::add_ring(const std::shared_ptr<const std::string>& peer, std::unique_ptr<RingReader> ring) {
+  std::lock_guard<std::mutex> g(mu_);
+  rings_.push_back(Ring{peer, std::move(ring)});
+}
+
+void Inbox::drain() {
+  bool any;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (rings_.empty()) return;
+    any = drain_locked();
+  }
+  if (any) ring_doorbell(bell_);
 }
 
 void Inbox::mark_dead(const std::string& peer, const std::string& reason) {
   {
     std::lock_guard<std::mutex> g(mu_);
     dead_[peer] = reason;
-    version_.fetch_add(1, std::memory_order_release);
+    drain_locked();
+    // Nothing more can fill a gap now: release what was held, in order.
+    auto o = order_.find(peer);
+    if (o != order_.end()) {
+      for (auto& kv : o->second.held) enqueue_locked(std::move(kv.second));
+      o->second.held.clear();
+    }
   }
-  cv_.notify_all();
+  ring_doorbell(bell_);
 }
 
 void Inbox::forget(const std::string& peer) {
   std::lock_guard<std::mutex> g(mu_);
   dead_.erase(peer);
+  order_.erase(peer);
+  for (size_t i = 0; i < rings_.size();) {
+    if (*rings_[i].peer == peer) rings_.erase(rings_.begin() + static_cast<long>(i));
+    else ++i;
+  }
   for (auto it = q_.begin(); it != q_.end();) {
     it->second.erase(peer);
     it = it->second.empty() ? q_.erase(it) : std::next(it);
@@ -45,9 +135,8 @@ void Inbox::close() {
   {
     std::lock_guard<std::mutex> g(mu_);
     closed_ = true;
-    version_.fetch_add(1, std::memory_order_release);
   }
-  cv_.notify_all();
+  ring_doorbell(bell_);
 }
 
 size_t Inbox::queued() {
@@ -61,7 +150,7 @@ size_t Inbox::queued() {
 MessagePtr Inbox::take_min_locked(std::vector<std::deque<MessagePtr>*>& cands) {
   std::deque<MessagePtr>* best = nullptr;
   for (auto* d : cands)
-    if (!d->empty() && (!best || d->front()->seq < best->front()->seq)) best = d;
+    if (!d->empty() && (!best || d->front()->order < best->front()->order)) best = d;
   if (!best) return nullptr;
   MessagePtr m = std::move(best->front());
   best->pop_front();
@@ -82,29 +171,28 @@ MessagePtr Inbox::wait_loop(TryTake try_take, int64_t deadline) {
   bool spun = false;
   for (;;) {
     if (closed_) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
+    if (!rings_.empty()) drain_locked();
     if (MessagePtr m = try_take()) return m;  // may throw PeerDead
-    int64_t now = now_ns();
+    const int64_t now = now_ns();
     if (now >= deadline) return nullptr;
     if (!spun) {
       spun = true;
-      const uint64_t v = version_.load(std::memory_order_acquire);
+      const uint32_t v = bell_->seq.load(std::memory_order_acquire);
       lk.unlock();
       const int64_t end = std::min(deadline, now + kSpinNs);
-      while (version_.load(std::memory_order_acquire) == v && now_ns() < end) {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-      }
+      // Same-host senders bump the doorbell after publishing; TCP deliveries do too.
+      while (bell_->seq.load(std::memory_order_acquire) == v && now_ns() < end) cpu_relax();
       lk.lock();
       continue;
     }
-    ++waiters_;
-    if (deadline == kForever) {
-      cv_.wait(lk);
-    } else {
-      cv_.wait_for(lk, std::chrono::nanoseconds(deadline - now));
-    }
-    --waiters_;
+    Sleeper s(bell_);
+    const uint32_t v = bell_->seq.load(std::memory_order_seq_cst);
+    if (!rings_.empty()) drain_locked();
+    if (MessagePtr m = try_take()) return m;
+    if (closed_) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
+    lk.unlock();
+    wait_doorbell(bell_, v, deadline);
+    lk.lock();
   }
 }
 

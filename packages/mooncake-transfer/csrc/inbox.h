@@ -1,11 +1,15 @@
 // Received notifications, FIFO per (peer, tag), with blocking matched receive.
-// A waiter for a specific peer wakes with PeerDead the moment that peer is marked dead.
+//
+// Notifications from one peer carry a sequence number and may come over two channels (TCP, and
+// a same-host shared-memory ring); delivery follows the sequence, so order is kept across them.
+// Waiters sleep on this engine's doorbell futex (shared memory), which same-host senders ring
+// directly. A waiter for a specific peer wakes with PeerDead the moment that peer is marked dead.
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -13,11 +17,12 @@
 #include <vector>
 
 #include "common.h"
+#include "shm_channel.h"
 
 namespace mooncake::transfer {
 
 struct Message {
-  uint64_t seq = 0;
+  int64_t order = 0;  // when it arrived (ring: when it was sent); orders queues of different peers
   std::shared_ptr<const std::string> peer;
   uint64_t tag = 0;
   std::string data;
@@ -26,7 +31,14 @@ using MessagePtr = std::shared_ptr<Message>;
 
 class Inbox {
  public:
-  void push(std::shared_ptr<const std::string> peer, uint64_t tag, std::string data);
+  Inbox();
+
+  // Delivers one notification with the sender's sequence number (0 = unordered).
+  void push(const std::shared_ptr<const std::string>& peer, uint64_t seq, uint64_t tag, std::string data);
+  // Starts reading a same-host sender's ring.
+  void add_ring(const std::shared_ptr<const std::string>& peer, std::unique_ptr<RingReader> ring);
+  // Moves ring records into the queues (the I/O thread calls it on every tick).
+  void drain();
 
   // peer == nullptr / tag == nullptr: any. Returns null on timeout. Throws TransferErr(kPeerDead) when
   // `peer` is dead and nothing matching is queued, TransferErr(kGeneric) when the engine closed.
@@ -35,23 +47,38 @@ class Inbox {
   MessagePtr recv_any(const std::vector<std::string>& peers, uint64_t tag, int64_t deadline);
 
   void mark_dead(const std::string& peer, const std::string& reason);
-  void forget(const std::string& peer);  // drops its queued messages and its dead mark
+  void forget(const std::string& peer);  // drops its queued messages, rings and dead mark
   void close();
   size_t queued();
 
+  const SharedRegion& doorbell_region() const { return *doorbell_region_; }
+
  private:
+  struct Ring {
+    std::shared_ptr<const std::string> peer;
+    std::unique_ptr<RingReader> reader;
+  };
+  struct PeerOrder {
+    uint64_t expected = 1;
+    std::map<uint64_t, MessagePtr> held;  // arrived ahead of a gap
+  };
+
   template <class TryTake>
   MessagePtr wait_loop(TryTake try_take, int64_t deadline);
   MessagePtr take_min_locked(std::vector<std::deque<MessagePtr>*>& cands);
+  void deliver_locked(const std::shared_ptr<const std::string>& peer, uint64_t seq, uint64_t tag, int64_t stamp,
+                      std::string data);
+  void enqueue_locked(MessagePtr m);
+  bool drain_locked();
 
   std::mutex mu_;
-  std::condition_variable cv_;
+  std::shared_ptr<SharedRegion> doorbell_region_;
+  DoorbellWord* bell_;
   // tag -> peer -> FIFO
   std::unordered_map<uint64_t, std::unordered_map<std::string, std::deque<MessagePtr>>> q_;
+  std::unordered_map<std::string, PeerOrder> order_;
+  std::vector<Ring> rings_;
   std::unordered_map<std::string, std::string> dead_;  // peer -> reason
-  uint64_t seq_ = 0;
-  std::atomic<uint64_t> version_{0};
-  int waiters_ = 0;
   bool closed_ = false;
 };
 

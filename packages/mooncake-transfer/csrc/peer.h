@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "connection.h"
+#include "shm_channel.h"
 
 namespace mooncake::transfer {
 
@@ -36,6 +37,16 @@ struct Peer {
     std::lock_guard<std::mutex> g(mu);
     return ErrorInfo{ErrKind::kPeerDead, name, reason.empty() ? "peer is dead" : reason};
   }
+
+  // Notifications to this peer: sequence numbers and the same-host ring (guarded by notify_mu).
+  enum RingState : int { kRingNone = 0, kRingOffered = 1, kRingReady = 2, kRingOff = 3 };
+  std::mutex notify_mu;
+  uint64_t notify_seq = 0;
+  std::atomic<int> ring_state{kRingNone};
+  std::unique_ptr<RingWriter> ring;
+  std::shared_ptr<SharedRegion> their_doorbell;
+  uint32_t doorbell_fd = UINT32_MAX;  // from the handshake
+  std::string doorbell_name;
 
   std::mutex mu;
   std::condition_variable cv;  // local_inflight reached 0, or death

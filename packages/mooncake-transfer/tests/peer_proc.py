@@ -110,6 +110,12 @@ def main() -> None:
                 out["transport"] = rseg.transport
                 out["peer"] = rseg.peer
                 out["rtt"] = eng.probe(rseg.peer)
+            elif op == "notify_many":
+                # Message i = 4-byte index + filler up to sizes[i] bytes (small ones take the
+                # same-host ring, big ones TCP): the receiver checks the order.
+                for i, size in enumerate(cmd["sizes"]):
+                    body = i.to_bytes(4, "little") + bytes([i % 251]) * max(0, size - 4)
+                    eng.notify(cmd["peer"], body, cmd.get("tag", 0))
             elif op == "state":
                 out["state"] = int(eng.peer_state(cmd["peer"]))
             elif op == "sleep":

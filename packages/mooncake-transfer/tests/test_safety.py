@@ -66,6 +66,7 @@ class RawClient:
         nonce_c = os.urandom(16)
         mac = hmac.new(secret.encode(), b"mooncake-hello\0" + nonce_s + name.encode(), hashlib.sha256).digest()
         payload = s16(name.encode()) + s16(b"raw-host") + struct.pack("<I", 1) + s16(b"0.0.0.0:1") + nonce_c + mac
+        payload += struct.pack("<I", 0xFFFFFFFF) + s16(b"")  # no same-host doorbell
         self.sock.sendall(frame(HELLO, payload))
         h, p = self.read_frame()
         assert h[2] == HELLO_ACK

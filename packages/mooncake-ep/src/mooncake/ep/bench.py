@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger("mooncake.ep")
 
-DEFAULTS = dict(tokens=128, hidden=7168, topk=8, experts=288)
+DEFAULTS = {"tokens": 128, "hidden": 7168, "topk": 8, "experts": 288}
 
 
 def _free_port() -> int:
@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def _default_backend(device: str) -> str:
     try:
-        import mooncake.pg  # noqa: F401, PLC0415
+        import mooncake.pg  # noqa: F401 - registers the backend
 
         return "mooncake-cpu" if device == "cpu" else "mooncake"
     except ImportError:
@@ -85,13 +85,17 @@ class _Timer:
 
 def _expert_outputs(recv_x: Any, recv_count: torch.Tensor, use_fp8: bool) -> torch.Tensor:
     """bf16 ``[L, R*T, H]`` with the valid rows filled (the received tokens, dequantized)."""
-    from .fp8 import per_token_cast_back  # noqa: PLC0415
+    from .fp8 import per_token_cast_back
 
     data = recv_x[0] if use_fp8 else recv_x
     out = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
     for local, count in enumerate(recv_count.tolist()):
         if count:
-            rows = per_token_cast_back(data[local, :count], recv_x[1][local, :count]) if use_fp8 else data[local, :count]
+            rows = (
+                per_token_cast_back(data[local, :count], recv_x[1][local, :count])
+                if use_fp8
+                else data[local, :count]
+            )
             out[local, :count] = rows
     return out
 
@@ -99,8 +103,8 @@ def _expert_outputs(recv_x: Any, recv_count: torch.Tensor, use_fp8: bool) -> tor
 def _rank_main(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     try:
         queue.put((rank, _run_rank(rank, args, port)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        import traceback  # noqa: PLC0415
+    except BaseException as exc:
+        import traceback
 
         queue.put((rank, {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}))
     queue.close()
@@ -110,18 +114,20 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, queue: Any) -> No
 
 
 def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
-    from .buffer import Buffer  # noqa: PLC0415
-    from .reference import GatherEverythingEP  # noqa: PLC0415
+    from .buffer import Buffer
+    from .reference import GatherEverythingEP
 
     torch.set_num_threads(args.threads)
     if args.backend.startswith("mooncake"):
-        import mooncake.pg  # noqa: F401, PLC0415
+        import mooncake.pg  # noqa: F401 - registers the backend
     device = torch.device("cpu")
     if args.device == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
-    dist.init_process_group(args.backend, store=store, rank=rank, world_size=args.ranks, timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        args.backend, store=store, rank=rank, world_size=args.ranks, timeout=timedelta(seconds=300)
+    )
     group = dist.group.WORLD
     num_ranks = args.ranks
     use_fp8 = args.dispatch_dtype == "fp8"
@@ -132,7 +138,12 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
     active = torch.ones(num_ranks, dtype=torch.int32, device=device)
     timer = _Timer(device)
     selections = int((topk_idx >= 0).sum())
-    times: dict[str, list[float]] = {"ours.dispatch": [], "ours.combine": [], "ref.dispatch": [], "ref.combine": []}
+    times: dict[str, list[float]] = {
+        "ours.dispatch": [],
+        "ours.combine": [],
+        "ref.dispatch": [],
+        "ref.combine": [],
+    }
     expert_out: Optional[torch.Tensor] = None
     ref_expert_out: Optional[torch.Tensor] = None
     wire = {"ours.dispatch": 0, "ours.combine": 0, "ref.dispatch": 0, "ref.combine": 0}
@@ -143,7 +154,9 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
         stats0 = buffer.stats.snapshot() if buffer.stats is not None else None
         group.barrier()
         begin = timer.start()
-        recv_x, recv_count, handle, _, _ = buffer.dispatch(x, topk_idx, active, args.tokens, args.experts, -1, use_fp8=use_fp8)
+        recv_x, recv_count, handle, _, _ = buffer.dispatch(
+            x, topk_idx, active, args.tokens, args.experts, -1, use_fp8=use_fp8
+        )
         elapsed = timer.stop(begin)
         if expert_out is None:
             expert_out = _expert_outputs(recv_x, recv_count, use_fp8)
@@ -157,10 +170,24 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
             times["ours.combine"].append(combine_elapsed)
             if stats0 is not None:
                 stats2 = buffer.stats.snapshot()
-                wire["ours.dispatch"] = stats1["dispatch_payload_bytes"] + stats1["dispatch_meta_bytes"] - stats0["dispatch_payload_bytes"] - stats0["dispatch_meta_bytes"]
-                wire["ours.combine"] = stats2["combine_payload_bytes"] + stats2["combine_meta_bytes"] - stats1["combine_payload_bytes"] - stats1["combine_meta_bytes"]
-                routed["dispatch"] = stats1["dispatch_payload_bytes"] - stats0["dispatch_payload_bytes"]
-                routed["combine"] = stats2["combine_payload_bytes"] - stats1["combine_payload_bytes"]
+                wire["ours.dispatch"] = (
+                    stats1["dispatch_payload_bytes"]
+                    + stats1["dispatch_meta_bytes"]
+                    - stats0["dispatch_payload_bytes"]
+                    - stats0["dispatch_meta_bytes"]
+                )
+                wire["ours.combine"] = (
+                    stats2["combine_payload_bytes"]
+                    + stats2["combine_meta_bytes"]
+                    - stats1["combine_payload_bytes"]
+                    - stats1["combine_meta_bytes"]
+                )
+                routed["dispatch"] = (
+                    stats1["dispatch_payload_bytes"] - stats0["dispatch_payload_bytes"]
+                )
+                routed["combine"] = (
+                    stats2["combine_payload_bytes"] - stats1["combine_payload_bytes"]
+                )
 
     def run_ref(record: bool) -> None:
         nonlocal ref_expert_out
@@ -168,7 +195,9 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
         w0 = baseline.wire_bytes
         group.barrier()
         begin = timer.start()
-        recv_x, recv_count, handle = baseline.dispatch(x, topk_idx, args.tokens, args.experts, use_fp8=use_fp8)
+        recv_x, recv_count, handle = baseline.dispatch(
+            x, topk_idx, args.tokens, args.experts, use_fp8=use_fp8
+        )
         elapsed = timer.stop(begin)
         w1 = baseline.wire_bytes
         if ref_expert_out is None:
@@ -191,7 +220,12 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
                 continue
             fn(record)
         if rank == 0 and args.progress and record:
-            print(f"\r  iteration {it - args.warmup + 1}/{args.iters}", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r  iteration {it - args.warmup + 1}/{args.iters}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if rank == 0 and args.progress:
         print(file=sys.stderr)
     result = {
@@ -223,25 +257,45 @@ def _aggregate(per_rank: list[dict], args: argparse.Namespace) -> dict:
         medians[key] = median
         op = key.split(".")[1]
         logical = selections * (per_sel_dispatch if op == "dispatch" else 2 * hidden)
-        rows.append({
-            "impl": "mooncake-ep" if key.startswith("ours") else "gather-everything",
-            "op": op,
-            "median_ms": median * 1e3,
-            "p10_ms": sorted(slowest)[len(slowest) // 10] * 1e3,
-            "p90_ms": sorted(slowest)[(len(slowest) * 9) // 10] * 1e3,
-            "wire_bytes_per_rank": statistics.mean(r["wire"][key] for r in per_rank),
-            "routed_bytes_per_rank": statistics.mean(r["routed"][op] for r in per_rank) if key.startswith("ours") else None,
-            "logical_gbps": logical / median / 1e9,
-        })  # fmt: skip
+        rows.append(
+            {
+                "impl": "mooncake-ep" if key.startswith("ours") else "gather-everything",
+                "op": op,
+                "median_ms": median * 1e3,
+                "p10_ms": sorted(slowest)[len(slowest) // 10] * 1e3,
+                "p90_ms": sorted(slowest)[(len(slowest) * 9) // 10] * 1e3,
+                "wire_bytes_per_rank": statistics.mean(r["wire"][key] for r in per_rank),
+                "routed_bytes_per_rank": statistics.mean(r["routed"][op] for r in per_rank)
+                if key.startswith("ours")
+                else None,
+                "logical_gbps": logical / median / 1e9,
+            }
+        )
     ratios = {}
     for op in ("dispatch", "combine"):
         if f"ref.{op}" in medians:
             ratios[op] = medians[f"ours.{op}"] / medians[f"ref.{op}"]
     if "ref.dispatch" in medians:
-        ratios["total"] = (medians["ours.dispatch"] + medians["ours.combine"]) / (medians["ref.dispatch"] + medians["ref.combine"])
+        ratios["total"] = (medians["ours.dispatch"] + medians["ours.combine"]) / (
+            medians["ref.dispatch"] + medians["ref.combine"]
+        )
     return {
-        "config": {k: getattr(args, k) for k in ("ranks", "backend", "device", "tokens", "hidden", "topk", "experts",
-                                                 "dispatch_dtype", "iters", "warmup", "threads")},  # fmt: skip
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "ranks",
+                "backend",
+                "device",
+                "tokens",
+                "hidden",
+                "topk",
+                "experts",
+                "dispatch_dtype",
+                "iters",
+                "warmup",
+                "threads",
+            )
+        },
         "path": per_rank[0]["path"],
         "path_reason": per_rank[0]["path_reason"],
         "selections_per_rank": selections,
@@ -253,36 +307,58 @@ def _aggregate(per_rank: list[dict], args: argparse.Namespace) -> dict:
 def _print_table(report: dict) -> None:
     cfg = report["config"]
     print(
-        f"mooncake-ep bench: {cfg['ranks']} ranks, backend {cfg['backend']}, {cfg['device']}, T={cfg['tokens']} "
-        f"H={cfg['hidden']} K={cfg['topk']} E={cfg['experts']}, dispatch {cfg['dispatch_dtype']}, combine bf16, "
+        f"mooncake-ep bench: {cfg['ranks']} ranks, backend {cfg['backend']}, {cfg['device']}, "
+        f"T={cfg['tokens']} H={cfg['hidden']} K={cfg['topk']} E={cfg['experts']}, "
+        f"dispatch {cfg['dispatch_dtype']}, combine bf16, "
         f"{cfg['iters']} iterations (+{cfg['warmup']} warm-up), path {report['path']}"
     )
-    header = f"{'op':<9}{'impl':<19}{'median ms':>10}{'p10 ms':>9}{'p90 ms':>9}{'wire MB/rank':>14}{'routed MB/rank':>16}{'logical GB/s':>14}"
+    columns = (
+        ("op", "<9"),
+        ("impl", "<19"),
+        ("median ms", ">10"),
+        ("p10 ms", ">9"),
+        ("p90 ms", ">9"),
+        ("wire MB/rank", ">14"),
+        ("routed MB/rank", ">16"),
+        ("logical GB/s", ">14"),
+    )
+    header = "".join(f"{name:{spec}}" for name, spec in columns)
     print(header)
     print("-" * len(header))
     for row in report["rows"]:
-        routed = "" if row["routed_bytes_per_rank"] is None else f"{row['routed_bytes_per_rank'] / 1e6:.3f}"
-        print(
-            f"{row['op']:<9}{row['impl']:<19}{row['median_ms']:>10.2f}{row['p10_ms']:>9.2f}{row['p90_ms']:>9.2f}"
-            f"{row['wire_bytes_per_rank'] / 1e6:>14.3f}{routed:>16}{row['logical_gbps']:>14.3f}"
+        routed = row["routed_bytes_per_rank"]
+        values = (
+            row["op"],
+            row["impl"],
+            f"{row['median_ms']:.2f}",
+            f"{row['p10_ms']:.2f}",
+            f"{row['p90_ms']:.2f}",
+            f"{row['wire_bytes_per_rank'] / 1e6:.3f}",
+            "" if routed is None else f"{routed / 1e6:.3f}",
+            f"{row['logical_gbps']:.3f}",
         )
+        print("".join(f"{value:{spec}}" for value, (_, spec) in zip(values, columns)))
     for op, ratio in report["ratio_ours_over_reference"].items():
         print(f"ratio mooncake-ep / gather-everything ({op}): {ratio:.2f}x")
 
 
 def _plot(report: dict, path: str) -> None:
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         print("--plot needs matplotlib (pip install matplotlib); skipped", file=sys.stderr)
         return
     rows = report["rows"]
     labels = [f"{r['op']}\n{r['impl']}" for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(labels, [r["median_ms"] for r in rows], color=["tab:blue" if r["impl"] == "mooncake-ep" else "tab:gray" for r in rows])
+    ax.bar(
+        labels,
+        [r["median_ms"] for r in rows],
+        color=["tab:blue" if r["impl"] == "mooncake-ep" else "tab:gray" for r in rows],
+    )
     ax.set_ylabel("median time per op (ms, slowest rank)")
     cfg = report["config"]
     ax.set_title(f"mooncake-ep {cfg['ranks']} ranks {cfg['backend']} H={cfg['hidden']}")
@@ -291,11 +367,19 @@ def _plot(report: dict, path: str) -> None:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mooncake.ep.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mooncake.ep.bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--backend", default=None, help="default: mooncake-cpu/mooncake if installed, else gloo/nccl")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="default: mooncake-cpu/mooncake if installed, else gloo/nccl",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="tokens per rank (T = N)")
+    parser.add_argument(
+        "--tokens", type=int, default=DEFAULTS["tokens"], help="tokens per rank (T = N)"
+    )
     parser.add_argument("--hidden", type=int, default=DEFAULTS["hidden"])
     parser.add_argument("--topk", type=int, default=DEFAULTS["topk"])
     parser.add_argument("--experts", type=int, default=DEFAULTS["experts"])
@@ -303,10 +387,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip the gather-everything baseline")
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the gather-everything baseline",
+    )
     parser.add_argument("--json", default=None, help="write the report here")
-    parser.add_argument("--plot", default=None, help="draw the medians into this PNG (needs matplotlib)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds before the run is abandoned")
+    parser.add_argument(
+        "--plot", default=None, help="draw the medians into this PNG (needs matplotlib)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds before the run is abandoned"
+    )
     parser.add_argument("--quiet", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.backend is None:
@@ -318,11 +411,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     port = _free_port()
-    store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=120))  # fmt: skip
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size=None,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=120),
+    )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(rank, args, port, queue), daemon=True) for rank in range(args.ranks)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, args, port, queue), daemon=True)
+        for rank in range(args.ranks)
+    ]
     for proc in procs:
         proc.start()
     results: dict[int, dict] = {}
@@ -334,7 +436,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise TimeoutError(f"bench did not finish within {args.timeout} s")
             try:
                 rank, value = queue.get(timeout=min(remaining, 5.0))
-            except Exception:  # noqa: BLE001 - queue.Empty: check for dead ranks
+            except Exception:
                 dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
                 if dead:
                     raise RuntimeError(f"ranks {dead} exited without a result") from None

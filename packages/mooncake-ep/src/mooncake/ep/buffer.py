@@ -42,9 +42,9 @@ class Buffer:
     Construction is collective over ``group`` (the ranks agree on a path). One instance per group.
 
     Args:
-        group: a ``torch.distributed.ProcessGroup``; normally a Mooncake backend group (``"mooncake"``
-            for CUDA tensors, ``"mooncake-cpu"`` for CPU tensors). Any backend works through the
-            portable path, but only the Mooncake backend survives failures.
+        group: a ``torch.distributed.ProcessGroup``; normally a Mooncake backend group
+            (``"mooncake"`` for CUDA tensors, ``"mooncake-cpu"`` for CPU tensors). Any backend
+            works through the portable path, but only the Mooncake backend survives failures.
         num_ep_buffer_bytes: bytes of the fast path's symmetric buffer, normally
             ``Buffer.get_ep_buffer_size_hint(T, H, R, E)``. Unused by the portable path.
         path: ``"auto"`` (default), ``"portable"`` or ``"fast"``; when None, ``MOONCAKE_EP_PATH``
@@ -57,9 +57,13 @@ class Buffer:
         stats: the path's ``TrafficStats`` (bytes handed to the backend), or None if it keeps none.
     """
 
-    def __init__(self, group: Any, num_ep_buffer_bytes: int = 0, *, path: Optional[str] = None) -> None:
+    def __init__(
+        self, group: Any, num_ep_buffer_bytes: int = 0, *, path: Optional[str] = None
+    ) -> None:
         if not isinstance(group, dist.ProcessGroup):
-            raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+            raise TypeError(
+                f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}"
+            )
         check_int("num_ep_buffer_bytes", num_ep_buffer_bytes)
         if num_ep_buffer_bytes < 0:
             raise ValueError(f"num_ep_buffer_bytes={num_ep_buffer_bytes} must be >= 0")
@@ -108,8 +112,8 @@ class Buffer:
     def get_ep_buffer_size_hint(
         num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
     ) -> int:
-        """Bytes of the fast path's symmetric buffer for ``(T, H, R, E)``: an upper bound for BF16 and
-        FP8 and both halves (``mooncake.ep.layout``). Raises ValueError on a violated limit."""
+        """Bytes of the fast path's symmetric buffer for ``(T, H, R, E)``: an upper bound for BF16
+        and FP8 and both halves (``mooncake.ep.layout``). Raises ValueError on a violated limit."""
         return ep_buffer_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     get_buffer_size_hint = get_ep_buffer_size_hint
@@ -124,7 +128,8 @@ class Buffer:
         check_bool("return_recv_hook", return_recv_hook)
         if async_finish and return_recv_hook:
             raise ValueError(
-                "async_finish=True and return_recv_hook=True cannot be combined: with the hook the receive "
+                "async_finish=True and return_recv_hook=True cannot be combined: with the hook the "
+                "receive "
                 "phase runs when you call hook(); with async_finish it runs on a comm stream"
             )
 
@@ -149,37 +154,58 @@ class Buffer:
         check_tokens_per_rank(tokens)
         if num_tokens > tokens:
             raise ValueError(
-                f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens} (the limit N <= T)"
+                f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens} "
+                "(the limit N <= T)"
             )
         check_experts(num_experts, self.num_ranks)
         check_tensor("topk_idx", topk_idx, torch.int64, (num_tokens, None), x.device)
         check_topk(topk_idx.shape[1])
         self._check_active_ranks(active_ranks, x.device)
         check_timeout_us(timeout_us)
-        for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0)):
+        for name, value in (
+            ("use_fp8", use_fp8),
+            ("round_scale", round_scale),
+            ("use_ue8m0", use_ue8m0),
+        ):
             check_bool(name, value)
         if round_scale and not use_fp8:
             raise ValueError("round_scale=True requires use_fp8=True (it rounds the FP8 scales)")
         if use_ue8m0 and not round_scale:
-            raise ValueError("use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)")
+            raise ValueError(
+                "use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)"
+            )
         self._check_flags(async_finish, return_recv_hook)
         if stats is not None:
             check_tensor(
-                "cumulative_local_expert_recv_stats", stats, torch.int32, (num_experts // self.num_ranks,), x.device
+                "cumulative_local_expert_recv_stats",
+                stats,
+                torch.int32,
+                (num_experts // self.num_ranks,),
+                x.device,
             )
         if x.device.type == "cpu":  # free on the host; the portable path checks CUDA inputs itself
             check_topk_values(topk_idx, num_experts)
 
     def _validate_handle(self, handle: Any) -> tuple[int, int, int]:
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:
-            raise TypeError("handle must be the 5-tuple (src_info, layout_range, T, H, E) returned by dispatch")
+            raise TypeError(
+                "handle must be the 5-tuple (src_info, layout_range, T, H, E) returned by dispatch"
+            )
         src_info, layout_range, tokens, hidden, num_experts = handle
         check_tokens_per_rank(tokens, "handle[2] (T)")
         check_hidden(hidden, "handle[3] (H)")
         check_experts(num_experts, self.num_ranks, "handle[4] (E)")
         num_local = num_experts // self.num_ranks
-        check_tensor("handle[0] (src_info)", src_info, torch.int32, (num_local, self.num_ranks * tokens))
-        check_tensor("handle[1] (layout_range)", layout_range, torch.int64, (num_local, self.num_ranks), src_info.device)
+        check_tensor(
+            "handle[0] (src_info)", src_info, torch.int32, (num_local, self.num_ranks * tokens)
+        )
+        check_tensor(
+            "handle[1] (layout_range)",
+            layout_range,
+            torch.int64,
+            (num_local, self.num_ranks),
+            src_info.device,
+        )
         return tokens, hidden, num_experts
 
     def _validate_combine(
@@ -205,7 +231,10 @@ class Buffer:
         num_tokens, topk = topk_idx.shape
         check_topk(topk)
         if num_tokens > tokens:
-            raise ValueError(f"topk_idx has {num_tokens} tokens, more than the handle's T={tokens} (the limit N <= T)")
+            raise ValueError(
+                f"topk_idx has {num_tokens} tokens, more than the handle's T={tokens} (the limit N "
+                "<= T)"
+            )
         check_tensor("topk_weights", topk_weights, torch.float32, (num_tokens, topk), device)
         self._check_active_ranks(active_ranks, device)
         check_timeout_us(timeout_us)
@@ -238,9 +267,10 @@ class Buffer:
         Args:
             x: bf16 ``[N, H]``, contiguous.
             topk_idx: int64 ``[N, K]``, contiguous; ``-1`` = no expert; no expert twice in a row.
-            active_ranks: int32 ``[R]`` on ``x``'s device; 1 alive, 0 failed. Input and output: a rank
-                that is 0 on entry is neither sent to nor waited for; a rank that fails or sends
-                nothing within ``timeout_us`` is set to 0 and its tokens are dropped. Never set to 1.
+            active_ranks: int32 ``[R]`` on ``x``'s device; 1 alive, 0 failed. Input and output:
+                a rank that is 0 on entry is neither sent to nor waited for; a rank that fails or
+                sends nothing within ``timeout_us`` is set to 0 and its tokens are dropped. Never
+                set back to 1.
             num_max_dispatch_tokens_per_rank: ``T`` (1..1024), the same on every rank.
             num_experts: ``E``, a multiple of ``R``.
             timeout_us: deadline in microseconds from the op's start; ``-1`` waits forever.
@@ -271,13 +301,33 @@ class Buffer:
             TypeError/ValueError: a bad argument or violated limit, before anything is sent.
         """
         self._validate_dispatch(
-            x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank, num_experts, timeout_us,
-            use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, cumulative_local_expert_recv_stats,
-        )  # fmt: skip
+            x,
+            topk_idx,
+            active_ranks,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            timeout_us,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+            cumulative_local_expert_recv_stats,
+        )
         result = self.path.dispatch(
-            x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank, num_experts, timeout_us,
-            use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, cumulative_local_expert_recv_stats,
-        )  # fmt: skip
+            x,
+            topk_idx,
+            active_ranks,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            timeout_us,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+            cumulative_local_expert_recv_stats,
+        )
         self.num_ops += 1
         return result
 
@@ -297,8 +347,8 @@ class Buffer:
         """Send expert outputs back to the tokens' ranks and reduce them there.
 
         Args:
-            x: bf16 ``[L, R*T, H]``: expert outputs in the dispatch layout (row ``i`` of expert ``l``
-                answers row ``i`` of the dispatch's ``recv_x``). Ignored with ``zero_copy``.
+            x: bf16 ``[L, R*T, H]``: expert outputs in the dispatch layout (row ``i`` of expert
+                ``l`` answers row ``i`` of the dispatch's ``recv_x``). Ignored with ``zero_copy``.
             topk_idx: int64 ``[N, K]``, this rank's routing (the one passed to the dispatch).
             topk_weights: float32 ``[N, K]``.
             active_ranks: int32 ``[R]``, as in ``dispatch``; an expert whose owner is 0 (on entry or
@@ -311,14 +361,33 @@ class Buffer:
 
         Returns:
             ``(combined_x, event, hook)``: ``combined_x`` bf16 ``[N, H]`` =
-            ``sum over k with topk_idx[n,k] >= 0 and owner alive of topk_weights[n,k] * expert_out``,
+            ``sum over k with topk_idx[n,k] >= 0 and owner alive of topk_weights[n,k] *
+            expert_out``,
             accumulated in fp32 in increasing ``k`` (weights not renormalised).
         """
         self._validate_combine(
-            x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy, async_finish, return_recv_hook, out
+            x,
+            topk_idx,
+            topk_weights,
+            active_ranks,
+            timeout_us,
+            handle,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
         )
         result = self.path.combine(
-            x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy, async_finish, return_recv_hook, out
+            x,
+            topk_idx,
+            topk_weights,
+            active_ranks,
+            timeout_us,
+            handle,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
         )
         self.num_ops += 1
         return result
@@ -361,12 +430,12 @@ class Buffer:
             self._path.num_ops = 0
 
     def destroy(self) -> None:
-        """Release the path's resources. Local (no collective) and idempotent; never blocks on peers."""
+        """Release the path's resources: local (no collective), idempotent, never blocks."""
         path, self._path = self._path, None
         if path is not None:
             path.destroy()
 
-    def __enter__(self) -> "Buffer":
+    def __enter__(self) -> Buffer:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -375,7 +444,7 @@ class Buffer:
     def __del__(self) -> None:
         try:
             self.destroy()
-        except Exception:  # noqa: BLE001 - never raise (or hang) from a finalizer
+        except Exception:
             pass
 
     def __repr__(self) -> str:

@@ -1,16 +1,17 @@
 """DeepEP drop-in: ``from mooncake.ep import deep_ep_compat as deep_ep``.
 
-Code written for DeepEP's low-latency mode runs unchanged. ``Buffer`` accepts DeepEP's constructor
-(arguments that mean nothing here are accepted and ignored) and its low-latency methods with DeepEP's
-argument names and return values. What DeepEP lacks, fault tolerance, comes from two attributes:
+Code written for DeepEP's low-latency mode runs unchanged. ``Buffer`` accepts DeepEP's
+constructor (arguments that mean nothing here are accepted and ignored) and its low-latency methods
+with DeepEP's argument names and return values. What DeepEP lacks, fault tolerance, comes from two
+attributes:
 
 - ``buffer.active_ranks``: int32 ``[R]`` (1 alive, 0 failed), created on the first op's device and
   updated in place by every op. Reset it to ones yourself after recovery.
 - ``buffer.timeout_us``: the deadline of every op (default ``MOONCAKE_EP_TIMEOUT_US`` or -1 = none).
 
-Not supported: DeepEP's normal (high-throughput) mode (``dispatch``/``combine``/``get_dispatch_layout``
-raise ``NotImplementedError``); ``use_logfmt`` (accepted; combine stays BF16, which is more precise);
-``*_wait_recv_cost_stats`` (accepted, left unchanged).
+Not supported: DeepEP's normal (high-throughput) mode (``dispatch``, ``combine`` and
+``get_dispatch_layout`` raise ``NotImplementedError``); ``use_logfmt`` (accepted; combine stays
+BF16, which is more precise); ``*_wait_recv_cost_stats`` (accepted, left unchanged).
 """
 
 from __future__ import annotations
@@ -113,12 +114,21 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]:
-        """DeepEP's ``low_latency_dispatch``; shapes as in ``mooncake.ep.buffer.Buffer.dispatch``."""
+        """DeepEP's ``low_latency_dispatch``; shapes as in ``mooncake.ep.buffer.Buffer.dispatch``"""
         return self._buffer.dispatch(
-            x, topk_idx, self._active_on(x.device), num_max_dispatch_tokens_per_rank, num_experts, self.timeout_us,
-            use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
-            return_recv_hook=return_recv_hook, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
-        )  # fmt: skip
+            x,
+            topk_idx,
+            self._active_on(x.device),
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            self.timeout_us,
+            use_fp8=use_fp8,
+            round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+            async_finish=async_finish,
+            return_recv_hook=return_recv_hook,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+        )
 
     def low_latency_combine(
         self,
@@ -135,17 +145,29 @@ class Buffer:
     ) -> tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
         """DeepEP's ``low_latency_combine``; shapes as in ``mooncake.ep.buffer.Buffer.combine``."""
         if use_logfmt and not self._warned_logfmt:
-            logger.warning("use_logfmt=True is accepted but ignored: combine sends BF16 (more precise)")
+            logger.warning(
+                "use_logfmt=True is accepted but ignored: combine sends BF16 (more precise)"
+            )
             self._warned_logfmt = True
         return self._buffer.combine(
-            x, topk_idx, topk_weights, self._active_on(x.device), self.timeout_us, handle,
-            zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook, out=out,
-        )  # fmt: skip
+            x,
+            topk_idx,
+            topk_weights,
+            self._active_on(x.device),
+            self.timeout_us,
+            handle,
+            zero_copy=zero_copy,
+            async_finish=async_finish,
+            return_recv_hook=return_recv_hook,
+            out=out,
+        )
 
     def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
         return self._buffer.get_next_combine_buffer(handle)
 
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
         """The portable path keeps no state between ops, so this is a no-op there; a path that needs
         cleaning provides ``clean_buffer(T, H, E)``, which is called."""
         clean = getattr(self._buffer.path, "clean_buffer", None)
@@ -159,7 +181,8 @@ class Buffer:
 
     def _normal_mode(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
-            "DeepEP's normal (high-throughput) mode is not provided by Mooncake EP; use the low_latency_* methods"
+            "DeepEP's normal (high-throughput) mode is not provided by Mooncake EP; use the "
+            "low_latency_* methods"
         )
 
     get_dispatch_layout = _normal_mode

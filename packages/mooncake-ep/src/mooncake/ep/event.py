@@ -1,4 +1,4 @@
-"""``EventOverlap``: what ``dispatch``/``combine`` return as ``event`` (DeepEP's class, same methods)."""
+"""``EventOverlap``: the ``event`` that ``dispatch``/``combine`` return (DeepEP's class)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 class EventOverlap:
     """Completion of an op issued with ``async_finish=True``.
 
-    ``current_stream_wait()`` makes the current stream (CUDA) or the caller (CPU) wait until the op's
-    results are usable. Used as a context manager, the wait happens on exit, so the body overlaps with
-    the communication. For an op issued without ``async_finish`` the event is already complete and
-    waiting is a no-op.
+    ``current_stream_wait()`` makes the current stream (CUDA) or the caller (CPU) wait until the
+    op's results are usable. Used as a context manager, the wait happens on exit, so the body
+    overlaps with the communication. For an op issued without ``async_finish`` the event is already
+    complete and waiting is a no-op.
 
     Args:
         event: a ``torch.cuda.Event`` recorded on the stream that finishes the op, or ``None``.
@@ -47,7 +47,7 @@ class EventOverlap:
         """True when no host-side wait is pending (a CUDA event may still be in flight)."""
         return self._on_wait is None
 
-    def __enter__(self) -> "EventOverlap":
+    def __enter__(self) -> EventOverlap:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

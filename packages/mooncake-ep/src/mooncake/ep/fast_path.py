@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import socket
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -264,6 +265,10 @@ class CudaP2PPath:
         self._dispatch_fn = lib.mep_dispatch
         self._combine_fn = lib.mep_combine
         self._comm_stream: Optional[torch.cuda.Stream] = None
+        self._reuse_outputs = os.environ.get("MOONCAKE_EP_FRESH_OUTPUTS", "0") != "1"
+        self._outputs: dict[tuple, tuple] = {}
+        # src_info tensors this path made (id -> tensor): their allocation holds the top-k slots.
+        self._slot_rows: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         if lib.mep_dispatch_num_args() != _D_ARGS or lib.mep_combine_num_args() != _C_ARGS:
             raise RuntimeError("the CUDA library's argument layout differs from fast_path.py: stale build")
 
@@ -340,6 +345,52 @@ class CudaP2PPath:
         if rc != 0:
             _cuda.check(self._lib, rc, what)
 
+    # ------------------------------------------------------------------ outputs
+
+    def _cached(self, key: tuple, make: Callable[[], tuple]) -> tuple:
+        """Output tensors for ``key`` (which includes the buffer half). Reused by the next op of the
+        same kind on the same half, when the contract says the old results are dead ("results of at
+        most two ops are alive at once"); fresh inside a CUDA-graph capture (the graph owns them) or
+        with ``MOONCAKE_EP_FRESH_OUTPUTS=1``."""
+        if not self._reuse_outputs or torch.cuda.is_current_stream_capturing():
+            return make()
+        entry = self._outputs.get(key)
+        if entry is None:
+            if len(self._outputs) >= 16:  # shapes changed: drop the old sets
+                self._outputs.clear()
+            entry = self._outputs[key] = make()
+        return entry
+
+    def _dispatch_outputs(
+        self, half: int, tokens: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool
+    ) -> tuple:
+        """(recv_x, recv_count, handle, pointers for the kernel, tensors to keep alive)."""
+
+        def make() -> tuple:
+            num_local, rows, dev = num_experts // self.num_ranks, self.num_ranks * tokens, self.device
+            if use_fp8:
+                data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=dev)
+                width = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+                scales = torch.empty((num_local, width, rows), dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                     device=dev)  # fmt: skip
+                recv_x: Any = (data, scales.transpose(1, 2))
+                keep: tuple = (data, scales)
+            else:
+                data = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=dev)
+                recv_x, keep, scales = data, (data,), None
+            recv_count = torch.empty((num_local,), dtype=torch.int32, device=dev)
+            # src_info is row 0; row 1 holds each row's top-k slot, which combine reads.
+            info = torch.empty((2, num_local, rows), dtype=torch.int32, device=dev)
+            layout_range = torch.empty((num_local, self.num_ranks), dtype=torch.int64, device=dev)
+            src_info = info[0]
+            self._slot_rows[id(src_info)] = src_info
+            handle = (src_info, layout_range, tokens, hidden, num_experts)
+            ptrs = (data.data_ptr(), 0 if scales is None else scales.data_ptr(), recv_count.data_ptr(),
+                    info.data_ptr(), layout_range.data_ptr())  # fmt: skip
+            return recv_x, recv_count, handle, ptrs, (*keep, recv_count, info, layout_range)
+
+        return self._cached(("dispatch", half, tokens, hidden, num_experts, use_fp8, use_ue8m0), make)
+
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(
@@ -357,33 +408,20 @@ class CudaP2PPath:
         return_recv_hook: bool,
         cumulative_local_expert_recv_stats: Optional[torch.Tensor],
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]:
-        """See ``Buffer.dispatch``. Outputs are fresh tensors on this GPU; ``src_info`` is row 0 of an
-        int32 ``[2, L, R*T]`` allocation whose row 1 holds each received row's top-k slot (combine
-        reads it there, so pass the handle back unchanged)."""
+        """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same buffer
+        half (see ``_cached``); ``src_info`` is row 0 of an int32 ``[2, L, R*T]`` allocation whose row 1
+        holds each received row's top-k slot (combine reads it there: pass the handle back unchanged)."""
         self._check_usable()
         self._check_device("x", x)
-        tokens, num_local = num_max_dispatch_tokens_per_rank, num_experts // self.num_ranks
+        tokens = num_max_dispatch_tokens_per_rank
         num_tokens, hidden = x.shape
-        rows = self.num_ranks * tokens
         halves, msg_bytes = self._layout(tokens, hidden, num_experts)
         half = self.num_ops & 1
         self.num_ops += 1
         fault_point("dispatch.start")
-        dev = self.device
-        if use_fp8:
-            data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=dev)
-            if use_ue8m0:
-                scales = torch.empty((num_local, (hidden // 128 + 3) // 4, rows), dtype=torch.int32, device=dev)
-            else:
-                scales = torch.empty((num_local, hidden // 128, rows), dtype=torch.float32, device=dev)
-            recv_x: Any = (data, scales.transpose(1, 2))
-            scales_ptr = scales.data_ptr()
-        else:
-            data = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=dev)
-            recv_x, scales_ptr = data, 0
-        recv_count = torch.empty((num_local,), dtype=torch.int32, device=dev)
-        info = torch.empty((2, num_local, rows), dtype=torch.int32, device=dev)
-        layout_range = torch.empty((num_local, self.num_ranks), dtype=torch.int64, device=dev)
+        recv_x, recv_count, handle, ptrs, keep = self._dispatch_outputs(
+            half, tokens, hidden, num_experts, use_fp8, use_ue8m0
+        )
         stats_ptr = 0 if cumulative_local_expert_recv_stats is None else cumulative_local_expert_recv_stats.data_ptr()
         flags = int(use_fp8) | (int(round_scale) << 1) | (int(use_ue8m0) << 2)
 
@@ -391,21 +429,17 @@ class CudaP2PPath:
         stream = comm.cuda_stream if comm is not None else self._stream()
         phases = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
         args = [
-            x.data_ptr(), topk_idx.data_ptr(), active_ranks.data_ptr(), data.data_ptr(), scales_ptr,
-            recv_count.data_ptr(), info.data_ptr(), layout_range.data_ptr(), stats_ptr,
+            x.data_ptr(), topk_idx.data_ptr(), active_ranks.data_ptr(), *ptrs, stats_ptr,
             num_tokens, tokens, hidden, topk_idx.shape[1], num_experts, half, flags, phases, timeout_us, stream,
             *halves[half], msg_bytes, self._transport, self.grid,
         ]  # fmt: skip
         self._dargs[:] = args
         self._launch(self._dispatch_fn, self._dargs, _D_ARGS, "dispatch")
         fault_point("dispatch.after_send")
-        handle = (info[0], layout_range, tokens, hidden, num_experts)
         hook = None
         event = EventOverlap()
         if comm is not None:
-            outputs = (data, scales) if use_fp8 else (data,)
-            event = self._finish_async(comm, (x, topk_idx, active_ranks, *outputs, recv_count, info, layout_range,
-                                              cumulative_local_expert_recv_stats))  # fmt: skip
+            event = self._finish_async(comm, (x, topk_idx, active_ranks, *keep, cumulative_local_expert_recv_stats))
         if return_recv_hook:
             hook = self._receive_hook(self._dispatch_fn, self._dargs, _D_ARGS, args, 16, 18, "dispatch receive",
                                       (x, topk_idx, active_ranks, cumulative_local_expert_recv_stats))  # fmt: skip
@@ -415,9 +449,13 @@ class CudaP2PPath:
 
     def _slot_rows_ptr(self, src_info: torch.Tensor, num_local: int, rows: int) -> int:
         """``src_info``'s pointer, after checking its allocation holds the top-k slot rows behind it."""
+        known = self._slot_rows.get(id(src_info))
+        if known is src_info:
+            return src_info.data_ptr()
         needed = (src_info.storage_offset() + 2 * num_local * rows) * 4
         if (
-            src_info.device != self.device
+            not src_info.is_cuda
+            or src_info.get_device() != self._device_index
             or not src_info.is_contiguous()
             or src_info.untyped_storage().nbytes() < needed
         ):
@@ -461,7 +499,11 @@ class CudaP2PPath:
             self._check_device("x", x)
             x_ptr = x.data_ptr()
         if out is None:
-            out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
+            full = self._cached(
+                ("combine", half, tokens, hidden),
+                lambda: (torch.empty((tokens, hidden), dtype=torch.bfloat16, device=self.device),),
+            )[0]
+            out = full if num_tokens == tokens else full[:num_tokens]
         comm = self._begin_async() if async_finish else None
         stream = comm.cuda_stream if comm is not None else self._stream()
         phases = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV

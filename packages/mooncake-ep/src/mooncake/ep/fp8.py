@@ -2,8 +2,8 @@
 
 Every path (portable and kernels) must produce these exact bytes. The rules (EP_CONTRACT.md, "FP8"):
 
-- Per token and per group of ``GROUP_SIZE`` (128) channels: ``amax = max(|x|)`` in fp32, clamped to at
-  least ``AMAX_FLOOR`` (1e-4).
+- Per token and per group of ``GROUP_SIZE`` (128) channels: ``amax = max(|x|)`` in fp32, clamped to
+  at least ``AMAX_FLOOR`` (1e-4).
 - ``scale_inv = amax / FP8_MAX`` (a true fp32 division, not a multiply by ``1/448``).
 - ``round_scale``: ``scale_inv`` is rounded *up* to a power of two: ``2 ** ceil(log2(scale_inv))``,
   computed on the float bits (exponent + 1 when the mantissa is non-zero), so it is exact.
@@ -11,9 +11,8 @@ Every path (portable and kernels) must produce these exact bytes. The rules (EP_
   so no value becomes NaN).
 - ``use_ue8m0`` (requires ``round_scale``): the scale travels as its exponent byte ``bits >> 23``;
   the receiver packs four exponent bytes per int32, little endian: byte ``j`` (bits ``8j..8j+7``) of
-  int ``i`` holds the exponent of channel group ``4i + j``. When ``H/128`` is not a multiple of 4 the
-  last int is padded with zero bytes (so its width is ``ceil(H/512)``).
-"""
+  int ``i`` holds the exponent of channel group ``4i + j``. When ``H/128`` is not a multiple of 4
+  the last int is padded with zero bytes (so its width is ``ceil(H/512)``)."""
 
 from __future__ import annotations
 
@@ -25,20 +24,20 @@ GROUP_SIZE = 128
 UE8M0_PER_INT = 4
 
 __all__ = [
-    "FP8_MAX",
     "AMAX_FLOOR",
+    "FP8_MAX",
     "GROUP_SIZE",
+    "calc_diff",
     "num_scale_groups",
     "num_ue8m0_ints",
+    "pack_ue8m0",
+    "per_token_cast_back",
+    "per_token_cast_to_fp8",
     "round_up_pow2",
     "scale_inv_from_amax",
-    "per_token_cast_to_fp8",
     "ue8m0_exponents",
     "ue8m0_to_scale",
-    "pack_ue8m0",
     "unpack_ue8m0",
-    "per_token_cast_back",
-    "calc_diff",
 ]
 
 
@@ -79,7 +78,9 @@ def per_token_cast_to_fp8(
     uint8 ``[N, H/128]`` exponent bytes (unpacked; ``pack_ue8m0`` gives the int32 form).
     """
     if use_ue8m0 and not round_scale:
-        raise ValueError("use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)")
+        raise ValueError(
+            "use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)"
+        )
     n, hidden = x.shape
     if hidden % GROUP_SIZE != 0:
         raise ValueError(f"hidden={hidden} must be a multiple of {GROUP_SIZE} for the FP8 cast")
@@ -104,7 +105,7 @@ def ue8m0_to_scale(exponents: torch.Tensor) -> torch.Tensor:
 
 
 def pack_ue8m0(exponents: torch.Tensor) -> torch.Tensor:
-    """Pack uint8 exponents ``[..., G]`` into int32 ``[..., ceil(G/4)]`` (little endian, zero padded)."""
+    """Pack uint8 exponents ``[..., G]`` into int32 ``[..., ceil(G/4)]`` (little endian)."""
     groups = exponents.shape[-1]
     words = (groups + UE8M0_PER_INT - 1) // UE8M0_PER_INT
     padded = exponents.new_zeros((*exponents.shape[:-1], words * UE8M0_PER_INT))
@@ -117,7 +118,9 @@ def unpack_ue8m0(packed: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Inverse of ``pack_ue8m0``: int32 ``[..., W]`` to uint8 ``[..., num_groups]``."""
     shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=packed.device)
     b = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xFF
-    return b.reshape(*packed.shape[:-1], packed.shape[-1] * UE8M0_PER_INT)[..., :num_groups].to(torch.uint8)
+    return b.reshape(*packed.shape[:-1], packed.shape[-1] * UE8M0_PER_INT)[..., :num_groups].to(
+        torch.uint8
+    )
 
 
 def per_token_cast_back(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,7 @@ def per_token_cast_back(data: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
 
 
 def calc_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The contract's relative error ``1 - 2*sum((a+1)(b+1)) / sum((a+1)^2 + (b+1)^2)`` in float64."""
+    """The contract's error ``1 - 2*sum((a+1)(b+1)) / sum((a+1)^2 + (b+1)^2)``, in float64."""
     a = a.double() + 1
     b = b.double() + 1
     denominator = (a * a + b * b).sum()

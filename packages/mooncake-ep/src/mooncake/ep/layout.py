@@ -18,12 +18,12 @@ are alive at once):
 
 | region | shape | written by | meaning |
 | --- | --- | --- | --- |
-| ``dispatch_send`` | ``[T, msg]`` bytes | this rank | its tokens, cast once (FP8 or BF16), before the puts |
-| ``dispatch_recv`` | ``[L, R, T, msg]`` bytes | source ``r`` | slot ``(l, r, i)``: ``i``-th token of ``r`` for local expert ``l`` |
+| ``dispatch_send`` | ``[T, msg]`` B | this rank | its tokens, cast once (FP8 or BF16) |
+| ``dispatch_recv`` | ``[L, R, T, msg]`` B | source ``r`` | ``(l, r, i)``: its ``i``-th for ``l`` |
 | ``dispatch_signals`` | int64 ``[L, R]`` | source ``r`` | tokens of ``r`` for ``l`` are complete |
-| ``combine_send`` | bf16 ``[L, R*T, H]`` | this rank | expert outputs; ``get_next_combine_buffer`` is a view of it |
-| ``combine_recv`` | bf16 ``[T, MAX_TOPK, H]`` | expert owner | row ``(n, k)``: output of this rank's token ``n``, slot ``k`` |
-| ``combine_signals`` | int64 ``[E]`` | owner of ``e`` | outputs of expert ``e`` for this rank are complete |
+| ``combine_send`` | bf16 ``[L, R*T, H]`` | this rank | expert outputs (zero-copy buffer) |
+| ``combine_recv`` | bf16 ``[T, MAX_TOPK, H]`` | expert owner | row ``(n, k)``: token, slot |
+| ``combine_signals`` | int64 ``[E]`` | owner of ``e`` | expert ``e``'s rows are all in |
 
 A dispatch message (``msg = dispatch_msg_bytes(H)`` bytes, 16-byte aligned) is
 ``[header 16 B | payload]``: header int32 ``(src_token_index, topk_slot_k, 0, 0)``; payload either
@@ -111,7 +111,9 @@ class EPBufferLayout:
         return self.halves[op_index % 2]
 
 
-def _half_layout(index: int, start: int, tokens: int, hidden: int, ranks: int, experts: int) -> HalfLayout:
+def _half_layout(
+    index: int, start: int, tokens: int, hidden: int, ranks: int, experts: int
+) -> HalfLayout:
     local_experts = experts // ranks
     msg = dispatch_msg_bytes(hidden)
     sizes = (
@@ -154,6 +156,10 @@ def ep_buffer_layout(
     )
 
 
-def ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+def ep_buffer_size_hint(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
     """Bytes of the symmetric buffer: an upper bound for BF16 and FP8, both halves included."""
-    return ep_buffer_layout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes
+    return ep_buffer_layout(
+        num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+    ).total_bytes

@@ -39,14 +39,19 @@ def check_bool(name: str, value: Any) -> bool:
 def check_hidden(hidden: Any, name: str = "hidden") -> int:
     check_int(name, hidden)
     if hidden <= 0 or hidden % HIDDEN_ALIGNMENT != 0:
-        raise ValueError(f"{name}={hidden} is not supported: it must be a positive multiple of {HIDDEN_ALIGNMENT}")
+        raise ValueError(
+            f"{name}={hidden} is not supported: it must be a positive multiple of "
+            f"{HIDDEN_ALIGNMENT}"
+        )
     return hidden
 
 
 def check_tokens_per_rank(value: Any, name: str = "num_max_dispatch_tokens_per_rank") -> int:
     check_int(name, value)
     if not 1 <= value <= MAX_TOKENS_PER_RANK:
-        raise ValueError(f"{name}={value} is out of range: the limit is 1 <= {name} <= {MAX_TOKENS_PER_RANK}")
+        raise ValueError(
+            f"{name}={value} is out of range: the limit is 1 <= {name} <= {MAX_TOKENS_PER_RANK}"
+        )
     return value
 
 
@@ -67,7 +72,8 @@ def check_experts(num_experts: Any, num_ranks: int, name: str = "num_experts") -
     check_int(name, num_experts)
     if num_experts < num_ranks or num_experts % num_ranks != 0:
         raise ValueError(
-            f"{name}={num_experts} must be a positive multiple of the number of ranks ({num_ranks}): "
+            f"{name}={num_experts} must be a positive multiple of the number of ranks "
+            f"({num_ranks}): "
             f"every rank owns num_experts / num_ranks experts"
         )
     return num_experts
@@ -84,7 +90,9 @@ def check_shape_limits(tokens_per_rank: Any, hidden: Any, num_ranks: Any, num_ex
 def check_timeout_us(value: Any, name: str = "timeout_us") -> int:
     check_int(name, value)
     if value < -1:
-        raise ValueError(f"{name}={value} is invalid: use -1 (wait forever) or a duration >= 0 in microseconds")
+        raise ValueError(
+            f"{name}={value} is invalid: use -1 (wait forever) or a duration >= 0 in microseconds"
+        )
     return value
 
 
@@ -96,14 +104,16 @@ def check_tensor(
     device: Optional[torch.device] = None,
     contiguous: bool = True,
 ) -> torch.Tensor:
-    """``value`` must be a tensor of ``dtype`` (TypeError) with ``shape`` (None entries are free), on
-    ``device`` and contiguous (ValueError)."""
+    """``value`` must be a tensor of ``dtype`` (TypeError) with ``shape`` (None entries are free),
+    on ``device`` and contiguous (ValueError)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
     if shape is not None:
-        ok = value.dim() == len(shape) and all(want is None or got == want for got, want in zip(value.shape, shape))
+        ok = value.dim() == len(shape) and all(
+            want is None or got == want for got, want in zip(value.shape, shape)
+        )
         if not ok:
             want_text = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"{name} must have shape {want_text}, got {list(value.shape)}")
@@ -115,13 +125,16 @@ def check_tensor(
 
 
 def check_topk_values(topk_idx_cpu: torch.Tensor, num_experts: int, name: str = "topk_idx") -> None:
-    """Entries in ``[-1, num_experts)`` and no expert twice in one row (needs the values on the host)."""
+    """Entries in ``[-1, num_experts)``, no expert twice in a row (needs the values on the host)."""
     if topk_idx_cpu.numel() == 0:
         return
     low, high = int(topk_idx_cpu.min()), int(topk_idx_cpu.max())
     if low < -1 or high >= num_experts:
         bad = low if low < -1 else high
-        raise ValueError(f"{name} has entry {bad}: entries must be -1 (no expert) or in [0, num_experts={num_experts})")
+        raise ValueError(
+            f"{name} has entry {bad}: entries must be -1 (no expert) or in [0, "
+            f"num_experts={num_experts})"
+        )
     if topk_idx_cpu.shape[1] > 1:
         ordered = topk_idx_cpu.sort(dim=1).values
         repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, ContextManager, Optional
+from contextlib import AbstractContextManager
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ MOONCAKE_BACKEND_NAMES = ("mooncake", "mooncake-cpu")
 
 def _import_pg() -> Optional[Any]:
     try:
-        import mooncake.pg as pg  # noqa: PLC0415 (optional dependency, imported lazily)
+        import mooncake.pg as pg
     except ImportError:
         return None
     return pg
@@ -34,7 +35,7 @@ def backend_name(group: Any) -> str:
     """``dist.get_backend(group)`` as a lower-case string, or ``"unknown"``."""
     try:
         return str(dist.get_backend(group)).lower()
-    except Exception:  # noqa: BLE001 - a group torch does not know (custom object)
+    except Exception:
         return "unknown"
 
 
@@ -47,14 +48,14 @@ def is_mooncake_group(group: Any) -> bool:
     if check is not None:
         try:
             return bool(check(group))
-        except Exception:  # noqa: BLE001 - fall back to the backend's name
+        except Exception:
             pass
     name = backend_name(group)
     return any(part.split(":")[-1] in MOONCAKE_BACKEND_NAMES for part in name.split(","))
 
 
 def collective_devices(group: Any) -> set[str]:
-    """Device types whose tensors this group's collectives accept (``{"cpu"}``, ``{"cuda"}``, both)."""
+    """Device types this group's collectives accept: ``{"cpu"}``, ``{"cuda"}`` or both."""
     name = backend_name(group)
     devices: set[str] = set()
     for part in name.split(","):
@@ -70,7 +71,7 @@ def collective_devices(group: Any) -> set[str]:
             try:
                 group._get_backend(torch.device(device))
                 devices.add(device)
-            except Exception:  # noqa: BLE001 - that device has no backend
+            except Exception:
                 pass
     return devices or {"cpu"}
 
@@ -84,8 +85,8 @@ class BackendMembership:
         self._pg = _import_pg()
         self.fault_tolerant = self._pg is not None and is_mooncake_group(group)
 
-    def deadline(self, seconds: Optional[float]) -> ContextManager[Any]:
-        """Context bounding the ops issued inside it by ``seconds`` (None: the backend's default)."""
+    def deadline(self, seconds: Optional[float]) -> AbstractContextManager[Any]:
+        """Context bounding the ops issued inside it by ``seconds`` (None: backend default)."""
         if not self.fault_tolerant or seconds is None:
             return contextlib.nullcontext()
         return self._pg.op_timeout(self.group, seconds)

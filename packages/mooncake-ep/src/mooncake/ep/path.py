@@ -77,19 +77,25 @@ class EPPath(Protocol):
 def requested_path(path: Optional[str]) -> str:
     choice = path if path is not None else os.environ.get("MOONCAKE_EP_PATH", "auto")
     if choice not in PATH_CHOICES:
-        raise ValueError(f"path={choice!r} is not one of {PATH_CHOICES} (argument path= or MOONCAKE_EP_PATH)")
+        raise ValueError(
+            f"path={choice!r} is not one of {PATH_CHOICES} (argument path= or MOONCAKE_EP_PATH)"
+        )
     return choice
 
 
 def _try_fast_path(group: Any, num_ep_buffer_bytes: int) -> tuple[Optional[EPPath], str]:
     try:
-        from mooncake.ep import fast_path  # noqa: PLC0415 - optional, built only with CUDA
+        from mooncake.ep import fast_path
     except ImportError as exc:
         return None, f"fast path not available ({exc})"
     try:
         result = fast_path.select(group, num_ep_buffer_bytes)
-    except Exception as exc:  # noqa: BLE001 - a broken fast path must not take the portable one down
-        logger.warning("fast path selection raised %s: %s; falling back to the portable path", type(exc).__name__, exc)
+    except Exception as exc:
+        logger.warning(
+            "fast path selection raised %s: %s; falling back to the portable path",
+            type(exc).__name__,
+            exc,
+        )
         return None, f"fast path selection raised {type(exc).__name__}: {exc}"
     if isinstance(result, tuple):
         _, reason = result
@@ -127,7 +133,9 @@ def agree_on_path(group: Any, local: EPPath, forced: bool) -> EPPath:
     codes = [c for c in answers if c != 0]
     if all(c == codes[0] for c in codes):
         return local
-    reason = f"ranks {portable_ranks} could not use the fast path, so every rank uses the portable path"
+    reason = (
+        f"ranks {portable_ranks} could not use the fast path, so every rank uses the portable path"
+    )
     if local.name != PortablePath.name:
         local.destroy()
         return PortablePath(group, reason)

@@ -13,10 +13,10 @@ lays rows out per expert. Combine sends one BF16 row per (token, expert) back; t
 them in fp32 in increasing ``k`` order, so results are bit-reproducible.
 
 Fault rules (with the Mooncake backend; gloo and NCCL have none): every collective runs under
-``pg.op_timeout`` with what is left of ``timeout_us`` (measured from the op's start); afterwards every
-rank that ``pg.get_active_ranks`` reports failed gets ``active_ranks[r] = 0`` and whatever it sent
-in this op is dropped (its slots were zero-filled by the backend; EP never reads them). Ranks already
-0 on entry get nothing and contribute nothing. Entries are never set back to 1.
+``pg.op_timeout`` with what is left of ``timeout_us`` (measured from the op's start); afterwards
+every rank that ``pg.get_active_ranks`` reports failed gets ``active_ranks[r] = 0`` and whatever it
+sent in this op is dropped (its slots were zero-filled by the backend; EP never reads them). Ranks
+already 0 on entry get nothing and contribute nothing. Entries are never set back to 1.
 
 Send and receive phases: the send phase (plan, pack, count exchange, issue the row exchange) runs in
 the call; the receive phase (wait for the rows, unpack or reduce) runs in the call, or in ``hook()``
@@ -55,7 +55,16 @@ logger = logging.getLogger("mooncake.ep")
 MAGIC = 0x4D43455050  # "MCEPP": a zero-filled slot (failed peer) never carries it
 KIND_DISPATCH = 1
 KIND_COMBINE = 2
-HEADER_FIELDS = ("magic", "kind", "tokens_per_rank", "hidden", "num_experts", "topk", "flags", "rows")
+HEADER_FIELDS = (
+    "magic",
+    "kind",
+    "tokens_per_rank",
+    "hidden",
+    "num_experts",
+    "topk",
+    "flags",
+    "rows",
+)
 COUNT_MESSAGE_BYTES = 8 * len(HEADER_FIELDS)
 MIN_DEADLINE_S = 1e-3  # what an op gets for its next collective once its timeout_us is spent
 WAIT_GRACE_S = 5.0  # non fault-tolerant backends: extra wait before declaring the backend stuck
@@ -117,15 +126,23 @@ class PortablePath:
         if "cpu" in self._devices:
             return torch.device("cpu")
         raise ValueError(
-            f"x is on {device} but this group's backend ({sorted(self._devices)}) cannot move {device.type} "
+            f"x is on {device} but this group's backend ({sorted(self._devices)}) cannot move "
+            f"{device.type} "
             f"tensors and has no CPU backend to stage through"
         )
 
     def _exchange(
-        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], clock: _OpClock
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        out_splits: list[int],
+        in_splits: list[int],
+        clock: _OpClock,
     ) -> Any:
         with self.membership.deadline(clock.remaining_s()):
-            return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+            return dist.all_to_all_single(
+                out, inp, out_splits, in_splits, group=self.group, async_op=True
+            )
 
     def _wait(self, work: Any, clock: _OpClock, what: str) -> None:
         if self.membership.fault_tolerant:
@@ -137,9 +154,10 @@ class PortablePath:
                 work.wait()
             else:
                 work.wait(timedelta(seconds=remaining + WAIT_GRACE_S))
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
+        except Exception as exc:
             raise EPCommError(
-                f"{what} failed on a backend without fault tolerance ({exc}); use the Mooncake backend "
+                f"{what} failed on a backend without fault tolerance ({exc}); use the Mooncake "
+                "backend "
                 f"to survive peer failures"
             ) from exc
 
@@ -152,7 +170,8 @@ class PortablePath:
         comm: torch.device,
     ) -> tuple[list[int], torch.Tensor, set[int]]:
         """Count exchange. Returns (rows to receive per source, sources whose rows will be usable,
-        ranks found failed). Raises ValueError on every rank if the ranks' op parameters disagree."""
+        ranks found failed). Raises ValueError on every rank if the ranks' op parameters disagree.
+        """
         num_ranks = self.num_ranks
         message = torch.tensor(header, dtype=torch.int64).repeat(num_ranks, 1)
         message[:, -1] = rows_per_dest
@@ -165,17 +184,25 @@ class PortablePath:
         alive = self.membership.alive()
         has_magic = received[:, 0] == MAGIC
         failed = {
-            r for r in range(num_ranks) if active_entry[r] and (not bool(has_magic[r]) or (alive is not None and not alive[r]))
+            r
+            for r in range(num_ranks)
+            if active_entry[r] and (not bool(has_magic[r]) or (alive is not None and not alive[r]))
         }
         mine = torch.tensor(header[1:-1], dtype=torch.int64)
-        mismatched = [r for r in range(num_ranks) if bool(has_magic[r]) and not torch.equal(received[r, 1:-1], mine)]
+        mismatched = [
+            r
+            for r in range(num_ranks)
+            if bool(has_magic[r]) and not torch.equal(received[r, 1:-1], mine)
+        ]
         if mismatched:
             theirs = received[mismatched[0], 1:-1].tolist()
             names = HEADER_FIELDS[1:-1]
             raise ValueError(
                 f"ranks disagree on the op's parameters: rank {self.rank} has "
-                f"{dict(zip(names, header[1:-1]))}, rank {mismatched[0]} has {dict(zip(names, theirs))} "
-                f"(all ranks must issue the same sequence of ops with the same T, H, E, K and FP8 flags)"
+                f"{dict(zip(names, header[1:-1]))}, rank {mismatched[0]} has "
+                f"{dict(zip(names, theirs))} "
+                f"(all ranks must issue the same sequence of ops with the same T, H, E, K and FP8 "
+                "flags)"
             )
         rows_in = torch.where(has_magic, received[:, -1], torch.zeros_like(received[:, -1]))
         usable = has_magic & active_entry
@@ -191,10 +218,14 @@ class PortablePath:
                     usable[r] = False
                     failed.add(r)
 
-    def _mark_failed(self, active_ranks: torch.Tensor, active_entry: torch.Tensor, failed: set[int]) -> None:
+    def _mark_failed(
+        self, active_ranks: torch.Tensor, active_entry: torch.Tensor, failed: set[int]
+    ) -> None:
         newly = sorted(r for r in failed if bool(active_entry[r]))
         if newly:
-            logger.warning("rank %d: ranks %s failed during the op; marking them inactive", self.rank, newly)
+            logger.warning(
+                "rank %d: ranks %s failed during the op; marking them inactive", self.rank, newly
+            )
             active_ranks[torch.tensor(newly, dtype=torch.int64, device=active_ranks.device)] = 0
 
     def _check_usable(self) -> None:
@@ -223,7 +254,7 @@ class PortablePath:
         fault_point("dispatch.start")
         num_ranks, tokens = self.num_ranks, num_max_dispatch_tokens_per_rank
         num_local = num_experts // num_ranks
-        num_tokens, hidden = x.shape
+        hidden = x.shape[1]
         topk = topk_idx.shape[1]
         device = x.device
         comm = self._comm_device(device)
@@ -243,7 +274,9 @@ class PortablePath:
         if use_fp8:
             data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=device)
             if use_ue8m0:
-                scales = torch.empty((num_local, num_ue8m0_ints(hidden), rows), dtype=torch.int32, device=device)
+                scales = torch.empty(
+                    (num_local, num_ue8m0_ints(hidden), rows), dtype=torch.int32, device=device
+                )
             else:
                 scales = torch.empty((num_local, groups, rows), dtype=torch.float32, device=device)
             recv_x: Any = (data, scales.transpose(1, 2))
@@ -257,7 +290,9 @@ class PortablePath:
 
         flags = int(use_fp8) | int(round_scale) << 1 | int(use_ue8m0) << 2
         header = [MAGIC, KIND_DISPATCH, tokens, hidden, num_experts, topk, flags, 0]
-        rows_in, usable, failed = self._exchange_counts(header, plan.records_per_dest, active_entry, clock, comm)
+        rows_in, usable, failed = self._exchange_counts(
+            header, plan.records_per_dest, active_entry, clock, comm
+        )
         fault_point("dispatch.after_counts")
 
         in_splits = [int(v) for v in plan.records_per_dest.tolist()]
@@ -270,7 +305,9 @@ class PortablePath:
         def receive() -> None:
             self._wait(work, clock, "dispatch")
             self._after_exchange_failures(usable, failed)
-            rp = unpack_dispatch_records(received, rows_in, usable, fmt, data, scales, tokens, num_local, num_ranks)
+            rp = unpack_dispatch_records(
+                received, rows_in, usable, fmt, data, scales, tokens, num_local, num_ranks
+            )
             recv_count.copy_(rp.recv_count.to(torch.int32))
             layout_range.copy_(rp.layout_range)
             flat = (rp.local_expert * rows + rp.row).to(device)
@@ -279,9 +316,13 @@ class PortablePath:
                 cumulative_local_expert_recv_stats.add_(recv_count)
             self._mark_failed(active_ranks, active_entry, failed)
 
-        return self._finish_or_defer(receive, async_finish, return_recv_hook, recv_x, recv_count, handle)
+        return self._finish_or_defer(
+            receive, async_finish, return_recv_hook, recv_x, recv_count, handle
+        )
 
-    def _finish_or_defer(self, receive: Callable[[], None], async_finish: bool, return_recv_hook: bool, *results: Any):
+    def _finish_or_defer(
+        self, receive: Callable[[], None], async_finish: bool, return_recv_hook: bool, *results: Any
+    ):
         phase = _ReceivePhase(receive)
         if return_recv_hook:
             return (*results, EventOverlap(), phase)
@@ -295,7 +336,9 @@ class PortablePath:
         remote_records = sum(in_splits) - in_splits[self.rank]
         stats.dispatch_ops += 1
         stats.dispatch_payload_bytes += remote_records * fmt.payload_bytes
-        stats.dispatch_meta_bytes += remote_records * fmt.meta_bytes + COUNT_MESSAGE_BYTES * (self.num_ranks - 1)
+        stats.dispatch_meta_bytes += remote_records * fmt.meta_bytes + COUNT_MESSAGE_BYTES * (
+            self.num_ranks - 1
+        )
         stats.dispatch_local_bytes += in_splits[self.rank] * fmt.payload_bytes
         stats.dispatch_selections += int(plan.pairs_per_dest.sum())
         stats.dispatch_records += remote_records
@@ -318,17 +361,23 @@ class PortablePath:
         self._check_usable()
         clock = _OpClock(timeout_us)
         fault_point("combine.start")
-        src_info, layout_range, tokens, hidden, num_experts = handle
+        _, layout_range, tokens, hidden, num_experts = handle
         num_ranks = self.num_ranks
         num_local = num_experts // num_ranks
         num_tokens, topk = topk_idx.shape
         device = topk_idx.device
         if zero_copy:
             source = self._combine_stage[self.num_ops % 2]
-            if source is None or source.shape != (num_local, num_ranks * tokens, hidden) or source.device != device:
+            if (
+                source is None
+                or source.shape != (num_local, num_ranks * tokens, hidden)
+                or source.device != device
+            ):
                 raise ValueError(
-                    "zero_copy=True but get_next_combine_buffer(handle) was not called for this combine "
-                    "(or was called before another op): write the expert outputs into that buffer first"
+                    "zero_copy=True but get_next_combine_buffer(handle) was not called for this "
+                    "combine "
+                    "(or was called before another op): write the expert outputs into that buffer "
+                    "first"
                 )
         else:
             source = x
@@ -343,7 +392,9 @@ class PortablePath:
         send = gather_combine_rows(source, send_plan.rows).to(comm)
 
         header = [MAGIC, KIND_COMBINE, tokens, hidden, num_experts, 0, 0, 0]
-        rows_in, usable, failed = self._exchange_counts(header, send_plan.rows_per_dest, active_entry, clock, comm)
+        rows_in, usable, failed = self._exchange_counts(
+            header, send_plan.rows_per_dest, active_entry, clock, comm
+        )
         fault_point("combine.after_counts")
         in_splits = [int(v) for v in send_plan.rows_per_dest.tolist()]
         received = torch.empty((sum(rows_in), 2 * hidden), dtype=torch.uint8, device=comm)
@@ -352,7 +403,11 @@ class PortablePath:
         self.num_ops += 1
         fault_point("combine.after_send")
 
-        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)
+        combined = (
+            out
+            if out is not None
+            else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)
+        )
         weights = topk_weights
 
         def receive() -> None:
@@ -362,12 +417,18 @@ class PortablePath:
             for r in range(num_ranks):
                 if bool(usable[r]) and rows_in[r] != expected[r]:
                     logger.warning(
-                        "rank %d: combine got %d rows from rank %d, expected %d (topk_idx differs from the "
+                        "rank %d: combine got %d rows from rank %d, expected %d (topk_idx differs "
+                        "from the "
                         "dispatch's, or the peer dropped this rank); ignoring that rank's rows",
-                        self.rank, rows_in[r], r, expected[r],
+                        self.rank,
+                        rows_in[r],
+                        r,
+                        expected[r],
                     )
                     usable[r] = False
-            reduce_combine_rows(received, rows_in, usable, recv_plan, weights, combined, topk, hidden)
+            reduce_combine_rows(
+                received, rows_in, usable, recv_plan, weights, combined, topk, hidden
+            )
             self._mark_failed(active_ranks, active_entry, failed)
 
         return self._finish_or_defer(receive, async_finish, return_recv_hook, combined)
@@ -383,7 +444,7 @@ class PortablePath:
     # ------------------------------------------------------------------ buffers and membership
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
-        """bf16 ``[L, R*T, H]`` staging buffer that the next op (a combine with ``zero_copy=True``) reads."""
+        """bf16 ``[L, R*T, H]`` staging buffer read by the next op (``combine(zero_copy=True)``)."""
         self._check_usable()
         src_info, _, tokens, hidden, num_experts = handle
         shape = (num_experts // self.num_ranks, self.num_ranks * tokens, hidden)

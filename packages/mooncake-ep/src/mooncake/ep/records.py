@@ -34,7 +34,9 @@ class RecordFormat:
     expert_itemsize: int
 
     @staticmethod
-    def make(hidden: int, topk: int, num_local_experts: int, use_fp8: bool, use_ue8m0: bool) -> "RecordFormat":
+    def make(
+        hidden: int, topk: int, num_local_experts: int, use_fp8: bool, use_ue8m0: bool
+    ) -> RecordFormat:
         itemsize = 2 if num_local_experts <= torch.iinfo(torch.int16).max else 4
         return RecordFormat(hidden, topk, use_fp8, use_fp8 and use_ue8m0, itemsize)
 
@@ -80,9 +82,11 @@ class RecordFormat:
         return self.record_bytes - self.payload_bytes
 
 
-def pack_dispatch_records(x: torch.Tensor, fmt: RecordFormat, round_scale: bool, plan: DispatchSendPlan) -> torch.Tensor:
+def pack_dispatch_records(
+    x: torch.Tensor, fmt: RecordFormat, round_scale: bool, plan: DispatchSendPlan
+) -> torch.Tensor:
     """uint8 ``[M, record_bytes]``: one record per (destination, token), destinations in order."""
-    num_tokens, hidden = x.shape
+    num_tokens = x.shape[0]
     per_token = torch.zeros((num_tokens, fmt.record_bytes), dtype=torch.uint8, device=x.device)
     if fmt.use_fp8:
         fp8_data, scales = per_token_cast_to_fp8(x, round_scale, fmt.use_ue8m0)
@@ -116,13 +120,19 @@ def unpack_dispatch_records(
 ) -> DispatchRecvPlan:
     """Write received rows into ``data`` (and ``scales``, the ``[L, G, R*T]`` allocation); returns
     the plan (counts, layout) for the caller to fill the handle."""
-    rec_src = torch.repeat_interleave(torch.arange(num_ranks), torch.tensor(rows_in, dtype=torch.int64))
+    rec_src = torch.repeat_interleave(
+        torch.arange(num_ranks), torch.tensor(rows_in, dtype=torch.int64)
+    )
     keep = usable[rec_src].nonzero().squeeze(1)
     meta = received.cpu() if received.device.type != "cpu" else received
-    rec_token = meta[:, fmt.token_offset : fmt.token_offset + 4].view(torch.int32)[:, 0].to(torch.int64)
+    rec_token = (
+        meta[:, fmt.token_offset : fmt.token_offset + 4].view(torch.int32)[:, 0].to(torch.int64)
+    )
     rec_experts = meta[:, fmt.experts_offset : fmt.experts_offset + fmt.topk * fmt.expert_itemsize]
     rec_experts = rec_experts.view(fmt.expert_dtype)
-    rp = plan_dispatch_recv(rec_src[keep], rec_token[keep], rec_experts[keep], num_local, num_ranks, tokens)
+    rp = plan_dispatch_recv(
+        rec_src[keep], rec_token[keep], rec_experts[keep], num_local, num_ranks, tokens
+    )
     if rp.row.numel() == 0:
         return rp
     device = data.device
@@ -130,7 +140,9 @@ def unpack_dispatch_records(
     words = fmt.data_bytes // 8
     rows_data = received.view(torch.int64)[:, :words].index_select(0, source_records).to(device)
     flat = (rp.local_expert * (num_ranks * tokens) + rp.row).to(device)
-    data.view(torch.uint8).view(-1, fmt.data_bytes).view(torch.int64).index_copy_(0, flat, rows_data)
+    data.view(torch.uint8).view(-1, fmt.data_bytes).view(torch.int64).index_copy_(
+        0, flat, rows_data
+    )
     if scales is None:
         return rp
     cols = received[:, fmt.scales_offset : fmt.scales_offset + fmt.scales_bytes]
@@ -145,7 +157,8 @@ def unpack_dispatch_records(
 
 
 def gather_combine_rows(source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[P, 2H]``: rows ``rows`` (int64, flat ``[L*R*T]`` indices) of bf16 ``source`` ``[L, R*T, H]``."""
+    """uint8 ``[P, 2H]``: the rows ``rows`` (int64 indices into the flattened ``[L*R*T]``) of bf16
+    ``source`` ``[L, R*T, H]``."""
     hidden = source.shape[-1]
     flat = source.view(-1, hidden).view(torch.int64)
     return flat.index_select(0, rows.to(source.device)).view(torch.uint8)
@@ -161,7 +174,7 @@ def reduce_combine_rows(
     topk: int,
     hidden: int,
 ) -> None:
-    """``combined[n] = sum_k w[n,k] * row(n,k)`` in fp32, k increasing; unusable owners add nothing."""
+    """``combined[n] = sum_k w[n,k] * row(n,k)`` in fp32, k increasing; unusable owners: nothing."""
     device = combined.device
     num_tokens = combined.shape[0]
     rows_in_t = torch.tensor(rows_in, dtype=torch.int64)
@@ -190,4 +203,3 @@ def reduce_combine_rows(
         # one addition per row (tokens are unique within a slot), so this is exact and ordered
         acc.index_add_(0, tokens_k, gathered * w[tokens_k, k].unsqueeze(1))
     combined.copy_(acc.to(device=device, dtype=torch.bfloat16))
-

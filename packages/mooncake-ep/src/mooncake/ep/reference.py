@@ -1,7 +1,7 @@
 """Plain-torch references: what dispatch/combine must produce, and a gather-everything baseline.
 
-- ``reference_dispatch`` / ``reference_combine``: the contract's results computed directly (loops over
-  experts and sources, no wire format), from every rank's inputs. Tests regenerate every rank's
+- ``reference_dispatch`` / ``reference_combine``: the contract's results computed directly (loops
+  over experts and sources, no wire format), from every rank's inputs. Tests regenerate every rank's
   inputs from seeds, so no communication is needed to check a rank's results.
 - ``GatherEverythingEP``: the naive distributed implementation (every rank all-gathers every rank's
   tokens and routing, then selects its own). The bench times the portable path against it.
@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,9 @@ class ExpertRows:
     per_source: torch.Tensor
 
 
-def cast_tokens(x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> tuple[torch.Tensor, Any]:
+def cast_tokens(
+    x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0: bool
+) -> tuple[torch.Tensor, Any]:
     """(data, scales) as the sender transmits them; scales packed int32 for UE8M0, None for BF16."""
     if not use_fp8:
         return x, None
@@ -43,7 +46,9 @@ def cast_tokens(x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0: bo
     return data, pack_ue8m0(scales) if use_ue8m0 else scales
 
 
-def expert_view_of_tokens(x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> torch.Tensor:
+def expert_view_of_tokens(
+    x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0: bool
+) -> torch.Tensor:
     """bf16 ``[N, H]``: each token as an expert sees it after dispatch (dequantized for FP8)."""
     data, scales = cast_tokens(x, use_fp8, round_scale, use_ue8m0)
     return per_token_cast_back(data, scales) if use_fp8 else x.clone()
@@ -69,18 +74,32 @@ def reference_dispatch(
         expert = rank * num_local + local
         sources, tokens, per_source = [], [], []
         for src in range(num_ranks):
-            hits = (topks[src] == expert).any(dim=1).nonzero().squeeze(1) if alive[src] else torch.zeros(0, dtype=torch.int64)
+            hits = (
+                (topks[src] == expert).any(dim=1).nonzero().squeeze(1)
+                if alive[src]
+                else torch.zeros(0, dtype=torch.int64)
+            )
             sources.append(torch.full_like(hits, src))
             tokens.append(hits)
             per_source.append(hits.numel())
         src_t, tok_t = torch.cat(sources), torch.cat(tokens)
         hidden = xs[0].shape[1]
-        values = torch.stack([views[s][t] for s, t in zip(src_t.tolist(), tok_t.tolist())]) if tok_t.numel() else torch.zeros(0, hidden, dtype=torch.bfloat16)
+        values = (
+            torch.stack([views[s][t] for s, t in zip(src_t.tolist(), tok_t.tolist())])
+            if tok_t.numel()
+            else torch.zeros(0, hidden, dtype=torch.bfloat16)
+        )
         data_rows = [casts[s][0][t] for s, t in zip(src_t.tolist(), tok_t.tolist())]
-        scale_rows = [casts[s][1][t] for s, t in zip(src_t.tolist(), tok_t.tolist())] if use_fp8 else []
+        scale_rows = (
+            [casts[s][1][t] for s, t in zip(src_t.tolist(), tok_t.tolist())] if use_fp8 else []
+        )
         data = torch.stack(data_rows) if data_rows else casts[0][0][:0]
         scales = (torch.stack(scale_rows) if scale_rows else casts[0][1][:0]) if use_fp8 else None
-        result.append(ExpertRows(src_t, tok_t, values, data, scales, torch.tensor(per_source, dtype=torch.int64)))
+        result.append(
+            ExpertRows(
+                src_t, tok_t, values, data, scales, torch.tensor(per_source, dtype=torch.int64)
+            )
+        )
     return result
 
 
@@ -92,9 +111,11 @@ def reference_combine(
     owner_alive: Sequence[bool],
     expert_fn: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """``sum_k w[n,k] * f_e(row_n)`` in fp32, k increasing, skipping -1 and dead owners; bf16 ``[N, H]``.
+    """``sum_k w[n,k] * f_e(row_n)`` in fp32, k increasing, skipping -1 and dead owners; bf16
+    ``[N, H]``.
 
-    ``expert_rows`` bf16 ``[N, H]``: each token as the experts saw it; ``expert_fn(e, rows)`` the expert
+    ``expert_rows`` bf16 ``[N, H]``: each token as the experts saw it; ``expert_fn(e, rows)`` the
+    expert
     (identity when None), applied to bf16 rows exactly as the test applies it on the owner.
     """
     num_tokens, hidden = expert_rows.shape
@@ -111,26 +132,36 @@ def reference_combine(
 
 
 def _all_gather_single(output: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, inp, group=group)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(
+        output, inp, group=group
+    )
 
 
 class GatherEverythingEP:
     """The naive baseline: all-gather every rank's tokens and routing, select locally.
 
-    dispatch: ``all_gather`` of x (bf16 ``[T, H]``, padded) and of ``topk_idx`` (``[T, K]``), then each
-    rank picks and lays out (and casts, for FP8) the rows of its experts. combine: every rank computes
-    the weighted contributions of its experts for every token of every rank (fp32 ``[R*T, H]``) and
-    ``all_reduce``s them; each rank keeps its slice. Same outputs as ``Buffer`` (no fault tolerance).
+    dispatch: ``all_gather`` of x (bf16 ``[T, H]``, padded) and of ``topk_idx`` (``[T, K]``), then
+    each rank picks and lays out (and casts, for FP8) the rows of its experts. combine: every rank
+    computes the weighted contributions of its experts for every token of every rank (fp32 ``[R*T,
+    H]``) and ``all_reduce``s them; each rank keeps its slice. Same outputs as ``Buffer`` (no fault
+    tolerance).
     """
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.rank = group.rank()
         self.num_ranks = group.size()
-        self.wire_bytes = 0  # bytes this rank handed to collectives (inputs, once per peer for gathers)
+        self.wire_bytes = (
+            0  # bytes this rank handed to collectives (inputs, once per peer for gathers)
+        )
 
     def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, tokens: int, num_experts: int, use_fp8: bool = True
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        tokens: int,
+        num_experts: int,
+        use_fp8: bool = True,
     ) -> tuple[Any, torch.Tensor, tuple]:
         num_ranks, rank = self.num_ranks, self.rank
         num_tokens, hidden = x.shape
@@ -151,7 +182,9 @@ class GatherEverythingEP:
         expert = local[flat_token, slot]
         order = torch.argsort(expert, stable=True)
         expert, flat_token = expert[order], flat_token[order]
-        counts = torch.bincount(expert * num_ranks + flat_token // tokens, minlength=num_local * num_ranks)
+        counts = torch.bincount(
+            expert * num_ranks + flat_token // tokens, minlength=num_local * num_ranks
+        )
         counts = counts.view(num_local, num_ranks)
         recv_count = counts.sum(1)
         row = torch.arange(expert.numel()) - (recv_count.cumsum(0) - recv_count)[expert]
@@ -172,10 +205,14 @@ class GatherEverythingEP:
             recv_x = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16)
             recv_x.view(-1, hidden)[dest] = selected
         self._last = (all_topk, tokens, num_experts)
-        return recv_x, recv_count.to(torch.int32), (src_info, layout_range, tokens, hidden, num_experts)
+        return (
+            recv_x,
+            recv_count.to(torch.int32),
+            (src_info, layout_range, tokens, hidden, num_experts),
+        )
 
     def combine(self, x: torch.Tensor, topk_weights: torch.Tensor, handle: tuple) -> torch.Tensor:
-        """``x`` bf16 ``[L, R*T, H]`` expert outputs; uses the routing gathered by the last dispatch."""
+        """``x`` bf16 ``[L, R*T, H]`` expert outputs; routing as gathered by the last dispatch."""
         all_topk, tokens, num_experts = self._last
         num_ranks, rank = self.num_ranks, self.rank
         num_local = num_experts // num_ranks
@@ -198,5 +235,8 @@ class GatherEverythingEP:
             weight = (all_w[flat_token] * (all_topk[flat_token] == expert)).sum(dim=1, keepdim=True)
             partial.index_add_(0, flat_token, x[local, :count].float() * weight)
         dist.all_reduce(partial, group=self.group)
-        self.wire_bytes += 2 * (num_ranks - 1) * partial.numel() * 4 // num_ranks + (num_ranks - 1) * padded_w.numel() * 4
+        self.wire_bytes += (
+            2 * (num_ranks - 1) * partial.numel() * 4 // num_ranks
+            + (num_ranks - 1) * padded_w.numel() * 4
+        )
         return partial[rank * tokens : rank * tokens + num_tokens].to(torch.bfloat16)

@@ -2,11 +2,11 @@
 
 Pure functions on CPU int64 tensors (no communication), so they are easy to test and to read.
 
-Wire format of a dispatch (see ``records.RecordFormat``): one *record* per (token, destination rank): the
-token's payload (FP8 data + scales, or BF16) is sent once even when the token selected several
-experts on that rank, followed by its index on the source and the list of those local experts.
-The receiver expands every record into one row per listed expert. Combine sends one BF16 row per
-(token, expert) back, because each expert's output differs.
+Wire format of a dispatch (see ``records.RecordFormat``): one *record* per (token, destination
+rank): the token's payload (FP8 data + scales, or BF16) is sent once even when the token selected
+several experts on that rank, followed by its index on the source and the list of those local
+experts. The receiver expands every record into one row per listed expert. Combine sends one BF16
+row per (token, expert) back, because each expert's output differs.
 
 Orders (both sides derive them independently, so combine needs no per-row metadata):
 - records to one destination: by token index;
@@ -28,8 +28,9 @@ INT32_MASK = (1 << 32) - 1
 class DispatchSendPlan:
     """Records of one rank, sorted by (destination, token).
 
-    ``rec_token`` int64 ``[M]``; ``rec_dest`` int64 ``[M]``; ``rec_experts`` ``[M, K]`` local expert ids
-    (-1 padded); ``records_per_dest`` int64 ``[R]``; ``pairs_per_dest`` int64 ``[R]`` = selections.
+    ``rec_token`` int64 ``[M]``; ``rec_dest`` int64 ``[M]``; ``rec_experts`` ``[M, K]`` local expert
+    ids (-1 padded); ``records_per_dest`` int64 ``[R]``; ``pairs_per_dest`` int64 ``[R]`` =
+    selections.
     """
 
     rec_token: torch.Tensor
@@ -40,7 +41,11 @@ class DispatchSendPlan:
 
 
 def plan_dispatch_send(
-    topk_idx: torch.Tensor, num_local_experts: int, num_ranks: int, dest_alive: torch.Tensor, expert_dtype: torch.dtype
+    topk_idx: torch.Tensor,
+    num_local_experts: int,
+    num_ranks: int,
+    dest_alive: torch.Tensor,
+    expert_dtype: torch.dtype,
 ) -> DispatchSendPlan:
     """Group this rank's selections into per-destination records. ``topk_idx`` CPU int64 ``[N, K]``
     (-1 = none); ``dest_alive`` bool ``[R]``: nothing is planned for a dead destination."""
@@ -107,16 +112,22 @@ def plan_dispatch_recv(
     record, column = (rec_experts >= 0).nonzero(as_tuple=True)
     local = rec_experts[record, column].to(torch.int64)
     if local.numel() and int(local.max()) >= num_local_experts:
-        raise RoutingProtocolError(f"a record names local expert {int(local.max())} >= {num_local_experts}")
+        raise RoutingProtocolError(
+            f"a record names local expert {int(local.max())} >= {num_local_experts}"
+        )
     order = torch.argsort(local, stable=True)
     local, record = local[order], record[order]
     src, token = rec_src[record], rec_token[record]
     if token.numel() and int(token.max()) >= tokens_per_rank:
-        raise RoutingProtocolError(f"a record names token {int(token.max())} >= T={tokens_per_rank}")
+        raise RoutingProtocolError(
+            f"a record names token {int(token.max())} >= T={tokens_per_rank}"
+        )
     counts = torch.bincount(local * num_ranks + src, minlength=num_local_experts * num_ranks)
     counts = counts.view(num_local_experts, num_ranks)
     if counts.numel() and int(counts.max()) > tokens_per_rank:
-        raise RoutingProtocolError(f"a source sent {int(counts.max())} rows to one expert, more than T={tokens_per_rank}")
+        raise RoutingProtocolError(
+            f"a source sent {int(counts.max())} rows to one expert, more than T={tokens_per_rank}"
+        )
     recv_count = counts.sum(dim=1)
     expert_first = recv_count.cumsum(0) - recv_count
     row = torch.arange(local.numel(), dtype=torch.int64) - expert_first[local]
@@ -142,16 +153,22 @@ class CombineSendPlan:
 def plan_combine_send(
     layout_range: torch.Tensor, src_alive: torch.Tensor, num_ranks: int, tokens_per_rank: int
 ) -> CombineSendPlan:
-    """From the dispatch handle's ``layout_range`` (CPU int64 ``[L, R]``): nothing for dead sources."""
+    """From the dispatch handle's ``layout_range`` (CPU int64 ``[L, R]``); none to dead sources."""
     num_local_experts = layout_range.shape[0]
     counts = (layout_range & INT32_MASK) * src_alive.to(torch.int64).unsqueeze(0)
     begins = layout_range >> 32
-    base = torch.arange(num_local_experts, dtype=torch.int64).unsqueeze(1) * (num_ranks * tokens_per_rank) + begins
+    base = (
+        torch.arange(num_local_experts, dtype=torch.int64).unsqueeze(1)
+        * (num_ranks * tokens_per_rank)
+        + begins
+    )
     per_block = counts.t().reshape(-1)  # source-major, then local expert
     block_base = base.t().reshape(-1)
     total = int(per_block.sum())
     block_first = per_block.cumsum(0) - per_block
-    offset = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(block_first, per_block)
+    offset = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(
+        block_first, per_block
+    )
     rows = torch.repeat_interleave(block_base, per_block) + offset
     return CombineSendPlan(rows=rows, rows_per_dest=counts.sum(dim=0))
 

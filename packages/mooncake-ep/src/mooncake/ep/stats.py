@@ -12,8 +12,10 @@ class TrafficStats:
     - ``*_payload_bytes``: routed bytes sent to *other* ranks: dispatch = one record payload (FP8
       data + scales, or BF16) per (token, destination rank); combine = ``2H`` per (token, expert).
     - ``*_meta_bytes``: everything else sent to other ranks: the per-op count message
-      (``COUNT_MESSAGE_BYTES`` per peer) and the per-record header (token index, expert list, padding).
-    - ``*_local_bytes``: the same kinds of rows for this rank's own experts: copied, never on a wire.
+      (``COUNT_MESSAGE_BYTES`` per peer) and the per-record header (token index, expert list,
+      padding).
+    - ``*_local_bytes``: the same kinds of rows for this rank's own experts: copied, never on a
+      wire.
     - ``dispatch_selections``: (token, expert) pairs dispatched to live owners (this rank included);
       ``dispatch_records``: (token, rank) records sent to other ranks.
     """
@@ -32,7 +34,12 @@ class TrafficStats:
     @property
     def wire_bytes(self) -> int:
         """All bytes sent to other ranks (payload + metadata, both ops)."""
-        return self.dispatch_payload_bytes + self.dispatch_meta_bytes + self.combine_payload_bytes + self.combine_meta_bytes
+        return (
+            self.dispatch_payload_bytes
+            + self.dispatch_meta_bytes
+            + self.combine_payload_bytes
+            + self.combine_meta_bytes
+        )
 
     def snapshot(self) -> dict[str, int]:
         values = asdict(self)

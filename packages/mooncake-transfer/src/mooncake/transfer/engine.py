@@ -212,7 +212,11 @@ class TransferEngine:
         if not 0.01 <= hs_timeout <= 600:
             raise ValueError(f"MOONCAKE_HANDSHAKE_TIMEOUT_MS must be in [10, 600000], got {hs_timeout * 1e3:g}")
 
-        self._core = _engine.Engine(name, host, port, bytes(secret), hb_i, hb_t, transport, host_id, hs_timeout)
+        notify_ring = os.environ.get("MOONCAKE_NOTIFY_RING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+        self._core = _engine.Engine(
+            name, host, port, bytes(secret), hb_i, hb_t, transport, host_id, hs_timeout, notify_ring
+        )
         self._callbacks: List[Callable[[str, PeerState], None]] = []
         self._events = threading.Thread(
             target=_event_loop, args=(self._core, self._callbacks), name=f"mooncake-events-{name}", daemon=True

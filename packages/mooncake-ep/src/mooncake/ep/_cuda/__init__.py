@@ -43,6 +43,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mep_ctx_commit": (c_int, [c_void_p]),
         "mep_ctx_reset": (c_int, [c_void_p]),
         "mep_ctx_error_flags": (c_int, [c_void_p, p_u32]),
+        "mep_ctx_set_cooperative": (c_int, [c_void_p, c_int]),
+        "mep_ctx_set_trace": (c_int, [c_void_p, c_u64, c_u64]),
         "mep_ctx_destroy": (c_int, [c_void_p]),
         "mep_dispatch": (c_int, [c_void_p, p_i64, c_int]),
         "mep_combine": (c_int, [c_void_p, p_i64, c_int]),

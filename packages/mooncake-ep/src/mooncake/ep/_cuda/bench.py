@@ -79,6 +79,7 @@ def main(argv: Any = None) -> int:
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
     use_fp8 = not args.bf16_dispatch
     buffer = Buffer(group, Buffer.get_ep_buffer_size_hint(T, H, 1, E), path="fast")
+    path = buffer.path
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn((T, H), device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
     scores = torch.randn((T, E), device="cuda", generator=gen).abs() + 1
@@ -151,7 +152,6 @@ def main(argv: Any = None) -> int:
     results["python_calls_host_us"] = statistics.median(host)
 
     # The same two calls straight on the path (no Buffer argument validation).
-    path = buffer.path
 
     def pair_direct() -> None:
         recv = path.dispatch(x, topk_idx, active, T, E, timeout_us, use_fp8, False, False, False, False, None)
@@ -165,6 +165,74 @@ def main(argv: Any = None) -> int:
         pair_direct()
         direct.append((time.perf_counter() - t0) * 1e6)
     results["path_calls_host_us"] = statistics.median(direct)
+    # Phase timestamps (%globaltimer per block, fused kernels): where the kernel time goes.
+    grid = path.grid
+    traces = [torch.zeros(grid * 8, dtype=torch.int64, device="cuda") for _ in range(2)]
+    path._lib.mep_ctx_set_trace(path._ctx, traces[0].data_ptr(), traces[1].data_ptr())
+    phase_rows: dict[str, list] = {"dispatch": [], "combine": []}
+    for _ in range(20):
+        for t in traces:
+            t.zero_()
+        flush.zero_()
+        pair(False)
+        torch.cuda.synchronize()
+        for name, t in zip(("dispatch", "combine"), traces):
+            ts = t.view(grid, 8).cpu()
+            start = int(ts[:, 0].min())
+            phase_rows[name].append([
+                (float((ts[:, i] - start).float().median()) / 1e3, float((ts[:, i] - start).max()) / 1e3)
+                if bool((ts[:, i] > 0).all()) else None
+                for i in range(8)
+            ])  # fmt: skip
+    path._lib.mep_ctx_set_trace(path._ctx, 0, 0)
+    results["phases_us"] = {}
+    for name, rows_ in phase_rows.items():
+        points = []
+        for i in range(8):
+            vals = [r[i] for r in rows_ if r[i] is not None]
+            points.append(None if not vals else (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals)))
+        results["phases_us"][name] = points
+
+    # Fixed cost: the same launch with no phase (the kernel reads its state and exits).
+    import ctypes
+
+    lib, ctx = path._lib, path._ctx
+    empty_args = (ctypes.c_int64 * len(path._dargs))(*path._dargs)
+    empty_args[16] = 0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.iters):
+            lib.mep_dispatch(ctx, empty_args, len(empty_args))
+        torch.cuda.synchronize()
+    results["empty_kernel_us"] = statistics.median(_kernel_times(prof, "dispatch_kernel"))
+    launch = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        lib.mep_dispatch(ctx, empty_args, len(empty_args))
+        launch.append((time.perf_counter() - t0) * 1e6)
+    results["launch_host_us"] = statistics.median(launch)
+    # Non-cooperative launches, for comparison (host cost of the launch and end-to-end time).
+    lib.mep_ctx_set_cooperative(ctx, 0)
+    torch.cuda.synchronize()
+    launch = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        lib.mep_dispatch(ctx, empty_args, len(empty_args))
+        launch.append((time.perf_counter() - t0) * 1e6)
+    results["launch_host_noncoop_us"] = statistics.median(launch)
+    e2e_nc = []
+    for _ in range(args.iters):
+        flush.zero_()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pair(False)
+        end.record()
+        end.synchronize()
+        e2e_nc.append(start.elapsed_time(end) * 1e3)
+    results["e2e_noncoop_median_us"] = statistics.median(e2e_nc)
+    lib.mep_ctx_set_cooperative(ctx, 1)
+    torch.cuda.synchronize()
+
     if args.profile_host:
         import cProfile
         import io
@@ -202,6 +270,9 @@ def main(argv: Any = None) -> int:
         ("combine send + recv (hook)", f"{results['combine_send_us']:.1f} + {results['combine_recv_us']:.1f} us", ""),
         ("dispatch+combine via Python (mean/median/best)",
          f"{results['e2e_mean_us']:.1f} / {results['e2e_median_us']:.1f} / {results['e2e_best_us']:.1f} us", "<= 60 us"),
+        ("empty kernel (same launch, no phase)", f"{results['empty_kernel_us']:.1f} us; launch host "
+         f"{results['launch_host_us']:.1f} us (non-cooperative {results['launch_host_noncoop_us']:.1f} us, "
+         f"e2e {results['e2e_noncoop_median_us']:.1f} us)", ""),
         ("host time of the two Python calls (Buffer / path)",
          f"{results['python_calls_host_us']:.1f} / {results['path_calls_host_us']:.1f} us", ""),
         ("dispatch logical bandwidth", f"{results['dispatch_logical_GBps']:.0f} GB/s "
@@ -213,6 +284,9 @@ def main(argv: Any = None) -> int:
           f"{'FP8' if use_fp8 else 'BF16'} dispatch, BF16 combine, {args.iters} iterations, L2 flushed")  # fmt: skip
     for name, value, target in rows:
         print(f"  {name:<48} {value:<44} {target}")
+    for name, points in results["phases_us"].items():
+        text = ", ".join(f"{i}:{p[0]:.1f}/{p[1]:.1f}" for i, p in enumerate(points) if p is not None)
+        print(f"  {name} phases (us since first block start, median/max over blocks): {text}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -28,13 +28,18 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
+# CPU torch wheels warn at import when numpy is absent; the demo never needs numpy (keep the
+# output to the demo's own lines).
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from mooncake.ep.examples.moe_layer import (
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from mooncake.ep.examples.moe_layer import (  # noqa: E402
     ExpertCheckpoint,
     FaultTolerantMoELayer,
     ForwardReport,
@@ -165,15 +170,17 @@ def _line(rows: torch.Tensor, rep: ForwardReport, reduced: float) -> str:
     for m in r[:, 6].tolist():
         mask |= int(m)
     ranks = "".join(str(v) for v in rep.active_after)
-    text = (
-        f"ranks {ranks} | {int(r[:, 5].sum()):3d} tokens | max|out-ref| {float(r[:, 1].max()):.3g}"
-    )
+    tokens = int(r[:, 5].sum())
+    text = f"ranks {ranks} | {tokens:3d} tokens | "
     if lost:
-        rest = int(r[:, 5].sum()) - lost
-        text += f" (0 required: {float(r[:, 2].max()):.3g} on the {rest} tokens that lost nothing)"
+        unavailable = [e for e in range(64) if mask >> e & 1]
+        worst, rest = float(r[:, 1].max()), float(r[:, 2].max())
         text += (
-            f" | lost {lost} tokens, experts {[e for e in range(64) if mask >> e & 1]} unavailable"
+            f"lost {lost} (experts {unavailable} unavailable): max|out-ref| {worst:.3g} on them, "
         )
+        text += f"{rest:.3g} on the other {tokens - lost}"
+    else:
+        text += f"max|out-ref| {float(r[:, 1].max()):.3g}"
     text += f" | all_reduce {reduced:.0f}"
     if rep.rebalance is not None:
         text += f" | rebalanced onto {sum(rep.rebalance.active_ranks)} ranks: {rep.rebalance.plan}"
@@ -268,7 +275,7 @@ def _worker(args: argparse.Namespace) -> int:
     pass_idx = 0
     recovered_at: int | None = None
     if args.join:
-        pass_idx = recovered_at = _agree_pass(group, pass_idx)
+        pass_idx = recovered_at = _agree_pass(group, pass_idx, device)
         layer.passes = pass_idx  # keeps rebalance_every in step with the survivors
     results = (
         Path(args.results) / f"rank{rank}{'-join' if args.join else ''}.jsonl"
@@ -281,21 +288,20 @@ def _worker(args: argparse.Namespace) -> int:
     while True:
         if not args.join and args.kill_between.get(rank) == pass_idx:
             os.kill(os.getpid(), signal.SIGKILL)
-        if mooncake and not args.no_replace:
-            active = pg.get_active_ranks(group).tolist()[:world]
+        # Admit replacements once the scripted failures are over (and shown for a pass). Every
+        # member takes `missing` from the agreed membership (a collective): a member admitted a
+        # moment ago may not have caught up with the backend's view yet.
+        scripted = max([*args.kill_during.values(), *args.kill_between.values(), 0])
+        if mooncake and not args.no_replace and pass_idx >= scripted + 2:
+            active = layer.agreed_active_ranks()
             missing = [r for r in range(world) if not active[r]]
-            # admit replacements once the scripted failures are over (and shown for a pass)
-            if (
-                missing
-                and pass_idx
-                >= max([*args.kill_during.values(), *args.kill_between.values(), 0]) + 2
-            ):
+            if missing:
                 ready = [r for r, ok in zip(missing, pg.get_peer_state(group, missing)) if ok]
                 if ready:
                     pg.recover_ranks(group, ready)
                     buffer.update_ep_member()  # a replacement constructs its Buffer instead
                     layer.reset_membership()
-                    pass_idx = recovered_at = _agree_pass(group, pass_idx)
+                    pass_idx = recovered_at = _agree_pass(group, pass_idx, device)
                     continue  # old and new members resume together at the top of the loop
                 else:
                     time.sleep(0.2)  # replacements still starting: keep serving, slowly
@@ -306,7 +312,7 @@ def _worker(args: argparse.Namespace) -> int:
         outs = reference.expert_outputs(x)
         ref = reference.combine(outs, rep.topk_idx, rep.topk_weights)
         ref_lost = reference.combine(outs, rep.topk_idx, rep.topk_weights, dropped=rep.lost)
-        ones = torch.ones(1, dtype=torch.float64)
+        ones = torch.ones(1, dtype=torch.float64, device=device)
         dist.all_reduce(ones, group=group)
         members = pg.get_active_ranks(group).tolist()[:world] if mooncake else [1] * world
         reduced = float(ones)
@@ -317,9 +323,9 @@ def _worker(args: argparse.Namespace) -> int:
         if clean:
             ok &= rep.lost_tokens == 0 and torch.equal(out, ref)
         stats = _pass_stats(out, ref, ref_lost, rep, reduced, bool(ok))
-        gathered = torch.zeros(world * _STATS, dtype=torch.float64)
-        _all_gather_single(gathered, stats, group=group)
-        rows = gathered.view(world, _STATS)
+        gathered = torch.zeros(world * _STATS, dtype=torch.float64, device=device)
+        _all_gather_single(gathered, stats.to(device), group=group)
+        rows = gathered.view(world, _STATS).cpu()
         failures += 0 if ok else 1
         if results is not None:
             _append(
@@ -352,10 +358,11 @@ def _worker(args: argparse.Namespace) -> int:
             if bad:
                 body += f" | CHECK FAILED on ranks {bad}"
             lossy = int(rows[rows[:, 0] > 0][:, 4].sum()) > 0
-            alike = (tuple(rep.active_after), int(sum(rows[:, 6].tolist()))) if lossy else None
+            unavailable = tuple(layer.placement.unavailable_experts()) if layer.placement else ()
+            alike = (tuple(rep.active_after), unavailable) if lossy else None
             printer.show(pass_idx, body, None if bad or rep.rebalance else alike)
         pass_idx += 1
-        everyone = all(members)
+        everyone = all(rep.active_ranks) and all(rep.active_after)  # agreed, unlike a local view
         done = pass_idx >= args.passes and (
             args.no_replace
             or not mooncake
@@ -378,9 +385,9 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _agree_pass(group: Any, pass_idx: int) -> int:
+def _agree_pass(group: Any, pass_idx: int, device: torch.device) -> int:
     """Survivors and replacements agree on the pass number after an admission."""
-    t = torch.tensor([pass_idx], dtype=torch.int64)
+    t = torch.tensor([pass_idx], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t)
 

@@ -292,16 +292,14 @@ class FaultTolerantMoELayer:
         )
         self.w2 = torch.zeros(s, c.hidden, c.intermediate, dtype=torch.bfloat16, device=self.device)
         self.recv_stats = torch.zeros(s, dtype=torch.int32, device=self.device)
-        self.routed_load = torch.zeros(
-            c.num_experts, dtype=torch.int64
-        )  # logical choices seen here
+        # logical choices made on this rank, summed over ranks when rebalancing
+        self.routed_load = torch.zeros(c.num_experts, dtype=torch.int64)
         self._seen_active = torch.ones(self.num_ranks, dtype=torch.int32)
         self.held = [-1] * s  # logical expert whose weights each local slot holds
         self.placement: ExpertPlacement | None = None  # routing placement (slots with weights)
         self.placement_active: list[int] | None = None
-        self.passes = (
-            passes  # forward passes run by this layer's group (the same count on every member)
-        )
+        # forward passes run by this layer's group (the same count on every member)
+        self.passes = passes
         if has_weights:
             # Initial placement: the same on every rank without communication (uniform load).
             initial = rebalance_experts(
@@ -333,7 +331,10 @@ class FaultTolerantMoELayer:
         backend = self._backend_active()
         if backend is not None:
             seen &= backend
-        dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=self.group)
+        # control tensors live on the layer's device: a CUDA-only group ("mooncake") takes no CPU
+        on_device = seen.to(self.device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.MIN, group=self.group)
+        seen = on_device.cpu()
         backend = self._backend_active()  # a rank may have died during the all_reduce
         if backend is not None:
             seen &= backend
@@ -348,11 +349,12 @@ class FaultTolerantMoELayer:
     # ---------------------------------------------------------------- rebalancing
 
     def _all_gather_held(self, active: list[int]) -> list[int]:
-        local = torch.tensor(self.held, dtype=torch.int64)
-        out = torch.full((self.num_ranks * self.config.slots_per_rank,), -1, dtype=torch.int64)
+        local = torch.tensor(self.held, dtype=torch.int64, device=self.device)
+        size = self.num_ranks * self.config.slots_per_rank
+        out = torch.full((size,), -1, dtype=torch.int64, device=self.device)
         _all_gather_single(out, local, group=self.group)
         s = self.config.slots_per_rank
-        values = out.tolist()
+        values = out.cpu().tolist()
         return [v if active[i // s] else -1 for i, v in enumerate(values)]
 
     def rebalance(self, active: list[int]) -> RebalanceReport:
@@ -364,8 +366,9 @@ class FaultTolerantMoELayer:
         held = ExpertPlacement.from_phy2log(
             self._all_gather_held(active), c.num_experts, self.num_ranks, s
         )
-        load = self.routed_load.clone()
+        load = self.routed_load.to(self.device)
         dist.all_reduce(load, group=self.group)
+        load = load.cpu()
         if self.checkpoint is not None:
             available = [True] * c.num_experts
         else:

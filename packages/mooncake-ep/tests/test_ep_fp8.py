@@ -23,7 +23,8 @@ def test_scale_is_amax_over_448_per_128_channels() -> None:
     x[0, 5] = -7.0
     x[0, 128:] = 0.5
     data, scales = per_token_cast_to_fp8(x)
-    assert scales.dtype == torch.float32 and scales.shape == (2, 2)
+    assert scales.dtype == torch.float32
+    assert scales.shape == (2, 2)
     assert scales[0, 0].item() == pytest.approx(7.0 / 448, rel=0)
     assert scales[0, 1].item() == torch.tensor(0.5 / 448, dtype=torch.float32).item()
     # an all-zero group uses the amax floor 1e-4
@@ -36,7 +37,9 @@ def test_data_is_x_divided_by_scale_inv_saturated() -> None:
     torch.manual_seed(0)
     x = (torch.randn((8, 384)) * 3).to(torch.bfloat16)
     data, scales = per_token_cast_to_fp8(x)
-    want = (x.float().view(8, 3, 128) / scales.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    want = (
+        (x.float().view(8, 3, 128) / scales.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    )
     assert torch.equal(data.view(torch.uint8), want.view(8, 384).view(torch.uint8))
     assert not torch.isnan(data.float()).any()
 
@@ -46,7 +49,11 @@ def test_round_scale_rounds_up_to_power_of_two() -> None:
     rounded = round_up_pow2(values)
     assert rounded.tolist() == [1.0, 2.0, 0.5, 2.0**-20, 4.0]
     amax = torch.tensor([448.0, 449.0, 1e-9])
-    assert scale_inv_from_amax(amax, True).tolist() == [1.0, 2.0, round_up_pow2(torch.tensor([1e-4 / 448])).item()]
+    assert scale_inv_from_amax(amax, True).tolist() == [
+        1.0,
+        2.0,
+        round_up_pow2(torch.tensor([1e-4 / 448])).item(),
+    ]
 
 
 def test_ue8m0_exponent_and_packing() -> None:
@@ -54,13 +61,16 @@ def test_ue8m0_exponent_and_packing() -> None:
     exps = ue8m0_exponents(scales)
     assert exps.tolist() == [[127, 128, 126, 117, 129]]
     packed = pack_ue8m0(exps)
-    assert packed.dtype == torch.int32 and packed.shape == (1, 2)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (1, 2)
     assert packed[0, 0].item() == 127 | 128 << 8 | 126 << 16 | 117 << 24
     assert packed[0, 1].item() == 129  # padded with zero bytes
     assert torch.equal(unpack_ue8m0(packed, 5), exps)
 
 
-@pytest.mark.parametrize("round_scale,use_ue8m0", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    ("round_scale", "use_ue8m0"), [(False, False), (True, False), (True, True)]
+)
 def test_cast_back_within_contract_tolerance(round_scale: bool, use_ue8m0: bool) -> None:
     torch.manual_seed(1)
     x = (torch.randn((64, 640)) * 0.1).to(torch.bfloat16)
@@ -81,7 +91,9 @@ def test_structured_rows_are_exact() -> None:
 
 def test_ue8m0_requires_round_scale() -> None:
     with pytest.raises(ValueError, match="requires round_scale"):
-        per_token_cast_to_fp8(torch.zeros((1, 128), dtype=torch.bfloat16), round_scale=False, use_ue8m0=True)
+        per_token_cast_to_fp8(
+            torch.zeros((1, 128), dtype=torch.bfloat16), round_scale=False, use_ue8m0=True
+        )
 
 
 def test_calc_diff() -> None:

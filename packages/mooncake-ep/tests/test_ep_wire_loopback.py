@@ -25,7 +25,7 @@ def loopback(num_ranks, T, H, L, K, use_fp8, round_scale, ue8m0, alive, seed=0):
     E = num_ranks * L
     gen = torch.Generator().manual_seed(seed)
     xs, topks, weights = [], [], []
-    for r in range(num_ranks):
+    for _ in range(num_ranks):
         n = int(torch.randint(0, T + 1, (1,), generator=gen))
         xs.append((torch.randn((n, H), generator=gen) * 0.2).to(torch.bfloat16))
         topk = torch.topk(torch.rand((n, E), generator=gen), K).indices
@@ -48,10 +48,18 @@ def loopback(num_ranks, T, H, L, K, use_fp8, round_scale, ue8m0, alive, seed=0):
         chunks = [sends[s][r] if alive[s] else sends[s][r][:0] for s in range(num_ranks)]
         rows_in = [c.shape[0] for c in chunks]
         received = torch.cat(chunks)
-        data = torch.empty((L, num_ranks * T, H), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+        data = torch.empty(
+            (L, num_ranks * T, H), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+        )
         width = num_ue8m0_ints(H) if ue8m0 else num_scale_groups(H)
-        scales = torch.empty((L, width, num_ranks * T), dtype=torch.int32 if ue8m0 else torch.float32) if use_fp8 else None
-        plan = unpack_dispatch_records(received, rows_in, alive_t.clone(), fmt, data, scales, T, L, num_ranks)
+        scales = (
+            torch.empty((L, width, num_ranks * T), dtype=torch.int32 if ue8m0 else torch.float32)
+            if use_fp8
+            else None
+        )
+        plan = unpack_dispatch_records(
+            received, rows_in, alive_t.clone(), fmt, data, scales, T, L, num_ranks
+        )
         recv_x = (data, scales.transpose(1, 2)) if use_fp8 else data
         outputs.append((recv_x, plan))
     return xs, topks, weights, outputs, alive_t, E
@@ -65,7 +73,9 @@ def test_dispatch_and_combine_loopback(num_ranks: int, mode: str) -> None:
     if num_ranks > 2:
         alive[1] = False  # a failed rank: sends nothing, receives nothing
     T, H, L, K = 9, 640, 3, min(4, 3 * num_ranks)
-    xs, topks, weights, outputs, alive_t, E = loopback(num_ranks, T, H, L, K, use_fp8, round_scale, ue8m0, alive, seed=num_ranks)
+    xs, topks, weights, outputs, alive_t, E = loopback(
+        num_ranks, T, H, L, K, use_fp8, round_scale, ue8m0, alive, seed=num_ranks
+    )
     for r in range(num_ranks):
         if not alive[r]:
             continue
@@ -94,22 +104,39 @@ def test_dispatch_and_combine_loopback(num_ranks: int, mode: str) -> None:
 
             values = per_token_cast_back(recv_x[0], recv_x[1])
         send_plan = plan_combine_send(plan.layout_range, alive_t, num_ranks, T)
-        combine_sends[d] = list(torch.split(gather_combine_rows(values, send_plan.rows), send_plan.rows_per_dest.tolist()))
+        combine_sends[d] = list(
+            torch.split(
+                gather_combine_rows(values, send_plan.rows), send_plan.rows_per_dest.tolist()
+            )
+        )
     for s in range(num_ranks):
         if not alive[s]:
             continue
-        chunks = [combine_sends[d][s] if alive[d] else combine_sends[s][s][:0] for d in range(num_ranks)]
+        chunks = [
+            combine_sends[d][s] if alive[d] else combine_sends[s][s][:0] for d in range(num_ranks)
+        ]
         received = torch.cat(chunks)
         plan = plan_combine_recv(topks[s], L, num_ranks, alive_t)
         combined = torch.empty_like(xs[s])
-        reduce_combine_rows(received, [c.shape[0] for c in chunks], alive_t.clone(), plan, weights[s], combined, K, H)
+        reduce_combine_rows(
+            received,
+            [c.shape[0] for c in chunks],
+            alive_t.clone(),
+            plan,
+            weights[s],
+            combined,
+            K,
+            H,
+        )
         seen = expert_view_of_tokens(xs[s], use_fp8, round_scale, ue8m0)
         want = reference_combine(seen, topks[s], weights[s], L, alive)
         assert torch.equal(combined, want)
 
 
 def test_records_send_token_once_per_destination() -> None:
-    topk = torch.tensor([[0, 1, 4], [5, -1, 2], [3, 4, 5]])  # L=3, R=2: experts 0-2 on rank 0, 3-5 on 1
+    topk = torch.tensor(
+        [[0, 1, 4], [5, -1, 2], [3, 4, 5]]
+    )  # L=3, R=2: experts 0-2 on rank 0, 3-5 on 1
     plan = plan_dispatch_send(topk, 3, 2, torch.tensor([True, True]), torch.int16)
     assert plan.rec_dest.tolist() == [0, 0, 1, 1, 1]
     assert plan.rec_token.tolist() == [0, 1, 0, 1, 2]

@@ -22,16 +22,39 @@ def test_signatures_match_deep_ep() -> None:
         return list(inspect.signature(fn).parameters)[1:]
 
     assert names(deep_ep.Buffer.__init__)[:8] == [
-        "group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
-        "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "explicitly_destroy",
-    ]  # fmt: skip
+        "group",
+        "num_nvl_bytes",
+        "num_rdma_bytes",
+        "low_latency_mode",
+        "num_qps_per_rank",
+        "allow_nvlink_for_low_latency_mode",
+        "allow_mnnvl",
+        "explicitly_destroy",
+    ]
     assert names(deep_ep.Buffer.low_latency_dispatch) == [
-        "x", "topk_idx", "num_max_dispatch_tokens_per_rank", "num_experts", "cumulative_local_expert_recv_stats",
-        "dispatch_wait_recv_cost_stats", "use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook",
-    ]  # fmt: skip
+        "x",
+        "topk_idx",
+        "num_max_dispatch_tokens_per_rank",
+        "num_experts",
+        "cumulative_local_expert_recv_stats",
+        "dispatch_wait_recv_cost_stats",
+        "use_fp8",
+        "round_scale",
+        "use_ue8m0",
+        "async_finish",
+        "return_recv_hook",
+    ]
     assert names(deep_ep.Buffer.low_latency_combine) == [
-        "x", "topk_idx", "topk_weights", "handle", "use_logfmt", "zero_copy", "async_finish", "return_recv_hook", "out",
+        "x",
+        "topk_idx",
+        "topk_weights",
+        "handle",
+        "use_logfmt",
+        "zero_copy",
+        "async_finish",
+        "return_recv_hook",
+        "out",
         "combine_wait_recv_cost_stats",
-    ]  # fmt: skip
+    ]
     assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 288) > 0
     assert hasattr(deep_ep, "EventOverlap")

@@ -15,13 +15,25 @@ from mooncake.ep.layout import (
 from mooncake.ep.limits import MAX_TOPK
 
 
-@pytest.mark.parametrize("T,H,R,E", [(128, 7168, 8, 288), (1, 128, 1, 1), (1024, 640, 3, 9), (17, 2560, 5, 40)])
+@pytest.mark.parametrize(
+    ("T", "H", "R", "E"),
+    [(128, 7168, 8, 288), (1, 128, 1, 1), (1024, 640, 3, 9), (17, 2560, 5, 40)],
+)
 def test_regions_disjoint_aligned_and_inside(T: int, H: int, R: int, E: int) -> None:
     layout = ep_buffer_layout(T, H, R, E)
     regions = [("control", layout.control)]
     for half in layout.halves:
-        regions += [(f"{name}{half.index}", getattr(half, name)) for name in
-                    ("dispatch_send", "dispatch_recv", "dispatch_signals", "combine_send", "combine_recv", "combine_signals")]  # fmt: skip
+        regions += [
+            (f"{name}{half.index}", getattr(half, name))
+            for name in (
+                "dispatch_send",
+                "dispatch_recv",
+                "dispatch_signals",
+                "combine_send",
+                "combine_recv",
+                "combine_signals",
+            )
+        ]
     spans = sorted((r.offset, r.end, name) for name, r in regions)
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         assert end_a <= start_b, f"{a} overlaps {b}"
@@ -33,7 +45,8 @@ def test_regions_disjoint_aligned_and_inside(T: int, H: int, R: int, E: int) -> 
     assert h0.combine_send.nbytes == L * R * T * H * 2
     assert h0.combine_recv.nbytes == T * MAX_TOPK * H * 2
     assert h1.dispatch_recv.nbytes == h0.dispatch_recv.nbytes
-    assert layout.half(0) is h0 and layout.half(3) is h1
+    assert layout.half(0) is h0
+    assert layout.half(3) is h1
 
 
 def test_message_bounds_every_option() -> None:
@@ -46,8 +59,10 @@ def test_message_bounds_every_option() -> None:
 
 def test_hint_grows_with_every_dimension() -> None:
     base = ep_buffer_size_hint(64, 1024, 4, 16)
-    for args in itertools.starmap(lambda i, v: tuple(v if j == i else b for j, b in enumerate((64, 1024, 4, 16))),
-                                  [(0, 128), (1, 2048), (3, 32)]):  # fmt: skip
+    for args in itertools.starmap(
+        lambda i, v: tuple(v if j == i else b for j, b in enumerate((64, 1024, 4, 16))),
+        [(0, 128), (1, 2048), (3, 32)],
+    ):
         assert ep_buffer_size_hint(*args) > base
 
 

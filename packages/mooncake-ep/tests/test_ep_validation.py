@@ -1,4 +1,4 @@
-"""Bad inputs: a clear error naming the argument and the limit, on every rank, nothing sent, no hang."""
+"""Bad inputs: a clear error naming argument and limit on every rank; nothing sent, no hang."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_bad_inputs_every_rank(world_size: int) -> None:
     values = assert_all_ok(run_world(world_size, "ep_cases:run_bad_inputs", (), timeout=110))
     errors = [e for v in values for e in v["errors"]]
     assert not errors, "\n".join(errors)
-    # Nothing was sent, so nothing waited: all 30 bad calls and the good round take well under a second.
+    # Nothing was sent, so nothing waited: all 30 bad calls and the good round take well under a
+    # second.
     assert all(v["elapsed"] < 10 for v in values)
 
 
@@ -26,7 +27,9 @@ def test_constructor_rejects_non_group() -> None:
 
 
 def test_size_hint_alias_and_limits() -> None:
-    assert Buffer.get_buffer_size_hint(128, 7168, 4, 288) == Buffer.get_ep_buffer_size_hint(128, 7168, 4, 288)
+    assert Buffer.get_buffer_size_hint(128, 7168, 4, 288) == Buffer.get_ep_buffer_size_hint(
+        128, 7168, 4, 288
+    )
     with pytest.raises(ValueError, match="hidden=100"):
         Buffer.get_ep_buffer_size_hint(128, 100, 4, 288)
     with pytest.raises(ValueError, match="num_experts=290"):
