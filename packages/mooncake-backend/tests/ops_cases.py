@@ -210,3 +210,20 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
     assert pg.get_active_ranks().tolist() == [1] * world
     dist.destroy_process_group()
     return checks
+def ddp_body(rank, world, port):
+    import torch, torch.distributed as dist
+    from harness import init
+    init(rank, world, port)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(3):
+        x = torch.randn(4, 8) * (rank + 1)
+        loss = ddp(x).pow(2).sum()
+        opt.zero_grad(); loss.backward(); opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    outs = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(outs, flat)
+    assert all(torch.equal(o, flat) for o in outs), "replicas diverged"
+    return float(flat.sum())

@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   const int E = p.L * p.R;
   const int RT = p.R * p.T;
   const int tid = threadIdx.x, nthreads = blockDim.x, G = gridDim.x, b = blockIdx.x;
-  const int lane = tid & 31, warps = nthreads >> 5, warp_id = b * warps + (tid >> 5), num_warps = G * warps;
+  const int lane = tid & 31, num_warps = G * (nthreads >> 5);
   const int half = p.half, slot_idx = kCombineKind * 2 + p.half;
   EpState* st = p.state;
   const bool do_send = (p.phases & kPhaseSend) != 0, do_recv = (p.phases & kPhaseRecv) != 0;
@@ -36,11 +36,21 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   }
 
   trace_point(p.trace, 0);
+  int* s_active = smem;           // [R] active_ranks on entry
+  int* s_alive = smem + p.R;      // [R] live and arrived (receive phase)
+  int* s_work = smem + 2 * p.R;
+  tp.warm();
+  load_active(s_active, p.active_ranks, p.R);
+  // Fused launch: rows for this rank's own tokens are not copied; the reduction reads them from x
+  // (self_rows, written by the dispatch). With a receive hook x may change before the hook, so
+  // the send phase copies them like any other row.
+  const bool local_direct = do_send && do_recv;
+  const int* self_rows = p.src_info + 2ull * p.L * RT;  // [T][kMaxTopk] row of (n, k) in x
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
     // Rows per (local expert l, token rank r), pair q = l*R + r, straight from layout_range so
     // every block flattens the rows identically; rows for failed ranks are skipped.
-    int* s_pref = smem;           // [E + 1]
+    int* s_pref = s_work;         // [E + 1]
     int* s_tmp = s_pref + E + 1;  // [32]
     for (int q = tid; q < E; q += nthreads) s_pref[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
     __syncthreads();
@@ -51,11 +61,11 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
     // Work item = (row, piece of 256 chunks): one warp, eight 16-byte loads in flight per lane.
     const int pieces = (chunks + kCombinePieceChunks - 1) / kCombinePieceChunks;
     const int items = total * pieces;
-    for (int it = warp_id; it < items; it += num_warps) {
+    for (int it = (tid >> 5) * G + b; it < items; it += num_warps) {
       const int f = it / pieces, piece = it - f * pieces;
       const int q = upper_index(s_pref, E, f);
       const int l = q / p.R, r = q - l * p.R;
-      if (ld_relaxed_sys(p.active_ranks + r) == 0) continue;
+      if (s_active[r] == 0 || (local_direct && r == p.rank)) continue;
       const int j = static_cast<int>(p.layout_range[q] >> 32) + (f - s_pref[q]);
       if (j < 0 || j >= RT) continue;
       const int n = p.src_info[static_cast<uint64_t>(l) * RT + j];
@@ -83,35 +93,43 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
       }
     }
     trace_point(p.trace, 2);
-    announce_arrival(tp, p.active_ranks, p.off, p.R, p.rank, kCombineKind, half);
+    announce_arrival(tp, s_active, p.off, p.R, p.rank, kCombineKind, half);
     trace_point(p.trace, 3);
   }
 
   if (do_recv) {
     // 1. Arrivals of every live owner; one verdict per owner for the whole grid, so every token
     //    sees the same failed owners (they contribute nothing, even rows that had arrived).
-    decide_sources(tp, p.active_ranks, p.verdicts, p.off, p.R, kCombineKind, half, tag, p.grid,
-                   deadline_after(start_ns, p.timeout_us));
+    decide_sources(tp, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kCombineKind, half, tag,
+                   p.grid, deadline_after(start_ns, p.timeout_us));
     trace_point(p.trace, 4);
 
     // 2. Work item = (token, 32 chunks): lane c of the warp owns 8 channels of the token.
     const int4* recv = static_cast<const int4*>(tp.local_ptr(p.off.combine_recv));
     const int per_token = (chunks + 31) / 32;
     const int items = p.N * per_token;
-    for (int it = warp_id; it < items; it += num_warps) {
+    for (int it = (tid >> 5) * G + b; it < items; it += num_warps) {
       const int n = it / per_token;
       const int c = (it - n * per_token) * 32 + lane;
       int ok = 0;
       float w = 0.f;
+      // Lane k < K: where row (n, k) is: this rank's combine_recv, or x itself (own expert).
+      const int4* row_k = recv + (static_cast<uint64_t>(n) * kMaxTopk + lane) * chunks;
       if (lane < p.K) {
         const int64_t e = p.topk_idx[static_cast<uint64_t>(n) * p.K + lane];
-        if (e >= 0 && e < E && ld_relaxed_sys(p.active_ranks + e / p.L) != 0) {
+        if (e >= 0 && e < E && s_alive[e / p.L] != 0) {
           ok = 1;
           w = p.topk_weights[static_cast<uint64_t>(n) * p.K + lane];
+          const int owner = static_cast<int>(e / p.L);
+          if (local_direct && owner == p.rank) {
+            const int j = self_rows[static_cast<uint64_t>(n) * kMaxTopk + lane];
+            const int l = static_cast<int>(e) - owner * p.L;
+            if (j >= 0 && j < RT) row_k = reinterpret_cast<const int4*>(p.x) + (static_cast<uint64_t>(l) * RT + j) * chunks;
+            else ok = 0;
+          }
         }
       }
       const unsigned ok_mask = __ballot_sync(0xffffffffu, ok);
-      const int4* rows = recv + static_cast<uint64_t>(n) * kMaxTopk * chunks;
       // sum_k w_k * x_k in k order, product and sum rounded separately (no FMA): the order and
       // rounding of the portable path and the reference, so BF16 results match bit for bit.
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -121,7 +139,8 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
         for (int u = 0; u < 8; ++u) {
           const int k = k0 + u;
           v[u] = make_int4(0, 0, 0, 0);
-          if (k < p.K && ((ok_mask >> k) & 1u) && c < chunks) v[u] = ld_cg_int4(rows + static_cast<uint64_t>(k) * chunks + c);
+          const int4* rk = reinterpret_cast<const int4*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(row_k), k & 31));
+          if (k < p.K && ((ok_mask >> k) & 1u) && c < chunks) v[u] = ld_cg_int4(rk + c);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {

@@ -35,14 +35,17 @@ __device__ __forceinline__ void write_dispatch_chunk(char* msg, int c, int H, bo
 // Every block announces its completion to every live rank: one release-add per destination, after
 // a barrier, so the block's stores (and puts) are visible before the count moves.
 template <class Tp>
-__device__ __forceinline__ void announce_arrival(const Tp& tp, const int* active_ranks, const HalfOffsets& off,
+__device__ __forceinline__ void announce_arrival(const Tp& tp, const int* s_active, const HalfOffsets& off,
                                                  int num_ranks, int rank, int kind, int half) {
   __syncthreads();
-  if (threadIdx.x < 32) {
-    tp.fence();
+  if (threadIdx.x < 32)
     for (int r = threadIdx.x; r < num_ranks; r += 32)
-      if (ld_relaxed_sys(active_ranks + r) != 0) tp.signal_add(r, arrival_offset(off, rank, kind, half), 1);
-  }
+      if (s_active[r] != 0) tp.signal_add(r, arrival_offset(off, rank, kind, half), 1);  // release
+}
+
+// Shared-memory copy of active_ranks as the op found it (every thread of the block calls it).
+__device__ __forceinline__ void load_active(int* s_active, const int* active_ranks, int num_ranks) {
+  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) s_active[r] = ld_relaxed_sys(active_ranks + r);
 }
 
 // Each block decides, for every live source, whether all of the source's blocks arrived before
@@ -50,14 +53,16 @@ __device__ __forceinline__ void announce_arrival(const Tp& tp, const int* active
 // verdict word becomes (tag << 1) | arrived by compare-and-swap, so every block of the grid uses
 // the same answer without a grid barrier (a source arriving just at the deadline is either taken
 // by all blocks or dropped by all). A source found failed is set to 0 in active_ranks.
+// s_alive[src] (shared memory) = 1 when src is live and arrived, for the rest of the block.
 template <class Tp>
-__device__ __forceinline__ void decide_sources(const Tp& tp, int* active_ranks, uint64_t* verdicts,
-                                               const HalfOffsets& off, int num_ranks, int kind, int half,
-                                               uint32_t tag, int grid, uint64_t deadline) {
+__device__ __forceinline__ void decide_sources(const Tp& tp, int* active_ranks, const int* s_active, int* s_alive,
+                                               uint64_t* verdicts, const HalfOffsets& off, int num_ranks, int kind,
+                                               int half, uint32_t tag, int grid, uint64_t deadline) {
   const uint64_t target = static_cast<uint64_t>(tag) * static_cast<uint64_t>(grid);
   uint64_t* mine = verdicts + static_cast<uint64_t>(kind * 2 + half) * num_ranks;
   for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
-    if (ld_relaxed_sys(active_ranks + src) == 0) continue;
+    s_alive[src] = 0;
+    if (s_active[src] == 0 || ld_relaxed_sys(active_ranks + src) == 0) continue;
     uint64_t v = atomicAdd(reinterpret_cast<unsigned long long*>(mine + src), 0ull);
     if ((v >> 1) < tag) {
       const uint64_t* word = static_cast<const uint64_t*>(tp.local_ptr(arrival_offset(off, src, kind, half)));
@@ -69,6 +74,7 @@ __device__ __forceinline__ void decide_sources(const Tp& tp, int* active_ranks, 
       }
     }
     if ((v & 1u) == 0) st_relaxed_sys(active_ranks + src, 0);
+    else s_alive[src] = 1;
   }
   __syncthreads();
 }
@@ -99,6 +105,11 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   }
 
   trace_point(p.trace, 0);
+  int* s_active = smem;           // [R] active_ranks on entry
+  int* s_alive = smem + p.R;      // [R] live and arrived (receive phase)
+  int* s_work = smem + 2 * p.R;   // the phases' own arrays
+  tp.warm();
+  load_active(s_active, p.active_ranks, p.R);
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
     const int tpp = nthreads / tpt;  // token rows per pass
@@ -114,9 +125,9 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     int4 first_chunk = make_int4(0, 0, 0, 0);
     if (prefetched)
       first_chunk = ld_stream_int4(reinterpret_cast<const int4*>(p.x) + static_cast<uint64_t>(n0 + row) * chunks + c0);
-    int* s_total = smem;        // [E] selections per expert (all tokens)
-    int* s_before = smem + E;   // [E] selections per expert in tokens < n0
-    int* s_e = smem + 2 * E;    // [m] expert of each selection here, -1: none / destination failed
+    int* s_total = s_work;           // [E] selections per expert (all tokens)
+    int* s_before = s_work + E;      // [E] selections per expert in tokens < n0
+    int* s_e = s_work + 2 * E;       // [m] expert of each selection here, -1: none / destination failed
     int* s_slot = s_e + m;      // [m]
     for (int i = tid; i < E; i += nthreads) {
       s_total[i] = 0;
@@ -134,7 +145,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     for (int i = tid; i < m; i += nthreads) {
       const int64_t e = p.topk_idx[before_end + i];
       int v = -1;
-      if (e >= 0 && e < E && ld_relaxed_sys(p.active_ranks + e / p.L) != 0) v = static_cast<int>(e);
+      if (e >= 0 && e < E && s_active[e / p.L] != 0) v = static_cast<int>(e);
       s_e[i] = v;
     }
     __syncthreads();
@@ -151,7 +162,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     // arrival below releases the words it wrote.
     for (int e = b * nthreads + tid; e < E; e += G * nthreads) {
       const int dest = e / p.L;
-      if (ld_relaxed_sys(p.active_ranks + dest) != 0)
+      if (s_active[dest] != 0)
         tp.put_value(dest, p.off.dispatch_signals + (static_cast<uint64_t>(e - dest * p.L) * p.R + p.rank) * 8,
                      pack_count_signal(tag, static_cast<uint32_t>(s_total[e])));
     }
@@ -218,26 +229,26 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
     trace_point(p.trace, 2);
-    announce_arrival(tp, p.active_ranks, p.off, p.R, p.rank, kDispatchKind, half);
+    announce_arrival(tp, s_active, p.off, p.R, p.rank, kDispatchKind, half);
     trace_point(p.trace, 3);
   }
 
   if (do_recv) {
     // 1. Arrivals of every live source (deadline: the op's start + timeout); one verdict per
     //    source for the whole grid.
-    decide_sources(tp, p.active_ranks, p.verdicts, p.off, p.R, kDispatchKind, half, tag, p.grid,
-                   deadline_after(start_ns, p.timeout_us));
+    decide_sources(tp, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kDispatchKind, half, tag,
+                   p.grid, deadline_after(start_ns, p.timeout_us));
     trace_point(p.trace, 4);
 
     // 2. Rows per (local expert l, source r), pair q = l*R + r, prefix-summed in every block:
     //    row f of the flattened [L][R][count] order is row j = f - s_pref[l*R] of expert l.
     const uint64_t* sig = static_cast<const uint64_t*>(tp.local_ptr(p.off.dispatch_signals));
-    int* s_pref = smem;          // [E + 1]
-    int* s_tmp = smem + E + 1;   // [32]
+    int* s_pref = s_work;          // [E + 1]
+    int* s_tmp = s_work + E + 1;   // [32]
     for (int q = tid; q < E; q += nthreads) {
       const int r = q % p.R;
       int cnt = 0;
-      if (ld_relaxed_sys(p.active_ranks + r) != 0) {
+      if (s_alive[r] != 0) {
         const uint64_t v = __ldcg(reinterpret_cast<const unsigned long long*>(sig + q));  // after the verdicts' acquire
         if (static_cast<uint32_t>(v >> 32) == tag) cnt = min(p.T, static_cast<int>(v & 0xffffffffu));
         else atomicOr(&st->error, 2u);  // arrived without its count word: cannot happen
@@ -269,7 +280,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     const int row_chunks = fp8 ? H / 16 : H / 8;
     const uint64_t row_bytes = fp8 ? static_cast<uint64_t>(H) : 2ull * H;
     const char* recv_base = static_cast<const char*>(tp.local_ptr(p.off.dispatch_recv));
-    for (int f = b * warps + (tid >> 5); f < total; f += G * warps) {
+    // Consecutive rows go to different blocks (SMs): the work spreads over the whole GPU.
+    for (int f = (tid >> 5) * G + b; f < total; f += G * warps) {
       const int q = upper_index(s_pref, E, f);
       const int l = q / p.R;
       const int j = f - s_pref[l * p.R];
@@ -287,8 +299,12 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
       if (lane == 0) {
         const int* header = reinterpret_cast<const int*>(msg);
-        p.src_info[static_cast<uint64_t>(l) * RT + j] = __ldcg(header);
-        p.src_info[static_cast<uint64_t>(p.L) * RT + static_cast<uint64_t>(l) * RT + j] = __ldcg(header + 1);
+        const int token = __ldcg(header), k = __ldcg(header + 1);
+        p.src_info[static_cast<uint64_t>(l) * RT + j] = token;
+        p.src_info[static_cast<uint64_t>(p.L) * RT + static_cast<uint64_t>(l) * RT + j] = k;
+        // This rank's own tokens: where combine finds their expert outputs without a copy.
+        if (q - l * p.R == p.rank && token >= 0 && token < p.T && k >= 0 && k < kMaxTopk)
+          p.src_info[2ull * p.L * RT + static_cast<uint64_t>(token) * kMaxTopk + k] = j;
       }
       if (fp8) {
         // Column-major per expert ([groups, R*T]): a row's scales are R*T apart.

@@ -77,7 +77,6 @@ __device__ __forceinline__ void trace_point(uint64_t* trace, int point) {
 __device__ __forceinline__ void publish_tag(EpState* st, int slot, uint32_t tag) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
     if (atomicAdd(&st->blocks_done[slot], 1u) == gridDim.x - 1) {
       st->blocks_done[slot] = 0;
       st->seq[slot] = tag;

@@ -79,6 +79,7 @@ QUICK_CASES = [
         "two_alive": True,
         "masked": 2,
     },
+    {"name": "after-update-member", "T": 8, "H": 256, "L": 2, "K": 2, "update_member": True},
     {
         "name": "top16",
         "T": 8,

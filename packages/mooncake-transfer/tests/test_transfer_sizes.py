@@ -6,8 +6,8 @@ import hashlib
 import os
 
 import pytest
-from conftest import LocalBuf
-from peer_proc import pattern
+from transfer_peer_proc import pattern
+from transfer_testlib import LocalBuf
 
 from mooncake.transfer import TransferStatus
 
@@ -24,7 +24,8 @@ def _roundtrip(engine_factory, peer_factory, transport, which, sizes):
     eng = engine_factory(f"init-{transport}-{which}", transport=transport)
     rseg = eng.open_segment(peer.desc(which))
     assert rseg.transport == transport
-    assert rseg.peer == peer.name and rseg.length == seg_len
+    assert rseg.peer == peer.name
+    assert rseg.length == seg_len
     buf = LocalBuf(max(sizes))
     for size in sizes:
         # write: our random bytes land exactly in the peer's segment
@@ -42,17 +43,18 @@ def _roundtrip(engine_factory, peer_factory, transport, which, sizes):
         assert buf.bytes(0, size) == pattern(seed, size), (transport, size)
         # async form of both
         h = eng.submit([("write", rseg, OFFSET, buf.addr, size)])
-        assert h.wait(60) == TransferStatus.DONE and h.error is None
+        assert h.wait(60) == TransferStatus.DONE
+        assert h.error is None
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("transport,which", CASES)
+@pytest.mark.parametrize(("transport", "which"), CASES)
 def test_write_read_exact(engine_factory, peer_factory, transport, which):
     _roundtrip(engine_factory, peer_factory, transport, which, SIZES)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("transport,which", [("tcp", "reg"), ("cma", "reg"), ("shm", "alloc")])
+@pytest.mark.parametrize(("transport", "which"), [("tcp", "reg"), ("cma", "reg"), ("shm", "alloc")])
 def test_write_read_256mib(engine_factory, peer_factory, transport, which):
     _roundtrip(engine_factory, peer_factory, transport, which, [256 * MiB])

@@ -148,15 +148,16 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self._timeout_override.value = prev
 
     def _publish(self, force: bool = False) -> None:
-        mask = torch.zeros(self.active_ranks.numel(), dtype=torch.int32)
-        for r in self.members:
-            if r < mask.numel():
-                mask[r] = 1
-        if self.active_ranks.device.type == "cpu":
-            self.active_ranks.copy_(mask)
-        elif force or not torch.equal(mask, getattr(self, "_last_mask", mask + 1)):
-            self.active_ranks.copy_(mask)
-        self._last_mask = mask
+        """Write the membership into ``active_ranks`` (every op; rebuilt only when it changed)."""
+        members = frozenset(self.members)
+        if force or members != getattr(self, "_mask_members", None):
+            mask = torch.zeros(self.active_ranks.numel(), dtype=torch.int32)
+            for r in members:
+                if r < mask.numel():
+                    mask[r] = 1
+            self._mask = mask if self.active_ranks.device.type == "cpu" else mask.to(self.active_ranks.device)
+            self._mask_members = members
+        self.active_ranks.copy_(self._mask)
 
     # ------------------------------------------------------------ op engine
     def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):

@@ -56,6 +56,11 @@ __all__ = ["TRANSPORTS", "CudaP2PPath", "select"]
 # ---------------------------------------------------------------------------- helpers
 
 
+def _info_words(num_local: int, rows: int, tokens: int) -> int:
+    """int32 words of the allocation behind ``src_info`` (see ``CudaP2PPath._dispatch_outputs``)."""
+    return 2 * num_local * rows + tokens * MAX_TOPK
+
+
 class _DeviceMemory:
     """Wraps a device pointer so ``torch.as_tensor`` can view it (``__cuda_array_interface__``)."""
 
@@ -379,10 +384,11 @@ class CudaP2PPath:
                 data = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=dev)
                 recv_x, keep, scales = data, (data,), None
             recv_count = torch.empty((num_local,), dtype=torch.int32, device=dev)
-            # src_info is row 0; row 1 holds each row's top-k slot, which combine reads.
-            info = torch.empty((2, num_local, rows), dtype=torch.int32, device=dev)
+            # int32 [L*R*T] src_info, [L*R*T] each row's top-k slot, [T*16] the row of this rank's own
+            # (token, slot) pairs: combine reads the last two after src_info (see _slot_rows_ptr).
+            info = torch.empty((_info_words(num_local, rows, tokens),), dtype=torch.int32, device=dev)
             layout_range = torch.empty((num_local, self.num_ranks), dtype=torch.int64, device=dev)
-            src_info = info[0]
+            src_info = info[: num_local * rows].view(num_local, rows)
             self._slot_rows[id(src_info)] = src_info
             handle = (src_info, layout_range, tokens, hidden, num_experts)
             ptrs = (data.data_ptr(), 0 if scales is None else scales.data_ptr(), recv_count.data_ptr(),
@@ -409,8 +415,8 @@ class CudaP2PPath:
         cumulative_local_expert_recv_stats: Optional[torch.Tensor],
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]:
         """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same buffer
-        half (see ``_cached``); ``src_info`` is row 0 of an int32 ``[2, L, R*T]`` allocation whose row 1
-        holds each received row's top-k slot (combine reads it there: pass the handle back unchanged)."""
+        half (see ``_cached``); ``src_info`` heads an int32 allocation that also holds each received
+        row's top-k slot (combine reads them there: pass the handle back unchanged)."""
         self._check_usable()
         self._check_device("x", x)
         tokens = num_max_dispatch_tokens_per_rank
@@ -452,7 +458,7 @@ class CudaP2PPath:
         known = self._slot_rows.get(id(src_info))
         if known is src_info:
             return src_info.data_ptr()
-        needed = (src_info.storage_offset() + 2 * num_local * rows) * 4
+        needed = (src_info.storage_offset() + _info_words(num_local, rows, rows // self.num_ranks)) * 4
         if (
             not src_info.is_cuda
             or src_info.get_device() != self._device_index

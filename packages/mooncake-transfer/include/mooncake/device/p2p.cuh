@@ -24,6 +24,11 @@ struct P2PTransport {
   }
   __device__ __forceinline__ void* local_ptr(uint64_t offset) const { return peer_ptr(rank, offset); }
 
+  __device__ __forceinline__ void warm() const {
+    for (int r = static_cast<int>(threadIdx.x) * 16; r < num_ranks; r += static_cast<int>(blockDim.x) * 16)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(peer_base + r));
+  }
+
   __device__ __forceinline__ void put(int peer, uint64_t dst_offset, const void* src, uint64_t bytes,
                                       int rank_in_group, int group_size) const {
     group_copy16(peer_ptr(peer, dst_offset), src, bytes, rank_in_group, group_size);

@@ -10,6 +10,10 @@
 //     static constexpr bool kDirectStore;
 //     int rank, num_ranks;
 //
+//     // Called by every thread of a block at kernel start: may prefetch per-peer metadata (the
+//     // P2P peer table) so the first puts do not wait for it.
+//     __device__ void warm() const;
+//
 //     // Address of byte `offset` of `peer`'s symmetric buffer (only meaningful if kDirectStore).
 //     __device__ void* peer_ptr(int peer, uint64_t offset) const;
 //     // This rank's own symmetric buffer (always addressable).

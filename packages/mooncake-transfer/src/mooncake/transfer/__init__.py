@@ -16,19 +16,19 @@ from .errors import PeerDeadError, TransferError, TransferTimeout
 __version__ = "0.1.0"
 
 __all__ = [
-    "TransferEngine",
-    "Segment",
+    "Notification",
+    "PeerDeadError",
+    "PeerState",
     "RemoteSegment",
+    "Segment",
+    "TransferEngine",
+    "TransferError",
     "TransferHandle",
     "TransferStatus",
-    "Notification",
-    "PeerState",
-    "TransferError",
-    "PeerDeadError",
     "TransferTimeout",
+    "__version__",
     "get_include",
     "rdma_status",
-    "__version__",
 ]
 
 

@@ -22,20 +22,31 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Optional
 
 from . import _engine
 from .engine import TransferEngine
 
-UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-         "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+}
 DEFAULT_SIZES = "64,4K,64K,1M,16M,64M,256M"
 
 
 def parse_size(text: str) -> int:
     t = text.strip().upper()
     num = t.rstrip("BKMGI")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if not num or unit not in UNITS:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 64, 4K, 1M, 256M)")
     return int(float(num) * UNITS[unit])
@@ -62,6 +73,7 @@ class Buf:
 # ---------------------------------------------------------------------------------------------
 # The serving side (child process)
 # ---------------------------------------------------------------------------------------------
+
 
 def serve(max_size: int) -> None:
     eng = TransferEngine("bench-server")
@@ -96,8 +108,18 @@ def serve(max_size: int) -> None:
 
     threading.Thread(target=floor_server, daemon=True).start()
     del ping
-    print(json.dumps({"endpoint": eng.endpoint, "name": eng.name, "shm": shm.descriptor().hex(),
-                      "reg": reg.descriptor().hex(), "floor_port": lsock.getsockname()[1]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "endpoint": eng.endpoint,
+                "name": eng.name,
+                "shm": shm.descriptor().hex(),
+                "reg": reg.descriptor().hex(),
+                "floor_port": lsock.getsockname()[1],
+            }
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "echo":
@@ -116,7 +138,8 @@ def serve(max_size: int) -> None:
 # The measuring side
 # ---------------------------------------------------------------------------------------------
 
-def _time_loop(fn, iters: int) -> List[float]:
+
+def _time_loop(fn: Callable[[], object], iters: int) -> list[float]:
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -125,13 +148,19 @@ def _time_loop(fn, iters: int) -> List[float]:
     return out
 
 
-def _interleave(ours, floor, iters: int, rounds: int, warmup: int):
+def _interleave(
+    ours: Callable[[], object],
+    floor: Optional[Callable[[], object]],
+    iters: int,
+    rounds: int,
+    warmup: int,
+) -> tuple[float, Optional[float]]:
     for _ in range(warmup):
         ours()
         if floor:
             floor()
-    a: List[float] = []
-    b: List[float] = []
+    a: list[float] = []
+    b: list[float] = []
     for _ in range(rounds):
         if floor:
             b += _time_loop(floor, iters)
@@ -147,17 +176,24 @@ def iters_for(size: int, base: int) -> int:
     return base
 
 
-def run(args) -> Dict:
+def run(args: argparse.Namespace) -> dict:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     for t in transports:
         if t not in ("shm", "cma", "tcp"):
             raise SystemExit(f"--transports: unknown transport {t!r} (shm, cma, tcp)")
     max_size = max(sizes)
-    child = subprocess.Popen([sys.executable, "-m", "mooncake.transfer.bench", "--serve", str(max_size)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mooncake.transfer.bench", "--serve", str(max_size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    cin, cout = child.stdin, child.stdout
+    assert cin is not None
+    assert cout is not None
     try:
-        info = json.loads(child.stdout.readline())
+        info = json.loads(cout.readline())
         eng = TransferEngine("bench-client")
         local = Buf(max_size)
         other = Buf(max_size)
@@ -166,14 +202,15 @@ def run(args) -> Dict:
         lview = memoryview(local.mm)
         ack = bytearray(1)
 
-        def tcp_floor(n: int):
-            def f():
+        def tcp_floor(n: int) -> Callable[[], None]:
+            def f() -> None:
                 fsock.sendall(n.to_bytes(8, "little"))
                 fsock.sendall(lview[:n])
                 fsock.recv_into(ack, 1)
+
             return f
 
-        def memcpy_floor(n: int):
+        def memcpy_floor(n: int) -> Callable[[], None]:
             return lambda: _engine._memcpy(other.addr, local.addr, n)
 
         rows = []
@@ -189,25 +226,36 @@ def run(args) -> Dict:
                 for kind in ("write", "read"):
                     op = eng.write if kind == "write" else eng.read
 
-                    def ours(op=op, size=size):
+                    def ours(op: Any = op, size: int = size, rseg: Any = rseg) -> None:
                         op(rseg, 0, local.addr, size)
 
                     med, fmed = _interleave(ours, floor_fn, iters, args.rounds, args.warmup)
-                    row = {"transport": t, "op": kind, "size": size, "iters": iters * args.rounds,
-                           "latency_us": med * 1e6, "gbps": size / med / 1e9,
-                           "floor": "tcp socket" if t == "tcp" else "memcpy",
-                           "floor_latency_us": fmed * 1e6, "floor_gbps": size / fmed / 1e9,
-                           "ratio": fmed / med}
+                    assert fmed is not None
+                    row = {
+                        "transport": t,
+                        "op": kind,
+                        "size": size,
+                        "iters": iters * args.rounds,
+                        "latency_us": med * 1e6,
+                        "gbps": size / med / 1e9,
+                        "floor": "tcp socket" if t == "tcp" else "memcpy",
+                        "floor_latency_us": fmed * 1e6,
+                        "floor_gbps": size / fmed / 1e9,
+                        "ratio": fmed / med,
+                    }
                     rows.append(row)
                     if args.progress:
-                        print(f"# {t:4} {kind:5} {human(size):>5}: {row['gbps']:.2f} GB/s "
-                              f"{row['latency_us']:.1f} us (floor {row['floor_gbps']:.2f} GB/s)", file=sys.stderr)
+                        print(
+                            f"# {t:4} {kind:5} {human(size):>5}: {row['gbps']:.2f} GB/s "
+                            f"{row['latency_us']:.1f} us (floor {row['floor_gbps']:.2f} GB/s)",
+                            file=sys.stderr,
+                        )
 
         # notify ping-pong round trip vs raw TCP ping-pong of the same payload
         eng.connect(info["endpoint"])
         n_pp = args.pingpong
-        child.stdin.write(json.dumps({"op": "echo", "peer": eng.name, "count": n_pp + 200}) + "\n")
-        child.stdin.flush()
+        cin.write(json.dumps({"op": "echo", "peer": eng.name, "count": n_pp + 200}) + "\n")
+        cin.flush()
         payload = b"x" * 64
         for _ in range(200):
             eng.notify(info["name"], payload, 1)
@@ -219,40 +267,58 @@ def run(args) -> Dict:
             if eng.recv_notify(info["name"], 1, 10.0) is None:
                 raise RuntimeError("ping-pong: no answer")
             rtts.append(time.perf_counter() - t0)
-        json.loads(child.stdout.readline())
+        json.loads(cout.readline())
         floor_rtts = _time_loop(tcp_floor(64), n_pp)
-        pingpong = {"payload": 64, "iters": n_pp, "median_us": statistics.median(rtts) * 1e6,
-                    "p99_us": sorted(rtts)[int(0.99 * (n_pp - 1))] * 1e6,
-                    "floor": "tcp socket ping-pong (python)",
-                    "floor_median_us": statistics.median(floor_rtts) * 1e6}
-        child.stdin.write(json.dumps({"op": "exit"}) + "\n")
-        child.stdin.flush()
+        pingpong = {
+            "payload": 64,
+            "iters": n_pp,
+            "median_us": statistics.median(rtts) * 1e6,
+            "p99_us": sorted(rtts)[int(0.99 * (n_pp - 1))] * 1e6,
+            "floor": "tcp socket ping-pong (python)",
+            "floor_median_us": statistics.median(floor_rtts) * 1e6,
+        }
+        cin.write(json.dumps({"op": "exit"}) + "\n")
+        cin.flush()
         child.wait(10)
         eng.close()
-        return {"rows": rows, "notify_pingpong": pingpong, "host": socket.gethostname(),
-                "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+        return {
+            "rows": rows,
+            "notify_pingpong": pingpong,
+            "host": socket.gethostname(),
+            "cpus": os.cpu_count(),
+            "command": " ".join(sys.argv),
+        }
     finally:
         if child.poll() is None:
             child.kill()
 
 
-def print_table(res: Dict) -> None:
-    print(f"{'transport':9} {'op':5} {'size':>6} {'latency us':>11} {'GB/s':>8} | {'floor':10} "
-          f"{'floor us':>10} {'floor GB/s':>10} | {'ours/floor':>10}")
+def print_table(res: dict) -> None:
+    print(
+        f"{'transport':9} {'op':5} {'size':>6} {'latency us':>11} {'GB/s':>8} | {'floor':10} "
+        f"{'floor us':>10} {'floor GB/s':>10} | {'ours/floor':>10}"
+    )
     for r in res["rows"]:
-        print(f"{r['transport']:9} {r['op']:5} {human(r['size']):>6} {r['latency_us']:11.1f} {r['gbps']:8.3f} | "
-              f"{r['floor']:10} {r['floor_latency_us']:10.1f} {r['floor_gbps']:10.3f} | {r['ratio']:10.2f}")
+        print(
+            f"{r['transport']:9} {r['op']:5} {human(r['size']):>6} {r['latency_us']:11.1f} "
+            f"{r['gbps']:8.3f} | {r['floor']:10} {r['floor_latency_us']:10.1f} "
+            f"{r['floor_gbps']:10.3f} | {r['ratio']:10.2f}"
+        )
     p = res["notify_pingpong"]
-    print(f"notify ping-pong ({p['payload']} B): median {p['median_us']:.1f} us, p99 {p['p99_us']:.1f} us; "
-          f"{p['floor']}: median {p['floor_median_us']:.1f} us (ratio {p['floor_median_us'] / p['median_us']:.2f})")
+    ratio = p["floor_median_us"] / p["median_us"]
+    print(
+        f"notify ping-pong ({p['payload']} B): median {p['median_us']:.1f} us, "
+        f"p99 {p['p99_us']:.1f} us; {p['floor']}: median {p['floor_median_us']:.1f} us "
+        f"(floor/ours {ratio:.2f})"
+    )
 
 
-def plot(res: Dict, path: str) -> None:
+def plot(res: dict, path: str) -> None:
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         print(f"# --plot {path}: matplotlib is not installed; skipped", file=sys.stderr)
         return
@@ -260,7 +326,9 @@ def plot(res: Dict, path: str) -> None:
     for t in sorted({r["transport"] for r in res["rows"]}):
         for kind in ("write", "read"):
             rs = [r for r in res["rows"] if r["transport"] == t and r["op"] == kind]
-            ax.plot([r["size"] for r in rs], [r["gbps"] for r in rs], marker="o", label=f"{t} {kind}")
+            ax.plot(
+                [r["size"] for r in rs], [r["gbps"] for r in rs], marker="o", label=f"{t} {kind}"
+            )
         rs = [r for r in res["rows"] if r["transport"] == t and r["op"] == "write"]
         ax.plot([r["size"] for r in rs], [r["floor_gbps"] for r in rs], ls="--", label=f"{t} floor")
     ax.set_xscale("log", base=2)
@@ -270,18 +338,28 @@ def plot(res: Dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mooncake.transfer.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m mooncake.transfer.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma list (default {DEFAULT_SIZES})")
     ap.add_argument("--transports", default="shm,cma,tcp")
-    ap.add_argument("--iters", type=int, default=200, help="iterations per block for small sizes (scaled down for large)")
+    ap.add_argument(
+        "--iters",
+        type=int,
+        default=200,
+        help="iterations per block for small sizes (scaled down for large)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved floor/ours blocks per row")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pingpong", type=int, default=2000, help="notify ping-pong iterations")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", help="draw bandwidth vs size here (needs matplotlib)")
-    ap.add_argument("--quiet", dest="progress", action="store_false", help="no progress lines on stderr")
+    ap.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress lines on stderr"
+    )
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:

@@ -8,6 +8,7 @@ they depend on dies).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -15,7 +16,8 @@ import secrets as _secrets
 import socket
 import threading
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 from . import _engine
 from .enums import PeerState, TransferStatus
@@ -34,7 +36,7 @@ Notification = _engine.Notification
 _TRANSPORTS = ("auto", "tcp", "cma", "shm", "rdma")
 _ERROR_TYPES = {0: TransferError, 1: PeerDeadError, 2: TransferTimeout}
 
-_live_engines: "weakref.WeakSet[TransferEngine]" = weakref.WeakSet()
+_live_engines: weakref.WeakSet[TransferEngine] = weakref.WeakSet()
 
 
 @atexit.register
@@ -42,10 +44,8 @@ def _close_all_at_exit() -> None:
     # Close engines before the interpreter finalizes: it wakes every thread blocked in the engine
     # (event threads, recv_notify waiters) while they can still return to Python cleanly.
     for eng in list(_live_engines):
-        try:
+        with contextlib.suppress(Exception):
             eng.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 DEFAULT_HEARTBEAT_INTERVAL = 0.1
@@ -73,6 +73,15 @@ def _check_timeout(value: Optional[float], name: str = "timeout") -> Optional[fl
     return float(value)
 
 
+def _check_seconds(value: float, name: str = "timeout") -> float:
+    """Like _check_timeout, but None is not allowed."""
+    if value is None:
+        raise TypeError(f"{name} must be a number of seconds, got None")
+    checked = _check_timeout(value, name)
+    assert checked is not None
+    return checked
+
+
 def _check_str(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
@@ -87,7 +96,7 @@ def _check_int(value: object, name: str, minimum: int = 0) -> int:
     return value
 
 
-def _make_error(info: Tuple[int, Optional[str], str, str]) -> TransferError:
+def _make_error(info: tuple[int, Optional[str], str, str]) -> TransferError:
     kind, peer, reason, message = info
     return _ERROR_TYPES.get(kind, TransferError)(message, peer, reason)
 
@@ -97,7 +106,7 @@ class TransferHandle:
 
     __slots__ = ("_batch",)
 
-    def __init__(self, batch: "_engine._Batch") -> None:
+    def __init__(self, batch: _engine._Batch) -> None:
         self._batch = batch
 
     def wait(self, timeout: Optional[float] = None) -> TransferStatus:
@@ -121,7 +130,7 @@ class TransferHandle:
         return f"<TransferHandle {TransferStatus(s).name}>"
 
 
-def _event_loop(core: "_engine.Engine", callbacks: List[Callable[[str, PeerState], None]]) -> None:
+def _event_loop(core: _engine.Engine, callbacks: list[Callable[[str, PeerState], None]]) -> None:
     # Forwards native log records to logging and runs on_peer_state callbacks (GIL held here,
     # never in the native I/O thread, so a busy interpreter cannot delay failure detection).
     while True:
@@ -138,8 +147,10 @@ def _event_loop(core: "_engine.Engine", callbacks: List[Callable[[str, PeerState
         for cb in list(callbacks):
             try:
                 cb(text, state)
-            except Exception:  # noqa: BLE001 - a user callback must not kill the thread
-                logger.exception("on_peer_state callback %r failed for %s -> %s", cb, text, state.name)
+            except Exception:
+                logger.exception(
+                    "on_peer_state callback %r failed for %s -> %s", cb, text, state.name
+                )
 
 
 class TransferEngine:
@@ -150,9 +161,10 @@ class TransferEngine:
         host: address to listen on ("0.0.0.0" for all; the endpoint then names the hostname).
         port: TCP port, 0 = any free port.
         secret: group secret every peer must share (bytes or str); env MOONCAKE_SECRET.
-        heartbeat_interval: seconds between heartbeats (default 0.1; env MOONCAKE_HEARTBEAT_INTERVAL_MS).
-        heartbeat_timeout: seconds of silence before a peer is DEAD, SUSPECT after half (default 1.0;
-            env MOONCAKE_HEARTBEAT_TIMEOUT_MS).
+        heartbeat_interval: seconds between heartbeats (default 0.1;
+            env MOONCAKE_HEARTBEAT_INTERVAL_MS).
+        heartbeat_timeout: seconds of silence before a peer is DEAD, SUSPECT after half
+            (default 1.0; env MOONCAKE_HEARTBEAT_TIMEOUT_MS).
         transport: "auto" | "tcp" | "cma" | "shm" (env MOONCAKE_TRANSPORT); "rdma" raises
             TransferError unless an RDMA device exists.
     """
@@ -168,7 +180,6 @@ class TransferEngine:
         heartbeat_timeout: Optional[float] = None,
         transport: Optional[str] = None,
     ) -> None:
-        self._core: Optional[_engine.Engine] = None
         if name is None:
             name = f"{socket.gethostname()}-{os.getpid()}-{_secrets.token_hex(4)}"
         _check_str(name, "name")
@@ -192,8 +203,8 @@ class TransferEngine:
             heartbeat_timeout = _env_seconds_from_ms("MOONCAKE_HEARTBEAT_TIMEOUT_MS")
         if heartbeat_timeout is None:
             heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT
-        hb_i = _check_timeout(heartbeat_interval, "heartbeat_interval")
-        hb_t = _check_timeout(heartbeat_timeout, "heartbeat_timeout")
+        hb_i = _check_seconds(heartbeat_interval, "heartbeat_interval")
+        hb_t = _check_seconds(heartbeat_timeout, "heartbeat_timeout")
         if not 0.001 <= hb_i <= 60:
             raise ValueError(f"heartbeat_interval must be in [0.001, 60] seconds, got {hb_i}")
         if not hb_t >= 2 * hb_i:
@@ -210,16 +221,26 @@ class TransferEngine:
         hs_timeout = _env_seconds_from_ms("MOONCAKE_HANDSHAKE_TIMEOUT_MS")
         hs_timeout = 5.0 if hs_timeout is None else hs_timeout
         if not 0.01 <= hs_timeout <= 600:
-            raise ValueError(f"MOONCAKE_HANDSHAKE_TIMEOUT_MS must be in [10, 600000], got {hs_timeout * 1e3:g}")
+            raise ValueError(
+                f"MOONCAKE_HANDSHAKE_TIMEOUT_MS must be in [10, 600000], got {hs_timeout * 1e3:g}"
+            )
 
-        notify_ring = os.environ.get("MOONCAKE_NOTIFY_RING", "1").strip().lower() not in ("0", "false", "no", "off")
+        notify_ring = os.environ.get("MOONCAKE_NOTIFY_RING", "1").strip().lower() not in (
+            "0",
+            "false",
+            "no",
+            "off",
+        )
 
         self._core = _engine.Engine(
             name, host, port, bytes(secret), hb_i, hb_t, transport, host_id, hs_timeout, notify_ring
         )
-        self._callbacks: List[Callable[[str, PeerState], None]] = []
+        self._callbacks: list[Callable[[str, PeerState], None]] = []
         self._events = threading.Thread(
-            target=_event_loop, args=(self._core, self._callbacks), name=f"mooncake-events-{name}", daemon=True
+            target=_event_loop,
+            args=(self._core, self._callbacks),
+            name=f"mooncake-events-{name}",
+            daemon=True,
         )
         self._events.start()
         _live_engines.add(self)
@@ -231,7 +252,7 @@ class TransferEngine:
 
     @property
     def endpoint(self) -> str:
-        """"host:port" peers connect() to."""
+        """ "host:port" peers connect() to."""
         return self._core.endpoint
 
     @property
@@ -255,12 +276,12 @@ class TransferEngine:
         """Connects to the engine at `endpoint` ("host:port"); returns its name. Idempotent.
         Raises TransferError (refused, bad secret), TransferTimeout, PeerDeadError."""
         _check_str(endpoint, "endpoint")
-        return self._core.connect(endpoint, _check_timeout(timeout))
+        return self._core.connect(endpoint, _check_seconds(timeout))
 
     def peer_state(self, peer: str) -> PeerState:
         return PeerState(self._core.peer_state(_check_str(peer, "peer")))
 
-    def peers(self) -> Dict[str, PeerState]:
+    def peers(self) -> dict[str, PeerState]:
         return {k: PeerState(v) for k, v in self._core.peers().items()}
 
     def on_peer_state(self, callback: Callable[[str, PeerState], None]) -> None:
@@ -271,17 +292,18 @@ class TransferEngine:
         self._callbacks.append(callback)
         self._core.enable_callbacks()
 
-    def wait_peer_event(self, timeout: Optional[float]) -> Optional[Tuple[str, PeerState]]:
+    def wait_peer_event(self, timeout: Optional[float]) -> Optional[tuple[str, PeerState]]:
         """Next peer state change (FIFO since the engine started), or None on timeout."""
         ev = self._core.wait_peer_event(_check_timeout(timeout))
         return None if ev is None else (ev[0], PeerState(ev[1]))
 
     def probe(self, peer: str, timeout: float = 1.0) -> float:
         """Round trip to `peer` in seconds; raises PeerDeadError / TransferTimeout."""
-        return self._core.probe(_check_str(peer, "peer"), _check_timeout(timeout))
+        return self._core.probe(_check_str(peer, "peer"), _check_seconds(timeout))
 
     def disconnect(self, peer: str) -> None:
-        """Forgets `peer`: closes its connection (it sees us as DEAD) and drops its queued notifications."""
+        """Forgets `peer`: closes its connection (it sees us as DEAD) and drops its queued
+        notifications. A replacement process (new name) can then take its role."""
         self._core.disconnect(_check_str(peer, "peer"))
 
     # ---- memory ---------------------------------------------------------------------------
@@ -307,9 +329,11 @@ class TransferEngine:
         """Stops remote access to `seg`; waits for in-flight remote transfers into it to end."""
         if not isinstance(seg, Segment):
             raise TypeError(f"seg must be a Segment, got {type(seg).__name__}")
-        self._core.unregister(seg, _check_timeout(timeout))
+        self._core.unregister(seg, _check_seconds(timeout))
 
-    def open_segment(self, desc: bytes, timeout: float = 5.0, *, transport: Optional[str] = None) -> RemoteSegment:
+    def open_segment(
+        self, desc: bytes, timeout: float = 5.0, *, transport: Optional[str] = None
+    ) -> RemoteSegment:
         """Opens a peer's segment from its descriptor (connecting to the owner if needed).
         `transport` overrides this engine's transport choice for this segment."""
         if not isinstance(desc, (bytes, bytearray, memoryview)):
@@ -318,25 +342,39 @@ class TransferEngine:
             _check_str(transport, "transport")
             if transport.lower() not in _TRANSPORTS:
                 raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
-        return self._core.open_segment(bytes(desc), _check_timeout(timeout), (transport or "").lower())
+        return self._core.open_segment(
+            bytes(desc), _check_seconds(timeout), (transport or "").lower()
+        )
 
     # ---- data -----------------------------------------------------------------------------
-    def write(self, dst: RemoteSegment, offset: int, src_addr: int, length: int,
-              timeout: Optional[float] = None) -> None:
+    def write(
+        self,
+        dst: RemoteSegment,
+        offset: int,
+        src_addr: int,
+        length: int,
+        timeout: Optional[float] = None,
+    ) -> None:
         """Copies `length` bytes from local `src_addr` to `dst` at `offset`; returns when done."""
         self._core.transfer("write", dst, offset, src_addr, length, timeout)
 
-    def read(self, src: RemoteSegment, offset: int, dst_addr: int, length: int,
-             timeout: Optional[float] = None) -> None:
+    def read(
+        self,
+        src: RemoteSegment,
+        offset: int,
+        dst_addr: int,
+        length: int,
+        timeout: Optional[float] = None,
+    ) -> None:
         """Copies `length` bytes of `src` at `offset` to local `dst_addr`; returns when done."""
         self._core.transfer("read", src, offset, dst_addr, length, timeout)
 
-    def submit(self, ops: Sequence[Tuple[str, RemoteSegment, int, int, int]]) -> TransferHandle:
+    def submit(self, ops: Sequence[tuple[str, RemoteSegment, int, int, int]]) -> TransferHandle:
         """Starts ("write"|"read", seg, remote_offset, local_addr, length) ops; local buffers must
         stay valid until the handle finishes."""
         return TransferHandle(self._core.submit(ops))
 
-    def notify(self, peer: str, data, tag: int = 0) -> None:
+    def notify(self, peer: str, data: Any, tag: int = 0) -> None:
         """Sends `data` (bytes-like, <= 64 MiB) to `peer`, delivered after every write this engine
         issued to that peer before."""
         if isinstance(data, str):
@@ -347,13 +385,16 @@ class TransferEngine:
         """notify() with the payload read from raw memory."""
         self._core.notify_ptr(peer, addr, length, tag)
 
-    def recv_notify(self, peer: Optional[str] = None, tag: Optional[int] = None,
-                    timeout: Optional[float] = None) -> Optional[Notification]:
+    def recv_notify(
+        self, peer: Optional[str] = None, tag: Optional[int] = None, timeout: Optional[float] = None
+    ) -> Optional[Notification]:
         """Next queued notification matching (peer, tag) (None = any), FIFO per peer and tag.
         None on timeout; PeerDeadError when `peer` is DEAD and nothing matching is queued."""
         return self._core.recv_notify(peer, tag, timeout)
 
-    def recv_notify_any(self, peers: List[str], tag: int, timeout: Optional[float] = None) -> Optional[Notification]:
+    def recv_notify_any(
+        self, peers: list[str], tag: int, timeout: Optional[float] = None
+    ) -> Optional[Notification]:
         """First queued notification with `tag` from any of `peers`; PeerDeadError(peer=...) as soon
         as one of them is DEAD with nothing queued from it for this tag."""
         return self._core.recv_notify_any(peers, tag, timeout)
@@ -361,7 +402,7 @@ class TransferEngine:
     # ---- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Says goodbye to peers, stops the threads, fails what is still pending. Idempotent."""
-        core = self._core
+        core = getattr(self, "_core", None)
         if core is None:
             return
         core.close()
@@ -371,12 +412,13 @@ class TransferEngine:
 
     @property
     def closed(self) -> bool:
-        return self._core is None or self._core.closed
+        core = getattr(self, "_core", None)
+        return core is None or core.closed
 
-    def __enter__(self) -> "TransferEngine":
+    def __enter__(self) -> TransferEngine:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -384,8 +426,11 @@ class TransferEngine:
         if core is not None:
             try:
                 core.close()  # bounded: joins native threads that exit within milliseconds
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
     def __repr__(self) -> str:
-        return f"<TransferEngine name={self.name!r} endpoint={self.endpoint!r} transport={self.transport!r}>"
+        return (
+            f"<TransferEngine name={self.name!r} endpoint={self.endpoint!r} "
+            f"transport={self.transport!r}>"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["TransferError", "PeerDeadError", "TransferTimeout"]
+__all__ = ["PeerDeadError", "TransferError", "TransferTimeout"]
 
 
 class TransferError(RuntimeError):

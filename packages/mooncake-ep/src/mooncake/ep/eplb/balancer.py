@@ -17,11 +17,16 @@ This is our own implementation with what fault tolerance needs on top:
   costs no balance, so fewer weights move;
 - deterministic: plain Python floats and integer tie-breaks, no randomness, no threads.
 
-Balance bound (global policy, stated and tested in tests/test_eplb_balancer.py): with each logical
-expert's load split evenly over its replicas, the most loaded live rank carries at most
-``mean live-rank load + heaviest replica load``. Both terms are lower bounds of the optimum for
-the same slot budget (the replica counts are chosen to minimise the heaviest replica), so the
-result is within a factor 2 of optimal, and in practice within a few percent.
+Balance bound (global policy; stated, and checked on every instance of the randomized tests in
+tests/test_eplb_balancer.py, not proven): with each logical expert's load split evenly over its
+replicas (what the routing helper does), the most loaded live rank carries at most
+``mean live-rank load + heaviest replica load``. Both terms are lower bounds of the optimum for the
+same slot budget (the replica counts minimise the heaviest replica, capped at one replica per
+rank), so this is within 2x of optimal. Measured while developing: the excess over the mean never
+passed 0.82x the heaviest replica (3,000 random skewed instances); at most 1.30x the exhaustive
+optimum on 400 small skewed instances (tests allow 1.35x); at most 1.18x the lower bound
+``max(mean, heaviest replica)`` on Zipf loads with E=16..256 experts and S=6..10 slots per rank
+(tests allow 1.25x).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import LocalBuf
+from transfer_testlib import LocalBuf
 
 from mooncake.transfer import PeerDeadError, PeerState, TransferError, TransferStatus
 
@@ -56,7 +56,8 @@ def _stream_then_kill(engine_factory, peer_factory, transport, which, op_size, m
     assert pending_at_kill >= 1
     assert all(h.poll() in (TransferStatus.DONE, TransferStatus.FAILED) for h in handles)
     for h in failed:
-        assert isinstance(h.error, PeerDeadError) and h.error.peer == peer.name, h.error
+        assert isinstance(h.error, PeerDeadError), h.error
+        assert h.error.peer == peer.name
     # The latest failure happened no later than this, and all of them within 100 ms of the kill.
     elapsed = t_all_done - kill_at[0]
     assert elapsed <= 0.1, f"pending transfers took {elapsed * 1e3:.1f} ms to fail after kill -9"
@@ -67,7 +68,9 @@ def _stream_then_kill(engine_factory, peer_factory, transport, which, op_size, m
 
 @pytest.mark.timeout(60)
 def test_kill9_fails_pending_tcp_transfers_within_100ms(engine_factory, peer_factory):
-    n, failed, elapsed = _stream_then_kill(engine_factory, peer_factory, "tcp", "alloc", 1 * MiB, 16)
+    n, failed, elapsed = _stream_then_kill(
+        engine_factory, peer_factory, "tcp", "alloc", 1 * MiB, 16
+    )
     print(f"tcp: {n} transfers, {failed} failed, all done {elapsed * 1e3:.1f} ms after kill -9")
 
 
@@ -108,8 +111,10 @@ def test_kill9_wakes_blocked_recv_notify(engine_factory, peer_factory):
     os.kill(peer.pid, signal.SIGKILL)
     for x in th:
         x.join(5)
-    assert isinstance(result["err"], PeerDeadError) and result["err"].peer == peer.name
-    assert isinstance(result["any"], PeerDeadError) and result["any"].peer == peer.name
+    assert isinstance(result["err"], PeerDeadError)
+    assert result["err"].peer == peer.name
+    assert isinstance(result["any"], PeerDeadError)
+    assert result["any"].peer == peer.name
     assert result["t"] - t_kill <= 0.1
     # And a new waiter on the dead peer raises at once.
     t0 = time.monotonic()

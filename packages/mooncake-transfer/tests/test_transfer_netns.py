@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PeerProc
+from transfer_testlib import PeerProc
 
 from mooncake.transfer import PeerState
 
@@ -47,21 +47,30 @@ def two_hosts():
 
 def _host(two_hosts, which, name, **kw):
     ns, _, addr = two_hosts[which]
-    return PeerProc(name, host=addr, prefix=["ip", "netns", "exec", ns],
-                    env={"MOONCAKE_HOST_ID": f"netns-host-{which}"}, **kw)
+    return PeerProc(
+        name,
+        host=addr,
+        prefix=["ip", "netns", "exec", ns],
+        env={"MOONCAKE_HOST_ID": f"netns-host-{which}"},
+        **kw,
+    )
 
 
+@pytest.mark.netns
 @pytest.mark.timeout(120)
 def test_two_hosts_tcp_transfers_notify_and_failures(two_hosts):
     a = _host(two_hosts, "a", "host-a-engine", alloc=32 * MiB, hb_interval=0.05, hb_timeout=0.5)
     b = _host(two_hosts, "b", "host-b-engine", hb_interval=0.05, hb_timeout=0.5)
     c = None
     try:
-        assert a.endpoint.startswith("10.77.0.1:") and b.endpoint.startswith("10.77.0.2:")
+        assert a.endpoint.startswith("10.77.0.1:")
+        assert b.endpoint.startswith("10.77.0.2:")
         for size in (1, 4096, 1 * MiB, 32 * MiB):
             r = b.request(op="roundtrip", desc=a.info["alloc"], size=size)
-            assert r["ok"] and r["exact"], r
-            assert r["transport"] == "tcp" and r["peer"] == a.name  # different host ids: no shm/cma
+            assert r["ok"], r
+            assert r["exact"], size
+            assert r["transport"] == "tcp"
+            assert r["peer"] == a.name
         assert b.request(op="notify", peer=a.name, data=b"cross-host".hex(), tag=4)["ok"]
         got = a.request(op="recv", peer=b.name, tag=4, timeout=5)
         assert bytes.fromhex(got["data"]) == b"cross-host"
@@ -83,7 +92,9 @@ def test_two_hosts_tcp_transfers_notify_and_failures(two_hosts):
         _ip("-n", ns_a, "link", "set", va, "up")
         c = _host(two_hosts, "a", "host-a-second", alloc=1 * MiB)
         r = b.request(op="roundtrip", desc=c.info["alloc"], size=4096)
-        assert r["ok"] and r["exact"] and r["transport"] == "tcp"
+        assert r["ok"]
+        assert r["exact"]
+        assert r["transport"] == "tcp"
         os.kill(c.pid, signal.SIGKILL)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 2:

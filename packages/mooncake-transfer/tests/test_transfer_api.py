@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import LocalBuf
+from transfer_testlib import LocalBuf
 
 import mooncake.transfer as mt
 from mooncake.transfer import (
@@ -21,14 +21,15 @@ from mooncake.transfer import (
     TransferEngine,
     TransferError,
     TransferStatus,
-    TransferTimeout,
 )
 
 MiB = 1024 * 1024
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("transport,which", [("tcp", "alloc"), ("cma", "reg"), ("shm", "alloc")])
+@pytest.mark.parametrize(
+    ("transport", "which"), [("tcp", "alloc"), ("cma", "reg"), ("shm", "alloc")]
+)
 def test_notify_is_ordered_after_writes(engine_factory, peer_factory, transport, which):
     """The receiver hashes the region the moment the notification arrives: it must see every
     write issued before the notify, for async (submit) and sync writes, big and small."""
@@ -42,13 +43,20 @@ def test_notify_is_ordered_after_writes(engine_factory, peer_factory, transport,
         blobs = [os.urandom(chunk) for _ in range(nchunks)]
         for b, data in zip(bufs, blobs):
             b.fill(data)
-        peer.send_only(op="recv_sha", peer=eng.name, tag=rnd, seg=which, offset=0, length=chunk * nchunks)
-        handles = [eng.submit([("write", rseg, i * chunk, bufs[i].addr, chunk)]) for i in range(nchunks - 1)]
+        peer.send_only(
+            op="recv_sha", peer=eng.name, tag=rnd, seg=which, offset=0, length=chunk * nchunks
+        )
+        handles = [
+            eng.submit([("write", rseg, i * chunk, bufs[i].addr, chunk)])
+            for i in range(nchunks - 1)
+        ]
         eng.write(rseg, (nchunks - 1) * chunk, bufs[-1].addr, chunk)
         eng.notify(peer.name, b"done-%d" % rnd, tag=rnd)  # no wait on the handles before notify
         reply = peer.read_reply()
         assert reply["ok"], reply
-        assert reply["sha"] == hashlib.sha256(b"".join(blobs)).hexdigest(), f"round {rnd}: notify overtook a write"
+        assert reply["sha"] == hashlib.sha256(b"".join(blobs)).hexdigest(), (
+            f"round {rnd}: notify overtook a write"
+        )
         assert bytes.fromhex(reply["data"]) == b"done-%d" % rnd
         assert all(h.wait(10) == TransferStatus.DONE for h in handles)
 
@@ -89,8 +97,10 @@ def test_recv_notify_matching_fifo_and_timeouts(engine_factory):
     a.notify("b", b"payload!", tag=9)
     n = b.recv_notify("a", 9, timeout=2)
     dst = ctypes.create_string_buffer(16)
-    assert n.copy_to(ctypes.addressof(dst), 16) == 8 and dst.raw[:8] == b"payload!"
-    assert len(n) == 8 and n.nbytes == 8
+    assert n.copy_to(ctypes.addressof(dst), 16) == 8
+    assert dst.raw[:8] == b"payload!"
+    assert len(n) == 8
+    assert n.nbytes == 8
     with pytest.raises(ValueError, match="length"):
         n.copy_to(ctypes.addressof(dst), 4)
     # recv_notify_any is FIFO across peers by arrival
@@ -116,7 +126,8 @@ def test_blocked_receiver_wakes_on_arrival_and_on_close(engine_factory):
     time.sleep(0.1)
     a.notify("wb", b"hi", tag=3)
     t.join(2)
-    assert out and out[0].data == b"hi"
+    assert out
+    assert out[0].data == b"hi"
 
     errs = []
 
@@ -132,7 +143,9 @@ def test_blocked_receiver_wakes_on_arrival_and_on_close(engine_factory):
     t0 = time.monotonic()
     a.close()  # graceful close: peers see DEAD at once (BYE)
     t.join(2)
-    assert errs and errs[0].peer == "wa" and time.monotonic() - t0 < 0.5
+    assert errs
+    assert errs[0].peer == "wa"
+    assert time.monotonic() - t0 < 0.5
     assert b.peer_state("wa") == PeerState.DEAD
 
 
@@ -140,17 +153,22 @@ def test_blocked_receiver_wakes_on_arrival_and_on_close(engine_factory):
 def test_handles_descriptors_and_remote_rejection(engine_factory):
     owner, user = engine_factory("owner"), engine_factory("user", transport="tcp")
     seg = owner.allocate(1 * MiB)
-    assert seg.addr % 4096 == 0 and seg.length == 1 * MiB and seg.location == "cpu"
+    assert seg.addr % 4096 == 0
+    assert seg.length == 1 * MiB
+    assert seg.location == "cpu"
     desc = seg.descriptor()
     assert isinstance(desc, bytes)
     rseg = user.open_segment(desc)
     assert (rseg.peer, rseg.length, rseg.transport) == ("owner", 1 * MiB, "tcp")
     again = user.open_segment(desc)  # idempotent, same connection
-    assert again.peer == "owner" and owner._core.connection_count() == 1
+    assert again.peer == "owner"
+    assert owner._core.connection_count() == 1
     buf = LocalBuf(4096)
     buf.fill(b"\x5a" * 4096)
     h = user.submit([("write", rseg, 0, buf.addr, 4096), ("read", rseg, 0, buf.addr, 16)])
-    assert h.wait(5) == TransferStatus.DONE and h.poll() == TransferStatus.DONE and h.error is None
+    assert h.wait(5) == TransferStatus.DONE
+    assert h.poll() == TransferStatus.DONE
+    assert h.error is None
     assert bytes(seg.view()[:4]) == b"\x5a" * 4
     # Segment.view writes are visible to remote reads
     seg.view()[100:104] = b"ABCD"
@@ -162,7 +180,8 @@ def test_handles_descriptors_and_remote_rejection(engine_factory):
     view[0:1] = b"z"  # the memoryview still owns a live mapping
     h = user.submit([("write", rseg, 0, buf.addr, 16)])
     assert h.wait(5) == TransferStatus.FAILED
-    assert type(h.error) is TransferError and "unknown segment" in str(h.error)
+    assert type(h.error) is TransferError
+    assert "unknown segment" in str(h.error)
     with pytest.raises(TransferError, match="unknown segment"):
         user.read(rseg, 0, buf.addr, 16, timeout=5)
     assert user.peer_state("owner") == PeerState.ALIVE
@@ -199,7 +218,10 @@ def test_bad_arguments_name_the_argument(engine_factory):
         (lambda: a.write(rseg, 0, buf.addr, 1, timeout=-1), "timeout"),
         (lambda: a.write(rseg, 0, buf.addr, 1, timeout=float("nan")), "timeout"),
         (lambda: a.submit([("copy", rseg, 0, buf.addr, 1)]), r"ops\[0\]: kind"),
-        (lambda: a.submit([("write", rseg, 0, buf.addr, 1), ("read", rseg, 0, buf.addr, 5000)]), r"ops\[1\]"),
+        (
+            lambda: a.submit([("write", rseg, 0, buf.addr, 1), ("read", rseg, 0, buf.addr, 5000)]),
+            r"ops\[1\]",
+        ),
         (lambda: a.submit([("write", rseg, 0)]), r"ops\[0\]"),
         (lambda: a.notify("x2", b"x", tag=-1), "tag"),
         (lambda: a.recv_notify(timeout=-0.5), "timeout"),
@@ -212,7 +234,10 @@ def test_bad_arguments_name_the_argument(engine_factory):
         (lambda: a.notify_ptr("x2", 0, 10), "addr"),
         (lambda: TransferEngine(port=70000), "port"),
         (lambda: TransferEngine(transport="udp"), "transport"),
-        (lambda: TransferEngine(heartbeat_interval=0.5, heartbeat_timeout=0.6), "heartbeat_timeout"),
+        (
+            lambda: TransferEngine(heartbeat_interval=0.5, heartbeat_timeout=0.6),
+            "heartbeat_timeout",
+        ),
         (lambda: TransferEngine(heartbeat_interval=0), "heartbeat_interval"),
         (lambda: TransferEngine(name=""), "name"),
     ]
@@ -254,7 +279,8 @@ def test_secret_env_and_config(engine_factory, monkeypatch):
         TransferEngine()
     monkeypatch.delenv("MOONCAKE_HEARTBEAT_TIMEOUT_MS")
     auto = engine_factory()
-    assert auto.name.count("-") >= 2 and auto.name != engine_factory().name
+    assert auto.name.count("-") >= 2
+    assert auto.name != engine_factory().name
     assert ":" in auto.endpoint
 
 
@@ -265,17 +291,21 @@ def test_crossing_connects_keep_one_connection(engine_factory):
         res = {}
         barrier = threading.Barrier(2)
 
-        def dial(src, dst, key):
+        def dial(src, dst, key, barrier=barrier, res=res):
             barrier.wait()
             res[key] = src.connect(dst.endpoint)
 
-        ts = [threading.Thread(target=dial, args=(x, y, "x")), threading.Thread(target=dial, args=(y, x, "y"))]
+        ts = [
+            threading.Thread(target=dial, args=(x, y, "x")),
+            threading.Thread(target=dial, args=(y, x, "y")),
+        ]
         for t in ts:
             t.start()
         for t in ts:
             t.join(10)
         assert res == {"x": y.name, "y": x.name}
-        assert x._core.connection_count() == 1 and y._core.connection_count() == 1
+        assert x._core.connection_count() == 1
+        assert y._core.connection_count() == 1
         assert x.connect(y.endpoint) == y.name  # idempotent
         x.notify(y.name, b"ok")
         assert y.recv_notify(x.name, timeout=2).data == b"ok"
@@ -329,7 +359,8 @@ def test_del_without_close_does_not_hang_and_no_torch():
     )
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0 and "OK" in p.stdout, p.stderr
+    assert p.returncode == 0, p.stderr
+    assert "OK" in p.stdout, p.stderr
     assert time.monotonic() - t0 < 10
 
 
@@ -356,8 +387,12 @@ def test_idle_cpu_is_tiny(peer_factory):
         "cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)\n"
         "print(cpu / (t1 - t0))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code] + [x.endpoint for x in peers], capture_output=True,
-                       text=True, timeout=30)
+    p = subprocess.run(
+        [sys.executable, "-c", code] + [x.endpoint for x in peers],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.returncode == 0, p.stderr
     frac = float(p.stdout.strip())
     print(f"idle engine with 3 peers: {frac * 100:.2f}% of a core")

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import LocalBuf
+from transfer_testlib import LocalBuf
 
 from mooncake.transfer import PeerState
 
@@ -36,7 +36,7 @@ def s16(x: bytes) -> bytes:
 
 
 class RawClient:
-    """Speaks the wire protocol by hand (tests/test_safety.py is its only user)."""
+    """Speaks the wire protocol by hand (tests/test_transfer_safety.py is its only user)."""
 
     def __init__(self, endpoint: str):
         host, port = endpoint.rsplit(":", 1)
@@ -58,14 +58,24 @@ class RawClient:
 
     def banner(self):
         h, p = self.read_frame()
-        assert h[0] == MAGIC and h[2] == BANNER
+        assert h[0] == MAGIC
+        assert h[2] == BANNER
         (n,) = struct.unpack_from("<H", p)
         return p[2 : 2 + n].decode(), p[2 + n :]
 
     def hello(self, name: str, secret: str, nonce_s: bytes):
         nonce_c = os.urandom(16)
-        mac = hmac.new(secret.encode(), b"mooncake-hello\0" + nonce_s + name.encode(), hashlib.sha256).digest()
-        payload = s16(name.encode()) + s16(b"raw-host") + struct.pack("<I", 1) + s16(b"0.0.0.0:1") + nonce_c + mac
+        mac = hmac.new(
+            secret.encode(), b"mooncake-hello\0" + nonce_s + name.encode(), hashlib.sha256
+        ).digest()
+        payload = (
+            s16(name.encode())
+            + s16(b"raw-host")
+            + struct.pack("<I", 1)
+            + s16(b"0.0.0.0:1")
+            + nonce_c
+            + mac
+        )
         payload += struct.pack("<I", 0xFFFFFFFF) + s16(b"")  # no same-host doorbell
         self.sock.sendall(frame(HELLO, payload))
         h, p = self.read_frame()
@@ -110,14 +120,15 @@ class GoodTraffic(threading.Thread):
                 if back.bytes() != data:
                     raise AssertionError(f"round {self.rounds}: data mismatch")
                 self.rounds += 1
-        except BaseException as e:  # noqa: BLE001 - reported by the test
+        except BaseException as e:
             self.error = e
 
 
 @pytest.mark.timeout(120)
 def test_hostile_clients_are_dropped_while_good_peer_keeps_working(engine_factory, peer_factory):
-    target = peer_factory("target", alloc=4 * MiB, secret=SECRET,
-                          env={"MOONCAKE_HANDSHAKE_TIMEOUT_MS": "1000"})
+    target = peer_factory(
+        "target", alloc=4 * MiB, secret=SECRET, env={"MOONCAKE_HANDSHAKE_TIMEOUT_MS": "1000"}
+    )
     good = engine_factory("good", secret=SECRET, transport="tcp")
     rseg = good.open_segment(target.desc("alloc"))
     seg_id = rseg.segment_id
@@ -213,7 +224,9 @@ def test_hostile_clients_are_dropped_while_good_peer_keeps_working(engine_factor
             assert h[2] in (HEARTBEAT, PING), h  # nothing else may come back
     assert sorted(errors) == list(range(101, 108)), errors
     # a valid request on the same connection still works
-    c.sock.sendall(frame(WRITE, b"B" * 8, req=200, a=seg_id, b=0, flags=LAST) + frame(PING, req=201))
+    c.sock.sendall(
+        frame(WRITE, b"B" * 8, req=200, a=seg_id, b=0, flags=LAST) + frame(PING, req=201)
+    )
     got = set()
     while {WRITE_ACK, PONG} - got:
         h, _ = c.read_frame()
@@ -226,7 +239,7 @@ def test_hostile_clients_are_dropped_while_good_peer_keeps_working(engine_factor
     # 6. a flood of unauthenticated connections is capped and cleaned up
     socks = []
     for _ in range(40):
-        s = socket.create_connection(tuple([ep.rsplit(":", 1)[0], int(ep.rsplit(":", 1)[1])]), timeout=5)
+        s = socket.create_connection((ep.rsplit(":", 1)[0], int(ep.rsplit(":", 1)[1])), timeout=5)
         socks.append(s)
     time.sleep(0.2)
     for s in socks:

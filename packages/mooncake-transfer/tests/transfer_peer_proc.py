@@ -1,7 +1,7 @@
 """A peer engine in its own process, driven by the tests over stdin/stdout (one JSON per line).
 
-Start: python peer_proc.py --name N [--alloc BYTES] [--reg BYTES] [--secret S] [--hb-interval S]
-       [--hb-timeout S] [--transport T] [--host H]
+Start: python transfer_peer_proc.py --name N [--alloc BYTES] [--reg BYTES] [--secret S]
+       [--hb-interval S] [--hb-timeout S] [--transport T] [--host H]
 Prints {"name", "endpoint", "pid", "alloc": desc-hex, "reg": desc-hex} then serves commands.
 """
 
@@ -104,7 +104,13 @@ def main() -> None:
                 size = cmd["size"]
                 src = os.urandom(size)
                 back = ctypes.create_string_buffer(size)
-                eng.write(rseg, 0, ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value, size, timeout=30)
+                eng.write(
+                    rseg,
+                    0,
+                    ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value,
+                    size,
+                    timeout=30,
+                )
                 eng.read(rseg, 0, ctypes.addressof(back), size, timeout=30)
                 out["exact"] = back.raw == src
                 out["transport"] = rseg.transport
@@ -127,7 +133,7 @@ def main() -> None:
                 raise ValueError(f"unknown op {op}")
         except PeerDeadError as e:
             out = {"ok": False, "error": "PeerDeadError", "msg": str(e)}
-        except Exception as e:  # noqa: BLE001 - reported to the test
+        except Exception as e:
             out = {"ok": False, "error": type(e).__name__, "msg": str(e)}
         print(json.dumps(out), flush=True)
     eng.close()

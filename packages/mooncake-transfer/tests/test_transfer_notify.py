@@ -18,8 +18,11 @@ def _check_in_order(eng, peer_name, sizes, tag, timeout=10):
     for i, size in enumerate(sizes):
         n = eng.recv_notify(peer_name, tag, timeout)
         assert n is not None, f"message {i} missing"
-        assert int.from_bytes(n.data[:4], "little") == i, f"got message {int.from_bytes(n.data[:4], 'little')} at {i}"
-        assert len(n.data) == max(size, 4) and n.data[4:] == bytes([i % 251]) * (len(n.data) - 4)
+        assert int.from_bytes(n.data[:4], "little") == i, (
+            f"got message {int.from_bytes(n.data[:4], 'little')} at {i}"
+        )
+        assert len(n.data) == max(size, 4)
+        assert n.data[4:] == bytes([i % 251]) * (len(n.data) - 4)
 
 
 @pytest.mark.timeout(60)
@@ -73,6 +76,7 @@ def test_ring_pingpong_wakes_sleeping_receiver(engine_factory, peer_factory):
         t0 = time.monotonic()
         eng.notify(peer.name, b"%d" % i)
         n = eng.recv_notify(peer.name, 0, timeout=5)
-        assert n is not None and n.data == b"%d" % i
+        assert n is not None
+        assert n.data == b"%d" % i
         assert time.monotonic() - t0 < 0.5
     assert peer.read_reply()["ok"]
