@@ -182,6 +182,17 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
             dist.recv(recv, src=prv, tag=7)
             dist.send(send, dst=nxt, tag=7)
         same(recv, data(prv, n, torch.float32), f"send/recv n={n}")
+    # Work.wait(timeout): completes in time; an unanswered irecv raises TimeoutError
+    from datetime import timedelta
+
+    w = dist.all_reduce(data(rank, 10, torch.float32), async_op=True)
+    assert w.wait(timeout=timedelta(seconds=5)) and w.is_completed()
+    lonely = dist.irecv(torch.empty(3), src=prv, tag=12345)
+    try:
+        lonely.wait(timeout=timedelta(seconds=0.2))
+        raise AssertionError("irecv with nobody sending did not time out")
+    except TimeoutError:
+        pass
     # functional collectives
     import torch.distributed._functional_collectives as fc
 

@@ -25,22 +25,20 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   EpState* st = p.state;
   const bool do_send = (p.phases & kPhaseSend) != 0, do_recv = (p.phases & kPhaseRecv) != 0;
 
-  uint32_t tag;
-  uint64_t start_ns;
-  if (do_send) {
-    tag = st->seq[slot_idx] + 1;
-    start_ns = globaltimer_ns();
-  } else {
-    tag = st->seq[slot_idx];
-    start_ns = st->start_ns[slot_idx];
-  }
-
+  const uint64_t start_ns = do_send ? globaltimer_ns() : st->start_ns[slot_idx];
   trace_point(p.trace, 0);
-  int* s_active = smem;           // [R] active_ranks on entry
-  int* s_alive = smem + p.R;      // [R] live and arrived (receive phase)
-  int* s_work = smem + 2 * p.R;
+  int* s_misc = smem;              // [0]: this op's tag
+  int* s_active = smem + 4;        // [R] active_ranks on entry
+  int* s_alive = s_active + p.R;   // [R] live and arrived (receive phase)
+  int* s_work = s_alive + p.R;
+  if (tid == 0) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
   tp.warm();
   load_active(s_active, p.active_ranks, p.R);
+  if (do_send)
+    for (int q = tid; q < E; q += nthreads) s_work[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
+  __syncthreads();
+  const uint32_t tag = static_cast<uint32_t>(s_misc[0]);
+  trace_point(p.trace, 1);
   // Fused launch: rows for this rank's own tokens are not copied; the reduction reads them from x
   // (self_rows, written by the dispatch). With a receive hook x may change before the hook, so
   // the send phase copies them like any other row.
@@ -50,14 +48,12 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
     // Rows per (local expert l, token rank r), pair q = l*R + r, straight from layout_range so
     // every block flattens the rows identically; rows for failed ranks are skipped.
-    int* s_pref = s_work;         // [E + 1]
+    int* s_pref = s_work;         // [E + 1] (counts loaded above)
     int* s_tmp = s_pref + E + 1;  // [32]
-    for (int q = tid; q < E; q += nthreads) s_pref[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
-    __syncthreads();
     const int total = block_exclusive_scan(s_pref, E, s_tmp);
     if (tid == 0) s_pref[E] = total;
     __syncthreads();
-    trace_point(p.trace, 1);
+    trace_point(p.trace, 2);
     // Work item = (row, piece of 256 chunks): one warp, eight 16-byte loads in flight per lane.
     const int pieces = (chunks + kCombinePieceChunks - 1) / kCombinePieceChunks;
     const int items = total * pieces;
@@ -92,9 +88,10 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
         tp.put(r, dst_off + first * 16ull, src + first, n_chunks * 16ull, lane, 32);
       }
     }
-    trace_point(p.trace, 2);
-    announce_arrival(tp, s_active, p.off, p.R, p.rank, kCombineKind, half);
     trace_point(p.trace, 3);
+    if (tid == 0) claim_tag(st, slot_idx, tag);
+    announce_arrival(tp, s_active, p.off, p.R, p.rank, kCombineKind, half);
+    trace_point(p.trace, 4);
   }
 
   if (do_recv) {
@@ -102,7 +99,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
     //    sees the same failed owners (they contribute nothing, even rows that had arrived).
     decide_sources(tp, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kCombineKind, half, tag,
                    p.grid, deadline_after(start_ns, p.timeout_us));
-    trace_point(p.trace, 4);
+    trace_point(p.trace, 5);
 
     // 2. Work item = (token, 32 chunks): lane c of the warp owns 8 channels of the token.
     const int4* recv = static_cast<const int4*>(tp.local_ptr(p.off.combine_recv));
@@ -158,8 +155,6 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
     }
   }
   trace_point(p.trace, 6);
-  if (do_send) publish_tag(st, slot_idx, tag);
-  trace_point(p.trace, 7);
 }
 
 }  // namespace ep

@@ -94,48 +94,58 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   EpState* st = p.state;
   const bool do_send = (p.phases & kPhaseSend) != 0, do_recv = (p.phases & kPhaseRecv) != 0;
 
-  uint32_t tag;
-  uint64_t start_ns;
-  if (do_send) {
-    tag = st->seq[slot_idx] + 1;
-    start_ns = globaltimer_ns();
-  } else {
-    tag = st->seq[slot_idx];
-    start_ns = st->start_ns[slot_idx];
-  }
-
+  const uint64_t start_ns = do_send ? globaltimer_ns() : st->start_ns[slot_idx];
   trace_point(p.trace, 0);
-  int* s_active = smem;           // [R] active_ranks on entry
-  int* s_alive = smem + p.R;      // [R] live and arrived (receive phase)
-  int* s_work = smem + 2 * p.R;   // the phases' own arrays
+  int* s_misc = smem;              // [0]: this op's tag
+  int* s_active = smem + 4;        // [R] active_ranks on entry
+  int* s_alive = s_active + p.R;   // [R] live and arrived (receive phase)
+  int* s_work = s_alive + p.R;     // the phases' own arrays
+  if (tid == 0) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
   tp.warm();
   load_active(s_active, p.active_ranks, p.R);
+  const int tpp = nthreads / tpt;  // token rows per pass
+  const int row = tid / tpt, c0 = tid - row * tpt;
+  const int per_block = (p.N + G - 1) / G;
+  const int n0 = min(p.N, b * per_block), n1 = min(p.N, n0 + per_block);
+  const int nk = p.N * p.K, before_end = n0 * p.K;
+  // Independent loads first, so their latencies overlap: this thread's first x chunk and its
+  // first routing entries.
+  const bool prefetched = do_send && row < tpp && n0 + row < n1 && c0 < chunks;
+  int4 first_chunk = make_int4(0, 0, 0, 0);
+  if (prefetched)
+    first_chunk = ld_stream_int4(reinterpret_cast<const int4*>(p.x) + static_cast<uint64_t>(n0 + row) * chunks + c0);
+  constexpr int kRoutingPrefetch = 4;
+  int64_t routing[kRoutingPrefetch];
+#pragma unroll
+  for (int u = 0; u < kRoutingPrefetch; ++u) {
+    const int i = tid + u * nthreads;
+    routing[u] = (do_send && i < nk) ? p.topk_idx[i] : -1;
+  }
+  if (do_send)
+    for (int i = tid; i < 2 * E; i += nthreads) s_work[i] = 0;  // histograms below
+  __syncthreads();
+  const uint32_t tag = static_cast<uint32_t>(s_misc[0]);
+  trace_point(p.trace, 1);
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
-    const int tpp = nthreads / tpt;  // token rows per pass
     const int row = tid / tpt, c0 = tid - row * tpt;
     // Tokens [n0, n1) are this block's. Slot of selection (n, k) for expert e = number of
     // selections of e before it in (token, k) order: deterministic, rows arrive in token order.
-    const int per_block = (p.N + G - 1) / G;
-    const int n0 = min(p.N, b * per_block), n1 = min(p.N, n0 + per_block);
     const int m = (n1 - n0) * p.K;
-    // The first chunk of this thread's first token is loaded now; its latency hides behind the
-    // routing work below.
-    const bool prefetched = row < tpp && n0 + row < n1 && c0 < chunks;
-    int4 first_chunk = make_int4(0, 0, 0, 0);
-    if (prefetched)
-      first_chunk = ld_stream_int4(reinterpret_cast<const int4*>(p.x) + static_cast<uint64_t>(n0 + row) * chunks + c0);
     int* s_total = s_work;           // [E] selections per expert (all tokens)
     int* s_before = s_work + E;      // [E] selections per expert in tokens < n0
     int* s_e = s_work + 2 * E;       // [m] expert of each selection here, -1: none / destination failed
     int* s_slot = s_e + m;      // [m]
-    for (int i = tid; i < E; i += nthreads) {
-      s_total[i] = 0;
-      s_before[i] = 0;
+#pragma unroll
+    for (int u = 0; u < kRoutingPrefetch; ++u) {
+      const int i = tid + u * nthreads;
+      const int64_t e = routing[u];
+      if (i < nk && e >= 0 && e < E) {
+        atomicAdd(&s_total[e], 1);
+        if (i < before_end) atomicAdd(&s_before[e], 1);
+      }
     }
-    __syncthreads();
-    const int nk = p.N * p.K, before_end = n0 * p.K;
-    for (int i = tid; i < nk; i += nthreads) {
+    for (int i = tid + kRoutingPrefetch * nthreads; i < nk; i += nthreads) {
       const int64_t e = p.topk_idx[i];
       if (e >= 0 && e < E) {
         atomicAdd(&s_total[e], 1);
@@ -149,6 +159,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       s_e[i] = v;
     }
     __syncthreads();
+    trace_point(p.trace, 2);
     for (int i = tid; i < m; i += nthreads) {
       const int e = s_e[i];
       if (e >= 0) {
@@ -157,7 +168,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         s_slot[i] = c;
       }
     }
-    trace_point(p.trace, 1);
+    trace_point(p.trace, 3);
     // Count words of every (expert, destination) pair, spread over the grid; each block's
     // arrival below releases the words it wrote.
     for (int e = b * nthreads + tid; e < E; e += G * nthreads) {
@@ -167,6 +178,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
                      pack_count_signal(tag, static_cast<uint32_t>(s_total[e])));
     }
     __syncthreads();
+    trace_point(p.trace, 4);
 
     const uint64_t payload_bytes = fp8 ? ((static_cast<uint64_t>(H) + H / 32 + 15) / 16 * 16) : 2ull * H;
     for (int base = n0; base < n1; base += tpp) {
@@ -228,9 +240,10 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         __syncthreads();
       }
     }
-    trace_point(p.trace, 2);
+    trace_point(p.trace, 5);
+    if (tid == 0) claim_tag(st, slot_idx, tag);
     announce_arrival(tp, s_active, p.off, p.R, p.rank, kDispatchKind, half);
-    trace_point(p.trace, 3);
+    trace_point(p.trace, 6);
   }
 
   if (do_recv) {
@@ -238,7 +251,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     //    source for the whole grid.
     decide_sources(tp, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kDispatchKind, half, tag,
                    p.grid, deadline_after(start_ns, p.timeout_us));
-    trace_point(p.trace, 4);
+    trace_point(p.trace, 7);
 
     // 2. Rows per (local expert l, source r), pair q = l*R + r, prefix-summed in every block:
     //    row f of the flattened [L][R][count] order is row j = f - s_pref[l*R] of expert l.
@@ -259,6 +272,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     const int total = block_exclusive_scan(s_pref, E, s_tmp);
     if (tid == 0) s_pref[E] = total;
     __syncthreads();
+    trace_point(p.trace, 8);
     const int RT = p.R * p.T;
     for (int q = b * nthreads + tid; q < E; q += G * nthreads) {
       const int l = q / p.R, r = q - l * p.R;
@@ -271,8 +285,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
 
-    trace_point(p.trace, 5);
-    // 3. One warp per row: payload, header, scales.
+    trace_point(p.trace, 9);
+    // 3. One warp per (row, piece of 256 chunks): payload; piece 0 also header and scales.
     const int lane = tid & 31;
     const int warps = nthreads >> 5;
     const int groups = H / 128;
@@ -280,23 +294,26 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     const int row_chunks = fp8 ? H / 16 : H / 8;
     const uint64_t row_bytes = fp8 ? static_cast<uint64_t>(H) : 2ull * H;
     const char* recv_base = static_cast<const char*>(tp.local_ptr(p.off.dispatch_recv));
-    // Consecutive rows go to different blocks (SMs): the work spreads over the whole GPU.
-    for (int f = (tid >> 5) * G + b; f < total; f += G * warps) {
+    // Consecutive items go to different blocks (SMs): the work spreads over the whole GPU.
+    const int pieces = (row_chunks + 255) / 256;
+    for (int it = (tid >> 5) * G + b; it < total * pieces; it += G * warps) {
+      const int f = it / pieces, first = (it - f * pieces) * 256;
       const int q = upper_index(s_pref, E, f);
       const int l = q / p.R;
       const int j = f - s_pref[l * p.R];
       const char* msg = recv_base + (static_cast<uint64_t>(q) * p.T + (f - s_pref[q])) * p.msg_bytes;
       const int4* src = reinterpret_cast<const int4*>(msg + kDispatchHeaderBytes);
       int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + (static_cast<uint64_t>(l) * RT + j) * row_bytes);
-      for (int c0 = lane; c0 < row_chunks; c0 += 8 * 32) {
+      {
         int4 v[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u)
-          if (c0 + u * 32 < row_chunks) v[u] = ld_cg_int4(src + c0 + u * 32);
+          if (first + u * 32 + lane < row_chunks) v[u] = ld_cg_int4(src + first + u * 32 + lane);
 #pragma unroll
         for (int u = 0; u < 8; ++u)
-          if (c0 + u * 32 < row_chunks) dst[c0 + u * 32] = v[u];
+          if (first + u * 32 + lane < row_chunks) dst[first + u * 32 + lane] = v[u];
       }
+      if (first != 0) continue;
       if (lane == 0) {
         const int* header = reinterpret_cast<const int*>(msg);
         const int token = __ldcg(header), k = __ldcg(header + 1);
@@ -327,9 +344,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
   }
-  trace_point(p.trace, 6);
-  if (do_send) publish_tag(st, slot_idx, tag);
-  trace_point(p.trace, 7);
+  trace_point(p.trace, 10);
 }
 
 }  // namespace ep

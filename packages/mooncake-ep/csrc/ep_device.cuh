@@ -72,15 +72,20 @@ __device__ __forceinline__ void trace_point(uint64_t* trace, int point) {
   if (trace != nullptr && threadIdx.x == 0) trace[blockIdx.x * kTracePoints + point] = globaltimer_ns();
 }
 
-// Publishes `tag` as the last op sent on this (kind, half): the last block of the grid to
-// finish writes it, after every block has read the previous value at its start.
-__device__ __forceinline__ void publish_tag(EpState* st, int slot, uint32_t tag) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (atomicAdd(&st->blocks_done[slot], 1u) == gridDim.x - 1) {
-      st->blocks_done[slot] = 0;
-      st->seq[slot] = tag;
-    }
+// Op numbers. Thread 0 of every block reads seq[slot] at kernel start (read_tag); a sending
+// kernel's tag is that + 1. Later (claim_tag, thread 0 again, after a fence that orders its read)
+// each block counts itself; the last one stores the tag as the new seq: by then every block has
+// read the old value, and the next op of this kind on this half (stream-ordered) sees the new one.
+__device__ __forceinline__ uint32_t read_tag(const EpState* st, int slot, bool sending) {
+  const uint32_t seq = *reinterpret_cast<const volatile uint32_t*>(&st->seq[slot]);
+  return sending ? seq + 1 : seq;
+}
+
+__device__ __forceinline__ void claim_tag(EpState* st, int slot, uint32_t tag) {
+  __threadfence();
+  if (atomicAdd(&st->blocks_done[slot], 1u) == gridDim.x - 1) {
+    st->blocks_done[slot] = 0;
+    st->seq[slot] = tag;
   }
 }
 

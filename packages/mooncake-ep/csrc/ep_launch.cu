@@ -114,12 +114,12 @@ uint64_t dispatch_smem_bytes(const DispatchParams& p, const LaunchShape& s) {
   const uint64_t per_block = (static_cast<uint64_t>(p.N) + s.blocks - 1) / s.blocks;
   const uint64_t send = (2 * E + 2 * per_block * p.K) * sizeof(int);
   const uint64_t recv = (E + 1 + 32) * sizeof(int);
-  return 2ull * p.R * sizeof(int) + (send > recv ? send : recv) + 64;
+  return (4 + 2ull * p.R) * sizeof(int) + (send > recv ? send : recv) + 64;
 }
 
 uint64_t combine_smem_bytes(const CombineParams& p, const LaunchShape&) {
   const uint64_t E = static_cast<uint64_t>(p.L) * p.R;
-  return (2ull * p.R + E + 1 + 32) * sizeof(int) + 64;
+  return (4 + 2ull * p.R + E + 1 + 32) * sizeof(int) + 64;
 }
 
 cudaError_t prepare_kernels(int max_smem) {

@@ -11,7 +11,7 @@ constexpr int kPhaseRecv = 2;
 constexpr int kMaxTopk = 16;              // combine_recv rows per token (layout.py MAX_TOPK)
 constexpr int kMaxExperts = 32768;        // shared-memory prefix sums over (expert, rank) pairs
 constexpr int kDispatchHeaderBytes = 16;
-constexpr int kTracePoints = 8;  // int32 (src_token_index, topk_slot_k, 0, 0)
+constexpr int kTracePoints = 16;  // int32 (src_token_index, topk_slot_k, 0, 0)
 
 // Per-rank local state (device memory, not symmetric). Zeroed at setup and by update_ep_member.
 // Slots indexed by `kind * 2 + half` (kind 0 dispatch, 1 combine) belong to one op at a time, so

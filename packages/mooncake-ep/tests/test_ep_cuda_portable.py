@@ -14,10 +14,10 @@ pytestmark = [
 ]
 
 CASES = [
-    {"name": "cuda-bf16", "T": 16, "H": 256, "L": 2, "K": 3, "masked": 3, "device": "cuda"},
-    {"name": "cuda-fp8-hook", "T": 16, "H": 384, "L": 3, "K": 4, "use_fp8": True, "mode": "hook",
+    {"name": "cuda-bf16", "T": 16, "H": 256, "L": 4, "K": 3, "masked": 3, "device": "cuda"},
+    {"name": "cuda-fp8-hook", "T": 16, "H": 384, "L": 5, "K": 4, "use_fp8": True, "mode": "hook",
      "device": "cuda", "structured": False},
-    {"name": "cuda-ue8m0-async-zc", "T": 8, "H": 640, "L": 2, "K": 2, "use_fp8": True,
+    {"name": "cuda-ue8m0-async-zc", "T": 8, "H": 640, "L": 3, "K": 2, "use_fp8": True,
      "round_scale": True, "use_ue8m0": True, "mode": "async", "zero_copy": True, "device": "cuda"},
 ]  # fmt: skip
 

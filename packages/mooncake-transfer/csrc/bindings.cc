@@ -232,6 +232,12 @@ PYBIND11_MODULE(_engine, m) {
       .def_property_readonly("heartbeat_timeout", &Engine::heartbeat_timeout)
       .def_property_readonly("closed", &Engine::is_closed)
       .def("connection_count", &Engine::connection_count)
+      .def("_stats", [](Engine& e) {
+        py::dict d;
+        d["notify_ring_sent"] = e.notify_ring_sent.load();
+        d["notify_tcp_sent"] = e.notify_tcp_sent.load();
+        return d;
+      })
       .def("connect", [](Engine& e, const std::string& ep, double timeout) {
         GilRelease r;
         return e.connect(ep, timeout);

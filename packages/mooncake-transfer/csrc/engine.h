@@ -91,6 +91,9 @@ class Engine : private FrameHandler {
 
   // Established peer connections (tests and the bench).
   size_t connection_count();
+  // Counters for tests and the bench: notifications sent through the same-host ring / over TCP.
+  std::atomic<uint64_t> notify_ring_sent{0};
+  std::atomic<uint64_t> notify_tcp_sent{0};
 
  private:
   // engine.cc

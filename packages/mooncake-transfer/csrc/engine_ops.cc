@@ -127,6 +127,7 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
   if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingReady && len <= kRingMaxPayload &&
       c->writes_inflight() == 0 && p->ring->push(seq, tag, data, len)) {
     ring_doorbell(reinterpret_cast<DoorbellWord*>(p->their_doorbell->base()));
+    notify_ring_sent.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingNone) offer_ring(*p, *c);
@@ -135,6 +136,7 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
   it.data = static_cast<const uint8_t*>(data);
   it.len = len;
   if (!c->send(&it, 1, /*copy_rest=*/true)) throw TransferErr(p->dead_error());
+  notify_tcp_sent.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Engine::offer_ring(Peer& p, Connection& c) {

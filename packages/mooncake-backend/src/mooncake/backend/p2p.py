@@ -12,25 +12,28 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
 
 from . import wire
 from .errors import RankFailureError
 from .mailbox import PeerGone
+from .work import MooncakeWork
 
 if TYPE_CHECKING:
     from .process_group import MooncakeProcessGroup
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
-def _pool(pg: "MooncakeProcessGroup") -> ThreadPoolExecutor:
+def _pool(pg: "MooncakeProcessGroup", src: Optional[int], tag: int) -> ThreadPoolExecutor:
+    """One worker per (group, source, tag): receives on one channel complete in posting order,
+    and a receive nobody answers delays no other channel."""
+    key = (id(pg), src, tag)
     with _pool_lock:
-        pool = _pools.get(id(pg))
+        pool = _pools.get(key)
         if pool is None:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-recv")
-            _pools[id(pg)] = pool
+            _pools[key] = pool
         return pool
 
 
@@ -106,5 +109,5 @@ def recv(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], src: Optio
         except Exception as e:  # noqa: BLE001 - delivered through the Work
             fut.set_exception(e)
 
-    _pool(pg).submit(run)
-    return _create_work_from_future(fut)
+    _pool(pg, src, tag).submit(run)
+    return MooncakeWork(fut)

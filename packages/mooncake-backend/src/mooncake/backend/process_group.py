@@ -17,7 +17,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
 
 from . import collectives as algo
 from . import faults, wire
@@ -28,6 +27,7 @@ from .membership import Membership
 from .options import MooncakeBackendOptions
 from .reduce_ops import check_op, op_name
 from .staging import Staged
+from .work import MooncakeWork
 from .world import get_world
 
 log = logging.getLogger("mooncake.backend")
@@ -37,9 +37,7 @@ _debug = bool(__import__("os").environ.get("MOONCAKE_DEBUG"))
 
 
 def _done(result) -> dist.Work:
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(result)
-    return _create_work_from_future(fut)
+    return MooncakeWork.completed(result)
 
 
 def _check_tensors(name: str, tensors: Sequence[torch.Tensor], device_type: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -49,7 +50,18 @@ def get_world(host: Optional[str], heartbeat_interval=None, heartbeat_timeout=No
     with _lock:
         if _world is None:
             _world = World(host or _default_host(), heartbeat_interval, heartbeat_timeout)
+            atexit.register(_close_at_exit)
         return _world
+
+
+def _close_at_exit() -> None:
+    # Peers see a clean close (DEAD at once) and the engine's threads end before interpreter teardown.
+    w = _world
+    if w is not None:
+        try:
+            w.engine.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 def _default_host() -> str:

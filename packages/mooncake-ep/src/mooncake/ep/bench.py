@@ -233,6 +233,7 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
         "wire": wire,
         "routed": routed,
         "selections": selections,
+        "has_stats": buffer.stats is not None,
         "path": buffer.path.name,
         "path_reason": buffer.path.reason,
     }
@@ -256,6 +257,7 @@ def _aggregate(per_rank: list[dict], args: argparse.Namespace) -> dict:
         median = statistics.median(slowest)
         medians[key] = median
         op = key.split(".")[1]
+        counted = key.startswith("ref") or per_rank[0]["has_stats"]  # fast path: no byte counters
         logical = selections * (per_sel_dispatch if op == "dispatch" else 2 * hidden)
         rows.append(
             {
@@ -264,9 +266,11 @@ def _aggregate(per_rank: list[dict], args: argparse.Namespace) -> dict:
                 "median_ms": median * 1e3,
                 "p10_ms": sorted(slowest)[len(slowest) // 10] * 1e3,
                 "p90_ms": sorted(slowest)[(len(slowest) * 9) // 10] * 1e3,
-                "wire_bytes_per_rank": statistics.mean(r["wire"][key] for r in per_rank),
+                "wire_bytes_per_rank": statistics.mean(r["wire"][key] for r in per_rank)
+                if counted
+                else None,
                 "routed_bytes_per_rank": statistics.mean(r["routed"][op] for r in per_rank)
-                if key.startswith("ours")
+                if counted and key.startswith("ours")
                 else None,
                 "logical_gbps": logical / median / 1e9,
             }
@@ -333,7 +337,7 @@ def _print_table(report: dict) -> None:
             f"{row['median_ms']:.2f}",
             f"{row['p10_ms']:.2f}",
             f"{row['p90_ms']:.2f}",
-            f"{row['wire_bytes_per_rank'] / 1e6:.3f}",
+            "" if row["wire_bytes_per_rank"] is None else f"{row['wire_bytes_per_rank'] / 1e6:.3f}",
             "" if routed is None else f"{routed / 1e6:.3f}",
             f"{row['logical_gbps']:.3f}",
         )
