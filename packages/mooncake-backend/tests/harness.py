@@ -42,6 +42,9 @@ def client_store(port: int, timeout_s: float = 60.0):
 def _child(fn: Callable, rank: int, world: int, port: int, q, args: tuple, env: dict) -> None:
     os.environ.update(env)
     sys.path.insert(0, HERE)
+    import torch
+
+    torch.set_num_threads(1)  # as torchrun does for several processes per machine
     try:
         res = fn(rank, world, port, *args)
         q.put((rank, "ok", res))

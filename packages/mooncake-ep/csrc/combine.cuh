@@ -31,11 +31,11 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   int* s_active = smem + 4;        // [R] active_ranks on entry
   int* s_alive = s_active + p.R;   // [R] live and arrived (receive phase)
   int* s_work = s_alive + p.R;
-  if (tid == 0) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
-  tp.warm();
-  load_active(s_active, p.active_ranks, p.R);
   if (do_send)
     for (int q = tid; q < E; q += nthreads) s_work[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
+  if (tid == nthreads - 1) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
+  tp.warm();
+  load_active(s_active, p.active_ranks, p.R);
   __syncthreads();
   const uint32_t tag = static_cast<uint32_t>(s_misc[0]);
   trace_point(p.trace, 1);
@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
       }
     }
     trace_point(p.trace, 3);
-    if (tid == 0) claim_tag(st, slot_idx, tag);
     announce_arrival(tp, s_active, p.off, p.R, p.rank, kCombineKind, half);
+    if (tid == 32) claim_tag(st, slot_idx, tag);  // after the barrier: the tag read is done
     trace_point(p.trace, 4);
   }
 

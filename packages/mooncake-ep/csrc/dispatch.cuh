@@ -100,9 +100,6 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   int* s_active = smem + 4;        // [R] active_ranks on entry
   int* s_alive = s_active + p.R;   // [R] live and arrived (receive phase)
   int* s_work = s_alive + p.R;     // the phases' own arrays
-  if (tid == 0) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
-  tp.warm();
-  load_active(s_active, p.active_ranks, p.R);
   const int tpp = nthreads / tpt;  // token rows per pass
   const int row = tid / tpt, c0 = tid - row * tpt;
   const int per_block = (p.N + G - 1) / G;
@@ -121,6 +118,11 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     const int i = tid + u * nthreads;
     routing[u] = (do_send && i < nk) ? p.topk_idx[i] : -1;
   }
+  // Values this block needs as a whole go through shared memory; the op number is read by the
+  // last thread and active_ranks by the first ones, so no thread waits for two loads in a row.
+  if (tid == nthreads - 1) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
+  tp.warm();
+  load_active(s_active, p.active_ranks, p.R);
   if (do_send)
     for (int i = tid; i < 2 * E; i += nthreads) s_work[i] = 0;  // histograms below
   __syncthreads();
@@ -128,7 +130,6 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   trace_point(p.trace, 1);
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
-    const int row = tid / tpt, c0 = tid - row * tpt;
     // Tokens [n0, n1) are this block's. Slot of selection (n, k) for expert e = number of
     // selections of e before it in (token, k) order: deterministic, rows arrive in token order.
     const int m = (n1 - n0) * p.K;
@@ -136,6 +137,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     int* s_before = s_work + E;      // [E] selections per expert in tokens < n0
     int* s_e = s_work + 2 * E;       // [m] expert of each selection here, -1: none / destination failed
     int* s_slot = s_e + m;      // [m]
+    // [m] destination address of each selection's message (direct stores), 8-byte aligned.
+    char** s_msg = reinterpret_cast<char**>(s_slot + m);  // int offset 4 + 2R + 2E + 2m: even
 #pragma unroll
     for (int u = 0; u < kRoutingPrefetch; ++u) {
       const int i = tid + u * nthreads;
@@ -166,6 +169,11 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         int c = s_before[e];
         for (int j = 0; j < i; ++j) c += (s_e[j] == e);
         s_slot[i] = c;
+        if constexpr (Tp::kDirectStore) {
+          const int dest = e / p.L, l = e - dest * p.L;
+          s_msg[i] = static_cast<char*>(tp.peer_ptr(
+              dest, p.off.dispatch_recv + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + c) * p.msg_bytes));
+        }
       }
     }
     trace_point(p.trace, 3);
@@ -206,15 +214,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
           }
           if constexpr (Tp::kDirectStore) {
             // Cast once, store straight into every destination's slot.
-            for (int k = 0; k < p.K; ++k) {
-              const int e = s_e[sel0 + k];
-              if (e < 0) continue;
-              const int dest = e / p.L, l = e - dest * p.L;
-              char* msg = static_cast<char*>(tp.peer_ptr(
-                  dest, p.off.dispatch_recv +
-                            ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + s_slot[sel0 + k]) * p.msg_bytes));
-              write_dispatch_chunk(msg, c, H, fp8, v, q, scale_inv, n, k);
-            }
+            for (int k = 0; k < p.K; ++k)
+              if (s_e[sel0 + k] >= 0) write_dispatch_chunk(s_msg[sel0 + k], c, H, fp8, v, q, scale_inv, n, k);
           } else {
             char* msg = static_cast<char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
             write_dispatch_chunk(msg, c, H, fp8, v, q, scale_inv, n, 0);
@@ -241,8 +242,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
     trace_point(p.trace, 5);
-    if (tid == 0) claim_tag(st, slot_idx, tag);
     announce_arrival(tp, s_active, p.off, p.R, p.rank, kDispatchKind, half);
+    if (tid == 32) claim_tag(st, slot_idx, tag);  // after the barrier: the tag read is done
     trace_point(p.trace, 6);
   }
 

@@ -72,10 +72,11 @@ __device__ __forceinline__ void trace_point(uint64_t* trace, int point) {
   if (trace != nullptr && threadIdx.x == 0) trace[blockIdx.x * kTracePoints + point] = globaltimer_ns();
 }
 
-// Op numbers. Thread 0 of every block reads seq[slot] at kernel start (read_tag); a sending
-// kernel's tag is that + 1. Later (claim_tag, thread 0 again, after a fence that orders its read)
-// each block counts itself; the last one stores the tag as the new seq: by then every block has
-// read the old value, and the next op of this kind on this half (stream-ordered) sees the new one.
+// Op numbers. One thread of every block reads seq[slot] at kernel start (read_tag; shared with
+// the block through shared memory); a sending kernel's tag is that + 1. Later, after a block
+// barrier, one thread counts the block (claim_tag); the last block stores the tag as the new seq:
+// by then every block has read the old value, and the next op of this kind on this half
+// (stream-ordered) sees the new one.
 __device__ __forceinline__ uint32_t read_tag(const EpState* st, int slot, bool sending) {
   const uint32_t seq = *reinterpret_cast<const volatile uint32_t*>(&st->seq[slot]);
   return sending ? seq + 1 : seq;

@@ -112,7 +112,8 @@ LaunchShape launch_shape(int hidden, int num_sms) {
 uint64_t dispatch_smem_bytes(const DispatchParams& p, const LaunchShape& s) {
   const uint64_t E = static_cast<uint64_t>(p.L) * p.R;
   const uint64_t per_block = (static_cast<uint64_t>(p.N) + s.blocks - 1) / s.blocks;
-  const uint64_t send = (2 * E + 2 * per_block * p.K) * sizeof(int);
+  const uint64_t m = per_block * p.K;
+  const uint64_t send = (2 * E + 2 * m + 2) * sizeof(int) + m * sizeof(void*);
   const uint64_t recv = (E + 1 + 32) * sizeof(int);
   return (4 + 2ull * p.R) * sizeof(int) + (send > recv ? send : recv) + 64;
 }

@@ -39,7 +39,9 @@ def _unusable_reason() -> Optional[str]:
 
 
 REASON = _unusable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CUDA fast path not runnable here: {REASON}")
+pytestmark = pytest.mark.skipif(
+    REASON is not None, reason=f"CUDA fast path not runnable here: {REASON}"
+)
 
 
 # ---------------------------------------------------------------------------- per-rank helpers
@@ -53,7 +55,9 @@ def _cpu(value: Any) -> Any:
     return value
 
 
-def _buffers(rank: int, world_size: int, port: int, backend: str, shapes: list[tuple[int, int, int]]):
+def _buffers(
+    rank: int, world_size: int, port: int, backend: str, shapes: list[tuple[int, int, int]]
+):
     """(fast Buffer on the WORLD gloo group, portable Buffer on a second gloo group)."""
     import torch.distributed as dist
     from ep_harness import init_group
@@ -88,7 +92,9 @@ def _compare_dispatch(name: str, got: tuple, want: tuple, use_fp8: bool) -> list
         if not torch.equal(ghandle[0][local, :count], whandle[0][local, :count]):
             errors.append(f"[{name}] expert {local}: src_info differs from the portable path")
         if use_fp8:
-            if not torch.equal(gx[0][local, :count].view(torch.uint8), wx[0][local, :count].view(torch.uint8)):
+            if not torch.equal(
+                gx[0][local, :count].view(torch.uint8), wx[0][local, :count].view(torch.uint8)
+            ):
                 errors.append(f"[{name}] expert {local}: FP8 bytes differ from the portable path")
             if not torch.equal(gx[1][local, :count], wx[1][local, :count]):
                 errors.append(f"[{name}] expert {local}: scales differ from the portable path")
@@ -104,7 +110,11 @@ def _run_case(fast: Any, portable: Any, rank: int, num_ranks: int, case: dict) -
     name, mode = case["name"], case.get("mode", "sync")
     dev = torch.device("cuda", 0)
     use_fp8 = case.get("use_fp8", False)
-    opts = dict(use_fp8=use_fp8, round_scale=case.get("round_scale", False), use_ue8m0=case.get("use_ue8m0", False))
+    opts = dict(
+        use_fp8=use_fp8,
+        round_scale=case.get("round_scale", False),
+        use_ue8m0=case.get("use_ue8m0", False),
+    )
     num_local = case["E"] // num_ranks
     x, topk_idx, weights = make_inputs(case, rank)
     alive = [True] * num_ranks
@@ -126,7 +136,11 @@ def _run_case(fast: Any, portable: Any, rank: int, num_ranks: int, case: dict) -
     errors += _compare_dispatch(name, got, want, use_fp8)
 
     sim = simulated_gemm(got[0], use_fp8, rank, num_local)
-    out = torch.empty((x.shape[0], case["H"]), dtype=torch.bfloat16, device=dev) if case.get("use_out") else None
+    out = (
+        torch.empty((x.shape[0], case["H"]), dtype=torch.bfloat16, device=dev)
+        if case.get("use_out")
+        else None
+    )
     if case.get("zero_copy"):
         staged = fast.get_next_combine_buffer(res[2])
         staged[:, :, :] = sim.to(dev)
@@ -170,7 +184,11 @@ def _run_two_alive(fast: Any, rank: int, num_ranks: int, case: dict) -> list[str
         got = _cpu(r[:3])
         errors += check_dispatch(case, rank, num_ranks, got, alive, None, seed)
         sim = simulated_gemm(got[0], use_fp8, rank, num_local).to(dev)
-        outs.append(fast.combine(sim, i[1].to(dev), i[2].to(dev), active, SLOW_OK_US, r[2], return_recv_hook=True))
+        outs.append(
+            fast.combine(
+                sim, i[1].to(dev), i[2].to(dev), active, SLOW_OK_US, r[2], return_recv_hook=True
+            )
+        )
     for o in reversed(outs):
         o[2]()
     for seed, o in enumerate(outs):
@@ -190,7 +208,9 @@ def _expert_on_gpu(recv_x: Any, use_fp8: bool, factors: torch.Tensor) -> torch.T
     if use_fp8:
         data, scales = recv_x
         groups = data.shape[-1] // 128
-        values = (data.float().view(*data.shape[:-1], groups, 128) * scales.unsqueeze(-1)).view(data.shape)
+        values = (data.float().view(*data.shape[:-1], groups, 128) * scales.unsqueeze(-1)).view(
+            data.shape
+        )
         values = values.to(torch.bfloat16)
     else:
         values = recv_x
@@ -211,7 +231,9 @@ def _run_graph(fast: Any, rank: int, num_ranks: int, case: dict) -> list[str]:
     factors = _expert_factors(rank, num_local)
 
     def step() -> tuple:
-        recv_x, count, handle, _, _ = fast.dispatch(sx, stopk, active, T, E, SLOW_OK_US, use_fp8=use_fp8)
+        recv_x, count, handle, _, _ = fast.dispatch(
+            sx, stopk, active, T, E, SLOW_OK_US, use_fp8=use_fp8
+        )
         sim = _expert_on_gpu(recv_x, use_fp8, factors)
         combined = fast.combine(sim, stopk, sw, active, SLOW_OK_US, handle)[0]
         return count, combined
@@ -243,7 +265,9 @@ def _run_graph(fast: Any, rank: int, num_ranks: int, case: dict) -> list[str]:
     return errors
 
 
-def _run_missing_rank(fast: Any, rank: int, num_ranks: int, case: dict, entry_zero: bool) -> list[str]:
+def _run_missing_rank(
+    fast: Any, rank: int, num_ranks: int, case: dict, entry_zero: bool
+) -> list[str]:
     """The last rank sits this op out (alive, silent). entry_zero: the others pass active[last]=0
     (nothing is waited for); else they find out by the deadline (FAULT_TIMEOUT_US)."""
     from ep_cases import check_combine, check_dispatch, make_inputs, simulated_gemm
@@ -261,7 +285,9 @@ def _run_missing_rank(fast: Any, rank: int, num_ranks: int, case: dict, entry_ze
         active[silent] = 0
     torch.cuda.synchronize()
     start = time.monotonic()
-    res = fast.dispatch(x.to(dev), topk_idx.to(dev), active, case["T"], case["E"], FAULT_TIMEOUT_US, use_fp8=False)
+    res = fast.dispatch(
+        x.to(dev), topk_idx.to(dev), active, case["T"], case["E"], FAULT_TIMEOUT_US, use_fp8=False
+    )
     torch.cuda.synchronize()
     elapsed = time.monotonic() - start
     errors = []
@@ -275,7 +301,9 @@ def _run_missing_rank(fast: Any, rank: int, num_ranks: int, case: dict, entry_ze
     errors += check_dispatch(case, rank, num_ranks, got, alive, None)
     sim = simulated_gemm(got[0], False, rank, num_local).to(dev)
     start = time.monotonic()
-    combined = fast.combine(sim, topk_idx.to(dev), weights.to(dev), active, FAULT_TIMEOUT_US, res[2])[0]
+    combined = fast.combine(
+        sim, topk_idx.to(dev), weights.to(dev), active, FAULT_TIMEOUT_US, res[2]
+    )[0]
     torch.cuda.synchronize()
     if time.monotonic() - start > 0.5 * FAULT_TIMEOUT_US / 1e6:
         errors.append(f"{label}: combine waited for a rank already marked failed")
@@ -293,11 +321,15 @@ def _resolve(case: dict, world_size: int) -> dict:
     return case
 
 
-def rank_matrix(rank: int, world_size: int, port: int, backend: str, cases: list[dict], extras: list[str]) -> dict:
+def rank_matrix(
+    rank: int, world_size: int, port: int, backend: str, cases: list[dict], extras: list[str]
+) -> dict:
     import torch.distributed as dist
 
     cases = [_resolve(c, world_size) for c in cases]
-    fast, portable = _buffers(rank, world_size, port, backend, [(c["T"], c["H"], c["E"]) for c in cases])
+    fast, portable = _buffers(
+        rank, world_size, port, backend, [(c["T"], c["H"], c["E"]) for c in cases]
+    )
     errors: list[str] = []
     if fast.path.name != "cuda-p2p":
         return {"errors": [f"path is {fast.path.name}: {fast.path.reason}"], "path": fast.path.name}
@@ -311,12 +343,16 @@ def rank_matrix(rank: int, world_size: int, port: int, backend: str, cases: list
         # Collective re-exchange with unchanged membership: mappings kept, signal words and op
         # numbers reset on every rank; ops keep working (and a changed layout with them).
         fast.update_ep_member()
-        errors += _run_case(fast, portable, rank, world_size, {**base, "name": "after update_ep_member"})
+        errors += _run_case(
+            fast, portable, rank, world_size, {**base, "name": "after update_ep_member"}
+        )
     if "two_alive" in extras:
         errors += _run_two_alive(fast, rank, world_size, base)
     if "graph" in extras:
         for use_fp8 in (False, True):
-            errors += _run_graph(fast, rank, world_size, {**base, "name": f"graph fp8={use_fp8}", "use_fp8": use_fp8})
+            errors += _run_graph(
+                fast, rank, world_size, {**base, "name": f"graph fp8={use_fp8}", "use_fp8": use_fp8}
+            )
     if "missing" in extras and world_size > 1:
         errors += _run_missing_rank(fast, rank, world_size, base, entry_zero=True)
         errors += _run_missing_rank(fast, rank, world_size, base, entry_zero=False)
@@ -327,7 +363,9 @@ def rank_matrix(rank: int, world_size: int, port: int, backend: str, cases: list
     return {"errors": errors, "path": fast.path.name, "timings": timings}
 
 
-def rank_kill(rank: int, world_size: int, port: int, backend: str, case: dict, point: str, occurrence: int) -> dict:
+def rank_kill(
+    rank: int, world_size: int, port: int, backend: str, case: dict, point: str, occurrence: int
+) -> dict:
     """Two healthy rounds, then the last rank SIGKILLs itself at ``point``; survivors keep going."""
     from ep_cases import check_combine, check_dispatch, make_inputs, simulated_gemm
 
@@ -357,7 +395,9 @@ def rank_kill(rank: int, world_size: int, port: int, backend: str, case: dict, p
         errors += check_dispatch(case, rank, world_size, got, alive_d, None, round_index)
         sim = simulated_gemm(got[0], case.get("use_fp8", False), rank, num_local).to(dev)
         start = time.monotonic()
-        combined = fast.combine(sim, topk_idx.to(dev), weights.to(dev), active, FAULT_TIMEOUT_US, res[2])[0]
+        combined = fast.combine(
+            sim, topk_idx.to(dev), weights.to(dev), active, FAULT_TIMEOUT_US, res[2]
+        )[0]
         torch.cuda.synchronize()
         c_elapsed = time.monotonic() - start
         alive_c = [bool(a) for a in active.tolist()]
@@ -368,9 +408,13 @@ def rank_kill(rank: int, world_size: int, port: int, backend: str, case: dict, p
             if before != after:
                 marks.append(round(elapsed, 4))
                 if elapsed > limit:
-                    errors.append(f"rank {rank} round {round_index}: {what} marked {after} after {elapsed:.3f} s")
+                    errors.append(
+                        f"rank {rank} round {round_index}: {what} marked {after} after {elapsed:.3f} s"
+                    )
             elif elapsed > 0.5 * FAULT_TIMEOUT_US / 1e6:
-                errors.append(f"rank {rank} round {round_index}: {what} took {elapsed:.3f} s without a failure")
+                errors.append(
+                    f"rank {rank} round {round_index}: {what} took {elapsed:.3f} s without a failure"
+                )
     if active.tolist()[victim] != 0:
         errors.append(f"rank {rank}: the killed rank is still active: {active.tolist()}")
     return {"errors": errors, "marks": marks}
@@ -395,17 +439,25 @@ CASES = [
 ]  # fmt: skip
 
 
-def _run(world_size: int, target: str, args: tuple, env: Optional[dict] = None, timeout: float = 400) -> list:
+def _run(
+    world_size: int, target: str, args: tuple, env: Optional[dict] = None, timeout: float = 400
+) -> list:
     from ep_harness import assert_all_ok, run_world
 
-    return assert_all_ok(run_world(world_size, target, args, backend="gloo", timeout=timeout, env=env))
+    return assert_all_ok(
+        run_world(world_size, target, args, backend="gloo", timeout=timeout, env=env)
+    )
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_cuda_matrix(world_size: int) -> None:
     """Every option combination, both paths on the same inputs, hooks, graphs, silent ranks."""
-    values = _run(world_size, "test_cuda_fast_path:rank_matrix", (CASES, ["update", "two_alive", "graph", "missing"]))
+    values = _run(
+        world_size,
+        "test_cuda_fast_path:rank_matrix",
+        (CASES, ["update", "two_alive", "graph", "missing"]),
+    )
     errors = [e for v in values for e in v["errors"]]
     assert not errors, "\n".join(errors[:40])
     assert all(v["path"] == "cuda-p2p" for v in values)
@@ -415,7 +467,12 @@ def test_cuda_matrix(world_size: int) -> None:
 def test_cuda_staged_transport() -> None:
     """The staged put path (the one a proxy/NVSHMEM transport takes) over the same mappings."""
     cases = [CASES[1], CASES[7], CASES[9]]
-    values = _run(2, "test_cuda_fast_path:rank_matrix", (cases, []), env={"MOONCAKE_EP_TRANSPORT": "p2p-staged"})
+    values = _run(
+        2,
+        "test_cuda_fast_path:rank_matrix",
+        (cases, []),
+        env={"MOONCAKE_EP_TRANSPORT": "p2p-staged"},
+    )
     errors = [e for v in values for e in v["errors"]]
     assert not errors, "\n".join(errors[:40])
 
@@ -433,11 +490,12 @@ def test_cuda_kill(world_size: int, point: str, occurrence: int) -> None:
     results = run_world(world_size, "test_cuda_fast_path:rank_kill", (case, point, occurrence), backend="gloo",
                         timeout=240)  # fmt: skip
     victim = results[-1]
-    assert not victim.ok and victim.exitcode == -9, f"victim: exit {victim.exitcode}, {victim.error[:500]}"
+    assert not victim.ok and victim.exitcode == -9, (
+        f"victim: exit {victim.exitcode}, {victim.error[:500]}"
+    )
     errors = []
     for r in results[:-1]:
         assert r.ok, f"rank {r.rank}: {r.error}"
         errors += r.value["errors"]
         assert r.value["marks"], f"rank {r.rank} never marked the killed rank"
     assert not errors, "\n".join(errors[:40])
-

@@ -59,3 +59,4 @@ def test_bench_small_shape(tmp_path) -> None:
     assert rows[("mooncake-ep", "combine")]["wire_bytes_per_rank"] > 0
     assert all(r["median_ms"] > 0 and r["logical_gbps"] > 0 for r in report["rows"])
     assert set(report["ratio_ours_over_reference"]) == {"dispatch", "combine", "total"}
+    assert report["baseline_matches"] is True  # the baseline computes the same results

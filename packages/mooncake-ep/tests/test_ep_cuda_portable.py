@@ -26,6 +26,7 @@ def _check(results) -> None:
     values = assert_all_ok(results)
     errors = [e for v in values for e in v["errors"]]
     assert not errors, "\n".join(errors[:40])
+    assert all(len(v["timings"]) == len(CASES) for v in values)
 
 
 @pytest.mark.timeout(180)

@@ -93,18 +93,21 @@ QUICK_CASES = [
 ]
 
 
-def _check(results) -> None:
+def _check(results, cases: list[dict]) -> None:
     values = assert_all_ok(results)
     errors = [e for v in values for e in v["errors"]]
     assert not errors, "\n".join(errors[:40])
     assert all(v["path"][0] == "portable" for v in values)
+    assert all(sorted(v["timings"]) == sorted(c["name"] for c in cases) for v in values)
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_quick_matrix(world_size: int) -> None:
     cases = QUICK_CASES if world_size != 3 else QUICK_CASES[:5]
-    _check(run_world(world_size, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=170))
+    _check(
+        run_world(world_size, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=170), cases
+    )
 
 
 @pytest.mark.timeout(120)
@@ -113,7 +116,7 @@ def test_single_rank() -> None:
         {"name": "r1-fp8", "T": 16, "H": 256, "L": 4, "K": 2, "use_fp8": True, "masked": 2},
         {"name": "r1-bf16-hook", "T": 4, "H": 128, "L": 2, "K": 2, "mode": "hook", "tokens": [0]},
     ]
-    _check(run_world(1, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=110))
+    _check(run_world(1, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=110), cases)
 
 
 def full_matrix() -> list[dict]:
@@ -173,8 +176,9 @@ def full_matrix() -> list[dict]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_full_matrix(world_size: int) -> None:
+    cases = full_matrix()
     _check(
-        run_world(world_size, "ep_cases:run_matrix", (full_matrix(),), backend=BACKEND, timeout=880)
+        run_world(world_size, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=880), cases
     )
 
 
@@ -202,4 +206,4 @@ def test_large_shapes() -> None:
             "masked": 20,
         },
     ]
-    _check(run_world(2, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=580))
+    _check(run_world(2, "ep_cases:run_matrix", (cases,), backend=BACKEND, timeout=580), cases)

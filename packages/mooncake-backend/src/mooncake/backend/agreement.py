@@ -45,7 +45,7 @@ def _read_vote(x: Exchange, src: int, deadline: float) -> Optional[tuple[int, in
         if hdr.kind == wire.DATA_NEXT:
             x.mailbox.skip_raw(name, x.tag)
             continue
-        if hdr.kind == wire.DATA_INLINE:
+        if hdr.kind in (wire.DATA_INLINE, wire.DATA_PULL):
             continue  # data this rank stopped waiting for
         rnd, ex, er = wire.unpack_agree(data)
         if hdr.sig != x.sig:

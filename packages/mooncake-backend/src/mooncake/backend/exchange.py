@@ -63,6 +63,7 @@ class Exchange:
         self.failed: set[int] = set()
         self.mismatch: Optional[str] = None
         self.bytes_sent = 0
+        self._regs: dict[tuple[int, int], tuple[object, bytes]] = {}
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -91,7 +92,10 @@ class Exchange:
                 self.bytes_sent += len(raw)
                 return
             n = tensor_bytes(t)
-            if n <= wire.INLINE_LIMIT:
+            if n >= wire.PULL_MIN:
+                desc = self._register(t.data_ptr(), n)
+                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_PULL, phase, n) + desc)
+            elif n <= wire.INLINE_LIMIT:
                 payload = ctypes.string_at(t.data_ptr(), n) if n else b""
                 self.mailbox.send(name, self.tag, self._hdr(wire.DATA_INLINE, phase, n) + payload)
             else:
@@ -101,6 +105,24 @@ class Exchange:
             faults.hit("data_send")
         except PeerGone:
             self.failed.add(dst)
+
+    def _register(self, addr: int, n: int) -> bytes:
+        key = (addr, n)
+        reg = self._regs.get(key)
+        if reg is None:
+            seg = self.mailbox.engine.register(addr, n)
+            reg = (seg, seg.descriptor())
+            self._regs[key] = reg
+        return reg[1]
+
+    def release(self) -> None:
+        """Unregister memory exposed for pulls (after the agreement: every reader is done)."""
+        for seg, _ in self._regs.values():
+            try:
+                self.mailbox.engine.unregister(seg, timeout=1.0)
+            except Exception:  # noqa: BLE001 - a dead reader cannot hold it
+                pass
+        self._regs.clear()
 
     # -------------------------------------------------------------------- recv
     def _accept(self, src: int, data: bytes, phase: int) -> Optional[wire.Header]:
@@ -161,6 +183,18 @@ class Exchange:
                 ctypes.memmove(out.data_ptr(), src_ptr + wire.HEADER_SIZE, hdr.nbytes)
             faults.hit("data_recv")
             return True
+        if hdr.kind == wire.DATA_PULL:
+            if out is None or not hdr.nbytes:
+                return True
+            try:
+                engine = self.mailbox.engine
+                rseg = engine.open_segment(data[wire.HEADER_SIZE :], timeout=max(0.1, self.remaining()))
+                engine.read(rseg, 0, out.data_ptr(), hdr.nbytes, timeout=max(0.1, self.remaining()))
+            except Exception:  # noqa: BLE001 - the owner died or the read timed out
+                self.failed.add(src)
+                return False
+            faults.hit("data_recv")
+            return True
         payload_ok = self._next_raw(src, out)
         faults.hit("data_recv")
         return payload_ok
@@ -209,7 +243,8 @@ class Exchange:
         if hdr is None:
             return None
         if hdr.kind != wire.DATA_INLINE:
-            self._next_raw(src)
+            if hdr.kind == wire.DATA_NEXT:
+                self._next_raw(src)
             self.note_mismatch(src, "sent bulk data where control data was expected")
             return None
         return data[wire.HEADER_SIZE : wire.HEADER_SIZE + hdr.nbytes]

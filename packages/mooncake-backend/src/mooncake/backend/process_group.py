@@ -174,11 +174,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 self._world.mailbox, self.membership.names, self._tag, seq, attempt, members,
                 self._rank, time.monotonic() + self._op_timeout(), sig,
             )
-            commit = body(x)
-            if len(members) > 1:
-                excluded, errors = agree(x, self._grace)
-            else:
-                excluded, errors = set(), set()
+            try:
+                commit = body(x)
+                if len(members) > 1:
+                    excluded, errors = agree(x, self._grace)
+                else:
+                    excluded, errors = set(), set()
+            finally:
+                x.release()
             if _debug:
                 log.warning("rank %d %s seq %d attempt %d members %s failed %s -> excluded %s errors %s",
                             self._rank, kind, seq, attempt, members, sorted(x.failed), sorted(excluded), sorted(errors))

@@ -8,7 +8,11 @@ starts with a fixed header:
     kind u8 | phase u8 | attempt u16 | sig u32 | seq u64 | nbytes u64
 
 * ``DATA_INLINE``: the payload follows the header in the same message (small payloads).
-* ``DATA_NEXT``: the payload is the next message on the same tag (large payloads, no copy).
+* ``DATA_NEXT``: the payload is the next message on the same tag (medium payloads, no copy).
+* ``DATA_PULL``: the header is followed by a segment descriptor; the receiver reads the payload
+  straight from the sender's registered memory (one-sided READ: cross-memory attach on one host,
+  TCP across hosts). The sender keeps the memory registered until the op's agreement is done,
+  which every receiver reaches only after its reads.
 * ``AGREE`` / ``DECIDED``: agreement rounds; payload = round u32 + two rank bitmasks.
 * ``sig``: a hash of what the sender's op is (op code, dtype, reduce op, shape class). A receiver
   whose own signature differs reports a mismatch; every rank then raises the same error.
@@ -28,8 +32,10 @@ DATA_NEXT = 2
 AGREE = 3
 DECIDED = 4
 ABORT = 5
+DATA_PULL = 6
 
 INLINE_LIMIT = 64 * 1024
+PULL_MIN = 512 * 1024
 
 # Engine tag layout (62 bits): group 20 | channel 4 | user 38
 CH_OP = 0

@@ -65,6 +65,9 @@ def _init(rank: int, world: int, port: int, backend: str, **opts):
 
     import mooncake.pg as pg
 
+    # Several ranks share the machine's cores: one intra-op thread each, as torchrun sets it.
+    torch.set_num_threads(1)
+
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     kw = {}
     if backend.startswith("mooncake"):

@@ -100,6 +100,30 @@ def _expert_outputs(recv_x: Any, recv_count: torch.Tensor, use_fp8: bool) -> tor
     return out
 
 
+def _check_baseline(buffer: Any, baseline: Any, x, topk_idx, weights, active, args) -> bool:
+    """The baseline must compute what we compute, or comparing times means nothing: same counts,
+    layout and source indices, and combined outputs within the contract's BF16 tolerance."""
+    from .fp8 import calc_diff
+
+    use_fp8 = args.dispatch_dtype == "fp8"
+    recv_x, recv_count, handle, _, _ = buffer.dispatch(
+        x, topk_idx, active, args.tokens, args.experts, -1, use_fp8=use_fp8
+    )
+    ours = buffer.combine(
+        _expert_outputs(recv_x, recv_count, use_fp8), topk_idx, weights, active, -1, handle
+    )[0]
+    b_recv_x, b_count, b_handle = baseline.dispatch(
+        x, topk_idx, args.tokens, args.experts, use_fp8=use_fp8
+    )
+    theirs = baseline.combine(_expert_outputs(b_recv_x, b_count, use_fp8), weights, b_handle)
+    return (
+        torch.equal(recv_count.cpu(), b_count)
+        and torch.equal(handle[0].cpu(), b_handle[0])
+        and torch.equal(handle[1].cpu(), b_handle[1])
+        and calc_diff(ours.cpu().float(), theirs.float()) < 1e-5
+    )
+
+
 def _rank_main(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     try:
         queue.put((rank, _run_rank(rank, args, port)))
@@ -212,6 +236,9 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
             wire["ref.dispatch"] = w1 - w0
             wire["ref.combine"] = baseline.wire_bytes - w1
 
+    baseline_matches = (
+        _check_baseline(buffer, baseline, x, topk_idx, weights, active, args) if baseline else None
+    )
     for it in range(args.warmup + args.iters):
         record = it >= args.warmup
         order = (run_ours, run_ref) if it % 2 == 0 else (run_ref, run_ours)
@@ -234,6 +261,7 @@ def _run_rank(rank: int, args: argparse.Namespace, port: int) -> dict:
         "routed": routed,
         "selections": selections,
         "has_stats": buffer.stats is not None,
+        "baseline_matches": baseline_matches,
         "path": buffer.path.name,
         "path_reason": buffer.path.reason,
     }
@@ -302,6 +330,9 @@ def _aggregate(per_rank: list[dict], args: argparse.Namespace) -> dict:
         },
         "path": per_rank[0]["path"],
         "path_reason": per_rank[0]["path_reason"],
+        "baseline_matches": None
+        if per_rank[0]["baseline_matches"] is None
+        else all(r["baseline_matches"] for r in per_rank),
         "selections_per_rank": selections,
         "rows": rows,
         "ratio_ours_over_reference": ratios,
@@ -342,6 +373,8 @@ def _print_table(report: dict) -> None:
             f"{row['logical_gbps']:.3f}",
         )
         print("".join(f"{value:{spec}}" for value, (_, spec) in zip(values, columns)))
+    if report["baseline_matches"] is not None:
+        print(f"baseline computes the same results: {report['baseline_matches']}")
     for op, ratio in report["ratio_ours_over_reference"].items():
         print(f"ratio mooncake-ep / gather-everything ({op}): {ratio:.2f}x")
 

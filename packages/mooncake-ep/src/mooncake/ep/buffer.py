@@ -423,11 +423,9 @@ class Buffer:
                 path = candidate
         else:
             path.update_ep_member()  # the fast path runs the same collectives as its selection
-        self._path = path
+        self._path = path  # so that destroy() releases it even if the agreement raises
         self._path = agree_on_path(self.group, path, forced=self._requested == "fast")
-        self.num_ops = 0  # as in a new Buffer: every rank starts again at half 0
-        if hasattr(self._path, "num_ops"):
-            self._path.num_ops = 0
+        self.num_ops = 0  # as in a new Buffer: every rank starts again at half 0 (so do the paths)
 
     def destroy(self) -> None:
         """Release the path's resources: local (no collective), idempotent, never blocks."""

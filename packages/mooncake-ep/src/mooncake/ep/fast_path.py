@@ -65,8 +65,13 @@ class _DeviceMemory:
     """Wraps a device pointer so ``torch.as_tensor`` can view it (``__cuda_array_interface__``)."""
 
     def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
-                                         "strides": None}  # fmt: skip
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+        }
 
 
 def _current_raw_stream(device_index: int) -> int:
@@ -75,7 +80,15 @@ def _current_raw_stream(device_index: int) -> int:
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):
-    _current_raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
+    _current_raw_stream = torch._C._cuda_getCurrentRawStream
+
+
+_stream_capturing = getattr(
+    torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing
+)
+_COMPLETE = (
+    EventOverlap()
+)  # the event of an op issued without async_finish (stateless once complete)
 
 
 def _host_identity() -> str:
@@ -130,10 +143,18 @@ def _transport_kind() -> tuple[int, str]:
 
 def _probe(num_ep_buffer_bytes: int) -> dict:
     """This rank's answer to 'can you use the fast path' (never raises)."""
-    info: dict = {"ok": False, "reason": "", "host": _host_identity(), "bus_id": "", "transport": ""}
+    info: dict = {
+        "ok": False,
+        "reason": "",
+        "host": _host_identity(),
+        "bus_id": "",
+        "transport": "",
+    }
     try:
         if num_ep_buffer_bytes <= 0:
-            info["reason"] = "num_ep_buffer_bytes=0 (pass Buffer.get_ep_buffer_size_hint(T, H, R, E) to use it)"
+            info["reason"] = (
+                "num_ep_buffer_bytes=0 (pass Buffer.get_ep_buffer_size_hint(T, H, R, E) to use it)"
+            )
             return info
         if not torch.cuda.is_available():
             info["reason"] = "CUDA is not available in this process"
@@ -148,11 +169,13 @@ def _probe(num_ep_buffer_bytes: int) -> dict:
         major, minor, sms = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         _cuda.check(lib, lib.mep_device_info(device, bus, 64, major, minor, sms), "mep_device_info")
         if major.value < 9:
-            info["reason"] = f"GPU {device} is sm_{major.value}{minor.value}; the kernels need sm_90 or newer"
+            info["reason"] = (
+                f"GPU {device} is sm_{major.value}{minor.value}; the kernels need sm_90 or newer"
+            )
             return info
         _, info["transport"] = _transport_kind()
         info.update(ok=True, bus_id=bus.value.decode(), device=device, num_sms=sms.value)
-    except Exception as exc:  # noqa: BLE001 - any local problem is a reason, never a desync
+    except Exception as exc:
         info.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
     return info
 
@@ -161,18 +184,27 @@ def _reachability(lib: ctypes.CDLL, device: int, infos: list[dict]) -> Optional[
     """None when this rank can map every peer's GPU memory, else why not."""
     hosts = {i["host"] for i in infos}
     if len(hosts) > 1:
-        return f"ranks are on {len(hosts)} hosts; the P2P transport needs one host (no proxy transport built)"
+        return (
+            f"ranks are on {len(hosts)} hosts; the P2P transport needs one host "
+            f"(no proxy transport built)"
+        )
     if len({i["transport"] for i in infos}) > 1:
         return "MOONCAKE_EP_TRANSPORT differs between ranks"
     for rank, info in enumerate(infos):
         out = ctypes.c_int()
-        _cuda.check(lib, lib.mep_can_reach(device, info["bus_id"].encode(), ctypes.byref(out)), "mep_can_reach")
+        _cuda.check(
+            lib,
+            lib.mep_can_reach(device, info["bus_id"].encode(), ctypes.byref(out)),
+            "mep_can_reach",
+        )
         if not out.value:
             return f"GPU {info['bus_id']} of rank {rank} is not peer-accessible from GPU {device}"
     return None
 
 
-def _exchange_and_map(lib: ctypes.CDLL, ctx: Any, group: Any, local_error: Optional[str]) -> Optional[str]:
+def _exchange_and_map(
+    lib: ctypes.CDLL, ctx: Any, group: Any, local_error: Optional[str]
+) -> Optional[str]:
     """Collectives 2-4 (handles, opened, ready). Returns None on success, else the reason (same on
     every rank)."""
     handle = None
@@ -181,7 +213,7 @@ def _exchange_and_map(lib: ctypes.CDLL, ctx: Any, group: Any, local_error: Optio
             raw = ctypes.create_string_buffer(_cuda.IPC_HANDLE_BYTES)
             _cuda.check(lib, lib.mep_ctx_export(ctx, raw), "mep_ctx_export")
             handle = raw.raw
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             local_error = f"{type(exc).__name__}: {exc}"
     answers = _gather(group, {"ok": local_error is None, "reason": local_error, "handle": handle})
     failure = _first_failure(answers)
@@ -189,19 +221,27 @@ def _exchange_and_map(lib: ctypes.CDLL, ctx: Any, group: Any, local_error: Optio
     if failure is None:
         try:
             for peer, answer in enumerate(answers):
-                _cuda.check(lib, lib.mep_ctx_set_peer(ctx, peer, answer["handle"]), f"mapping rank {peer}'s buffer")
+                _cuda.check(
+                    lib,
+                    lib.mep_ctx_set_peer(ctx, peer, answer["handle"]),
+                    f"mapping rank {peer}'s buffer",
+                )
             _cuda.check(lib, lib.mep_ctx_commit(ctx), "mep_ctx_commit")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             opened_error = f"{type(exc).__name__}: {exc}"
-    opened = _gather(group, {"ok": failure is None and opened_error is None, "reason": failure or opened_error})
+    opened = _gather(
+        group, {"ok": failure is None and opened_error is None, "reason": failure or opened_error}
+    )
     failure = failure or _first_failure(opened)
     ready_error = None
     if failure is None:
         try:
             _cuda.check(lib, lib.mep_ctx_reset(ctx), "mep_ctx_reset")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             ready_error = f"{type(exc).__name__}: {exc}"
-    ready = _gather(group, {"ok": failure is None and ready_error is None, "reason": failure or ready_error})
+    ready = _gather(
+        group, {"ok": failure is None and ready_error is None, "reason": failure or ready_error}
+    )
     return failure or _first_failure(ready)
 
 
@@ -223,17 +263,21 @@ def select(group: Any, num_ep_buffer_bytes: int) -> Any:
         local_error = _reachability(lib, device, infos)
         if local_error is None:
             out = ctypes.c_void_p()
-            rc = lib.mep_ctx_create(device, group.rank(), group.size(), num_ep_buffer_bytes, ctypes.byref(out))
+            rc = lib.mep_ctx_create(
+                device, group.rank(), group.size(), num_ep_buffer_bytes, ctypes.byref(out)
+            )
             _cuda.check(lib, rc, f"allocating the {num_ep_buffer_bytes}-byte symmetric buffer")
             ctx = out.value
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         local_error = f"{type(exc).__name__}: {exc}"
     failure = _exchange_and_map(lib, ctx, group, local_error)  # collectives 2-4
     if failure is not None:
         if ctx is not None:
             lib.mep_ctx_destroy(ctx)
         return None, failure
-    return CudaP2PPath(group, lib, ctx, device, num_ep_buffer_bytes, min(i["num_sms"] for i in infos))
+    return CudaP2PPath(
+        group, lib, ctx, device, num_ep_buffer_bytes, min(i["num_sms"] for i in infos)
+    )
 
 
 # ---------------------------------------------------------------------------- the path
@@ -245,7 +289,9 @@ class CudaP2PPath:
 
     name = "cuda-p2p"
 
-    def __init__(self, group: Any, lib: ctypes.CDLL, ctx: int, device: int, num_bytes: int, grid: int) -> None:
+    def __init__(
+        self, group: Any, lib: ctypes.CDLL, ctx: int, device: int, num_bytes: int, grid: int
+    ) -> None:
         self.group = group
         self.rank = group.rank()
         self.num_ranks = group.size()
@@ -275,7 +321,9 @@ class CudaP2PPath:
         # src_info tensors this path made (id -> tensor): their allocation holds the top-k slots.
         self._slot_rows: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         if lib.mep_dispatch_num_args() != _D_ARGS or lib.mep_combine_num_args() != _C_ARGS:
-            raise RuntimeError("the CUDA library's argument layout differs from fast_path.py: stale build")
+            raise RuntimeError(
+                "the CUDA library's argument layout differs from fast_path.py: stale build"
+            )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -291,14 +339,16 @@ class CudaP2PPath:
             lay = ep_buffer_layout(tokens, hidden, self.num_ranks, num_experts)
             if lay.total_bytes > self._nbytes:
                 raise ValueError(
-                    f"num_ep_buffer_bytes={self._nbytes} is smaller than Buffer.get_ep_buffer_size_hint"
-                    f"(T={tokens}, H={hidden}, R={self.num_ranks}, E={num_experts})={lay.total_bytes}"
+                    f"num_ep_buffer_bytes={self._nbytes} is smaller than "
+                    f"Buffer.get_ep_buffer_size_hint(T={tokens}, H={hidden}, R={self.num_ranks}, "
+                    f"E={num_experts})={lay.total_bytes}"
                 )
+            regions = ("dispatch_send", "dispatch_recv", "dispatch_signals", "combine_send")
+            regions += ("combine_recv", "combine_signals")
             halves = tuple(
-                (h.dispatch_send.offset, h.dispatch_recv.offset, h.dispatch_signals.offset,
-                 h.combine_send.offset, h.combine_recv.offset, h.combine_signals.offset, lay.control.offset)
+                (*(getattr(h, name).offset for name in regions), lay.control.offset)
                 for h in lay.halves
-            )  # fmt: skip
+            )
             entry = (halves, lay.msg_bytes)
             self._layouts[key] = entry
         return entry
@@ -306,8 +356,8 @@ class CudaP2PPath:
     def _check_device(self, name: str, t: torch.Tensor) -> None:
         if not t.is_cuda or t.get_device() != self._device_index:
             raise ValueError(
-                f"{name} is on {t.device}; the fast path ({self.name}) runs on {self.device}: pass tensors on that "
-                f"device (or construct the Buffer with path='portable')"
+                f"{name} is on {t.device}; the fast path ({self.name}) runs on {self.device}: "
+                f"pass tensors on that device (or construct the Buffer with path='portable')"
             )
 
     def _stream(self) -> int:
@@ -328,7 +378,15 @@ class CudaP2PPath:
         return EventOverlap(event, tensors)
 
     def _receive_hook(
-        self, fn: Any, buf: Any, nargs: int, args: list, phase_at: int, stream_at: int, what: str, keep: tuple
+        self,
+        fn: Any,
+        buf: Any,
+        nargs: int,
+        args: list,
+        phase_at: int,
+        stream_at: int,
+        what: str,
+        keep: tuple,
     ) -> Callable[[], None]:
         """``hook()`` launching the receive phase on the stream current at call time (at most once;
         ``keep`` holds the inputs alive until then)."""
@@ -357,7 +415,7 @@ class CudaP2PPath:
         same kind on the same half, when the contract says the old results are dead ("results of at
         most two ops are alive at once"); fresh inside a CUDA-graph capture (the graph owns them) or
         with ``MOONCAKE_EP_FRESH_OUTPUTS=1``."""
-        if not self._reuse_outputs or torch.cuda.is_current_stream_capturing():
+        if not self._reuse_outputs or _stream_capturing():
             return make()
         entry = self._outputs.get(key)
         if entry is None:
@@ -372,30 +430,44 @@ class CudaP2PPath:
         """(recv_x, recv_count, handle, pointers for the kernel, tensors to keep alive)."""
 
         def make() -> tuple:
-            num_local, rows, dev = num_experts // self.num_ranks, self.num_ranks * tokens, self.device
+            num_local, rows, dev = (
+                num_experts // self.num_ranks,
+                self.num_ranks * tokens,
+                self.device,
+            )
             if use_fp8:
                 data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=dev)
                 width = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
-                scales = torch.empty((num_local, width, rows), dtype=torch.int32 if use_ue8m0 else torch.float32,
-                                     device=dev)  # fmt: skip
+                scale_dtype = torch.int32 if use_ue8m0 else torch.float32
+                scales = torch.empty((num_local, width, rows), dtype=scale_dtype, device=dev)
                 recv_x: Any = (data, scales.transpose(1, 2))
                 keep: tuple = (data, scales)
             else:
                 data = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=dev)
                 recv_x, keep, scales = data, (data,), None
             recv_count = torch.empty((num_local,), dtype=torch.int32, device=dev)
-            # int32 [L*R*T] src_info, [L*R*T] each row's top-k slot, [T*16] the row of this rank's own
-            # (token, slot) pairs: combine reads the last two after src_info (see _slot_rows_ptr).
-            info = torch.empty((_info_words(num_local, rows, tokens),), dtype=torch.int32, device=dev)
+            # int32 [L*R*T] src_info, [L*R*T] each row's top-k slot, [T*16] the row of this
+            # rank's own (token, slot) pairs: combine reads the last two after src_info.
+            info = torch.empty(
+                (_info_words(num_local, rows, tokens),), dtype=torch.int32, device=dev
+            )
             layout_range = torch.empty((num_local, self.num_ranks), dtype=torch.int64, device=dev)
             src_info = info[: num_local * rows].view(num_local, rows)
             self._slot_rows[id(src_info)] = src_info
             handle = (src_info, layout_range, tokens, hidden, num_experts)
-            ptrs = (data.data_ptr(), 0 if scales is None else scales.data_ptr(), recv_count.data_ptr(),
-                    info.data_ptr(), layout_range.data_ptr())  # fmt: skip
+            scales_ptr = 0 if scales is None else scales.data_ptr()
+            ptrs = (
+                data.data_ptr(),
+                scales_ptr,
+                recv_count.data_ptr(),
+                info.data_ptr(),
+                layout_range.data_ptr(),
+            )
             return recv_x, recv_count, handle, ptrs, (*keep, recv_count, info, layout_range)
 
-        return self._cached(("dispatch", half, tokens, hidden, num_experts, use_fp8, use_ue8m0), make)
+        return self._cached(
+            ("dispatch", half, tokens, hidden, num_experts, use_fp8, use_ue8m0), make
+        )
 
     # ------------------------------------------------------------------ dispatch
 
@@ -414,9 +486,9 @@ class CudaP2PPath:
         return_recv_hook: bool,
         cumulative_local_expert_recv_stats: Optional[torch.Tensor],
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]:
-        """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same buffer
-        half (see ``_cached``); ``src_info`` heads an int32 allocation that also holds each received
-        row's top-k slot (combine reads them there: pass the handle back unchanged)."""
+        """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same
+        buffer half (see ``_cached``); ``src_info`` heads an int32 allocation that also holds each
+        received row's top-k slot (combine reads them there: pass the handle back unchanged)."""
         self._check_usable()
         self._check_device("x", x)
         tokens = num_max_dispatch_tokens_per_rank
@@ -428,7 +500,11 @@ class CudaP2PPath:
         recv_x, recv_count, handle, ptrs, keep = self._dispatch_outputs(
             half, tokens, hidden, num_experts, use_fp8, use_ue8m0
         )
-        stats_ptr = 0 if cumulative_local_expert_recv_stats is None else cumulative_local_expert_recv_stats.data_ptr()
+        stats_ptr = (
+            0
+            if cumulative_local_expert_recv_stats is None
+            else cumulative_local_expert_recv_stats.data_ptr()
+        )
         flags = int(use_fp8) | (int(round_scale) << 1) | (int(use_ue8m0) << 2)
 
         comm = self._begin_async() if async_finish else None
@@ -436,29 +512,42 @@ class CudaP2PPath:
         phases = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
         args = [
             x.data_ptr(), topk_idx.data_ptr(), active_ranks.data_ptr(), *ptrs, stats_ptr,
-            num_tokens, tokens, hidden, topk_idx.shape[1], num_experts, half, flags, phases, timeout_us, stream,
-            *halves[half], msg_bytes, self._transport, self.grid,
+            num_tokens, tokens, hidden, topk_idx.shape[1], num_experts, half, flags, phases,
+            timeout_us, stream, *halves[half], msg_bytes, self._transport, self.grid,
         ]  # fmt: skip
         self._dargs[:] = args
         self._launch(self._dispatch_fn, self._dargs, _D_ARGS, "dispatch")
         fault_point("dispatch.after_send")
         hook = None
-        event = EventOverlap()
+        event = _COMPLETE
         if comm is not None:
-            event = self._finish_async(comm, (x, topk_idx, active_ranks, *keep, cumulative_local_expert_recv_stats))
+            event = self._finish_async(
+                comm, (x, topk_idx, active_ranks, *keep, cumulative_local_expert_recv_stats)
+            )
         if return_recv_hook:
-            hook = self._receive_hook(self._dispatch_fn, self._dargs, _D_ARGS, args, 16, 18, "dispatch receive",
-                                      (x, topk_idx, active_ranks, cumulative_local_expert_recv_stats))  # fmt: skip
+            keep_alive = (x, topk_idx, active_ranks, cumulative_local_expert_recv_stats)
+            hook = self._receive_hook(
+                self._dispatch_fn,
+                self._dargs,
+                _D_ARGS,
+                args,
+                16,
+                18,
+                "dispatch receive",
+                keep_alive,
+            )
         return recv_x, recv_count, handle, event, hook
 
     # ------------------------------------------------------------------ combine
 
     def _slot_rows_ptr(self, src_info: torch.Tensor, num_local: int, rows: int) -> int:
-        """``src_info``'s pointer, after checking its allocation holds the top-k slot rows behind it."""
+        """``src_info``'s pointer, after checking its allocation holds the top-k slots after it."""
         known = self._slot_rows.get(id(src_info))
         if known is src_info:
             return src_info.data_ptr()
-        needed = (src_info.storage_offset() + _info_words(num_local, rows, rows // self.num_ranks)) * 4
+        needed = (
+            src_info.storage_offset() + _info_words(num_local, rows, rows // self.num_ranks)
+        ) * 4
         if (
             not src_info.is_cuda
             or src_info.get_device() != self._device_index
@@ -466,8 +555,9 @@ class CudaP2PPath:
             or src_info.untyped_storage().nbytes() < needed
         ):
             raise ValueError(
-                "handle[0] (src_info) must be the tensor this Buffer's dispatch returned (the fast path keeps each "
-                "row's top-k slot in the same allocation): pass the dispatch's handle unchanged"
+                "handle[0] (src_info) must be the tensor this Buffer's dispatch returned (the fast "
+                "path keeps each row's top-k slot in the same allocation): pass the dispatch's "
+                "handle unchanged"
             )
         return src_info.data_ptr()
 
@@ -522,13 +612,17 @@ class CudaP2PPath:
         self._cargs[:] = args
         self._launch(self._combine_fn, self._cargs, _C_ARGS, "combine")
         fault_point("combine.after_send")
-        event = EventOverlap()
+        event = _COMPLETE
         if comm is not None:
-            event = self._finish_async(comm, (x, topk_idx, topk_weights, active_ranks, src_info, layout_range, out))
+            event = self._finish_async(
+                comm, (x, topk_idx, topk_weights, active_ranks, src_info, layout_range, out)
+            )
         hook = None
         if return_recv_hook:
-            hook = self._receive_hook(self._combine_fn, self._cargs, _C_ARGS, args, 13, 15, "combine receive",
-                                      (x, topk_idx, topk_weights, active_ranks, src_info, layout_range))  # fmt: skip
+            keep_alive = (x, topk_idx, topk_weights, active_ranks, src_info, layout_range)
+            hook = self._receive_hook(
+                self._combine_fn, self._cargs, _C_ARGS, args, 13, 15, "combine receive", keep_alive
+            )
         return out, event, hook
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
@@ -539,14 +633,19 @@ class CudaP2PPath:
         offset = halves[self.num_ops & 1][3]
         num_local, rows = num_experts // self.num_ranks, self.num_ranks * tokens
         nbytes = num_local * rows * hidden * 2
-        return self._buffer[offset : offset + nbytes].view(torch.bfloat16).view(num_local, rows, hidden)
+        return (
+            self._buffer[offset : offset + nbytes]
+            .view(torch.bfloat16)
+            .view(num_local, rows, hidden)
+        )
 
     # ------------------------------------------------------------------ membership and lifetime
 
     def update_ep_member(self) -> None:
         """Collective (the same four exchanges as ``select``): re-map every peer's buffer from its
         current handle (a replacement process has a new one), then zero the signal words and the op
-        sequence numbers on every rank. Raises RuntimeError (on every rank) if a rank cannot take part."""
+        sequence numbers on every rank. Raises RuntimeError (on every rank) if a rank cannot take
+        part."""
         ctx = self._check_usable()
         torch.cuda.synchronize(self.device)
         info = _probe(self._nbytes)
@@ -562,31 +661,37 @@ class CudaP2PPath:
                 _cuda.check(self._lib, self._lib.mep_ctx_resize(ctx, rank, size), "mep_ctx_resize")
                 self.rank, self.num_ranks = rank, size
                 self._layouts.clear()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             local_error = f"{type(exc).__name__}: {exc}"
         failure = _exchange_and_map(self._lib, ctx, self.group, local_error)
         if failure is not None:
             raise RuntimeError(f"update_ep_member: the fast path cannot continue: {failure}")
         self.grid = min(i["num_sms"] for i in infos)
         self.num_ops = 0
+        self._outputs.clear()
         logger.info("rank %d: fast path re-mapped %d peers", self.rank, self.num_ranks)
 
     def error_flags(self) -> int:
         """Sticky diagnostic bits of the kernels (bit 0: a grid barrier hit its safety deadline)."""
         out = ctypes.c_uint32()
-        _cuda.check(self._lib, self._lib.mep_ctx_error_flags(self._check_usable(), ctypes.byref(out)), "error flags")
+        _cuda.check(
+            self._lib,
+            self._lib.mep_ctx_error_flags(self._check_usable(), ctypes.byref(out)),
+            "error flags",
+        )
         return out.value
 
     def destroy(self) -> None:
-        """Local: waits for this GPU's work, closes the peer mappings and frees the buffer. Idempotent."""
+        """Local: waits for this GPU's work, closes peer mappings, frees the buffer. Idempotent."""
         ctx, self._ctx = self._ctx, None
         if ctx is None:
             return
         self._buffer = None  # type: ignore[assignment]
+        self._outputs.clear()
         self._lib.mep_ctx_destroy(ctx)
 
     def __del__(self) -> None:
         try:
             self.destroy()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
+        except Exception:
             pass

@@ -62,7 +62,9 @@ def round_up_pow2(scale_inv: torch.Tensor) -> torch.Tensor:
 
 def scale_inv_from_amax(amax: torch.Tensor, round_scale: bool) -> torch.Tensor:
     """``scale_inv`` (float32) from per-group ``amax`` (float32), per the contract."""
-    scale_inv = amax.clamp_min(AMAX_FLOOR) / FP8_MAX
+    # Divide by a 0-dim tensor on amax's device, not by a Python float: CUDA turns division by a
+    # host scalar into a multiply by its reciprocal, which is off by one ulp for some amax.
+    scale_inv = amax.clamp_min(AMAX_FLOOR) / amax.new_full((), FP8_MAX)
     if round_scale:
         scale_inv = round_up_pow2(scale_inv)
     return scale_inv

@@ -456,10 +456,13 @@ class PortablePath:
         return stage
 
     def update_ep_member(self) -> None:
-        """Nothing to re-exchange: this path addresses peers only through the group."""
+        """Nothing to re-exchange (peers are reached through the group); counts ops from 0 again,
+        as a new path on a replacement does."""
         self._check_usable()
         self.num_ranks = self.group.size()
         self.membership = BackendMembership(self.group, self.num_ranks)
+        self.num_ops = 0
+        self._combine_stage = [None, None]
 
     def destroy(self) -> None:
         """Local and immediate: drops staging buffers; ops still in flight are abandoned."""

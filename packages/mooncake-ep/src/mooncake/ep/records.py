@@ -187,19 +187,25 @@ def reduce_combine_rows(
     position = torch.full((num_tokens, topk), -1, dtype=torch.int64)
     position[plan.token[keep], plan.slot[keep]] = row_of_pair
     rows = received.view(torch.bfloat16).view(-1, hidden)
-    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=rows.device)
     w = weights.to(rows.device)
-    for k in range(topk):
-        valid = position[:, k] >= 0  # decided on the host: no device sync on CUDA
-        num_valid = int(valid.sum())
-        if num_valid == 0:
-            continue
-        if num_valid == num_tokens:  # common case: dense, no scatter
-            acc += rows.index_select(0, position[:, k].to(rows.device)).float() * w[:, k : k + 1]
-            continue
-        tokens_k = valid.nonzero().squeeze(1)
-        gathered = rows.index_select(0, position[tokens_k, k].to(rows.device)).float()
-        tokens_k = tokens_k.to(rows.device)
-        # one addition per row (tokens are unique within a slot), so this is exact and ordered
-        acc.index_add_(0, tokens_k, gathered * w[tokens_k, k].unsqueeze(1))
-    combined.copy_(acc.to(device=device, dtype=torch.bfloat16))
+    # Blocks of tokens keep the fp32 accumulator and temporaries in cache (about 2x faster than
+    # whole-tensor passes at H=7168); the order of additions per element is still k = 0, 1, ...
+    block = max(8, min(64, (1 << 20) // (4 * hidden)))
+    for start in range(0, num_tokens, block):
+        stop = min(start + block, num_tokens)
+        pos = position[start:stop]
+        num_valid = (pos >= 0).sum(dim=0).tolist()  # decided on the host: no device sync on CUDA
+        acc = torch.zeros((stop - start, hidden), dtype=torch.float32, device=rows.device)
+        for k in range(topk):
+            if num_valid[k] == 0:
+                continue
+            if num_valid[k] == stop - start:  # common case: dense, no scatter
+                gathered = rows.index_select(0, pos[:, k].to(rows.device)).float()
+                acc += gathered.mul_(w[start:stop, k : k + 1])
+                continue
+            sub = (pos[:, k] >= 0).nonzero().squeeze(1)
+            gathered = rows.index_select(0, pos[sub, k].to(rows.device)).float()
+            sub = sub.to(rows.device)
+            # one addition per row (tokens are unique within a slot), so this is exact and ordered
+            acc.index_add_(0, sub, gathered.mul_(w[start + sub, k].unsqueeze(1)))
+        combined[start:stop].copy_(acc.to(device=device, dtype=torch.bfloat16))

@@ -193,17 +193,19 @@ class GatherEverythingEP:
         src_info = torch.full((num_local, rows), -1, dtype=torch.int32)
         src_info.view(-1)[dest] = (flat_token % tokens).to(torch.int32)
         layout_range = ((counts.cumsum(1) - counts) << 32) | counts
-        selected = all_x.index_select(0, flat_token)
         if use_fp8:
-            data, scales = per_token_cast_to_fp8(selected)
+            # Cast each gathered token once (not once per selection), then pick rows.
+            wanted = torch.unique(flat_token)
+            cast_data, cast_scales = per_token_cast_to_fp8(all_x.index_select(0, wanted))
+            slot = torch.searchsorted(wanted, flat_token)
             recv_data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn)
-            recv_data.view(torch.uint8).view(-1, hidden)[dest] = data.view(torch.uint8)
+            recv_data.view(torch.uint8).view(-1, hidden)[dest] = cast_data.view(torch.uint8)[slot]
             scale_alloc = torch.empty((num_local, hidden // 128, rows), dtype=torch.float32)
-            scale_alloc.transpose(1, 2)[expert, row] = scales
+            scale_alloc.transpose(1, 2)[expert, row] = cast_scales[slot]
             recv_x: Any = (recv_data, scale_alloc.transpose(1, 2))
         else:
             recv_x = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16)
-            recv_x.view(-1, hidden)[dest] = selected
+            recv_x.view(-1, hidden)[dest] = all_x.index_select(0, flat_token)
         self._last = (all_topk, tokens, num_experts)
         return (
             recv_x,
@@ -224,16 +226,19 @@ class GatherEverythingEP:
         all_w = torch.empty((num_ranks * tokens, topk), dtype=torch.float32)
         _all_gather_single(all_w, padded_w, group=self.group)
         partial = torch.zeros((num_ranks * tokens, hidden), dtype=torch.float32)
-        counts = layout_range & 0xFFFFFFFF
-        for local in range(num_local):
-            count = int(counts[local].sum())
-            if count == 0:
-                continue
-            begin_src = torch.repeat_interleave(torch.arange(num_ranks), counts[local])
-            flat_token = begin_src * tokens + src_info[local, :count].to(torch.int64)
-            expert = rank * num_local + local
-            weight = (all_w[flat_token] * (all_topk[flat_token] == expert)).sum(dim=1, keepdim=True)
-            partial.index_add_(0, flat_token, x[local, :count].float() * weight)
+        counts = layout_range & 0xFFFFFFFF  # [L, R]
+        per_expert = counts.sum(dim=1)
+        local = torch.repeat_interleave(torch.arange(num_local), per_expert)
+        row = torch.arange(local.numel()) - torch.repeat_interleave(
+            per_expert.cumsum(0) - per_expert, per_expert
+        )
+        source = torch.repeat_interleave(
+            torch.arange(num_ranks).repeat(num_local), counts.reshape(-1)
+        )
+        flat_token = source * tokens + src_info[local, row].to(torch.int64)
+        expert = (rank * num_local + local).unsqueeze(1)
+        weight = (all_w[flat_token] * (all_topk[flat_token] == expert)).sum(dim=1, keepdim=True)
+        partial.index_add_(0, flat_token, x[local, row].float() * weight)
         dist.all_reduce(partial, group=self.group)
         self.wire_bytes += (
             2 * (num_ranks - 1) * partial.numel() * 4 // num_ranks

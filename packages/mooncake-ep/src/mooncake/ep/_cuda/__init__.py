@@ -1,8 +1,8 @@
 """ctypes loader of ``_mooncake_ep_cuda.so``, the torch-free CUDA library of the fast path.
 
-The library is built by the package's CMake when nvcc is present (sm_90 and up) and installed next
-to this file; ``MOONCAKE_EP_CUDA_LIB`` may point at another build. ``load()`` raises ``OSError`` when
-it is missing or cannot be loaded (no CUDA driver), with the reason.
+The library is built by the package's CMake when nvcc is present (sm_90 and up) and installed
+next to this file; ``MOONCAKE_EP_CUDA_LIB`` may point at another build. ``load()`` raises
+``OSError`` with the reason when it is missing or cannot be loaded.
 """
 
 from __future__ import annotations
@@ -22,12 +22,23 @@ _lib: Optional[ctypes.CDLL] = None
 
 
 def library_path() -> str:
-    return os.environ.get("MOONCAKE_EP_CUDA_LIB") or os.path.join(os.path.dirname(os.path.abspath(__file__)), LIB_NAME)
+    return os.environ.get("MOONCAKE_EP_CUDA_LIB") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), LIB_NAME
+    )
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    c_int, c_u64, c_void_p, c_char_p = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p
-    p_int, p_i64, p_u32 = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_uint32)
+    c_int, c_u64, c_void_p, c_char_p = (
+        ctypes.c_int,
+        ctypes.c_uint64,
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+    )
+    p_int, p_i64, p_u32 = (
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_uint32),
+    )
     sigs = {
         "mep_abi_version": (c_int, []),
         "mep_last_error": (c_char_p, []),
@@ -73,7 +84,9 @@ def load() -> ctypes.CDLL:
             raise OSError(f"{path} lacks a symbol ({exc}): stale build") from exc
         version = lib.mep_abi_version()
         if version != ABI_VERSION:
-            raise OSError(f"{path} has ABI version {version}, this package needs {ABI_VERSION}: stale build")
+            raise OSError(
+                f"{path} has ABI version {version}, this package needs {ABI_VERSION}: stale build"
+            )
         _lib = lib
         return lib
 
@@ -83,7 +96,7 @@ class CudaLibraryError(RuntimeError):
 
 
 def check(lib: ctypes.CDLL, rc: int, what: str) -> None:
-    """Raise for a non-zero return code: ValueError for bad arguments, CudaLibraryError otherwise."""
+    """Raise for a non-zero return code: ValueError for bad arguments, else CudaLibraryError."""
     if rc == 0:
         return
     message = (lib.mep_last_error() or b"").decode(errors="replace")

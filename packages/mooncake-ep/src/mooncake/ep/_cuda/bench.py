@@ -7,9 +7,10 @@ BF16 combine). Reports, each over ``--iters`` iterations with L2 flushed before 
   receive kernels separately), median and mean;
 - end to end: CUDA events around the Python calls ``dispatch`` + ``combine`` through ``Buffer``
   (synchronised after the flush, so the Python time counts);
-- logical bandwidth (dispatch bytes = selections x (H + H/128*4 + 16), combine bytes = selections x 2H,
-  over the kernel time) and its fraction of the HBM bandwidth measured here (device-to-device copy,
-  bytes read + written).
+- logical bandwidth (dispatch bytes = selections x (H + H/128*4 + 16), combine bytes =
+  selections x 2H, over the kernel time) and its fraction of the HBM bandwidth measured here
+  (device-to-device copy, bytes read + written);
+- phase timestamps inside the fused kernels (%globaltimer per block).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import torch.distributed as dist
 
 def _init_single_rank() -> Any:
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="mooncake-ep-bench-"), "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60)
+    )
     return dist.group.WORLD
 
 
@@ -61,7 +64,9 @@ def _kernel_times(prof: Any, name: str) -> list[float]:
 
 
 def main(argv: Any = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mooncake.ep._cuda.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m mooncake.ep._cuda.bench", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
@@ -92,10 +97,14 @@ def main(argv: Any = None) -> int:
     timeout_us = 10_000_000
 
     def pair(hook: bool) -> Any:
-        recv = buffer.dispatch(x, topk_idx, active, T, E, timeout_us, use_fp8=use_fp8, return_recv_hook=hook)
+        recv = buffer.dispatch(
+            x, topk_idx, active, T, E, timeout_us, use_fp8=use_fp8, return_recv_hook=hook
+        )
         if hook:
             recv[4]()
-        out = buffer.combine(expert_out, topk_idx, weights, active, timeout_us, recv[2], return_recv_hook=hook)
+        out = buffer.combine(
+            expert_out, topk_idx, weights, active, timeout_us, recv[2], return_recv_hook=hook
+        )
         if hook:
             out[2]()
         return recv, out
@@ -107,8 +116,12 @@ def main(argv: Any = None) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    results: dict[str, Any] = {"shape": dict(tokens=T, hidden=H, topk=K, experts=E, fp8_dispatch=use_fp8),
-                               "device": torch.cuda.get_device_name(0), "path": buffer.path.name}  # fmt: skip
+    shape = {"tokens": T, "hidden": H, "topk": K, "experts": E, "fp8_dispatch": use_fp8}
+    results: dict[str, Any] = {
+        "shape": shape,
+        "device": torch.cuda.get_device_name(0),
+        "path": path.name,
+    }
     for hook in (False, True):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
@@ -154,8 +167,12 @@ def main(argv: Any = None) -> int:
     # The same two calls straight on the path (no Buffer argument validation).
 
     def pair_direct() -> None:
-        recv = path.dispatch(x, topk_idx, active, T, E, timeout_us, use_fp8, False, False, False, False, None)
-        path.combine(expert_out, topk_idx, weights, active, timeout_us, recv[2], False, False, False, None)
+        recv = path.dispatch(
+            x, topk_idx, active, T, E, timeout_us, use_fp8, False, False, False, False, None
+        )
+        path.combine(
+            expert_out, topk_idx, weights, active, timeout_us, recv[2], False, False, False, None
+        )
         buffer.num_ops += 2
 
     direct = []
@@ -167,7 +184,7 @@ def main(argv: Any = None) -> int:
     results["path_calls_host_us"] = statistics.median(direct)
     # Phase timestamps (%globaltimer per block, fused kernels): where the kernel time goes.
     grid = path.grid
-    traces = [torch.zeros(grid * 8, dtype=torch.int64, device="cuda") for _ in range(2)]
+    traces = [torch.zeros(grid * 16, dtype=torch.int64, device="cuda") for _ in range(2)]
     path._lib.mep_ctx_set_trace(path._ctx, traces[0].data_ptr(), traces[1].data_ptr())
     phase_rows: dict[str, list] = {"dispatch": [], "combine": []}
     for _ in range(20):
@@ -177,20 +194,27 @@ def main(argv: Any = None) -> int:
         pair(False)
         torch.cuda.synchronize()
         for name, t in zip(("dispatch", "combine"), traces):
-            ts = t.view(grid, 8).cpu()
-            start = int(ts[:, 0].min())
-            phase_rows[name].append([
-                (float((ts[:, i] - start).float().median()) / 1e3, float((ts[:, i] - start).max()) / 1e3)
-                if bool((ts[:, i] > 0).all()) else None
-                for i in range(8)
-            ])  # fmt: skip
+            ts = t.view(grid, 16).cpu()
+            rel = (ts - int(ts[:, 0].min())).double() / 1e3  # us since the first block started
+            phase_rows[name].append(
+                [
+                    (float(rel[:, i].median()), float(rel[:, i].max()))
+                    if bool((ts[:, i] > 0).all())
+                    else None
+                    for i in range(16)
+                ]
+            )
     path._lib.mep_ctx_set_trace(path._ctx, 0, 0)
     results["phases_us"] = {}
     for name, rows_ in phase_rows.items():
         points = []
-        for i in range(8):
+        for i in range(16):
             vals = [r[i] for r in rows_ if r[i] is not None]
-            points.append(None if not vals else (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals)))
+            points.append(
+                None
+                if not vals
+                else (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+            )
         results["phases_us"][name] = points
 
     # Fixed cost: the same launch with no phase (the kernel reads its state and exits).
@@ -263,29 +287,70 @@ def main(argv: Any = None) -> int:
     results["combine_hbm_fraction"] = results["combine_logical_GBps"] * 1e9 / hbm
     results["kernel_error_flags"] = buffer.path.error_flags()
 
+    r = results
     rows = [
-        ("dispatch kernel (median / mean)", f"{results['dispatch_us']:.1f} / {results['dispatch_mean_us']:.1f} us", "<= 15 us"),
-        ("combine kernel (median / mean)", f"{results['combine_us']:.1f} / {results['combine_mean_us']:.1f} us", "<= 20 us"),
-        ("dispatch send + recv (hook)", f"{results['dispatch_send_us']:.1f} + {results['dispatch_recv_us']:.1f} us", ""),
-        ("combine send + recv (hook)", f"{results['combine_send_us']:.1f} + {results['combine_recv_us']:.1f} us", ""),
-        ("dispatch+combine via Python (mean/median/best)",
-         f"{results['e2e_mean_us']:.1f} / {results['e2e_median_us']:.1f} / {results['e2e_best_us']:.1f} us", "<= 60 us"),
-        ("empty kernel (same launch, no phase)", f"{results['empty_kernel_us']:.1f} us; launch host "
-         f"{results['launch_host_us']:.1f} us (non-cooperative {results['launch_host_noncoop_us']:.1f} us, "
-         f"e2e {results['e2e_noncoop_median_us']:.1f} us)", ""),
-        ("host time of the two Python calls (Buffer / path)",
-         f"{results['python_calls_host_us']:.1f} / {results['path_calls_host_us']:.1f} us", ""),
-        ("dispatch logical bandwidth", f"{results['dispatch_logical_GBps']:.0f} GB/s "
-         f"({100 * results['dispatch_hbm_fraction']:.1f}% of HBM copy {hbm / 1e9:.0f} GB/s)", ""),
-        ("combine logical bandwidth", f"{results['combine_logical_GBps']:.0f} GB/s "
-         f"({100 * results['combine_hbm_fraction']:.1f}% of HBM copy)", ""),
-    ]  # fmt: skip
-    print(f"mooncake-ep fast path bench: {results['device']}, path {results['path']}, T={T} H={H} K={K} E={E} "
-          f"{'FP8' if use_fp8 else 'BF16'} dispatch, BF16 combine, {args.iters} iterations, L2 flushed")  # fmt: skip
+        (
+            "dispatch kernel (median / mean)",
+            f"{r['dispatch_us']:.1f} / {r['dispatch_mean_us']:.1f} us",
+            "<= 15 us",
+        ),
+        (
+            "combine kernel (median / mean)",
+            f"{r['combine_us']:.1f} / {r['combine_mean_us']:.1f} us",
+            "<= 20 us",
+        ),
+        (
+            "dispatch send + recv (hook)",
+            f"{r['dispatch_send_us']:.1f} + {r['dispatch_recv_us']:.1f} us",
+            "",
+        ),
+        (
+            "combine send + recv (hook)",
+            f"{r['combine_send_us']:.1f} + {r['combine_recv_us']:.1f} us",
+            "",
+        ),
+        (
+            "dispatch+combine via Python (mean/median/best)",
+            f"{r['e2e_mean_us']:.1f} / {r['e2e_median_us']:.1f} / {r['e2e_best_us']:.1f} us",
+            "<= 60 us",
+        ),
+        (
+            "empty kernel (same launch, no phase)",
+            f"{r['empty_kernel_us']:.1f} us; launch host {r['launch_host_us']:.1f} us "
+            f"(non-cooperative {r['launch_host_noncoop_us']:.1f} us, "
+            f"e2e {r['e2e_noncoop_median_us']:.1f} us)",
+            "",
+        ),
+        (
+            "host time of the two Python calls (Buffer / path)",
+            f"{r['python_calls_host_us']:.1f} / {r['path_calls_host_us']:.1f} us",
+            "",
+        ),
+        (
+            "dispatch logical bandwidth",
+            f"{r['dispatch_logical_GBps']:.0f} GB/s "
+            f"({100 * r['dispatch_hbm_fraction']:.1f}% of HBM copy "
+            f"{hbm / 1e9:.0f} GB/s)",
+            "",
+        ),
+        (
+            "combine logical bandwidth",
+            f"{r['combine_logical_GBps']:.0f} GB/s "
+            f"({100 * r['combine_hbm_fraction']:.1f}% of HBM copy)",
+            "",
+        ),
+    ]
+    kind = "FP8" if use_fp8 else "BF16"
+    print(
+        f"mooncake-ep fast path bench: {r['device']}, path {r['path']}, T={T} H={H} K={K} E={E} "
+        f"{kind} dispatch, BF16 combine, {args.iters} iterations, L2 flushed"
+    )
     for name, value, target in rows:
         print(f"  {name:<48} {value:<44} {target}")
     for name, points in results["phases_us"].items():
-        text = ", ".join(f"{i}:{p[0]:.1f}/{p[1]:.1f}" for i, p in enumerate(points) if p is not None)
+        text = ", ".join(
+            f"{i}:{pt[0]:.1f}/{pt[1]:.1f}" for i, pt in enumerate(points) if pt is not None
+        )
         print(f"  {name} phases (us since first block start, median/max over blocks): {text}")
     if args.json:
         with open(args.json, "w") as f:
