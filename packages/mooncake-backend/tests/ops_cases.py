@@ -238,3 +238,17 @@ def ddp_body(rank, world, port):
     dist.all_gather(outs, flat)
     assert all(torch.equal(o, flat) for o in outs), "replicas diverged"
     return float(flat.sum())
+def empty_splits_body(rank, world, port):
+    import torch, torch.distributed as dist
+    from harness import init
+    init(rank, world, port)
+    W = 5
+    # rank 2 sends nothing; rank 1 receives nothing
+    in_splits = [0 if (rank == 2 or d == 1) else 1 for d in range(world)]
+    out_splits = [0 if (s == 2 or rank == 1) else 1 for s in range(world)]
+    inp = torch.full((sum(in_splits), W), rank, dtype=torch.uint8)
+    out = torch.full((sum(out_splits), W), 99, dtype=torch.uint8)
+    dist.all_to_all_single(out, inp, out_splits, in_splits)
+    exp = torch.cat([torch.full((out_splits[s], W), s, dtype=torch.uint8) for s in range(world)])
+    assert torch.equal(out, exp), (out, exp)
+    return out.shape[0]

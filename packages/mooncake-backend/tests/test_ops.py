@@ -15,3 +15,11 @@ def test_every_op_dtype_and_reduce_op(world):
 def test_every_op_world_8():
     res = run_world(ops_body, 8, (1, 40000), timeout=380)
     assert all(v > 300 for v in res.values()), res
+
+
+@pytest.mark.timeout(120)
+def test_all_to_all_single_with_empty_inputs_and_outputs():
+    from ops_cases import empty_splits_body
+
+    res = run_world(empty_splits_body, 4, timeout=100)
+    assert res == {0: 3, 1: 0, 2: 3, 3: 3}

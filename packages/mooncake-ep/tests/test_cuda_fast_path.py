@@ -3,8 +3,8 @@
 Each case runs on the fast path (CUDA tensors) and on the portable path (the same inputs on CPU, a
 second Buffer over its own gloo group) in the same process; results must match bit for bit (BF16 and
 FP8 bytes: the kernels implement the contract's cast exactly) and match the reference
-(``ep_cases.check_dispatch`` / ``check_combine``). Also: CUDA-graph capture and replay, a silent rank
-(timeout), a rank that is 0 on entry, the staged put path, and real kills (SIGKILL).
+(``ep_cases.check_dispatch`` / ``check_combine``). Also: CUDA-graph capture and replay, a silent
+rank (timeout), a rank that is 0 on entry, the staged put path, and real kills (SIGKILL).
 
 Skipped without a CUDA GPU of sm_90+ or without the built library. Non-fault ops use a 10 s timeout:
 processes on one GPU time-slice (about 2.5 ms per cross-process round trip).
@@ -39,9 +39,10 @@ def _unusable_reason() -> Optional[str]:
 
 
 REASON = _unusable_reason()
-pytestmark = pytest.mark.skipif(
-    REASON is not None, reason=f"CUDA fast path not runnable here: {REASON}"
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(REASON is not None, reason=f"CUDA fast path not runnable here: {REASON}"),
+]
 
 
 # ---------------------------------------------------------------------------- per-rank helpers
@@ -110,11 +111,11 @@ def _run_case(fast: Any, portable: Any, rank: int, num_ranks: int, case: dict) -
     name, mode = case["name"], case.get("mode", "sync")
     dev = torch.device("cuda", 0)
     use_fp8 = case.get("use_fp8", False)
-    opts = dict(
-        use_fp8=use_fp8,
-        round_scale=case.get("round_scale", False),
-        use_ue8m0=case.get("use_ue8m0", False),
-    )
+    opts = {
+        "use_fp8": use_fp8,
+        "round_scale": case.get("round_scale", False),
+        "use_ue8m0": case.get("use_ue8m0", False),
+    }
     num_local = case["E"] // num_ranks
     x, topk_idx, weights = make_inputs(case, rank)
     alive = [True] * num_ranks
@@ -122,9 +123,17 @@ def _run_case(fast: Any, portable: Any, rank: int, num_ranks: int, case: dict) -
     active = torch.ones(num_ranks, dtype=torch.int32, device=dev)
     stats = torch.zeros(num_local, dtype=torch.int32, device=dev)
     res = fast.dispatch(
-        x.to(dev), topk_idx.to(dev), active, case["T"], case["E"], SLOW_OK_US, **opts,
-        async_finish=mode == "async", return_recv_hook=mode == "hook", cumulative_local_expert_recv_stats=stats,
-    )  # fmt: skip
+        x.to(dev),
+        topk_idx.to(dev),
+        active,
+        case["T"],
+        case["E"],
+        SLOW_OK_US,
+        **opts,
+        async_finish=mode == "async",
+        return_recv_hook=mode == "hook",
+        cumulative_local_expert_recv_stats=stats,
+    )
     if (mode == "hook") != callable(res[4]):
         errors.append(f"[{name}] hook is {res[4]!r} in mode {mode}")
     _wait(mode, res[3], res[4])
@@ -148,9 +157,17 @@ def _run_case(fast: Any, portable: Any, rank: int, num_ranks: int, case: dict) -
     else:
         comb_x = sim.to(dev)
     combined, event, hook = fast.combine(
-        comb_x, topk_idx.to(dev), weights.to(dev), active, SLOW_OK_US, res[2],
-        zero_copy=case.get("zero_copy", False), async_finish=mode == "async", return_recv_hook=mode == "hook", out=out,
-    )  # fmt: skip
+        comb_x,
+        topk_idx.to(dev),
+        weights.to(dev),
+        active,
+        SLOW_OK_US,
+        res[2],
+        zero_copy=case.get("zero_copy", False),
+        async_finish=mode == "async",
+        return_recv_hook=mode == "hook",
+        out=out,
+    )
     _wait(mode, event, hook)
     if out is not None and combined.data_ptr() != out.data_ptr():
         errors.append(f"[{name}] combine did not write into out")
@@ -174,8 +191,19 @@ def _run_two_alive(fast: Any, rank: int, num_ranks: int, case: dict) -> list[str
     active = torch.ones(num_ranks, dtype=torch.int32, device=dev)
     alive = [True] * num_ranks
     inputs = [make_inputs(case, rank, 0), make_inputs(case, rank, 1)]
-    res = [fast.dispatch(i[0].to(dev), i[1].to(dev), active, case["T"], case["E"], SLOW_OK_US, use_fp8=use_fp8,
-                         return_recv_hook=True) for i in inputs]  # fmt: skip
+    res = [
+        fast.dispatch(
+            x.to(dev),
+            t.to(dev),
+            active,
+            case["T"],
+            case["E"],
+            SLOW_OK_US,
+            use_fp8=use_fp8,
+            return_recv_hook=True,
+        )
+        for x, t, _ in inputs
+    ]
     res[1][4]()
     res[0][4]()
     errors = []
@@ -218,7 +246,8 @@ def _expert_on_gpu(recv_x: Any, use_fp8: bool, factors: torch.Tensor) -> torch.T
 
 
 def _run_graph(fast: Any, rank: int, num_ranks: int, case: dict) -> list[str]:
-    """Capture dispatch + expert + combine in a CUDA graph; replays on new inputs equal eager calls."""
+    """Capture dispatch + expert + combine in a CUDA graph; replays on new inputs equal eager
+    calls."""
     from ep_cases import make_inputs
 
     dev = torch.device("cuda", 0)
@@ -386,8 +415,11 @@ def rank_kill(
         alive_before = [bool(a) for a in active.tolist()]
         torch.cuda.synchronize()
         start = time.monotonic()
-        res = fast.dispatch(x.to(dev), topk_idx.to(dev), active, case["T"], case["E"], FAULT_TIMEOUT_US,
-                            use_fp8=case.get("use_fp8", False))  # fmt: skip
+        x_dev, topk_dev = x.to(dev), topk_idx.to(dev)
+        use_fp8 = case.get("use_fp8", False)
+        res = fast.dispatch(
+            x_dev, topk_dev, active, case["T"], case["E"], FAULT_TIMEOUT_US, use_fp8=use_fp8
+        )
         torch.cuda.synchronize()
         d_elapsed = time.monotonic() - start
         alive_d = [bool(a) for a in active.tolist()]
@@ -403,18 +435,18 @@ def rank_kill(
         alive_c = [bool(a) for a in active.tolist()]
         errors += check_combine(case, rank, world_size, combined.cpu(), alive_c, round_index)
         limit = FAULT_TIMEOUT_US / 1e6 + MARK_SLACK_S
-        for what, before, after, elapsed in (("dispatch", alive_before, alive_d, d_elapsed),
-                                             ("combine", alive_d, alive_c, c_elapsed)):  # fmt: skip
+        phases = (
+            ("dispatch", alive_before, alive_d, d_elapsed),
+            ("combine", alive_d, alive_c, c_elapsed),
+        )
+        for what, before, after, elapsed in phases:
+            label = f"rank {rank} round {round_index}: {what}"
             if before != after:
                 marks.append(round(elapsed, 4))
                 if elapsed > limit:
-                    errors.append(
-                        f"rank {rank} round {round_index}: {what} marked {after} after {elapsed:.3f} s"
-                    )
+                    errors.append(f"{label} marked {after} after {elapsed:.3f} s")
             elif elapsed > 0.5 * FAULT_TIMEOUT_US / 1e6:
-                errors.append(
-                    f"rank {rank} round {round_index}: {what} took {elapsed:.3f} s without a failure"
-                )
+                errors.append(f"{label} took {elapsed:.3f} s without a failure")
     if active.tolist()[victim] != 0:
         errors.append(f"rank {rank}: the killed rank is still active: {active.tolist()}")
     return {"errors": errors, "marks": marks}
@@ -422,21 +454,40 @@ def rank_kill(
 
 # ---------------------------------------------------------------------------- tests
 
+
+def _case(name: str, **options: Any) -> dict:
+    """A case of ``ep_cases`` (``L`` local experts per rank; T=16, H=2048, 3 experts, top-4 unless
+    given)."""
+    return {"name": name, "T": 16, "H": 2048, "L": 3, "K": 4, **options}
+
+
+FP8 = {"use_fp8": True}
+UE8M0 = {"use_fp8": True, "round_scale": True, "use_ue8m0": True}
 CASES = [
-    dict(name="bf16 sync", T=16, H=2048, L=3, K=4),
-    dict(name="fp8 sync", T=16, H=2048, L=3, K=4, use_fp8=True),
-    dict(name="fp8 round", T=16, H=2048, L=3, K=4, use_fp8=True, round_scale=True),
-    dict(name="fp8 ue8m0", T=16, H=2048, L=3, K=4, use_fp8=True, round_scale=True, use_ue8m0=True),
-    dict(name="bf16 hook", T=16, H=2048, L=3, K=4, mode="hook"),
-    dict(name="fp8 async", T=16, H=2048, L=3, K=4, use_fp8=True, mode="async"),
-    dict(name="fp8 hook zero_copy out", T=16, H=2048, L=3, K=4, use_fp8=True, mode="hook", zero_copy=True, use_out=True),
-    dict(name="bf16 random masked", T=24, H=7168, L=4, K=8, structured=False, masked=9, tokens=[24, 17, 0, 5]),
-    dict(name="fp8 random generic H", T=12, H=384, L=2, K=3, structured=False, use_fp8=True, tokens=[12, 0, 7]),
-    dict(name="fp8 ue8m0 generic H 640", T=8, H=640, L=5, K=6, use_fp8=True, round_scale=True, use_ue8m0=True,
-         structured=False),
-    dict(name="bf16 large H 9216", T=8, H=9216, L=2, K=2, structured=False, use_out=True),
-    dict(name="fp8 K16", T=8, H=1024, L=8, K=16, use_fp8=True, structured=False),
-]  # fmt: skip
+    _case("bf16 sync"),
+    _case("fp8 sync", **FP8),
+    _case("fp8 round", use_fp8=True, round_scale=True),
+    _case("fp8 ue8m0", **UE8M0),
+    _case("bf16 hook", mode="hook"),
+    _case("fp8 async", mode="async", **FP8),
+    _case("fp8 hook zero_copy out", mode="hook", zero_copy=True, use_out=True, **FP8),
+    _case(
+        "bf16 random masked",
+        T=24,
+        H=7168,
+        L=4,
+        K=8,
+        structured=False,
+        masked=9,
+        tokens=[24, 17, 0, 5],
+    ),
+    _case(
+        "fp8 random generic H", T=12, H=384, L=2, K=3, structured=False, tokens=[12, 0, 7], **FP8
+    ),
+    _case("fp8 ue8m0 generic H 640", T=8, H=640, L=5, K=6, structured=False, **UE8M0),
+    _case("bf16 large H 9216", T=8, H=9216, L=2, K=2, structured=False, use_out=True),
+    _case("fp8 K16", T=8, H=1024, L=8, K=16, structured=False, **FP8),
+]
 
 
 def _run(
@@ -486,13 +537,14 @@ def test_cuda_kill(world_size: int, point: str, occurrence: int) -> None:
     """SIGKILL the last rank; survivors mark it within timeout_us + 100 ms and stay correct."""
     from ep_harness import run_world
 
-    case = dict(name="kill", T=16, H=2048, L=3, K=4, use_fp8=True)
-    results = run_world(world_size, "test_cuda_fast_path:rank_kill", (case, point, occurrence), backend="gloo",
-                        timeout=240)  # fmt: skip
-    victim = results[-1]
-    assert not victim.ok and victim.exitcode == -9, (
-        f"victim: exit {victim.exitcode}, {victim.error[:500]}"
+    case = _case("kill", **FP8)
+    args = (case, point, occurrence)
+    results = run_world(
+        world_size, "test_cuda_fast_path:rank_kill", args, backend="gloo", timeout=240
     )
+    victim = results[-1]
+    assert victim.exitcode == -9, f"victim: exit {victim.exitcode}, {victim.error[:500]}"
+    assert not victim.ok
     errors = []
     for r in results[:-1]:
         assert r.ok, f"rank {r.rank}: {r.error}"

@@ -1,6 +1,8 @@
 // Completion of a group of transfer operations (one TransferHandle).
 #pragma once
 
+#include <sched.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -32,7 +34,7 @@ class Batch {
   Status poll() const { return static_cast<Status>(status_.load(std::memory_order_acquire)); }
 
   // Blocks until every op finished or the deadline passed (then kTimeout; the ops keep going).
-  // Spins at most ~10 us before sleeping on the condition variable.
+  // Spins (yielding) at most ~10 us before sleeping on the condition variable.
   Status wait(int64_t deadline) {
     Status s = poll();
     if (s != Status::kPending) return s;
@@ -40,9 +42,7 @@ class Batch {
     while (now_ns() < spin_end) {
       s = poll();
       if (s != Status::kPending) return s;
-#if defined(__x86_64__)
-      __builtin_ia32_pause();
-#endif
+      sched_yield();  // let a runnable thread of this CPU (maybe the one we wait for) go first
     }
     std::unique_lock<std::mutex> lk(mu_);
     ++waiters_;

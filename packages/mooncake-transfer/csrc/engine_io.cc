@@ -272,7 +272,10 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
       handle_ring_offer(c, h, payload);
       return true;
     case kRingAccept:
-      if (c.peer) c.peer->ring_state.store(h.a == 0 ? Peer::kRingReady : Peer::kRingOff);
+      if (c.peer) {
+        int offered = Peer::kRingOffered;
+        c.peer->ring_state.compare_exchange_strong(offered, h.a == 0 ? Peer::kRingReady : Peer::kRingOff);
+      }
       return true;
     case kWrite:
       if (c.cur_err != 0) {

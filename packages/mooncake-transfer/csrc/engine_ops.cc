@@ -164,7 +164,9 @@ void Engine::offer_ring(Peer& p, Connection& c) {
   it.owned = std::move(w.data());
   it.len = it.owned.size();
   it.hdr = make_header(kRingOffer, 0, static_cast<uint32_t>(it.len), 0, kRingBytes);
-  if (c.send(&it, 1, false)) p.ring_state.store(Peer::kRingOffered);
+  // Offered before sending: the answer (-> Ready) may come back before send() returns.
+  p.ring_state.store(Peer::kRingOffered);
+  if (!c.send(&it, 1, false)) p.ring_state.store(Peer::kRingOff);
 }
 
 MessagePtr Engine::recv_notify(const std::string* peer, const uint64_t* tag, double timeout_s) {

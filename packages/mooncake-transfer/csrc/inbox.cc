@@ -1,5 +1,6 @@
 #include "inbox.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 namespace mooncake::transfer {
@@ -7,11 +8,11 @@ namespace mooncake::transfer {
 namespace {
 constexpr int64_t kSpinNs = 20000;  // brief spin before sleeping (ping-pong latency)
 
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#endif
-}
+// Spinning must not keep the peer we wait for off the CPU (2-core machines run several ranks):
+// yield so a runnable thread of this CPU goes first; with nothing else runnable it returns at once.
+// Measured on the 2-core machines: notify ping-pong median 25 us with yield, 73 us with a pure
+// pause loop (the spinner kept the answering process waiting for the CPU).
+inline void spin_pause() { sched_yield(); }
 
 // Keeps the doorbell's sleeper count right on every exit path (including exceptions).
 struct Sleeper {
@@ -181,7 +182,7 @@ MessagePtr Inbox::wait_loop(TryTake try_take, int64_t deadline) {
       lk.unlock();
       const int64_t end = std::min(deadline, now + kSpinNs);
       // Same-host senders bump the doorbell after publishing; TCP deliveries do too.
-      while (bell_->seq.load(std::memory_order_acquire) == v && now_ns() < end) cpu_relax();
+      while (bell_->seq.load(std::memory_order_acquire) == v && now_ns() < end) spin_pause();
       lk.lock();
       continue;
     }

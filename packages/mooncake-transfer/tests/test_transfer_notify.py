@@ -37,6 +37,12 @@ def test_mixed_sizes_keep_fifo_across_ring_and_tcp(engine_factory, peer_factory,
     peer.send_only(op="notify_many", peer=eng.name, tag=3, sizes=sizes)
     _check_in_order(eng, peer.name, sizes, 3)
     assert peer.read_reply()["ok"]
+    stats = peer.request(op="stats")
+    assert stats["notify_ring_sent"] + stats["notify_tcp_sent"] == len(sizes)
+    if ring == "1":  # small ones took the ring (all but the first, which set it up)
+        assert stats["notify_ring_sent"] > 0.5 * sum(s <= 64 * KiB for s in sizes), stats
+    else:
+        assert stats["notify_ring_sent"] == 0
 
 
 @pytest.mark.timeout(60)

@@ -122,6 +122,8 @@ def main() -> None:
                 for i, size in enumerate(cmd["sizes"]):
                     body = i.to_bytes(4, "little") + bytes([i % 251]) * max(0, size - 4)
                     eng.notify(cmd["peer"], body, cmd.get("tag", 0))
+            elif op == "stats":
+                out.update(eng._core._stats())
             elif op == "state":
                 out["state"] = int(eng.peer_state(cmd["peer"]))
             elif op == "sleep":

@@ -456,7 +456,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     def _split(self, t: torch.Tensor, sizes, name: str) -> list[torch.Tensor]:
         n = self.size()
-        flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+        if t.dim() == 0:
+            raise ValueError("all_to_all_single needs tensors with at least one dimension")
+        row = 1
+        for d in t.shape[1:]:
+            row *= d
+        flat = t.reshape(t.shape[0], row)
         if not sizes:
             if t.shape[0] % n:
                 raise ValueError(f"dim 0 of size {t.shape[0]} is not divisible by world size {n} ({name} empty)")

@@ -268,6 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise RuntimeError("ping-pong: no answer")
             rtts.append(time.perf_counter() - t0)
         json.loads(cout.readline())
+        stats = eng._core._stats()  # which channel the notifications took
         floor_rtts = _time_loop(tcp_floor(64), n_pp)
         pingpong = {
             "payload": 64,
@@ -276,6 +277,8 @@ def run(args: argparse.Namespace) -> dict:
             "p99_us": sorted(rtts)[int(0.99 * (n_pp - 1))] * 1e6,
             "floor": "tcp socket ping-pong (python)",
             "floor_median_us": statistics.median(floor_rtts) * 1e6,
+            "sent_via_ring": stats["notify_ring_sent"],
+            "sent_via_tcp": stats["notify_tcp_sent"],
         }
         cin.write(json.dumps({"op": "exit"}) + "\n")
         cin.flush()
@@ -309,7 +312,8 @@ def print_table(res: dict) -> None:
     print(
         f"notify ping-pong ({p['payload']} B): median {p['median_us']:.1f} us, "
         f"p99 {p['p99_us']:.1f} us; {p['floor']}: median {p['floor_median_us']:.1f} us "
-        f"(floor/ours {ratio:.2f})"
+        f"(floor/ours {ratio:.2f}); sent via same-host ring {p['sent_via_ring']}, "
+        f"via TCP {p['sent_via_tcp']}"
     )
 
 
