@@ -368,9 +368,11 @@ def test_get_include_and_rdma_status():
     inc = mt.get_include()
     assert os.path.isfile(os.path.join(inc, "mooncake", "transfer", "version.h"))
     status = mt.rdma_status()
-    assert "no RDMA device" in status
-    with pytest.raises(TransferError, match="rdma"):
-        TransferEngine(transport="rdma")
+    assert isinstance(status, str)
+    assert status
+    if "no RDMA device" in status:  # every machine here; a real device would list its name
+        with pytest.raises(TransferError, match="rdma"):
+            TransferEngine(transport="rdma")
 
 
 @pytest.mark.timeout(60)

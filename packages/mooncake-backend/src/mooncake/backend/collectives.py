@@ -42,8 +42,7 @@ def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
     nbytes = flat.numel() * flat.element_size()
     members = x.members
     if len(members) == 1:
-        result = reduce_into(flat.clone(), [flat], op)
-        return lambda: flat.copy_(result)
+        return _nothing  # the reduction over one contributor is its own input (AVG too)
     if nbytes <= SMALL_ALLREDUCE_BYTES or flat.numel() < len(members):
         return _allreduce_direct(x, flat, op)
     return _allreduce_rs_ag(x, flat, op)

@@ -83,6 +83,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._p2p_lock = threading.Lock()
         self._recv_pool: Optional[object] = None
         self._seq = 0
+        self._sigs: dict = {}
         self._evicted = False
         cap = self._opts.max_world_size or size
         if cap < size:
@@ -165,7 +166,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self.membership.poll_admission()
         seq = self._seq
         self._seq += 1
-        sig = wire.signature(kind, *sig_parts)
+        key = (kind, sig_parts)
+        sig = self._sigs.get(key)
+        if sig is None:
+            sig = self._sigs[key] = wire.signature(kind, *sig_parts)
         faults.hit("op_start")
         attempt = 0
         while True:
@@ -214,6 +218,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _staged(self, kind: str, sig: tuple, ins: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
                 body: Callable[[Exchange, list, list], Callable[[], None]], result) -> dist.Work:
         """Stage CUDA tensors through host memory (``"mooncake"``), run, copy results back."""
+        if self._device_type == "cpu":
+            self.run_op(kind, sig, lambda x: body(x, ins, outs))
+            return _done(result)
         si, so = Staged(ins, False), Staged(outs, True)
         self.run_op(kind, sig, lambda x: body(x, si.host, so.host))
         so.finish()
@@ -225,7 +232,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("tensors", tensors, self._device_type)
         for t in tensors:
             check_op(op, t.dtype)
-        sig = (op, tuple((str(t.dtype), t.numel()) for t in tensors))
+        sig = (op, tuple((t.dtype, t.numel()) for t in tensors))
 
         def body(x, ins, outs):
             commits = [algo.allreduce(x, t, op) for t in outs]

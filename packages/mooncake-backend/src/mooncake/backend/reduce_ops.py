@@ -16,17 +16,24 @@ _INT_TYPES = {
 SUPPORTED = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
 
 
+_NAMES = {
+    getattr(dist.ReduceOp.RedOpType, n): n
+    for n in ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR", "PREMUL_SUM")
+    if hasattr(dist.ReduceOp.RedOpType, n)
+}
+
+
 def op_name(op) -> str:
     """Name of a ``ReduceOp`` (or ``ReduceOp.RedOpType``)."""
-    if isinstance(op, dist.ReduceOp):
-        op = op.op if hasattr(op, "op") else op
-    for name in ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR", "PREMUL_SUM"):
-        if op == getattr(dist.ReduceOp, name) or op == getattr(dist.ReduceOp.RedOpType, name, None):
-            return name
-    raise ValueError(f"unsupported reduce op {op!r}")
+    name = _NAMES.get(getattr(op, "op", op))
+    if name is None:
+        raise ValueError(f"unsupported reduce op {op!r}")
+    return name
 
 
 def check_op(name: str, dtype: torch.dtype) -> None:
+    if name == "SUM":
+        return
     if name not in SUPPORTED:
         raise ValueError(f"reduce op {name} is not supported by mooncake (supported: {SUPPORTED})")
     if name in ("BAND", "BOR", "BXOR") and (dtype.is_floating_point or dtype.is_complex):

@@ -15,8 +15,10 @@ class MooncakeWork(dist.Work):
     def __init__(self, fut: torch.futures.Future, result: Any = None) -> None:
         super().__init__()
         self._fut = fut
-        self._done = threading.Event()
-        fut.add_done_callback(lambda _: self._done.set())
+        self._done: Optional[threading.Event] = None
+        if not fut.done():  # completed works (the common case) need no event
+            self._done = threading.Event()
+            fut.add_done_callback(lambda _: self._done.set())
 
     @classmethod
     def completed(cls, result: Any) -> "MooncakeWork":
@@ -32,7 +34,7 @@ class MooncakeWork(dist.Work):
             secs = timeout.total_seconds()
         else:
             secs = timeout
-        if secs is not None and secs > 0 and not self._done.wait(secs):
+        if secs is not None and secs > 0 and self._done is not None and not self._done.wait(secs):
             raise TimeoutError(f"mooncake work did not finish within {secs:.3f} s")
         self._fut.wait()  # raises the op's exception, if any
         return True
