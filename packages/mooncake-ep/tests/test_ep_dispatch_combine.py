@@ -1,5 +1,5 @@
-"""Multi-process dispatch/combine against the plain-torch reference (portable path; gloo unless
-``MOONCAKE_EP_TEST_BACKEND`` names another backend, e.g. ``mooncake-cpu``).
+"""Multi-process dispatch/combine against the plain-torch reference (portable path; ``mooncake-cpu``
+unless ``MOONCAKE_EP_TEST_BACKEND`` names another backend, e.g. ``gloo``).
 
 One spawn per world size runs a list of cases (spawns dominate the time on 2 cores). The unmarked
 tests are a representative subset; the ``slow`` ones run the full option matrix.

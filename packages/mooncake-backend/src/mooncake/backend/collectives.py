@@ -49,8 +49,7 @@ def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
 
 
 def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
-    for p in x.peers:
-        x.send(p, 0, flat)
+    x.send_many(x.peers, 0, flat)
     bufs = {p: torch.empty_like(flat) for p in x.peers}
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     if len(got) != len(x.peers):
@@ -78,8 +77,7 @@ def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
         parts = [mine if r == x.me else bufs[r] for r in members]
         reduce_into(my_out, parts, op)
     # Phase 1: all-gather of the reduced chunks, landing in place in ``result``.
-    for p in x.peers:
-        x.send(p, 1, my_out)
+    x.send_many(x.peers, 1, my_out)
     got = x.recv_each(
         x.peers, 1, lambda src, n: result[chunks[idx[src]][0] : sum(chunks[idx[src]])]
     )
@@ -93,8 +91,7 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     if root not in x.members:
         return _nothing  # the root failed before: every survivor keeps its tensor unchanged
     if x.me == root:
-        for p in x.peers:
-            x.send(p, 0, flat)
+        x.send_many(x.peers, 0, flat)
         return _nothing
     tmp = torch.empty_like(flat)
     if not x.recv(root, 0, tmp):
@@ -121,8 +118,7 @@ def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
 def allgather(x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor) -> Commit:
     """``outs[r]`` receives rank r's ``t``; slots of non-members are zeroed."""
     flat = t.reshape(-1)
-    for p in x.peers:
-        x.send(p, 0, flat)
+    x.send_many(x.peers, 0, flat)
     x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
     members = set(x.members)
 
@@ -202,16 +198,14 @@ def alltoall(x: Exchange, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tens
 
 
 def barrier(x: Exchange) -> Commit:
-    for p in x.peers:
-        x.send(p, 0, raw=b"")
+    x.send_many(x.peers, 0, raw=b"")
     x.recv_each(x.peers, 0, lambda src, n: None)
     return _nothing
 
 
 def allgather_bytes(x: Exchange, payload: bytes) -> dict[int, bytes]:
     """Control-plane all-gather of small byte strings (membership, readiness flags)."""
-    for p in x.peers:
-        x.send(p, 0, raw=payload)
+    x.send_many(x.peers, 0, raw=payload)
     out = {x.me: payload}
     for p in x.peers:
         got = x.recv_bytes(p, 0)

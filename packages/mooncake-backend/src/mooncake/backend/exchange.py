@@ -83,28 +83,37 @@ class Exchange:
     # -------------------------------------------------------------------- send
     def send(self, dst: int, phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b"") -> None:
         """Send ``t`` (a contiguous CPU tensor) or ``raw`` bytes to ``dst``; failures are recorded."""
-        if dst in self.failed:
-            return
-        name = self.names[dst]
-        try:
-            if t is None:
-                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_INLINE, phase, len(raw)) + raw)
-                self.bytes_sent += len(raw)
-                return
+        self.send_many((dst,), phase, t, raw)
+
+    def send_many(self, dsts: Iterable[int], phase: int, t: Optional[torch.Tensor] = None,
+                  raw: bytes = b"") -> None:
+        """Send the same payload to every rank in ``dsts`` (the message is built once)."""
+        msg: Optional[bytes] = None
+        bulk = 0
+        if t is None:
+            msg = self._hdr(wire.DATA_INLINE, phase, len(raw)) + raw
+            n = len(raw)
+        else:
             n = tensor_bytes(t)
             if n >= wire.PULL_MIN:
-                desc = self._register(t.data_ptr(), n)
-                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_PULL, phase, n) + desc)
+                msg = self._hdr(wire.DATA_PULL, phase, n) + self._register(t.data_ptr(), n)
             elif n <= wire.INLINE_LIMIT:
-                payload = ctypes.string_at(t.data_ptr(), n) if n else b""
-                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_INLINE, phase, n) + payload)
+                msg = self._hdr(wire.DATA_INLINE, phase, n) + (ctypes.string_at(t.data_ptr(), n) if n else b"")
             else:
-                self.mailbox.send(name, self.tag, self._hdr(wire.DATA_NEXT, phase, n))
-                self.mailbox.send_ptr(name, self.tag, t.data_ptr(), n)
-            self.bytes_sent += n
-            faults.hit("data_send")
-        except PeerGone:
-            self.failed.add(dst)
+                msg = self._hdr(wire.DATA_NEXT, phase, n)
+                bulk = n
+        mailbox, names, tag = self.mailbox, self.names, self.tag
+        for dst in dsts:
+            if dst in self.failed:
+                continue
+            try:
+                mailbox.send(names[dst], tag, msg)
+                if bulk:
+                    mailbox.send_ptr(names[dst], tag, t.data_ptr(), bulk)
+                self.bytes_sent += n
+                faults.hit("data_send")
+            except PeerGone:
+                self.failed.add(dst)
 
     def _register(self, addr: int, n: int) -> bytes:
         key = (addr, n)
