@@ -687,6 +687,234 @@ def run_bad_inputs(rank: int, world_size: int, port: int, backend: str) -> dict:
     return {"errors": errors, "elapsed": elapsed}
 
 
+def one_bad_rank_scenarios(world_size: int) -> list[dict]:
+    """Ops where only some ranks pass a bad argument: ``bad`` maps rank -> (overrides, exception
+    type, text of its own message, ``Limit`` name the others must get)."""
+    T, H, K, E = 8, 256, 2, 2 * world_size
+    last = world_size - 1
+    scenarios = [
+        {
+            "name": "dispatch N > T on one rank",
+            "op": "dispatch",
+            "bad": {last: ({"tokens": T + 1}, ValueError, "N <= T", "TOKENS")},
+        },
+        {
+            "name": "dispatch expert id == E on one rank",
+            "op": "dispatch",
+            "bad": {0: ({"expert": E}, ValueError, f"num_experts={E}", "EXPERT_ID")},
+        },
+        {
+            "name": "dispatch expert twice on one rank",
+            "op": "dispatch",
+            "bad": {last: ({"twice": True}, ValueError, "twice", "EXPERT_TWICE")},
+        },
+        {
+            "name": "dispatch x float32 on one rank",
+            "op": "dispatch",
+            "bad": {last: ({"x_dtype": torch.float32}, TypeError, "dtype", "ARGUMENT")},
+        },
+        {
+            "name": "combine weights shape on one rank",
+            "op": "combine",
+            "bad": {
+                0: ({"weights_cols": 1}, ValueError, "topk_weights must have shape", "ARGUMENT")
+            },
+        },
+        {
+            "name": "combine N > T on one rank",
+            "op": "combine",
+            "bad": {last: ({"tokens": T + 1}, ValueError, "N <= T", "TOKENS")},
+        },
+    ]
+    if world_size >= 3:
+        scenarios.append(
+            {
+                "name": "dispatch two bad ranks",
+                "op": "dispatch",
+                "bad": {
+                    1: ({"tokens": T + 1}, ValueError, "N <= T", "TOKENS"),
+                    2: ({"expert": -2}, ValueError, "entry -2", "EXPERT_ID"),
+                },
+            }
+        )
+    for sc in scenarios:
+        sc.update(T=T, H=H, K=K, E=E)
+    return scenarios
+
+
+def _routing(num_tokens: int, rank: int, K: int, E: int) -> torch.Tensor:
+    n = torch.arange(num_tokens, dtype=torch.int64).unsqueeze(1)
+    return (n * 3 + rank + torch.arange(K, dtype=torch.int64)) % E
+
+
+def run_one_bad_rank(rank: int, world_size: int, port: int, backend: str) -> dict:
+    """One rank (or two) violates a limit, the others do not: every rank raises (the bad ones their
+    own error, the others ``PeerArgumentError`` naming the rank and the limit) at once, nothing is
+    sent or marked failed, and the next round works."""
+    from ep_harness import init_group
+
+    from mooncake.ep.limits import Limit, PeerArgumentError
+    from mooncake.mooncake_ep_buffer import Buffer
+
+    group = init_group(rank, world_size, port, backend)
+    errors: list[str] = []
+    timeout_us = 20_000_000  # a rank that waited for the bad one would take this long
+    elapsed: dict[str, float] = {}
+    buffer = Buffer(group)
+    active = torch.ones(world_size, dtype=torch.int32)
+
+    def good_round(label: str, T: int, H: int, K: int, E: int) -> Any:
+        x = torch.full((T, H), float(rank + 1), dtype=torch.bfloat16)
+        topk = _routing(T, rank, K, E)
+        recv_x, _, handle, _, _ = buffer.dispatch(x, topk, active, T, E, timeout_us, use_fp8=False)
+        w = torch.ones((T, K), dtype=torch.float32)
+        combined = buffer.combine(recv_x, topk, w, active, timeout_us, handle)[0]
+        if not torch.equal(combined, (x.float() * K).to(torch.bfloat16)):
+            errors.append(f"[{label}] rank {rank}: the good round after it is wrong")
+        if active.tolist() != [1] * world_size:
+            errors.append(f"[{label}] rank {rank}: active_ranks {active.tolist()}")
+        return handle
+
+    for sc in one_bad_rank_scenarios(world_size):
+        label, T, H, K, E = sc["name"], sc["T"], sc["H"], sc["K"], sc["E"]
+        handle = good_round(label + " (before)", T, H, K, E) if sc["op"] == "combine" else None
+        mine = sc["bad"].get(rank)
+        bad = mine[0] if mine else {}
+        before = buffer.stats.snapshot()
+        n = bad.get("tokens", T)
+        x = torch.full((n, H), float(rank + 1), dtype=bad.get("x_dtype", torch.bfloat16))
+        topk = _routing(n, rank, K, E)
+        if "expert" in bad:
+            topk[n // 2, 0] = bad["expert"]
+        if bad.get("twice"):
+            topk[1, 1] = topk[1, 0]
+        start = time.monotonic()
+        try:
+            if sc["op"] == "dispatch":
+                buffer.dispatch(x, topk, active, T, E, timeout_us, use_fp8=False)
+            else:
+                w = torch.ones((n, bad.get("weights_cols", K)), dtype=torch.float32)
+                recv_x = torch.zeros((E // world_size, world_size * T, H), dtype=torch.bfloat16)
+                buffer.combine(recv_x, topk, w, active, timeout_us, handle)
+            errors.append(f"[{label}] rank {rank}: no exception")
+        except Exception as exc:
+            if mine:
+                exc_type, text = mine[1], mine[2]
+                if type(exc) is not exc_type or text not in str(exc):
+                    errors.append(f"[{label}] rank {rank} (bad): {type(exc).__name__}: {exc}")
+            else:
+                first = min(sc["bad"])
+                want = Limit[sc["bad"][first][3]]
+                if not isinstance(exc, PeerArgumentError) or not isinstance(exc, ValueError):
+                    errors.append(f"[{label}] rank {rank}: {type(exc).__name__}: {exc}")
+                elif exc.rank != first or exc.limit != want or exc.ranks != sorted(sc["bad"]):
+                    errors.append(
+                        f"[{label}] rank {rank}: got rank {exc.rank} {exc.limit!r} "
+                        f"ranks {exc.ranks}, want {first} {want!r}: {exc}"
+                    )
+                elif f"rank {first}" not in str(exc):
+                    errors.append(f"[{label}] rank {rank}: message lacks the rank: {exc}")
+        elapsed[label] = time.monotonic() - start
+        if elapsed[label] > 5:
+            errors.append(f"[{label}] rank {rank}: took {elapsed[label]:.1f} s (someone waited)")
+        after = buffer.stats.snapshot()
+        if after != before:
+            errors.append(f"[{label}] rank {rank}: bytes went out: {before} -> {after}")
+        if active.tolist() != [1] * world_size:
+            errors.append(f"[{label}] rank {rank}: active_ranks {active.tolist()} after the raise")
+        good_round(label + " (after)", T, H, K, E)
+    buffer.destroy()
+    dist.barrier()
+    return {"errors": errors, "elapsed": elapsed}
+
+
+def run_validation_cache(rank: int, world_size: int, port: int, backend: str) -> dict:
+    """Buffer skips its checks for an argument signature it validated before: every change after
+    the steady state (dtype, layout, shape, device, the type of a scalar, flags, timeout, expert
+    values) is still caught, on every rank, and good calls keep working."""
+    from ep_harness import init_group
+
+    from mooncake.mooncake_ep_buffer import Buffer
+
+    group = init_group(rank, world_size, port, backend)
+    errors: list[str] = []
+    T, H, E, K, N = 8, 256, 2 * world_size, 2, 6
+    x = torch.full((N, H), float(rank + 1), dtype=torch.bfloat16)
+    topk = _routing(N, rank, K, E)
+    good = {
+        "x": x,
+        "topk_idx": topk,
+        "active_ranks": torch.ones(world_size, dtype=torch.int32),
+        "num_max_dispatch_tokens_per_rank": T,
+        "num_experts": E,
+        "timeout_us": 10_000_000,
+        "use_fp8": False,
+    }
+    buffer = Buffer(group)
+
+    def good_round(label: str) -> tuple:
+        recv_x, _, handle, _, _ = buffer.dispatch(**good)
+        w = torch.ones((N, K), dtype=torch.float32)
+        out = buffer.combine(recv_x, topk, w, good["active_ranks"], 10_000_000, handle)[0]
+        if not torch.equal(out, (x.float() * K).to(torch.bfloat16)):
+            errors.append(f"[{label}] rank {rank}: wrong combine")
+        return recv_x, handle
+
+    for i in range(3):  # the steady state: the same signature again and again
+        recv_x, handle = good_round(f"warm-up {i}")
+    if len(buffer._dispatch_ok) != 1 or len(buffer._combine_ok) != 1:
+        errors.append(f"signatures cached: {len(buffer._dispatch_ok)}, {len(buffer._combine_ok)}")
+    twice = topk.clone()
+    twice[2, 1] = twice[2, 0]
+    bad_dispatch = [
+        ("x float32", TypeError, "x must have dtype", {"x": x.float()}),
+        ("x strided", ValueError, "contiguous", {"x": torch.ones((H, N)).bfloat16().t()}),
+        ("x N > T", ValueError, "N <= T", {"x": torch.ones((T + 1, H), dtype=torch.bfloat16)}),
+        ("topk int32", TypeError, "topk_idx must have dtype", {"topk_idx": topk.int()}),
+        ("active int64", TypeError, "active_ranks", {"active_ranks": torch.ones(world_size)}),
+        ("use_fp8 int", TypeError, "use_fp8 must be a bool", {"use_fp8": 0}),
+        ("T float", TypeError, "must be an int", {"num_max_dispatch_tokens_per_rank": float(T)}),
+        ("E float", TypeError, "num_experts must be an int", {"num_experts": float(E)}),
+        ("timeout -5", ValueError, "timeout_us=-5", {"timeout_us": -5}),
+        ("timeout float", TypeError, "timeout_us must be an int", {"timeout_us": 1e7}),
+        ("expert id E", ValueError, "entry", {"topk_idx": torch.full((N, K), E)}),
+        ("expert twice", ValueError, "twice", {"topk_idx": twice}),
+        ("ue8m0 alone", ValueError, "requires", {"use_fp8": True, "use_ue8m0": True}),
+    ]
+    w = torch.ones((N, K), dtype=torch.float32)
+    good_c = {
+        "x": recv_x,
+        "topk_idx": topk,
+        "topk_weights": w,
+        "active_ranks": good["active_ranks"],
+        "timeout_us": 10_000_000,
+        "handle": handle,
+    }
+    bad_combine = [
+        ("weights float64", TypeError, "topk_weights must", {"topk_weights": w.double()}),
+        ("out shape", ValueError, "out must have shape", {"out": torch.empty((N, H + 128))}),
+        ("handle T float", TypeError, "must be an int", {"handle": (*handle[:2], float(T), H, E)}),
+        ("zero_copy int", TypeError, "zero_copy must be a bool", {"zero_copy": 0}),
+        ("hook + async", ValueError, "cannot", {"return_recv_hook": True, "async_finish": True}),
+        ("expert id -3", ValueError, "entry -3", {"topk_idx": torch.full((N, K), -3)}),
+    ]  # fmt: skip
+    for op, cases, base in (("dispatch", bad_dispatch, good), ("combine", bad_combine, good_c)):
+        call = buffer.dispatch if op == "dispatch" else buffer.combine
+        for label, exc_type, text, override in cases:
+            try:
+                call(**{**base, **override})
+                errors.append(f"[{op} {label}] rank {rank}: no exception")
+            except exc_type as exc:
+                if text not in str(exc):
+                    errors.append(f"[{op} {label}] rank {rank}: {exc!r} lacks {text!r}")
+            except Exception as exc:
+                errors.append(f"[{op} {label}] rank {rank}: {type(exc).__name__}: {exc}")
+            good_round(f"after {op} {label}")
+    buffer.destroy()
+    dist.barrier()
+    return {"errors": errors}
+
+
 # ---------------------------------------------------------------------------- DeepEP drop-in
 
 

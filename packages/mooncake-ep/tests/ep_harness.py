@@ -23,8 +23,8 @@ from datetime import timedelta
 from typing import Any, Optional
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-# Backend of the non-fault tests: ours (mooncake-cpu) by default; MOONCAKE_EP_TEST_BACKEND=gloo (or any
-# other torch.distributed backend) runs them on that one instead.
+# Backend of the non-fault tests: ours (mooncake-cpu) by default; MOONCAKE_EP_TEST_BACKEND=gloo (or
+# any other torch.distributed backend) runs them on that one instead.
 TEST_BACKEND = os.environ.get("MOONCAKE_EP_TEST_BACKEND", "mooncake-cpu")
 
 

@@ -21,6 +21,25 @@ def test_bad_inputs_every_rank(world_size: int) -> None:
     assert all(v["elapsed"] < 10 for v in values)
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_one_bad_rank_every_rank_raises(world_size: int) -> None:
+    """A limit violated on one rank only: every rank raises before anything is sent (the others a
+    PeerArgumentError naming the rank and the limit), nobody is marked failed, the next op works."""
+    values = assert_all_ok(run_world(world_size, "ep_cases:run_one_bad_rank", (), timeout=140))
+    errors = [e for v in values for e in v["errors"]]
+    assert not errors, "\n".join(errors)
+    assert len(values[0]["elapsed"]) == (6 if world_size == 2 else 7)
+
+
+@pytest.mark.timeout(120)
+def test_validation_cache_catches_every_change() -> None:
+    """The steady state skips re-checking a validated signature; any change is checked in full."""
+    values = assert_all_ok(run_world(2, "ep_cases:run_validation_cache", (), timeout=110))
+    errors = [e for v in values for e in v["errors"]]
+    assert not errors, "\n".join(errors)
+
+
 def test_constructor_rejects_non_group() -> None:
     with pytest.raises(TypeError, match="ProcessGroup"):
         Buffer("not a group")  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .event import EventOverlap
 from .layout import ep_buffer_size_hint
 from .limits import (
+    Limit,
     check_bool,
     check_experts,
     check_hidden,
@@ -26,11 +27,16 @@ from .limits import (
     check_tokens_per_rank,
     check_topk,
     check_topk_values,
+    tag_limit,
 )
 from .path import EPPath, agree_on_path, requested_path, select_path
 from .portable_path import PortablePath
 
 logger = logging.getLogger("mooncake.ep")
+
+# Argument signatures already validated, per op kind: the steady state (same shapes, dtypes,
+# devices, flags every call) skips the checks; any change is checked again in full.
+_MAX_SIGNATURES = 1024  # N may differ per call: one entry per N seen
 
 DispatchResult = tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]
 CombineResult = tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]
@@ -80,6 +86,9 @@ class Buffer:
             local.destroy()
             raise
         self.num_ops = 0
+        # signature -> whether the expert ids still need a per-call value check (CPU tensors)
+        self._dispatch_ok: dict[tuple, bool] = {}
+        self._combine_ok: dict[tuple, bool] = {}
         logger.info("rank %d: EP path %s (%s)", self.rank, self._path.name, self._path.reason)
 
     # ------------------------------------------------------------------ introspection
@@ -127,11 +136,25 @@ class Buffer:
         check_bool("async_finish", async_finish)
         check_bool("return_recv_hook", return_recv_hook)
         if async_finish and return_recv_hook:
-            raise ValueError(
-                "async_finish=True and return_recv_hook=True cannot be combined: with the hook the "
-                "receive "
-                "phase runs when you call hook(); with async_finish it runs on a comm stream"
+            raise tag_limit(
+                ValueError(
+                    "async_finish=True and return_recv_hook=True cannot be combined: with the hook "
+                    "the receive phase runs when you call hook(); with async_finish it runs on a "
+                    "comm stream"
+                ),
+                Limit.FLAGS,
             )
+
+    def _reject(
+        self, op: str, exc: BaseException, x: Any, active_ranks: Any, timeout_us: Any
+    ) -> None:
+        """A local check failed: let the path tell the other ranks (the portable path does, in the
+        op's first exchange, so that every rank raises before anything is sent)."""
+        reject = getattr(self._path, "reject", None)
+        if reject is None:
+            return
+        hint = next((t.device for t in (x, active_ranks) if isinstance(t, torch.Tensor)), None)
+        reject(op, exc, hint, timeout_us)
 
     def _validate_dispatch(
         self,
@@ -153,9 +176,13 @@ class Buffer:
         check_hidden(hidden, "hidden (x.shape[1])")
         check_tokens_per_rank(tokens)
         if num_tokens > tokens:
-            raise ValueError(
-                f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens} "
-                "(the limit N <= T)"
+            raise tag_limit(
+                ValueError(
+                    f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
+                    f"{tokens} (the limit N <= T)"
+                ),
+                Limit.TOKENS,
+                num_tokens,
             )
         check_experts(num_experts, self.num_ranks)
         check_tensor("topk_idx", topk_idx, torch.int64, (num_tokens, None), x.device)
@@ -169,10 +196,16 @@ class Buffer:
         ):
             check_bool(name, value)
         if round_scale and not use_fp8:
-            raise ValueError("round_scale=True requires use_fp8=True (it rounds the FP8 scales)")
+            raise tag_limit(
+                ValueError("round_scale=True requires use_fp8=True (it rounds the FP8 scales)"),
+                Limit.FLAGS,
+            )
         if use_ue8m0 and not round_scale:
-            raise ValueError(
-                "use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)"
+            raise tag_limit(
+                ValueError(
+                    "use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)"
+                ),
+                Limit.FLAGS,
             )
         self._check_flags(async_finish, return_recv_hook)
         if stats is not None:
@@ -183,8 +216,6 @@ class Buffer:
                 (num_experts // self.num_ranks,),
                 x.device,
             )
-        if x.device.type == "cpu":  # free on the host; the portable path checks CUDA inputs itself
-            check_topk_values(topk_idx, num_experts)
 
     def _validate_handle(self, handle: Any) -> tuple[int, int, int]:
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:
@@ -231,9 +262,13 @@ class Buffer:
         num_tokens, topk = topk_idx.shape
         check_topk(topk)
         if num_tokens > tokens:
-            raise ValueError(
-                f"topk_idx has {num_tokens} tokens, more than the handle's T={tokens} (the limit N "
-                "<= T)"
+            raise tag_limit(
+                ValueError(
+                    f"topk_idx has {num_tokens} tokens, more than the handle's T={tokens} (the "
+                    "limit N <= T)"
+                ),
+                Limit.TOKENS,
+                num_tokens,
             )
         check_tensor("topk_weights", topk_weights, torch.float32, (num_tokens, topk), device)
         self._check_active_ranks(active_ranks, device)
@@ -242,8 +277,6 @@ class Buffer:
         self._check_flags(async_finish, return_recv_hook)
         if out is not None:
             check_tensor("out", out, torch.bfloat16, (num_tokens, hidden), device)
-        if device.type == "cpu":
-            check_topk_values(topk_idx, num_experts)
 
     # ------------------------------------------------------------------ ops
 
@@ -298,9 +331,52 @@ class Buffer:
             - ``event``: ``EventOverlap``; ``hook``: callable with ``return_recv_hook``, else None.
 
         Raises:
-            TypeError/ValueError: a bad argument or violated limit, before anything is sent.
+            TypeError/ValueError: a bad argument or violated limit, before anything is sent. On the
+                portable path the other ranks raise too (``PeerArgumentError``, a ValueError naming
+                the rank and the limit), in the op's first exchange, before any row is sent.
         """
-        self._validate_dispatch(
+        path = self._path
+        if path is None:
+            raise RuntimeError("this Buffer was destroyed")
+        stats = cumulative_local_expert_recv_stats
+        T, E = num_max_dispatch_tokens_per_rank, num_experts
+        try:  # the argument signature; anything odd (not a tensor, ...) takes the full checks
+            key: Optional[tuple] = (
+                x.__class__, x.dtype, x.shape, x.device, x.is_contiguous(),
+                topk_idx.__class__, topk_idx.dtype, topk_idx.shape, topk_idx.device,
+                topk_idx.is_contiguous(),
+                active_ranks.__class__, active_ranks.dtype, active_ranks.shape,
+                active_ranks.device, active_ranks.is_contiguous(),
+                T.__class__, T, E.__class__, E,
+                use_fp8.__class__, use_fp8, round_scale.__class__, round_scale,
+                use_ue8m0.__class__, use_ue8m0, async_finish.__class__, async_finish,
+                return_recv_hook.__class__, return_recv_hook,
+                None if stats is None else (
+                    stats.__class__, stats.dtype, stats.shape, stats.device, stats.is_contiguous()
+                ),
+            )  # fmt: skip
+            check_values = self._dispatch_ok.get(key)  # type: ignore[arg-type]
+        except Exception:
+            key, check_values = None, None
+        try:
+            if check_values is None or timeout_us.__class__ is not int or timeout_us < -1:
+                self._validate_dispatch(
+                    x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
+                    async_finish, return_recv_hook, stats,
+                )  # fmt: skip
+                # Expert ids are checked per call where that is free (on the host); the portable
+                # path checks CUDA inputs itself, the fast path ignores ids outside [0, E).
+                check_values = x.device.type == "cpu"
+                if key is not None:
+                    if len(self._dispatch_ok) >= _MAX_SIGNATURES:
+                        self._dispatch_ok.clear()
+                    self._dispatch_ok[key] = check_values
+            if check_values:
+                check_topk_values(topk_idx, E)
+        except (TypeError, ValueError) as exc:
+            self._reject("dispatch", exc, x, active_ranks, timeout_us)
+            raise
+        result = path.dispatch(
             x,
             topk_idx,
             active_ranks,
@@ -312,21 +388,7 @@ class Buffer:
             use_ue8m0,
             async_finish,
             return_recv_hook,
-            cumulative_local_expert_recv_stats,
-        )
-        result = self.path.dispatch(
-            x,
-            topk_idx,
-            active_ranks,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            timeout_us,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            async_finish,
-            return_recv_hook,
-            cumulative_local_expert_recv_stats,
+            stats,
         )
         self.num_ops += 1
         return result
@@ -364,20 +426,55 @@ class Buffer:
             ``sum over k with topk_idx[n,k] >= 0 and owner alive of topk_weights[n,k] *
             expert_out``,
             accumulated in fp32 in increasing ``k`` (weights not renormalised).
+
+        Raises:
+            TypeError/ValueError: as in ``dispatch``.
         """
-        self._validate_combine(
-            x,
-            topk_idx,
-            topk_weights,
-            active_ranks,
-            timeout_us,
-            handle,
-            zero_copy,
-            async_finish,
-            return_recv_hook,
-            out,
-        )
-        result = self.path.combine(
+        path = self._path
+        if path is None:
+            raise RuntimeError("this Buffer was destroyed")
+        try:
+            src_info, layout_range, T, H, E = handle
+            key: Optional[tuple] = (
+                x.__class__, x.dtype, x.shape, x.device, x.is_contiguous(),
+                topk_idx.__class__, topk_idx.dtype, topk_idx.shape, topk_idx.device,
+                topk_idx.is_contiguous(),
+                topk_weights.__class__, topk_weights.dtype, topk_weights.shape,
+                topk_weights.device, topk_weights.is_contiguous(),
+                active_ranks.__class__, active_ranks.dtype, active_ranks.shape,
+                active_ranks.device, active_ranks.is_contiguous(),
+                handle.__class__,
+                src_info.__class__, src_info.dtype, src_info.shape, src_info.device,
+                src_info.is_contiguous(),
+                layout_range.__class__, layout_range.dtype, layout_range.shape,
+                layout_range.device, layout_range.is_contiguous(),
+                T.__class__, T, H.__class__, H, E.__class__, E,
+                zero_copy.__class__, zero_copy, async_finish.__class__, async_finish,
+                return_recv_hook.__class__, return_recv_hook,
+                None if out is None else (
+                    out.__class__, out.dtype, out.shape, out.device, out.is_contiguous()
+                ),
+            )  # fmt: skip
+            check_values = self._combine_ok.get(key)  # type: ignore[arg-type]
+        except Exception:
+            key, check_values = None, None
+        try:
+            if check_values is None or timeout_us.__class__ is not int or timeout_us < -1:
+                self._validate_combine(
+                    x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
+                    async_finish, return_recv_hook, out,
+                )  # fmt: skip
+                check_values = x.device.type == "cpu"
+                if key is not None:
+                    if len(self._combine_ok) >= _MAX_SIGNATURES:
+                        self._combine_ok.clear()
+                    self._combine_ok[key] = check_values
+            if check_values:
+                check_topk_values(topk_idx, handle[4])
+        except (TypeError, ValueError) as exc:
+            self._reject("combine", exc, x, active_ranks, timeout_us)
+            raise
+        result = path.combine(
             x,
             topk_idx,
             topk_weights,
@@ -410,6 +507,8 @@ class Buffer:
         """
         path = self.path
         self.num_ranks = self.group.size()
+        self._dispatch_ok.clear()  # the expected active_ranks shape follows the group size
+        self._combine_ok.clear()
         if path.name == PortablePath.name:
             # A replacement's constructor runs the fast path's selection (collective); so do we, so
             # that both sides issue the same collectives, and we switch if the fast path works now.

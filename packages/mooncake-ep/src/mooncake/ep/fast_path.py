@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from . import _cuda
 from .event import EventOverlap
+from .faults import _armed as _FAULTS_ARMED  # the armed points (a dict, mutated in place)
 from .faults import fault_point
 from .layout import ep_buffer_layout
 from .limits import MAX_TOPK
@@ -318,6 +319,10 @@ class CudaP2PPath:
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._reuse_outputs = os.environ.get("MOONCAKE_EP_FRESH_OUTPUTS", "0") != "1"
         self._outputs: dict[tuple, tuple] = {}
+        # Per half and shape: dispatch outputs + argument vector, combine argument vector, outputs.
+        self._dispatch_entries: dict[tuple, tuple] = {}
+        self._combine_argvs: dict[tuple, tuple] = {}
+        self._out_views: dict[tuple, torch.Tensor] = {}
         # src_info tensors this path made (id -> tensor): their allocation holds the top-k slots.
         self._slot_rows: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         if lib.mep_dispatch_num_args() != _D_ARGS or lib.mep_combine_num_args() != _C_ARGS:
@@ -326,6 +331,13 @@ class CudaP2PPath:
             )
 
     # ------------------------------------------------------------------ plumbing
+
+    def _clear_caches(self) -> None:
+        """Drop outputs and argument vectors (they hold buffer offsets, the grid and the rank)."""
+        self._outputs.clear()
+        self._dispatch_entries.clear()
+        self._combine_argvs.clear()
+        self._out_views.clear()
 
     def _check_usable(self) -> int:
         if self._ctx is None:
@@ -380,16 +392,17 @@ class CudaP2PPath:
     def _receive_hook(
         self,
         fn: Any,
-        buf: Any,
+        argv: Any,
         nargs: int,
-        args: list,
         phase_at: int,
         stream_at: int,
         what: str,
         keep: tuple,
     ) -> Callable[[], None]:
         """``hook()`` launching the receive phase on the stream current at call time (at most once;
-        ``keep`` holds the inputs alive until then)."""
+        ``keep`` holds the inputs alive until then). It launches from its own copy of ``argv`` (the
+        path reuses its argument vectors for the next ops)."""
+        args = type(argv).from_buffer_copy(argv)
         pending = [keep]
 
         def hook() -> None:
@@ -398,8 +411,7 @@ class CudaP2PPath:
             pending.clear()
             args[phase_at] = PHASE_RECV
             args[stream_at] = self._stream()
-            buf[:] = args
-            self._launch(fn, buf, nargs, what)
+            self._launch(fn, args, nargs, what)
 
         return hook
 
@@ -421,53 +433,62 @@ class CudaP2PPath:
         if entry is None:
             if len(self._outputs) >= 16:  # shapes changed: drop the old sets
                 self._outputs.clear()
+                self._out_views.clear()
             entry = self._outputs[key] = make()
         return entry
 
-    def _dispatch_outputs(
+    def _make_dispatch_entry(
         self, half: int, tokens: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool
     ) -> tuple:
-        """(recv_x, recv_count, handle, pointers for the kernel, tensors to keep alive)."""
+        """(recv_x, recv_count, handle, tensors to keep alive, argument vector): the outputs of a
+        dispatch and its argument vector with every field that depends only on them (and on the
+        half and shape) filled in; the op fills the rest."""
+        halves, msg_bytes = self._layout(tokens, hidden, num_experts)
+        num_local, rows, dev = num_experts // self.num_ranks, self.num_ranks * tokens, self.device
+        if use_fp8:
+            data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=dev)
+            width = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+            scale_dtype = torch.int32 if use_ue8m0 else torch.float32
+            scales = torch.empty((num_local, width, rows), dtype=scale_dtype, device=dev)
+            recv_x: Any = (data, scales.transpose(1, 2))
+            keep: tuple = (data, scales)
+        else:
+            data = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=dev)
+            recv_x, keep, scales = data, (data,), None
+        recv_count = torch.empty((num_local,), dtype=torch.int32, device=dev)
+        # int32 [L*R*T] src_info, [L*R*T] each row's top-k slot, [T*16] the row of this
+        # rank's own (token, slot) pairs: combine reads the last two after src_info.
+        info = torch.empty((_info_words(num_local, rows, tokens),), dtype=torch.int32, device=dev)
+        layout_range = torch.empty((num_local, self.num_ranks), dtype=torch.int64, device=dev)
+        src_info = info[: num_local * rows].view(num_local, rows)
+        self._slot_rows[id(src_info)] = src_info
+        handle = (src_info, layout_range, tokens, hidden, num_experts)
+        argv = (ctypes.c_int64 * _D_ARGS)()
+        argv[3:8] = [
+            data.data_ptr(),
+            0 if scales is None else scales.data_ptr(),
+            recv_count.data_ptr(),
+            info.data_ptr(),
+            layout_range.data_ptr(),
+        ]
+        argv[10], argv[11], argv[13], argv[14] = tokens, hidden, num_experts, half
+        argv[19:26] = list(halves[half])
+        argv[26], argv[27], argv[28] = msg_bytes, self._transport, self.grid
+        return recv_x, recv_count, handle, (*keep, recv_count, info, layout_range), argv
 
-        def make() -> tuple:
-            num_local, rows, dev = (
-                num_experts // self.num_ranks,
-                self.num_ranks * tokens,
-                self.device,
-            )
-            if use_fp8:
-                data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=dev)
-                width = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
-                scale_dtype = torch.int32 if use_ue8m0 else torch.float32
-                scales = torch.empty((num_local, width, rows), dtype=scale_dtype, device=dev)
-                recv_x: Any = (data, scales.transpose(1, 2))
-                keep: tuple = (data, scales)
-            else:
-                data = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=dev)
-                recv_x, keep, scales = data, (data,), None
-            recv_count = torch.empty((num_local,), dtype=torch.int32, device=dev)
-            # int32 [L*R*T] src_info, [L*R*T] each row's top-k slot, [T*16] the row of this
-            # rank's own (token, slot) pairs: combine reads the last two after src_info.
-            info = torch.empty(
-                (_info_words(num_local, rows, tokens),), dtype=torch.int32, device=dev
-            )
-            layout_range = torch.empty((num_local, self.num_ranks), dtype=torch.int64, device=dev)
-            src_info = info[: num_local * rows].view(num_local, rows)
-            self._slot_rows[id(src_info)] = src_info
-            handle = (src_info, layout_range, tokens, hidden, num_experts)
-            scales_ptr = 0 if scales is None else scales.data_ptr()
-            ptrs = (
-                data.data_ptr(),
-                scales_ptr,
-                recv_count.data_ptr(),
-                info.data_ptr(),
-                layout_range.data_ptr(),
-            )
-            return recv_x, recv_count, handle, ptrs, (*keep, recv_count, info, layout_range)
-
-        return self._cached(
-            ("dispatch", half, tokens, hidden, num_experts, use_fp8, use_ue8m0), make
-        )
+    def _dispatch_entry(
+        self, half: int, tokens: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool
+    ) -> tuple:
+        """``_make_dispatch_entry``, reused as ``_cached`` says (one set per half and shape)."""
+        key = (half, tokens, hidden, num_experts, use_fp8, use_ue8m0)
+        if not self._reuse_outputs or _stream_capturing():
+            return self._make_dispatch_entry(*key)
+        entry = self._dispatch_entries.get(key)
+        if entry is None:
+            if len(self._dispatch_entries) >= 8:  # shapes changed: drop the old sets
+                self._dispatch_entries.clear()
+            entry = self._dispatch_entries[key] = self._make_dispatch_entry(*key)
+        return entry
 
     # ------------------------------------------------------------------ dispatch
 
@@ -488,54 +509,53 @@ class CudaP2PPath:
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]:
         """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same
         buffer half (see ``_cached``); ``src_info`` heads an int32 allocation that also holds each
-        received row's top-k slot (combine reads them there: pass the handle back unchanged)."""
-        self._check_usable()
-        self._check_device("x", x)
-        tokens = num_max_dispatch_tokens_per_rank
+        received row's top-k slot (combine reads them there: pass the handle back unchanged).
+        Host work per call: no allocation in the steady state, one argument vector filled in place,
+        one launch; no host synchronisation."""
+        if self._ctx is None:
+            raise RuntimeError("the fast path was destroyed")
+        if x.get_device() != self._device_index:  # -1 for CPU tensors
+            self._check_device("x", x)
         num_tokens, hidden = x.shape
-        halves, msg_bytes = self._layout(tokens, hidden, num_experts)
         half = self.num_ops & 1
+        recv_x, recv_count, handle, keep, argv = self._dispatch_entry(
+            half, num_max_dispatch_tokens_per_rank, hidden, num_experts, use_fp8, use_ue8m0
+        )
         self.num_ops += 1
-        fault_point("dispatch.start")
-        recv_x, recv_count, handle, ptrs, keep = self._dispatch_outputs(
-            half, tokens, hidden, num_experts, use_fp8, use_ue8m0
-        )
-        stats_ptr = (
-            0
-            if cumulative_local_expert_recv_stats is None
-            else cumulative_local_expert_recv_stats.data_ptr()
-        )
-        flags = int(use_fp8) | (int(round_scale) << 1) | (int(use_ue8m0) << 2)
-
+        if _FAULTS_ARMED:
+            fault_point("dispatch.start")
+        stats = cumulative_local_expert_recv_stats
         comm = self._begin_async() if async_finish else None
-        stream = comm.cuda_stream if comm is not None else self._stream()
-        phases = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
-        args = [
-            x.data_ptr(), topk_idx.data_ptr(), active_ranks.data_ptr(), *ptrs, stats_ptr,
-            num_tokens, tokens, hidden, topk_idx.shape[1], num_experts, half, flags, phases,
-            timeout_us, stream, *halves[half], msg_bytes, self._transport, self.grid,
-        ]  # fmt: skip
-        self._dargs[:] = args
-        self._launch(self._dispatch_fn, self._dargs, _D_ARGS, "dispatch")
-        fault_point("dispatch.after_send")
-        hook = None
+        argv[0] = x.data_ptr()
+        argv[1] = topk_idx.data_ptr()
+        argv[2] = active_ranks.data_ptr()
+        argv[8] = 0 if stats is None else stats.data_ptr()
+        argv[9] = num_tokens
+        argv[12] = topk_idx.shape[1]
+        argv[15] = use_fp8 | (round_scale << 1) | (use_ue8m0 << 2)
+        argv[16] = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
+        argv[17] = timeout_us
+        argv[18] = comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index)
+        self._dargs = argv
+        rc = self._dispatch_fn(self._ctx, argv, _D_ARGS)
+        if rc != 0:
+            _cuda.check(self._lib, rc, "dispatch")
+        if _FAULTS_ARMED:
+            fault_point("dispatch.after_send")
         event = _COMPLETE
         if comm is not None:
-            event = self._finish_async(
-                comm, (x, topk_idx, active_ranks, *keep, cumulative_local_expert_recv_stats)
-            )
-        if return_recv_hook:
-            keep_alive = (x, topk_idx, active_ranks, cumulative_local_expert_recv_stats)
-            hook = self._receive_hook(
-                self._dispatch_fn,
-                self._dargs,
-                _D_ARGS,
-                args,
-                16,
-                18,
-                "dispatch receive",
-                keep_alive,
-            )
+            event = self._finish_async(comm, (x, topk_idx, active_ranks, *keep, stats))
+        if not return_recv_hook:
+            return recv_x, recv_count, handle, event, None
+        hook = self._receive_hook(
+            self._dispatch_fn,
+            argv,
+            _D_ARGS,
+            16,
+            18,
+            "dispatch receive",
+            (x, topk_idx, active_ranks, stats),
+        )
         return recv_x, recv_count, handle, event, hook
 
     # ------------------------------------------------------------------ combine
@@ -561,6 +581,38 @@ class CudaP2PPath:
             )
         return src_info.data_ptr()
 
+    def _combine_argv(self, half: int, tokens: int, hidden: int, num_experts: int) -> tuple:
+        """(argument vector with the fields fixed by half and shape, zero-copy source address)."""
+        key = (half, tokens, hidden, num_experts)
+        entry = self._combine_argvs.get(key)
+        if entry is None:
+            halves, _ = self._layout(tokens, hidden, num_experts)
+            argv = (ctypes.c_int64 * _C_ARGS)()
+            argv[8], argv[9], argv[11], argv[12] = tokens, hidden, num_experts, half
+            argv[16:23] = list(halves[half])
+            argv[23], argv[24] = self._transport, self.grid
+            if len(self._combine_argvs) >= 16:
+                self._combine_argvs.clear()
+            entry = self._combine_argvs[key] = (argv, self._buffer.data_ptr() + halves[half][3])
+        return entry
+
+    def _combine_out(self, half: int, tokens: int, hidden: int, num_tokens: int) -> torch.Tensor:
+        """bf16 ``[N, H]`` output: a view of the half's ``[T, H]`` set (see ``_cached``)."""
+        if not self._reuse_outputs or _stream_capturing():
+            return torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
+        key = (half, tokens, hidden, num_tokens)
+        view = self._out_views.get(key)
+        if view is None:
+            full = self._cached(
+                ("combine", half, tokens, hidden),
+                lambda: (torch.empty((tokens, hidden), dtype=torch.bfloat16, device=self.device),),
+            )[0]
+            view = full if num_tokens == tokens else full[:num_tokens]
+            if len(self._out_views) >= 64:
+                self._out_views.clear()
+            self._out_views[key] = view
+        return view
+
     def combine(
         self,
         x: torch.Tensor,
@@ -576,53 +628,60 @@ class CudaP2PPath:
     ) -> tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
         """See ``Buffer.combine``. With ``zero_copy`` the expert outputs are read from this half's
         ``combine_send`` region (``get_next_combine_buffer``) and ``x`` is not read."""
-        self._check_usable()
-        self._check_device("topk_idx", topk_idx)
+        if self._ctx is None:
+            raise RuntimeError("the fast path was destroyed")
+        if topk_idx.get_device() != self._device_index:
+            self._check_device("topk_idx", topk_idx)
         src_info, layout_range, tokens, hidden, num_experts = handle
-        num_local = num_experts // self.num_ranks
-        rows = self.num_ranks * tokens
         num_tokens, topk = topk_idx.shape
         if topk > MAX_TOPK:
             raise ValueError(f"top-k {topk} exceeds {MAX_TOPK}")
-        info_ptr = self._slot_rows_ptr(src_info, num_local, rows)
-        halves, _ = self._layout(tokens, hidden, num_experts)
+        info_ptr = self._slot_rows_ptr(
+            src_info, num_experts // self.num_ranks, self.num_ranks * tokens
+        )
         half = self.num_ops & 1
+        argv, zero_copy_ptr = self._combine_argv(half, tokens, hidden, num_experts)
         self.num_ops += 1
-        fault_point("combine.start")
+        if _FAULTS_ARMED:
+            fault_point("combine.start")
         if zero_copy:
-            x_ptr = self._buffer.data_ptr() + halves[half][3]
+            x_ptr = zero_copy_ptr
         else:
-            self._check_device("x", x)
+            if x.get_device() != self._device_index:
+                self._check_device("x", x)
             x_ptr = x.data_ptr()
         if out is None:
-            full = self._cached(
-                ("combine", half, tokens, hidden),
-                lambda: (torch.empty((tokens, hidden), dtype=torch.bfloat16, device=self.device),),
-            )[0]
-            out = full if num_tokens == tokens else full[:num_tokens]
+            out = self._combine_out(half, tokens, hidden, num_tokens)
         comm = self._begin_async() if async_finish else None
-        stream = comm.cuda_stream if comm is not None else self._stream()
-        phases = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
-        args = [
-            x_ptr, info_ptr, layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(),
-            active_ranks.data_ptr(), out.data_ptr(),
-            num_tokens, tokens, hidden, topk, num_experts, half, phases, timeout_us, stream,
-            *halves[half], self._transport, self.grid,
-        ]  # fmt: skip
-        self._cargs[:] = args
-        self._launch(self._combine_fn, self._cargs, _C_ARGS, "combine")
-        fault_point("combine.after_send")
+        argv[0] = x_ptr
+        argv[1] = info_ptr
+        argv[2] = layout_range.data_ptr()
+        argv[3] = topk_idx.data_ptr()
+        argv[4] = topk_weights.data_ptr()
+        argv[5] = active_ranks.data_ptr()
+        argv[6] = out.data_ptr()
+        argv[7] = num_tokens
+        argv[10] = topk
+        argv[13] = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
+        argv[14] = timeout_us
+        argv[15] = comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index)
+        self._cargs = argv
+        rc = self._combine_fn(self._ctx, argv, _C_ARGS)
+        if rc != 0:
+            _cuda.check(self._lib, rc, "combine")
+        if _FAULTS_ARMED:
+            fault_point("combine.after_send")
         event = _COMPLETE
         if comm is not None:
             event = self._finish_async(
                 comm, (x, topk_idx, topk_weights, active_ranks, src_info, layout_range, out)
             )
-        hook = None
-        if return_recv_hook:
-            keep_alive = (x, topk_idx, topk_weights, active_ranks, src_info, layout_range)
-            hook = self._receive_hook(
-                self._combine_fn, self._cargs, _C_ARGS, args, 13, 15, "combine receive", keep_alive
-            )
+        if not return_recv_hook:
+            return out, event, None
+        keep_alive = (x, topk_idx, topk_weights, active_ranks, src_info, layout_range)
+        hook = self._receive_hook(
+            self._combine_fn, argv, _C_ARGS, 13, 15, "combine receive", keep_alive
+        )
         return out, event, hook
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
@@ -661,6 +720,7 @@ class CudaP2PPath:
                 _cuda.check(self._lib, self._lib.mep_ctx_resize(ctx, rank, size), "mep_ctx_resize")
                 self.rank, self.num_ranks = rank, size
                 self._layouts.clear()
+                self._clear_caches()
         except Exception as exc:
             local_error = f"{type(exc).__name__}: {exc}"
         failure = _exchange_and_map(self._lib, ctx, self.group, local_error)
@@ -668,7 +728,7 @@ class CudaP2PPath:
             raise RuntimeError(f"update_ep_member: the fast path cannot continue: {failure}")
         self.grid = min(i["num_sms"] for i in infos)
         self.num_ops = 0
-        self._outputs.clear()
+        self._clear_caches()
         logger.info("rank %d: fast path re-mapped %d peers", self.rank, self.num_ranks)
 
     def error_flags(self) -> int:
@@ -687,7 +747,7 @@ class CudaP2PPath:
         if ctx is None:
             return
         self._buffer = None  # type: ignore[assignment]
-        self._outputs.clear()
+        self._clear_caches()
         self._lib.mep_ctx_destroy(ctx)
 
     def __del__(self) -> None:

@@ -26,7 +26,8 @@ HIDDEN_ALIGNMENT = 128
 
 class Limit(IntEnum):
     """Which limit a rejected argument violated: the code the portable path sends to its peers in
-    the count exchange, so that every rank raises (``PeerArgumentError``) before anything is sent."""
+    the count exchange, so that every rank raises (``PeerArgumentError``) before anything is
+    sent."""
 
     ARGUMENT = 1  # type, dtype, shape, device, layout of an argument
     HIDDEN = 2
@@ -58,9 +59,11 @@ _E = TypeVar("_E", bound=BaseException)
 
 
 def tag_limit(exc: _E, limit: Limit, value: Any = None) -> _E:
-    """Mark ``exc`` with the limit it reports (and the offending value, an int, when there is one)."""
+    """Mark ``exc`` with the limit it reports (and the offending value, an int, if there is one)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        value = None
     exc.ep_limit = limit  # type: ignore[attr-defined]
-    exc.ep_value = value if isinstance(value, int) and not isinstance(value, bool) else None  # type: ignore[attr-defined]
+    exc.ep_value = value  # type: ignore[attr-defined]
     return exc
 
 

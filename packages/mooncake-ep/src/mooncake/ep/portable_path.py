@@ -4,7 +4,10 @@ Works with any ``torch.distributed`` backend (``mooncake-cpu`` for CPU tensors, 
 NCCL), on CPU or CUDA tensors. Each op moves only routed bytes, in two collectives:
 
 1. ``all_to_all_single`` of a count message per peer (``COUNT_MESSAGE_BYTES``): a header that every
-   rank checks (op kind, T, H, E, K, FP8 flags must agree) and the number of rows that follow;
+   rank checks (op kind, T, H, E, K, FP8 flags must agree) and the number of rows that follow. A
+   rank whose arguments failed its local checks sends an error message instead (``ERROR_MAGIC``,
+   the ``Limit`` and the offending value) and raises its own error; every other rank raises
+   ``PeerArgumentError`` (a ValueError) after this exchange, so no rank sends rows or waits;
 2. ``all_to_all_single`` of the rows themselves, with exact split sizes.
 
 Dispatch sends one record per (token, destination rank) (the payload once, with the list of the
@@ -38,7 +41,7 @@ import torch.distributed as dist
 from .event import EventOverlap
 from .faults import fault_point
 from .fp8 import num_scale_groups, num_ue8m0_ints
-from .limits import check_topk_values
+from .limits import Limit, PeerArgumentError, check_topk_values, limit_of
 from .membership import BackendMembership, collective_devices
 from .records import (
     RecordFormat,
@@ -53,6 +56,9 @@ from .stats import TrafficStats
 logger = logging.getLogger("mooncake.ep")
 
 MAGIC = 0x4D43455050  # "MCEPP": a zero-filled slot (failed peer) never carries it
+ERROR_MAGIC = 0x4D43455045  # "MCEPE": the sender rejected its arguments (kind, limit, value)
+NO_VALUE = -(1 << 63)  # error message without an offending value
+KIND_NAMES = {1: "dispatch", 2: "combine"}
 KIND_DISPATCH = 1
 KIND_COMBINE = 2
 HEADER_FIELDS = (
@@ -68,6 +74,7 @@ HEADER_FIELDS = (
 COUNT_MESSAGE_BYTES = 8 * len(HEADER_FIELDS)
 MIN_DEADLINE_S = 1e-3  # what an op gets for its next collective once its timeout_us is spent
 WAIT_GRACE_S = 5.0  # non fault-tolerant backends: extra wait before declaring the backend stuck
+REJECT_TIMEOUT_US = 60_000_000  # deadline of an error message when the op's timeout_us is invalid
 
 
 class EPCommError(RuntimeError):
@@ -181,6 +188,15 @@ class PortablePath:
         work = self._exchange(received, message, [1] * num_ranks, [1] * num_ranks, clock)
         self._wait(work, clock, "count exchange")
         received = received.cpu()
+        errors = (received[:, 0] == ERROR_MAGIC).nonzero().flatten().tolist()
+        if errors:  # a rank rejected its arguments: nobody sends anything
+            _, _, limit, value = received[errors[0], :4].tolist()
+            raise PeerArgumentError(
+                KIND_NAMES.get(header[1], "op"),
+                errors,
+                Limit(limit) if limit in Limit._value2member_map_ else Limit.ARGUMENT,
+                None if value == NO_VALUE else value,
+            )
         alive = self.membership.alive()
         has_magic = received[:, 0] == MAGIC
         failed = {
@@ -232,6 +248,39 @@ class PortablePath:
         if self._destroyed:
             raise RuntimeError("this EP buffer was destroyed")
 
+    def reject(
+        self, op: str, exc: BaseException, device: Optional[torch.device], timeout_us: Any
+    ) -> None:
+        """This rank's ``op`` arguments failed a check (``exc``, raised by the caller afterwards):
+        take part in the op's count exchange with an error message instead of counts, so that the
+        other ranks raise ``PeerArgumentError`` instead of sending rows and waiting for ours."""
+        if self._destroyed:
+            return
+        limit, value = limit_of(exc)
+        if value is None or not -(1 << 62) < value < (1 << 62):
+            value = NO_VALUE
+        kind = KIND_DISPATCH if op == "dispatch" else KIND_COMBINE
+        valid_timeout = timeout_us.__class__ is int and timeout_us >= -1
+        clock = _OpClock(timeout_us if valid_timeout else REJECT_TIMEOUT_US)
+        try:
+            comm = self._comm_device(device if device is not None else torch.device("cpu"))
+        except ValueError:
+            comm = torch.device("cpu") if "cpu" in self._devices else torch.device("cuda")
+        header = [ERROR_MAGIC, kind, int(limit), value, 0, 0, 0, 0]
+        try:
+            no_rows = torch.zeros(self.num_ranks, dtype=torch.int64)
+            everyone = torch.ones(self.num_ranks, dtype=torch.bool)
+            self._exchange_counts(header, no_rows, everyone, clock, comm)
+        except PeerArgumentError:
+            pass  # others rejected theirs too; this rank raises its own error
+        except Exception as comm_exc:  # the caller raises the argument error regardless
+            logger.warning(
+                "rank %d: could not tell the other ranks that its %s arguments were rejected: %s",
+                self.rank,
+                op,
+                comm_exc,
+            )
+
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(
@@ -257,11 +306,14 @@ class PortablePath:
         hidden = x.shape[1]
         topk = topk_idx.shape[1]
         device = x.device
-        comm = self._comm_device(device)
-
-        topk_cpu = topk_idx.cpu()
-        if topk_idx.device.type != "cpu":  # Buffer checked CPU inputs already
-            check_topk_values(topk_cpu, num_experts)
+        try:
+            comm = self._comm_device(device)
+            topk_cpu = topk_idx.cpu()
+            if topk_idx.device.type != "cpu":  # Buffer checked CPU inputs already
+                check_topk_values(topk_cpu, num_experts)
+        except (TypeError, ValueError) as exc:
+            self.reject("dispatch", exc, device, timeout_us)
+            raise
         active_entry = active_ranks.cpu() != 0
         fmt = RecordFormat.make(hidden, topk, num_local, use_fp8, use_ue8m0)
         plan = plan_dispatch_send(topk_cpu, num_local, num_ranks, active_entry, fmt.expert_dtype)
@@ -366,26 +418,28 @@ class PortablePath:
         num_local = num_experts // num_ranks
         num_tokens, topk = topk_idx.shape
         device = topk_idx.device
-        if zero_copy:
-            source = self._combine_stage[self.num_ops % 2]
-            if (
-                source is None
-                or source.shape != (num_local, num_ranks * tokens, hidden)
-                or source.device != device
-            ):
-                raise ValueError(
-                    "zero_copy=True but get_next_combine_buffer(handle) was not called for this "
-                    "combine "
-                    "(or was called before another op): write the expert outputs into that buffer "
-                    "first"
-                )
-        else:
-            source = x
-        comm = self._comm_device(device)
-
-        topk_cpu = topk_idx.cpu()
-        if topk_idx.device.type != "cpu":
-            check_topk_values(topk_cpu, num_experts)
+        try:
+            if zero_copy:
+                source = self._combine_stage[self.num_ops % 2]
+                if (
+                    source is None
+                    or source.shape != (num_local, num_ranks * tokens, hidden)
+                    or source.device != device
+                ):
+                    raise ValueError(
+                        "zero_copy=True but get_next_combine_buffer(handle) was not called for "
+                        "this combine (or was called before another op): write the expert outputs "
+                        "into that buffer first"
+                    )
+            else:
+                source = x
+            comm = self._comm_device(device)
+            topk_cpu = topk_idx.cpu()
+            if topk_idx.device.type != "cpu":
+                check_topk_values(topk_cpu, num_experts)
+        except (TypeError, ValueError) as exc:
+            self.reject("combine", exc, device, timeout_us)
+            raise
         active_entry = active_ranks.cpu() != 0
         send_plan = plan_combine_send(layout_range.cpu(), active_entry, num_ranks, tokens)
         recv_plan = plan_combine_recv(topk_cpu, num_local, num_ranks, active_entry)
