@@ -892,7 +892,7 @@ def run_validation_cache(rank: int, world_size: int, port: int, backend: str) ->
     }
     bad_combine = [
         ("weights float64", TypeError, "topk_weights must", {"topk_weights": w.double()}),
-        ("out shape", ValueError, "out must have shape", {"out": torch.empty((N, H + 128))}),
+        ("out shape", ValueError, "out must have", {"out": torch.empty((N, 2 * H)).bfloat16()}),
         ("handle T float", TypeError, "must be an int", {"handle": (*handle[:2], float(T), H, E)}),
         ("zero_copy int", TypeError, "zero_copy must be a bool", {"zero_copy": 0}),
         ("hook + async", ValueError, "cannot", {"return_recv_hook": True, "async_finish": True}),

@@ -10,6 +10,7 @@ through the transfer engine (``mailbox.Mailbox``).
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from typing import Callable, Iterable, Optional
 
@@ -17,6 +18,8 @@ import torch
 
 from . import faults, wire
 from .mailbox import Mailbox, PeerGone
+
+log = logging.getLogger("mooncake.backend")
 
 DataSink = Callable[[int, int], Optional[torch.Tensor]]
 
@@ -63,7 +66,9 @@ class Exchange:
         self.failed: set[int] = set()
         self.mismatch: Optional[str] = None
         self.bytes_sent = 0
-        self._regs: dict[tuple[int, int], tuple[object, bytes]] = {}
+        # (addr, nbytes) -> (segment, descriptor, tensor): the tensor reference keeps the memory
+        # alive until release(), even when the algorithm that sent it has returned.
+        self._regs: dict[tuple[int, int], tuple[object, bytes, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -96,7 +101,7 @@ class Exchange:
         else:
             n = tensor_bytes(t)
             if n >= wire.PULL_MIN:
-                msg = self._hdr(wire.DATA_PULL, phase, n) + self._register(t.data_ptr(), n)
+                msg = self._hdr(wire.DATA_PULL, phase, n) + self._register(t, n)
             elif n <= wire.INLINE_LIMIT:
                 msg = self._hdr(wire.DATA_INLINE, phase, n) + (ctypes.string_at(t.data_ptr(), n) if n else b"")
             else:
@@ -115,18 +120,18 @@ class Exchange:
             except PeerGone:
                 self.failed.add(dst)
 
-    def _register(self, addr: int, n: int) -> bytes:
-        key = (addr, n)
+    def _register(self, t: torch.Tensor, n: int) -> bytes:
+        key = (t.data_ptr(), n)
         reg = self._regs.get(key)
         if reg is None:
-            seg = self.mailbox.engine.register(addr, n)
-            reg = (seg, seg.descriptor())
+            seg = self.mailbox.engine.register(key[0], n)
+            reg = (seg, seg.descriptor(), t)
             self._regs[key] = reg
         return reg[1]
 
     def release(self) -> None:
         """Unregister memory exposed for pulls (after the agreement: every reader is done)."""
-        for seg, _ in self._regs.values():
+        for seg, _, _ in self._regs.values():
             try:
                 self.mailbox.engine.unregister(seg, timeout=1.0)
             except Exception:  # noqa: BLE001 - a dead reader cannot hold it
@@ -199,7 +204,8 @@ class Exchange:
                 engine = self.mailbox.engine
                 rseg = engine.open_segment(data[wire.HEADER_SIZE :], timeout=max(0.1, self.remaining()))
                 engine.read(rseg, 0, out.data_ptr(), hdr.nbytes, timeout=max(0.1, self.remaining()))
-            except Exception:  # noqa: BLE001 - the owner died or the read timed out
+            except Exception as e:  # noqa: BLE001 - the owner died or the read timed out
+                log.debug("pull from group rank %d failed: %s", src, e)
                 self.failed.add(src)
                 return False
             faults.hit("data_recv")

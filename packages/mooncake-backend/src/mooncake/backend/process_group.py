@@ -34,6 +34,9 @@ log = logging.getLogger("mooncake.backend")
 
 _groups: "weakref.WeakSet[MooncakeProcessGroup]" = weakref.WeakSet()
 _debug = bool(__import__("os").environ.get("MOONCAKE_DEBUG"))
+if _debug:
+    logging.basicConfig()
+    log.setLevel(logging.DEBUG)
 
 
 def _done(result) -> dist.Work:
