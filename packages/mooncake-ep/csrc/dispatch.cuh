@@ -2,6 +2,11 @@
 // receive phase (wait for every live source's arrivals with a deadline, mark failed sources, pack
 // rows per expert).
 //
+// A token goes once to each destination rank that owns any of its selected experts (message
+// [src][token] of the destination's dispatch_recv), with one 8-byte index word per selection
+// (token | k << 32 at row (l, src, slot) of the index table after the messages); the receive phase
+// expands messages into expert rows through the index table (layout.py).
+//
 // Signals (see ep_params.h):
 //   - dispatch_signals[l][src] at the receiver = (tag << 32) | count: src's rows for local expert
 //     l, written for every (l, receiver) pair, zero counts included;
@@ -163,18 +168,30 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     }
     __syncthreads();
     trace_point(p.trace, 2);
+    // One message per (token, destination rank), at the destination's dispatch_recv slot
+    // [this rank][token]; each selection writes one index word (token | k << 32) at its row
+    // (l, this rank, c) of the destination's index table instead of a message of its own.
+    // s_msg[i] = the message's address for the token's first selection of that destination (the
+    // one that writes the message), null for the others and for no selection.
+    const uint64_t index_base = p.off.dispatch_recv + static_cast<uint64_t>(p.R) * p.T * p.msg_bytes;
     for (int i = tid; i < m; i += nthreads) {
       const int e = s_e[i];
+      char* msg = nullptr;
       if (e >= 0) {
         int c = s_before[e];
         for (int j = 0; j < i; ++j) c += (s_e[j] == e);
         s_slot[i] = c;
-        if constexpr (Tp::kDirectStore) {
-          const int dest = e / p.L, l = e - dest * p.L;
-          s_msg[i] = static_cast<char*>(tp.peer_ptr(
-              dest, p.off.dispatch_recv + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + c) * p.msg_bytes));
-        }
+        const int dest = e / p.L, l = e - dest * p.L;
+        const int k = i % p.K, n = n0 + i / p.K;
+        tp.put_value(dest, index_base + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + c) * 8ull,
+                     static_cast<uint64_t>(static_cast<uint32_t>(n)) | (static_cast<uint64_t>(k) << 32));
+        bool first = true;
+        for (int j = i - k; j < i; ++j) first = first && !(s_e[j] >= 0 && s_e[j] / p.L == dest);
+        if (first)
+          msg = static_cast<char*>(
+              tp.peer_ptr(dest, p.off.dispatch_recv + (static_cast<uint64_t>(p.rank) * p.T + n) * p.msg_bytes));
       }
+      s_msg[i] = msg;
     }
     trace_point(p.trace, 3);
     // Count words of every (expert, destination) pair, spread over the grid; each block's
@@ -215,7 +232,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
           if constexpr (Tp::kDirectStore) {
             // Cast once, store straight into every destination's slot.
             for (int k = 0; k < p.K; ++k)
-              if (s_e[sel0 + k] >= 0) write_dispatch_chunk(s_msg[sel0 + k], c, H, fp8, v, q, scale_inv, n, k);
+              if (s_msg[sel0 + k] != nullptr) write_dispatch_chunk(s_msg[sel0 + k], c, H, fp8, v, q, scale_inv, n, k);
           } else {
             char* msg = static_cast<char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
             write_dispatch_chunk(msg, c, H, fp8, v, q, scale_inv, n, 0);
@@ -228,11 +245,9 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         if (has) {
           const char* src = static_cast<const char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
           for (int k = 0; k < p.K; ++k) {
-            const int e = s_e[sel0 + k];
-            if (e < 0) continue;
-            const int dest = e / p.L, l = e - dest * p.L;
-            const uint64_t off =
-                p.off.dispatch_recv + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + s_slot[sel0 + k]) * p.msg_bytes;
+            if (s_msg[sel0 + k] == nullptr) continue;  // no selection, or not the destination's first
+            const int dest = s_e[sel0 + k] / p.L;
+            const uint64_t off = p.off.dispatch_recv + (static_cast<uint64_t>(p.rank) * p.T + n) * p.msg_bytes;
             tp.put(dest, off + kDispatchHeaderBytes, src + kDispatchHeaderBytes, payload_bytes, c0, tpt);
             if (c0 == 0)
               tp.put_value(dest, off, static_cast<uint64_t>(static_cast<uint32_t>(n)) | (static_cast<uint64_t>(k) << 32));
@@ -295,6 +310,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     const int row_chunks = fp8 ? H / 16 : H / 8;
     const uint64_t row_bytes = fp8 ? static_cast<uint64_t>(H) : 2ull * H;
     const char* recv_base = static_cast<const char*>(tp.local_ptr(p.off.dispatch_recv));
+    const unsigned long long* index_table =
+        reinterpret_cast<const unsigned long long*>(recv_base + static_cast<uint64_t>(p.R) * p.T * p.msg_bytes);
     // Consecutive items go to different blocks (SMs): the work spreads over the whole GPU.
     const int pieces = (row_chunks + 255) / 256;
     for (int it = (tid >> 5) * G + b; it < total * pieces; it += G * warps) {
@@ -302,7 +319,16 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       const int q = upper_index(s_pref, E, f);
       const int l = q / p.R;
       const int j = f - s_pref[l * p.R];
-      const char* msg = recv_base + (static_cast<uint64_t>(q) * p.T + (f - s_pref[q])) * p.msg_bytes;
+      // Row (l, from, f - s_pref[q]) -> (token, k) -> the token's message from that source.
+      const uint64_t word = __ldcg(index_table + static_cast<uint64_t>(q) * p.T + (f - s_pref[q]));
+      int token = static_cast<int>(static_cast<uint32_t>(word));
+      const int k = static_cast<int>(word >> 32);
+      if (token < 0 || token >= p.T) {  // cannot happen: the row's index word is this op's
+        if (lane == 0 && first == 0) atomicOr(&st->error, 4u);
+        token = 0;
+      }
+      const int from = q - l * p.R;
+      const char* msg = recv_base + (static_cast<uint64_t>(from) * p.T + token) * p.msg_bytes;
       const int4* src = reinterpret_cast<const int4*>(msg + kDispatchHeaderBytes);
       int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + (static_cast<uint64_t>(l) * RT + j) * row_bytes);
       {
@@ -316,12 +342,10 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
       if (first != 0) continue;
       if (lane == 0) {
-        const int* header = reinterpret_cast<const int*>(msg);
-        const int token = __ldcg(header), k = __ldcg(header + 1);
         p.src_info[static_cast<uint64_t>(l) * RT + j] = token;
         p.src_info[static_cast<uint64_t>(p.L) * RT + static_cast<uint64_t>(l) * RT + j] = k;
         // This rank's own tokens: where combine finds their expert outputs without a copy.
-        if (q - l * p.R == p.rank && token >= 0 && token < p.T && k >= 0 && k < kMaxTopk)
+        if (from == p.rank && k >= 0 && k < kMaxTopk)
           p.src_info[2ull * p.L * RT + static_cast<uint64_t>(token) * kMaxTopk + k] = j;
       }
       if (fp8) {

@@ -19,7 +19,8 @@ constexpr int kTracePoints = 16;  // int32 (src_token_index, topk_slot_k, 0, 0)
 struct EpState {
   uint32_t seq[4];          // tag (count) of the last op of each kind *sent* on each half (0: none)
   uint32_t blocks_done[4];  // blocks of the sending kernel finished (the last one publishes seq)
-  uint32_t error;           // sticky diagnostics: bit 1 = an arrival came without its count word
+  uint32_t error;           // sticky diagnostics: bit 1 = an arrival came without its count word,
+                            // bit 2 = a dispatched row's index word named no token of the source
   uint32_t reserved;
   uint64_t start_ns[4];     // %globaltimer at the start of the op last sent on each kind/half
 };

@@ -41,7 +41,7 @@ def test_regions_disjoint_aligned_and_inside(T: int, H: int, R: int, E: int) -> 
     assert spans[-1][1] <= layout.total_bytes == ep_buffer_size_hint(T, H, R, E)
     L = E // R
     h0, h1 = layout.halves
-    assert h0.dispatch_recv.nbytes == L * R * T * dispatch_msg_bytes(H)
+    assert h0.dispatch_recv.nbytes == R * T * dispatch_msg_bytes(H) + L * R * T * 8
     assert h0.combine_send.nbytes == L * R * T * H * 2
     assert h0.combine_recv.nbytes == T * MAX_TOPK * H * 2
     assert h1.dispatch_recv.nbytes == h0.dispatch_recv.nbytes

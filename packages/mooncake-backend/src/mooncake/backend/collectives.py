@@ -115,20 +115,27 @@ def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
     return lambda: flat.copy_(result)
 
 
-def allgather(x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor) -> Commit:
-    """``outs[r]`` receives rank r's ``t``; slots of non-members are zeroed."""
-    flat = t.reshape(-1)
-    x.send_many(x.peers, 0, flat)
+def _collect(x: Exchange, outs: Sequence[torch.Tensor], own: torch.Tensor) -> Commit:
+    """Land every peer's payload in ``outs[peer]``; the commit writes ``own`` into ``outs[me]``
+    and zeroes the slots of ranks that are not members (never stale data)."""
     x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
     members = set(x.members)
 
     def commit() -> None:
-        outs[x.me].reshape(-1).copy_(flat)
+        if outs[x.me].numel():
+            outs[x.me].reshape(-1).copy_(own.reshape(-1))
         for r, o in enumerate(outs):
             if r not in members:
                 o.zero_()
 
     return commit
+
+
+def allgather(x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor) -> Commit:
+    """``outs[r]`` receives rank r's ``t``; slots of non-members are zeroed."""
+    flat = t.reshape(-1)
+    x.send_many(x.peers, 0, flat)
+    return _collect(x, outs, flat)
 
 
 def gather(x: Exchange, outs: Optional[Sequence[torch.Tensor]], t: torch.Tensor, root: int) -> Commit:
@@ -139,16 +146,7 @@ def gather(x: Exchange, outs: Optional[Sequence[torch.Tensor]], t: torch.Tensor,
         x.send(root, 0, flat)
         return _nothing
     assert outs is not None
-    x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
-    members = set(x.members)
-
-    def commit() -> None:
-        outs[x.me].reshape(-1).copy_(flat)
-        for r, o in enumerate(outs):
-            if r not in members:
-                o.zero_()
-
-    return commit
+    return _collect(x, outs, flat)
 
 
 def scatter(x: Exchange, out: torch.Tensor, ins: Optional[Sequence[torch.Tensor]], root: int) -> Commit:
@@ -184,17 +182,7 @@ def alltoall(x: Exchange, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tens
     """``outs[r]`` receives rank r's ``ins[me]``; slots of non-members are zeroed."""
     for p in x.peers:
         x.send(p, 0, ins[p].reshape(-1))
-    x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
-    members = set(x.members)
-
-    def commit() -> None:
-        if outs[x.me].numel():
-            outs[x.me].reshape(-1).copy_(ins[x.me].reshape(-1))
-        for r, o in enumerate(outs):
-            if r not in members:
-                o.zero_()
-
-    return commit
+    return _collect(x, outs, ins[x.me])
 
 
 def barrier(x: Exchange) -> Commit:

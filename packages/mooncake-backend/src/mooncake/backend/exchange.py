@@ -227,36 +227,31 @@ class Exchange:
             self.failed.add(src)
         return ok
 
-    def recv(self, src: int, phase: int, out: Optional[torch.Tensor]) -> bool:
-        """Receive the next payload from ``src`` into ``out``; False when ``src`` failed or mismatched."""
+    def _next_data(self, src: int, phase: int) -> Optional[tuple[wire.Header, bytes]]:
+        """Next data message of this attempt from ``src``, validated; None if failed/mismatched."""
         if src in self.failed:
-            return False
+            return None
         try:
             data = self._next(src)
         except _FutureMessage:
             self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
-            return False
+            return None
         if data is None:
-            return False
+            return None
         hdr = self._accept(src, data, phase)
-        if hdr is None:
-            return False
-        return self._land(src, hdr, data, out)
+        return None if hdr is None else (hdr, data)
+
+    def recv(self, src: int, phase: int, out: Optional[torch.Tensor]) -> bool:
+        """Receive the next payload from ``src`` into ``out``; False when ``src`` failed or mismatched."""
+        got = self._next_data(src, phase)
+        return got is not None and self._land(src, got[0], got[1], out)
 
     def recv_bytes(self, src: int, phase: int) -> Optional[bytes]:
         """Receive an inline payload of unknown size (control data)."""
-        if src in self.failed:
+        got = self._next_data(src, phase)
+        if got is None:
             return None
-        try:
-            data = self._next(src)
-        except _FutureMessage:
-            self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
-            return None
-        if data is None:
-            return None
-        hdr = self._accept(src, data, phase)
-        if hdr is None:
-            return None
+        hdr, data = got
         if hdr.kind != wire.DATA_INLINE:
             if hdr.kind == wire.DATA_NEXT:
                 self._next_raw(src)

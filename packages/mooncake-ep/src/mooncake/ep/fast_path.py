@@ -732,7 +732,8 @@ class CudaP2PPath:
         logger.info("rank %d: fast path re-mapped %d peers", self.rank, self.num_ranks)
 
     def error_flags(self) -> int:
-        """Sticky diagnostic bits of the kernels (bit 0: a grid barrier hit its safety deadline)."""
+        """Sticky diagnostic bits of the kernels (value 2: a source arrived without its count word;
+        4: a dispatched row's index word named no token); 0 when all is well."""
         out = ctypes.c_uint32()
         _cuda.check(
             self._lib,

@@ -19,11 +19,16 @@ are alive at once):
 | region | shape | written by | meaning |
 | --- | --- | --- | --- |
 | ``dispatch_send`` | ``[T, msg]`` B | this rank | its tokens, cast once (FP8 or BF16) |
-| ``dispatch_recv`` | ``[L, R, T, msg]`` B | source ``r`` | ``(l, r, i)``: its ``i``-th for ``l`` |
+| ``dispatch_recv`` | ``[R, T, msg]`` B + int64 ``[L, R, T]`` | source ``r`` | see below |
 | ``dispatch_signals`` | int64 ``[L, R]`` | source ``r`` | tokens of ``r`` for ``l`` are complete |
 | ``combine_send`` | bf16 ``[L, R*T, H]`` | this rank | expert outputs (zero-copy buffer) |
 | ``combine_recv`` | bf16 ``[T, MAX_TOPK, H]`` | expert owner | row ``(n, k)``: token, slot |
 | ``combine_signals`` | int64 ``[E]`` | owner of ``e`` | expert ``e``'s rows are all in |
+
+``dispatch_recv`` holds one message per (source ``r``, token ``n``) at ``[r, n]`` (a token is sent
+once to each rank that owns any of its experts, however many of them it selected there), then the
+index table: int64 ``(l, r, i)`` = ``n | k << 32`` for source ``r``'s ``i``-th row for local expert
+``l`` (token ``n``, its top-k slot ``k``); the receiver expands messages into expert rows by it.
 
 A dispatch message (``msg = dispatch_msg_bytes(H)`` bytes, 16-byte aligned) is
 ``[header 16 B | payload]``: header int32 ``(src_token_index, topk_slot_k, 0, 0)``; payload either
@@ -43,6 +48,7 @@ REGION_ALIGNMENT = 256  # bytes: every region starts on this boundary (128-bit v
 DISPATCH_HEADER_BYTES = 16  # int32 src_token_index, int32 topk_slot_k, two reserved int32
 MESSAGE_ALIGNMENT = 16
 SIGNAL_BYTES = 8  # one int64 per signal word
+INDEX_BYTES = 8  # one int64 index word per dispatched row (token | k << 32)
 CONTROL_WORDS_PER_RANK = 4  # int64 words per peer for barriers / sequence numbers
 BF16_BYTES = 2
 FP32_BYTES = 4
@@ -118,7 +124,7 @@ def _half_layout(
     msg = dispatch_msg_bytes(hidden)
     sizes = (
         ("dispatch_send", tokens * msg),
-        ("dispatch_recv", local_experts * ranks * tokens * msg),
+        ("dispatch_recv", ranks * tokens * msg + local_experts * ranks * tokens * INDEX_BYTES),
         ("dispatch_signals", local_experts * ranks * SIGNAL_BYTES),
         ("combine_send", local_experts * ranks * tokens * hidden * BF16_BYTES),
         ("combine_recv", tokens * MAX_TOPK * hidden * BF16_BYTES),
