@@ -252,3 +252,17 @@ def empty_splits_body(rank, world, port):
     exp = torch.cat([torch.full((out_splits[s], W), s, dtype=torch.uint8) for s in range(world)])
     assert torch.equal(out, exp), (out, exp)
     return out.shape[0]
+
+
+def coalesced_large_body(rank: int, world: int, port: int):
+    """Several large tensors in one coalesced all_reduce must not share scratch buffers."""
+    init(rank, world, port)
+    ts = [torch.full((300000,), float((rank + 1) * (k + 1))) for k in range(3)]
+    for _ in range(2):
+        for k, t in enumerate(ts):
+            t.fill_(float((rank + 1) * (k + 1)))
+        dist.all_reduce_coalesced(ts)
+        tot = world * (world + 1) / 2
+        for k, t in enumerate(ts):
+            assert torch.all(t == tot * (k + 1)), f"tensor {k}: {t[0]} != {tot * (k + 1)}"
+    return True

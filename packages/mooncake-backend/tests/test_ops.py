@@ -23,3 +23,10 @@ def test_all_to_all_single_with_empty_inputs_and_outputs():
 
     res = run_world(empty_splits_body, 4, timeout=100)
     assert res == {0: 3, 1: 0, 2: 3, 3: 3}
+
+
+@pytest.mark.timeout(120)
+def test_coalesced_large_tensors():
+    from ops_cases import coalesced_large_body
+
+    assert all(run_world(coalesced_large_body, 3, timeout=100).values())

@@ -68,10 +68,11 @@ def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
     for p in x.peers:
         s, n = chunks[idx[p]]
         x.send(p, 0, flat[s : s + n])
-    bufs = {p: torch.empty(my_size, dtype=flat.dtype) for p in x.peers}
+    scope = x.scratch_scope()
+    bufs = {p: x.scratch.get(f"{scope}rs{i}", my_size, flat.dtype) for i, p in enumerate(x.peers)}
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     mine = flat[my_start : my_start + my_size]
-    result = torch.empty_like(flat)
+    result = x.scratch.get(f"{scope}result", flat.numel(), flat.dtype)
     my_out = result[my_start : my_start + my_size]
     if len(got) == len(x.peers):
         parts = [mine if r == x.me else bufs[r] for r in members]

@@ -69,6 +69,14 @@ class Exchange:
         # (addr, nbytes) -> (segment, descriptor, tensor): the tensor reference keeps the memory
         # alive until release(), even when the algorithm that sent it has returned.
         self._regs: dict[tuple[int, int], tuple[object, bytes, torch.Tensor]] = {}
+        self.scratch: "ScratchPool" = _NO_POOL
+        self._scopes = 0
+
+    def scratch_scope(self) -> str:
+        """A fresh name prefix for scratch buffers: one per algorithm call within this op, so
+        coalesced ops never share a buffer."""
+        self._scopes += 1
+        return f"s{self._scopes}."
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -294,6 +302,28 @@ class Exchange:
             if self._land(src, hdr, data, out):
                 got.add(src)
         return got
+
+
+class ScratchPool:
+    """Per-group reusable host buffers for large ops: fresh allocations of tens of MiB cost
+    page faults on every op. Buffers are only used within one op (ops of a group are serial,
+    and the agreement ends every peer's reads before the op returns)."""
+
+    def __init__(self, min_bytes: int = 1 << 20) -> None:
+        self.min_bytes = min_bytes
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes < self.min_bytes:
+            return torch.empty(numel, dtype=dtype)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
+
+
+_NO_POOL = ScratchPool(min_bytes=1 << 62)
 
 
 class _FutureMessage(Exception):

@@ -22,7 +22,7 @@ from . import collectives as algo
 from . import faults, wire
 from .agreement import agree
 from .errors import EvictedError, OpMismatchError, RankFailureError
-from .exchange import Exchange
+from .exchange import Exchange, ScratchPool
 from .membership import Membership
 from .options import MooncakeBackendOptions
 from .reduce_ops import check_op, op_name
@@ -87,6 +87,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._recv_pool: Optional[object] = None
         self._seq = 0
         self._sigs: dict = {}
+        self._scratch = ScratchPool()
         self._evicted = False
         cap = self._opts.max_world_size or size
         if cap < size:
@@ -181,6 +182,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 self._world.mailbox, self.membership.names, self._tag, seq, attempt, members,
                 self._rank, time.monotonic() + self._op_timeout(), sig,
             )
+            x.scratch = self._scratch
             try:
                 commit = body(x)
                 if len(members) > 1:

@@ -42,13 +42,23 @@ def check_op(name: str, dtype: torch.dtype) -> None:
         raise ValueError(f"reduce op {name} is not defined for complex dtype {dtype}")
 
 
+_BINARY = {"SUM": torch.add, "AVG": torch.add, "PRODUCT": torch.mul, "MIN": torch.minimum,
+           "MAX": torch.maximum, "BAND": torch.bitwise_and, "BOR": torch.bitwise_or,
+           "BXOR": torch.bitwise_xor}
+
+
 def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values."""
-    if acc.data_ptr() != parts[0].data_ptr():
-        acc.copy_(parts[0])
     fp8 = acc.dtype in _FP8
+    rest = parts[1:]
+    if (not fp8 and acc.dtype != torch.bool and rest and acc.data_ptr() != parts[0].data_ptr()
+            and all(p.data_ptr() != acc.data_ptr() for p in rest)):
+        _BINARY[name](parts[0], rest[0], out=acc)  # first pair in one pass, no copy
+        rest = rest[1:]
+    elif acc.data_ptr() != parts[0].data_ptr():
+        acc.copy_(parts[0])
     work = acc.float() if fp8 else acc
-    for p in parts[1:]:
+    for p in rest:
         p = p.float() if fp8 else p
         if name in ("SUM", "AVG"):
             if work.dtype == torch.bool:
