@@ -94,7 +94,7 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     if x.me == root:
         x.send_many(x.peers, 0, flat)
         return _nothing
-    tmp = torch.empty_like(flat)
+    tmp = x.scratch.get(x.scratch_scope() + "bcast", flat.numel(), flat.dtype)
     if not x.recv(root, 0, tmp):
         return _nothing
     return lambda: flat.copy_(tmp)
@@ -107,12 +107,13 @@ def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
     if x.me != root:
         x.send(root, 0, flat)
         return _nothing
-    bufs = {p: torch.empty_like(flat) for p in x.peers}
+    scope = x.scratch_scope()
+    bufs = {p: x.scratch.get(f"{scope}{j}", flat.numel(), flat.dtype) for j, p in enumerate(x.peers)}
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     if len(got) != len(x.peers):
         return _nothing
     parts = [flat if r == x.me else bufs[r] for r in x.members]
-    result = reduce_into(torch.empty_like(flat), parts, op)
+    result = reduce_into(x.scratch.get(f"{scope}out", flat.numel(), flat.dtype), parts, op)
     return lambda: flat.copy_(result)
 
 
@@ -159,7 +160,7 @@ def scatter(x: Exchange, out: torch.Tensor, ins: Optional[Sequence[torch.Tensor]
         for p in x.peers:
             x.send(p, 0, ins[p].reshape(-1))
         return lambda: flat.copy_(ins[x.me].reshape(-1))
-    tmp = torch.empty_like(flat)
+    tmp = x.scratch.get(x.scratch_scope() + "scatter", flat.numel(), flat.dtype)
     if not x.recv(root, 0, tmp):
         return _nothing
     return lambda: flat.copy_(tmp)
@@ -170,12 +171,13 @@ def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], 
     flat = out.reshape(-1)
     for p in x.peers:
         x.send(p, 0, ins[p].reshape(-1))
-    bufs = {p: torch.empty_like(flat) for p in x.peers}
+    scope = x.scratch_scope()
+    bufs = {p: x.scratch.get(f"{scope}{i}", flat.numel(), flat.dtype) for i, p in enumerate(x.peers)}
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     if len(got) != len(x.peers):
         return _nothing
     parts = [ins[x.me].reshape(-1) if r == x.me else bufs[r] for r in x.members]
-    result = reduce_into(torch.empty_like(flat), parts, op)
+    result = reduce_into(x.scratch.get(f"{scope}out", flat.numel(), flat.dtype), parts, op)
     return lambda: flat.copy_(result)
 
 
