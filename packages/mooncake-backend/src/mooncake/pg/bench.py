@@ -153,6 +153,8 @@ def _fault_member(rank, world, port, q, stop_evt_name, hb_timeout):
         _init(rank, world, port, "mooncake-cpu", heartbeat_timeout=hb_timeout)
         t = torch.ones(256)
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+        dist.barrier()
+        q.put(("ready", rank))
         _serve(rank, world, q, t, backend, pg, dist)
     except BaseException as e:  # noqa: BLE001
         import traceback
@@ -283,6 +285,14 @@ def run_fault(args) -> dict:
              for r in range(world)}
     for p in procs.values():
         p.start()
+    ready: set = set()
+    deadline = time.monotonic() + 120
+    while len(ready) < world:
+        msg = q.get(timeout=max(1.0, deadline - time.monotonic()))
+        if msg[0] == "error":
+            raise RuntimeError(msg[1])
+        if msg[0] == "ready":
+            ready.add(msg[1])
     time.sleep(args.settle)
     results = {"mode": args.fault, "world": world, "victim": victim, "trials": []}
     try:
@@ -357,7 +367,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--victim", type=int, default=None)
     ap.add_argument("--heartbeat-timeout", type=float, default=1.0)
-    ap.add_argument("--settle", type=float, default=2.0)
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds of serving before the first fault")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json")
     ap.add_argument("--plot")
