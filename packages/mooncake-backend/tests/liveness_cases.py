@@ -54,3 +54,13 @@ def stopped_rank_body(rank: int, world: int, port: int, victim: int, ready_path:
             break
         time.sleep(0.002)
     return t_excluded
+def idle_cpu_body(rank, world, port):
+    import os, time, torch, torch.distributed as dist
+    from harness import init
+    init(rank, world, port)
+    dist.all_reduce(torch.ones(4))
+    t0 = time.process_time(); w0 = time.monotonic()
+    time.sleep(5.0)
+    cpu = time.process_time() - t0
+    dist.barrier()
+    return 100.0 * cpu / (time.monotonic() - w0)

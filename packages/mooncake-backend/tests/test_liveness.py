@@ -47,3 +47,11 @@ def test_sigstop_is_failed_at_heartbeat_timeout(tmp_path):
         dt = t_excl - t_stop
         # DEAD at the heartbeat timeout (+20%), plus the op's agreement and scheduling slack
         assert hb * 0.8 <= dt <= hb * 1.2 + 0.3, f"rank {r}: excluded {dt:.3f} s after SIGSTOP"
+
+
+@pytest.mark.timeout(120)
+def test_idle_rank_uses_under_2_percent_of_a_core():
+    from liveness_cases import idle_cpu_body
+
+    res = run_world(idle_cpu_body, 4, timeout=100)
+    assert all(pct < 2.0 for pct in res.values()), res

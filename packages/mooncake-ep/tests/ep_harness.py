@@ -13,7 +13,6 @@ import importlib
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -26,12 +25,6 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # Backend of the non-fault tests: ours (mooncake-cpu) by default; MOONCAKE_EP_TEST_BACKEND=gloo (or
 # any other torch.distributed backend) runs them on that one instead.
 TEST_BACKEND = os.environ.get("MOONCAKE_EP_TEST_BACKEND", "mooncake-cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -126,17 +119,9 @@ def start_world(
     backend: str = TEST_BACKEND,
     env: Optional[dict] = None,
 ) -> World:
-    import torch.distributed as dist
+    from mooncake.ep.bench import _host_store  # the benchmark spawns its ranks the same way
 
-    port = free_port()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        world_size=None,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=120),
-    )
+    port, store = _host_store()
     world = World(
         world_size, outdir=tempfile.mkdtemp(prefix="mooncake-ep-test-"), store=store, port=port
     )

@@ -42,6 +42,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _host_store() -> tuple[int, dist.TCPStore]:
+    """A TCP store hosted by this process on a free local port, for ranks spawned here to join."""
+    port = _free_port()
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size=None,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=120),
+    )
+    return port, store
+
+
 def _default_backend(device: str) -> str:
     try:
         import mooncake.pg  # noqa: F401 - registers the backend
@@ -447,15 +461,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    port = _free_port()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        world_size=None,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=120),
-    )
+    port, store = _host_store()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [

@@ -156,6 +156,19 @@ class Buffer:
         hint = next((t.device for t in (x, active_ranks) if isinstance(t, torch.Tensor)), None)
         reject(op, exc, hint, timeout_us)
 
+    @staticmethod
+    def _remember_valid(cache: dict[tuple, bool], key: Optional[tuple], x: Any) -> bool:
+        """After a full validation: whether the expert ids still need a per-call value check,
+        remembered under the argument signature ``key`` (None: not cacheable)."""
+        # Expert ids are checked per call where that is free (on the host); the portable path
+        # checks CUDA inputs itself, the fast path ignores ids outside [0, E).
+        check_values = x.device.type == "cpu"
+        if key is not None:
+            if len(cache) >= _MAX_SIGNATURES:
+                cache.clear()
+            cache[key] = check_values
+        return check_values
+
     def _validate_dispatch(
         self,
         x: Any,
@@ -364,13 +377,7 @@ class Buffer:
                     x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
                     async_finish, return_recv_hook, stats,
                 )  # fmt: skip
-                # Expert ids are checked per call where that is free (on the host); the portable
-                # path checks CUDA inputs itself, the fast path ignores ids outside [0, E).
-                check_values = x.device.type == "cpu"
-                if key is not None:
-                    if len(self._dispatch_ok) >= _MAX_SIGNATURES:
-                        self._dispatch_ok.clear()
-                    self._dispatch_ok[key] = check_values
+                check_values = self._remember_valid(self._dispatch_ok, key, x)
             if check_values:
                 check_topk_values(topk_idx, E)
         except (TypeError, ValueError) as exc:
@@ -464,11 +471,7 @@ class Buffer:
                     x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
                     async_finish, return_recv_hook, out,
                 )  # fmt: skip
-                check_values = x.device.type == "cpu"
-                if key is not None:
-                    if len(self._combine_ok) >= _MAX_SIGNATURES:
-                        self._combine_ok.clear()
-                    self._combine_ok[key] = check_values
+                check_values = self._remember_valid(self._combine_ok, key, x)
             if check_values:
                 check_topk_values(topk_idx, handle[4])
         except (TypeError, ValueError) as exc:

@@ -109,6 +109,20 @@ def main(argv: Any = None) -> int:
             out[2]()
         return recv, out
 
+    def e2e_times() -> list[float]:
+        """Per iteration, the CUDA-event us around ``pair(False)``, L2 flushed first."""
+        times = []
+        for _ in range(args.iters):
+            flush.zero_()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pair(False)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return times
+
     # Warm-up and a sanity check against the identity expert (combine = x * sum(weights) for BF16).
     for _ in range(5):
         pair(False)
@@ -141,16 +155,7 @@ def main(argv: Any = None) -> int:
             results["combine_us"] = statistics.median(c)
             results["combine_mean_us"] = statistics.mean(c)
 
-    e2e = []
-    for _ in range(args.iters):
-        flush.zero_()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        pair(False)
-        end.record()
-        end.synchronize()
-        e2e.append(start.elapsed_time(end) * 1e3)
+    e2e = e2e_times()
     results["e2e_mean_us"] = statistics.mean(e2e)
     results["e2e_median_us"] = statistics.median(e2e)
     results["e2e_best_us"] = min(e2e)
@@ -223,37 +228,27 @@ def main(argv: Any = None) -> int:
     lib, ctx = path._lib, path._ctx
     empty_args = (ctypes.c_int64 * len(path._dargs))(*path._dargs)
     empty_args[16] = 0
+
+    def launch_times() -> list[float]:
+        """Per iteration, host us of launching the empty dispatch kernel."""
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            lib.mep_dispatch(ctx, empty_args, len(empty_args))
+            times.append((time.perf_counter() - t0) * 1e6)
+        return times
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.iters):
             lib.mep_dispatch(ctx, empty_args, len(empty_args))
         torch.cuda.synchronize()
     results["empty_kernel_us"] = statistics.median(_kernel_times(prof, "dispatch_kernel"))
-    launch = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        lib.mep_dispatch(ctx, empty_args, len(empty_args))
-        launch.append((time.perf_counter() - t0) * 1e6)
-    results["launch_host_us"] = statistics.median(launch)
+    results["launch_host_us"] = statistics.median(launch_times())
     # Non-cooperative launches, for comparison (host cost of the launch and end-to-end time).
     lib.mep_ctx_set_cooperative(ctx, 0)
     torch.cuda.synchronize()
-    launch = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        lib.mep_dispatch(ctx, empty_args, len(empty_args))
-        launch.append((time.perf_counter() - t0) * 1e6)
-    results["launch_host_noncoop_us"] = statistics.median(launch)
-    e2e_nc = []
-    for _ in range(args.iters):
-        flush.zero_()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        pair(False)
-        end.record()
-        end.synchronize()
-        e2e_nc.append(start.elapsed_time(end) * 1e3)
-    results["e2e_noncoop_median_us"] = statistics.median(e2e_nc)
+    results["launch_host_noncoop_us"] = statistics.median(launch_times())
+    results["e2e_noncoop_median_us"] = statistics.median(e2e_times())
     lib.mep_ctx_set_cooperative(ctx, 1)
     torch.cuda.synchronize()
 
