@@ -145,3 +145,65 @@ def _survivor_then_victim(rank, world, port, victims):
     """Survives the first failure, helps recover it, then dies (second of two failures)."""
     active = init(rank, world, port, timeout_s=30.0)
     serve_and_recover(world, active, victims, 0, die_after=0)
+
+
+def sub_survivor(rank: int, world: int, port: int, victim: int):
+    """A subgroup containing the victim recovers with WORLD; the joiner re-creates it."""
+    from mooncake import pg
+
+    active = init(rank, world, port, timeout_s=30.0)
+    sub = dist.new_group([victim, 0])  # any member order
+    if rank in (0, victim):
+        t = torch.ones(4)
+        dist.all_reduce(t, group=sub)
+        assert torch.all(t == 2)
+    while active[victim] == 1:
+        dist.all_reduce(torch.ones(4))
+        time.sleep(0.005)
+    if rank == 0:  # the subgroup notices too (op completes among its survivors)
+        t = torch.full((4,), 5.0)
+        dist.all_reduce(t, group=sub)
+        assert torch.all(t == 5.0)
+    backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+    while True:
+        (ready,) = pg.get_peer_state(backend, [victim])
+        if ready:
+            pg.recover_ranks(backend, [victim])
+            break
+        dist.all_reduce(torch.ones(4))
+    _full_world_check(world, 3)
+    if rank == 0:
+        t = torch.full((4,), 3.0)
+        dist.all_reduce(t, group=sub)
+        assert torch.all(t == 3.0 + 7.0), f"subgroup after recovery: {t}"
+    dist.barrier()
+    return True
+
+
+def sub_victim(rank: int, world: int, port: int, victim: int):
+    init(rank, world, port, timeout_s=30.0)
+    sub = dist.new_group([victim, 0])
+    t = torch.ones(4)
+    dist.all_reduce(t, group=sub)
+    for _ in range(3):
+        dist.all_reduce(torch.ones(4))
+    os.kill(os.getpid(), 9)
+
+
+def sub_joiner(rank: int, world: int, port: int, victim: int):
+    from mooncake import pg
+
+    from harness import client_store
+
+    dist.init_process_group(
+        backend="mooncake-cpu", store=client_store(port), rank=rank, world_size=world,
+        pg_options=pg.MooncakeBackendOptions(torch.ones(world, dtype=torch.int32), is_extension=True),
+    )
+    pg.join_group(timeout=30)
+    sub = dist.new_group([victim, 0])  # re-created in the same order as the survivors did
+    _full_world_check(world, 3)
+    t = torch.full((4,), 7.0)
+    dist.all_reduce(t, group=sub)
+    assert torch.all(t == 10.0), f"joiner subgroup all_reduce: {t}"
+    dist.barrier()
+    return True

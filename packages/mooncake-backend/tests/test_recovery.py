@@ -52,3 +52,19 @@ def test_growth_from_2_to_4():
     for k, (status, detail) in res.items():
         assert status == "ok", f"{k} {status}:\n{detail}"
         assert detail == [1, 1, 1, 1]
+
+
+@pytest.mark.timeout(180)
+def test_subgroup_recovers_with_world():
+    from recovery_cases import sub_joiner, sub_survivor, sub_victim
+
+    world, v = 3, 2
+    with Ranks(timeout=150) as rk:
+        for r in range(world):
+            rk.start(sub_victim if r == v else sub_survivor, r, world, v, key=(r, 0))
+        rk.procs[(v, 0)].join(timeout=60)
+        assert rk.procs[(v, 0)].exitcode == -9
+        rk.start(sub_joiner, v, world, v, key=(v, 1))
+        res = rk.collect([(0, 0), (1, 0), (v, 1)])
+    for k, (status, detail) in res.items():
+        assert status == "ok", f"{k} {status}:\n{detail}"

@@ -52,6 +52,7 @@ class Membership:
         group_id: str,
     ) -> None:
         self.pg = pg
+        pg.membership = self  # an admission adopted below already publishes through the group
         self.store = store
         self.root_store = _root_store(store)
         self.group_id = group_id
