@@ -117,6 +117,7 @@ class Membership:
             return True
         pending = getattr(self, "_pending_peer", None)
         data = None
+        sender = pending
         if pending is not None:
             data = self.world.mailbox.recv(pending, self.admit_tag, 0.0)
             self._pending_peer = None
@@ -124,7 +125,7 @@ class Membership:
             n = self.world.engine.recv_notify(None, self.admit_tag, max(0.0, timeout))
             if n is None:
                 return False
-            data = n.data
+            data, sender = n.data, n.peer
         msg = json.loads(data.decode())
         deadline = time.monotonic() + max(5.0, self.pg._timeout)
         names = {}
@@ -140,8 +141,23 @@ class Membership:
         self.pg._seq = int(msg["seq"])
         self.admitted = True
         self.pg._publish(force=True)
+        if self.pg._opts.is_extension:
+            self._drain_admits(sender)
         log.info("group %s: admitted as rank %d at op %d", self.pg._gid, self.rank, self.pg._seq)
         return True
+
+    def _drain_admits(self, first: Optional[str]) -> None:
+        """Read every other survivor's copy of the WORLD ADMIT. Each survivor sends the ADMITs of
+        its subgroups before it, so afterwards every subgroup ADMIT is queued here and a subgroup
+        the joiner re-creates finds its state at once."""
+        deadline = time.monotonic() + max(5.0, min(self.pg._timeout, 30.0))
+        for r, name in self.names.items():
+            if r == self.rank or name == first:
+                continue
+            try:
+                self.world.mailbox.recv(name, self.admit_tag, max(0.0, deadline - time.monotonic()))
+            except PeerGone:
+                pass
 
     def wait_admission(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -67,6 +67,9 @@ def recover(pg: "MooncakeProcessGroup", ranks: Sequence[int], extent: int, timeo
                 ok[:] = [ready, any(d["late"] for d in decoded)]
                 if ready:
                     addrs.update({r: first[str(r)] for r in ranks})
+                    # Subgroup ADMITs first: on each connection they then precede this rank's
+                    # WORLD ADMIT, and the joiner waits for every survivor's WORLD ADMIT.
+                    _admit_subgroups(pg, ranks, addrs)
                     pg.membership.admit(ranks, addrs, extent)
 
             return commit
@@ -74,7 +77,6 @@ def recover(pg: "MooncakeProcessGroup", ranks: Sequence[int], extent: int, timeo
         pg.run_op("recover", tuple(ranks), body)
         if ok and ok[0]:
             pg._publish(force=True)
-            _admit_subgroups(pg, ranks, addrs)
             return
         if ok and ok[1]:
             raise JoinTimeoutError(f"ranks {ranks} did not become ready within {timeout:.1f} s")
