@@ -142,17 +142,18 @@ class Membership:
         self.admitted = True
         self.pg._publish(force=True)
         if self.pg._opts.is_extension:
-            self._drain_admits(sender)
+            self._drain_admits(sender, msg.get("admitters", []))
         log.info("group %s: admitted as rank %d at op %d", self.pg._gid, self.rank, self.pg._seq)
         return True
 
-    def _drain_admits(self, first: Optional[str]) -> None:
-        """Read every other survivor's copy of the WORLD ADMIT. Each survivor sends the ADMITs of
-        its subgroups before it, so afterwards every subgroup ADMIT is queued here and a subgroup
-        the joiner re-creates finds its state at once."""
+    def _drain_admits(self, first: Optional[str], admitters: Sequence[int]) -> None:
+        """Read every other admitter's copy of the WORLD ADMIT (joiners admitted at the same op
+        send none). Each admitter sends the ADMITs of its subgroups before it, so afterwards every
+        subgroup ADMIT is queued here and a subgroup the joiner re-creates finds its state."""
         deadline = time.monotonic() + max(5.0, min(self.pg._timeout, 30.0))
-        for r, name in self.names.items():
-            if r == self.rank or name == first:
+        for r in admitters:
+            name = self.names.get(r)
+            if r == self.rank or name is None or name == first:
                 continue
             try:
                 self.world.mailbox.recv(name, self.admit_tag, max(0.0, deadline - time.monotonic()))
@@ -190,6 +191,7 @@ class Membership:
 
     def admit(self, ranks: Sequence[int], addrs: dict[int, str], extent: int) -> None:
         """Commit point of ``recover``: add ``ranks`` and tell them the group's state."""
+        admitters = sorted(self.members - set(ranks))  # every one of them sends this ADMIT
         for r in ranks:
             old = self.names.get(r)
             new = addrs[r].split("|", 1)[0]
@@ -203,6 +205,7 @@ class Membership:
             "seq": self.pg._seq,
             "extent": self.extent,
             "members": sorted(self.members),
+            "admitters": admitters,
             "addrs": {str(r): self._address_of(r, addrs) for r in sorted(self.members)},
         }
         payload = json.dumps(state).encode()
