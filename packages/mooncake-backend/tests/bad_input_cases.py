@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from harness import client_store, init
 
 
@@ -30,10 +29,20 @@ def mismatches(rank: int, world: int, port: int):
     errs.append(_expect(pg.OpMismatchError, lambda: dist.all_reduce(t)))
     # reduce-op mismatch
     t = torch.ones(10)
-    errs.append(_expect(pg.OpMismatchError, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM if rank else dist.ReduceOp.MAX)))
+    errs.append(
+        _expect(
+            pg.OpMismatchError,
+            lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM if rank else dist.ReduceOp.MAX),
+        )
+    )
     # different collectives
     t = torch.ones(10)
-    errs.append(_expect(pg.OpMismatchError, lambda: dist.all_reduce(t) if rank == 0 else dist.broadcast(t, src=0)))
+    errs.append(
+        _expect(
+            pg.OpMismatchError,
+            lambda: dist.all_reduce(t) if rank == 0 else dist.broadcast(t, src=0),
+        )
+    )
     # large shape mismatch (bulk path)
     t = torch.ones(100000 + rank)
     errs.append(_expect(pg.OpMismatchError, lambda: dist.all_reduce(t)))
@@ -48,8 +57,16 @@ def mismatches(rank: int, world: int, port: int):
     meta = torch.ones(4, device="meta")
     _expect(ValueError, lambda: dist.all_reduce(meta), "meta")
     _expect(ValueError, lambda: dist.broadcast(torch.ones(2), src=world + 3), "root rank")
-    _expect(ValueError, lambda: dist.all_gather([torch.ones(2)] * (world + 1), torch.ones(2)), "ranks")
-    _expect(ValueError, lambda: dist.all_to_all_single(torch.ones(world), torch.ones(world), [1] * world, [2] * world), "split")
+    _expect(
+        ValueError, lambda: dist.all_gather([torch.ones(2)] * (world + 1), torch.ones(2)), "ranks"
+    )
+    _expect(
+        ValueError,
+        lambda: dist.all_to_all_single(
+            torch.ones(world), torch.ones(world), [1] * world, [2] * world
+        ),
+        "split",
+    )
     _expect(ValueError, lambda: dist.all_reduce(torch.ones(2), op=dist.ReduceOp.BAND), "BAND")
     t = torch.ones(10)
     dist.all_reduce(t)
@@ -64,7 +81,10 @@ def wrong_active_ranks_size(rank: int, world: int, port: int):
     msg = _expect(
         ValueError,
         lambda: dist.init_process_group(
-            backend="mooncake-cpu", store=client_store(port), rank=rank, world_size=world,
+            backend="mooncake-cpu",
+            store=client_store(port),
+            rank=rank,
+            world_size=world,
             pg_options=pg.MooncakeBackendOptions(torch.ones(world + 1, dtype=torch.int32)),
         ),
         "active_ranks",

@@ -7,7 +7,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import client_store
 
 
@@ -18,8 +17,14 @@ def _init(rank, world, port):
 
     torch.cuda.set_device(0)
     active = torch.ones(world, dtype=torch.int32, device="cuda")
-    dist.init_process_group(backend="mooncake", store=client_store(port), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60), pg_options=pg.MooncakeBackendOptions(active))
+    dist.init_process_group(
+        backend="mooncake",
+        store=client_store(port),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+        pg_options=pg.MooncakeBackendOptions(active),
+    )
     return active
 
 
@@ -39,7 +44,9 @@ def cuda_ops(rank, world, port):
         inp = torch.arange(world * 4, device="cuda", dtype=torch.int64) + 100 * rank
         out = torch.empty_like(inp)
         dist.all_to_all_single(out, inp)
-        exp = torch.cat([torch.arange(rank * 4, rank * 4 + 4, device="cuda") + 100 * s for s in range(world)])
+        exp = torch.cat(
+            [torch.arange(rank * 4, rank * 4 + 4, device="cuda") + 100 * s for s in range(world)]
+        )
         assert torch.equal(out, exp)
         checks += 4
     assert active.device.type == "cuda" and active.tolist() == [1] * world

@@ -6,7 +6,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import init
 
 
@@ -14,8 +13,16 @@ def mask_of(active: torch.Tensor) -> int:
     return sum(1 << r for r, a in enumerate(active.tolist()) if a)
 
 
-def allreduce_loop(rank: int, world: int, port: int, iters: int, sizes: tuple, ops: tuple, pace: float = 0.0,
-                   ready_path: str = ""):
+def allreduce_loop(
+    rank: int,
+    world: int,
+    port: int,
+    iters: int,
+    sizes: tuple,
+    ops: tuple,
+    pace: float = 0.0,
+    ready_path: str = "",
+):
     """Each op's result must be the bitmask of the contributors = active_ranks after the op."""
     active = init(rank, world, port, timeout_s=30.0)
     if ready_path:

@@ -48,7 +48,7 @@ def _child(fn: Callable, rank: int, world: int, port: int, q, args: tuple, env: 
     try:
         res = fn(rank, world, port, *args)
         q.put((rank, "ok", res))
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:
         q.put((rank, "error", traceback.format_exc()))
 
 
@@ -63,9 +63,19 @@ class Ranks:
         self.results: dict[Any, tuple[str, Any]] = {}
         self.deadline = time.monotonic() + timeout
 
-    def start(self, fn: Callable, rank: int, world: int, *args, key: Any = None, env: Optional[dict] = None):
+    def start(
+        self,
+        fn: Callable,
+        rank: int,
+        world: int,
+        *args,
+        key: Any = None,
+        env: Optional[dict] = None,
+    ):
         p = self.ctx.Process(
-            target=_child, args=(fn, rank, world, self.store.port, self.q, args, env or {}), daemon=True
+            target=_child,
+            args=(fn, rank, world, self.store.port, self.q, args, env or {}),
+            daemon=True,
         )
         p.start()
         self.procs[rank if key is None else key] = p
@@ -79,7 +89,9 @@ class Ranks:
         while keys - set(self.results):
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"ranks {sorted(map(str, keys - set(self.results)))} did not finish")
+                raise TimeoutError(
+                    f"ranks {sorted(map(str, keys - set(self.results)))} did not finish"
+                )
             try:
                 rank, status, res = self.q.get(timeout=min(left, 0.5))
             except queue.Empty:
@@ -99,7 +111,9 @@ class Ranks:
     def _record(self, rank, status, res) -> None:
         key = rank
         for k, p in self.procs.items():
-            if k == rank or (isinstance(k, tuple) and k[0] == rank and k not in self.results and p.is_alive()):
+            if k == rank or (
+                isinstance(k, tuple) and k[0] == rank and k not in self.results and p.is_alive()
+            ):
                 key = k
         self.results[key] = (status, res)
 
@@ -110,14 +124,16 @@ class Ranks:
         for p in self.procs.values():
             p.join(timeout=5)
 
-    def __enter__(self) -> "Ranks":
+    def __enter__(self) -> Ranks:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def run_world(fn: Callable, world: int, *args, timeout: float = 120.0, env: Optional[dict] = None) -> dict:
+def run_world(
+    fn: Callable, world: int, *args, timeout: float = 120.0, env: Optional[dict] = None
+) -> dict:
     """Run ``fn`` on ranks 0..world-1; raise with the first failure's traceback."""
     with Ranks(timeout=timeout) as r:
         for rank in range(world):
@@ -130,7 +146,9 @@ def run_world(fn: Callable, world: int, *args, timeout: float = 120.0, env: Opti
     return {k: v[1] for k, v in res.items()}
 
 
-def init(rank: int, world: int, port: int, backend: str = "mooncake-cpu", timeout_s: float = 60.0, **opts):
+def init(
+    rank: int, world: int, port: int, backend: str = "mooncake-cpu", timeout_s: float = 60.0, **opts
+):
     """init_process_group over the harness store; returns the active_ranks tensor."""
     from datetime import timedelta
 

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.distributed as dist
-
 from harness import init
 
 
@@ -14,7 +12,10 @@ def init_method_body(rank: int, world: int, port: int, method: str):
     from mooncake import pg
 
     dist.init_process_group(
-        backend="mooncake-cpu", init_method=method, rank=rank, world_size=world,
+        backend="mooncake-cpu",
+        init_method=method,
+        rank=rank,
+        world_size=world,
         pg_options=pg.MooncakeBackendOptions(torch.ones(world, dtype=torch.int32)),
     )
     t = torch.full((10,), float(rank + 1))
@@ -54,12 +55,19 @@ def stopped_rank_body(rank: int, world: int, port: int, victim: int, ready_path:
             break
         time.sleep(0.002)
     return t_excluded
+
+
 def idle_cpu_body(rank, world, port):
-    import os, time, torch, torch.distributed as dist
+    import time
+
+    import torch
+    import torch.distributed as dist
     from harness import init
+
     init(rank, world, port)
     dist.all_reduce(torch.ones(4))
-    t0 = time.process_time(); w0 = time.monotonic()
+    t0 = time.process_time()
+    w0 = time.monotonic()
     time.sleep(5.0)
     cpu = time.process_time() - t0
     dist.barrier()

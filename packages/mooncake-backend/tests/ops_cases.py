@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from harness import init
 
 REDUCE_OPS = {
@@ -21,7 +20,15 @@ REDUCE_OPS = {
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INTS = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
 MOVE_ONLY = [torch.bool, torch.complex64, torch.float8_e4m3fn]
-GLOO_REDUCE = {torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.int8, torch.uint8}
+GLOO_REDUCE = {
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.int32,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+}
 
 
 def data(rank: int, n: int, dtype: torch.dtype, op: str = "SUM") -> torch.Tensor:
@@ -59,7 +66,9 @@ def reference(world: int, n: int, dtype: torch.dtype, op: str) -> torch.Tensor:
         elif op == "BXOR":
             acc = acc ^ p
     if op == "AVG":
-        acc = acc / world if dtype.is_floating_point else torch.div(acc, world, rounding_mode="trunc")
+        acc = (
+            acc / world if dtype.is_floating_point else torch.div(acc, world, rounding_mode="trunc")
+        )
     return acc.to(dtype)
 
 
@@ -70,7 +79,9 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
 
     def same(a, b, what):
         nonlocal checks
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
         if a.dtype.is_floating_point and a.dtype.itemsize == 1:
             a, b = a.float(), b.float()
         assert torch.equal(a, b), f"{what}: mismatch\n{a[:8]}\n{b[:8]}"
@@ -84,12 +95,18 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
                     continue
                 if dtype == torch.bool and opname in ("AVG",):
                     continue
-                if opname == "PRODUCT" and dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8) and world > 4:
+                if (
+                    opname == "PRODUCT"
+                    and dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8)
+                    and world > 4
+                ):
                     continue  # 2**8 overflows
                 t = data(rank, n, dtype, opname)
                 dist.all_reduce(t, op=op)
                 if dtype != torch.bool:
-                    same(t, reference(world, n, dtype, opname), f"all_reduce {opname} {dtype} n={n}")
+                    same(
+                        t, reference(world, n, dtype, opname), f"all_reduce {opname} {dtype} n={n}"
+                    )
                 if dtype in GLOO_REDUCE and opname not in ("AVG", "BAND", "BOR", "BXOR"):
                     g = data(rank, n, dtype, opname)
                     dist.all_reduce(g, op=op, group=gloo)
@@ -110,7 +127,11 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
                 same(outs[r], data(r, n, dtype), f"all_gather {dtype}")
             big = torch.empty(world * n, dtype=dtype)
             dist.all_gather_into_tensor(big, mine)
-            same(big, torch.cat([data(r, n, dtype) for r in range(world)]), f"all_gather_into_tensor {dtype}")
+            same(
+                big,
+                torch.cat([data(r, n, dtype) for r in range(world)]),
+                f"all_gather_into_tensor {dtype}",
+            )
             # gather / scatter to/from root world-1
             root = world - 1
             g_outs = [torch.empty_like(mine) for _ in range(world)] if rank == root else None
@@ -133,7 +154,11 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
             inp = torch.cat([data(rank * 10 + d, in_splits[d], dtype) for d in range(world)])
             out = torch.empty(sum(out_splits), dtype=dtype)
             dist.all_to_all_single(out, inp, out_splits, in_splits)
-            same(out, torch.cat([data(s * 10 + rank, out_splits[s], dtype) for s in range(world)]), f"all_to_all_single {dtype}")
+            same(
+                out,
+                torch.cat([data(s * 10 + rank, out_splits[s], dtype) for s in range(world)]),
+                f"all_to_all_single {dtype}",
+            )
     # reduce, reduce_scatter (list and tensor) for reducible dtypes, vs gloo too
     for n in sizes:
         for dtype in FLOATS + INTS:
@@ -150,7 +175,11 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
                 parts = [data(r + 10 * rank, n, dtype) for r in range(world)]
                 exp = parts[0].clone()
                 for p in parts[1:]:
-                    exp = exp + p if opname == "SUM" else (torch.maximum(exp, p) if opname == "MAX" else torch.minimum(exp, p))
+                    exp = (
+                        exp + p
+                        if opname == "SUM"
+                        else (torch.maximum(exp, p) if opname == "MAX" else torch.minimum(exp, p))
+                    )
                 same(out, exp, f"reduce_scatter {opname} {dtype}")
                 out2 = torch.empty(n, dtype=dtype)
                 dist.reduce_scatter_tensor(out2, torch.cat(ins), op=op)
@@ -171,7 +200,9 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
     for n in (5, 100000):
         send = data(rank, n, torch.float32)
         recv = torch.empty(n)
-        reqs = dist.batch_isend_irecv([dist.P2POp(dist.irecv, recv, prv), dist.P2POp(dist.isend, send, nxt)])
+        reqs = dist.batch_isend_irecv(
+            [dist.P2POp(dist.irecv, recv, prv), dist.P2POp(dist.isend, send, nxt)]
+        )
         for r in reqs:
             r.wait()
         same(recv, data(prv, n, torch.float32), f"batch_isend_irecv n={n}")
@@ -198,7 +229,11 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
 
     t = data(rank, 64, torch.float32)
     r = fc.all_reduce(t, "sum", dist.group.WORLD)
-    same(r.wait() if hasattr(r, "wait") else r, reference(world, 64, torch.float32, "SUM"), "functional all_reduce")
+    same(
+        r.wait() if hasattr(r, "wait") else r,
+        reference(world, 64, torch.float32, "SUM"),
+        "functional all_reduce",
+    )
     # subgroups: any member order, nested
     if world >= 3:
         members = [world - 1, 0, 1]
@@ -214,16 +249,22 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
         if rank in (0, 1):
             t = data(rank, 10, torch.int64)
             dist.all_reduce(t, group=sub2)
-            same(t, data(0, 10, torch.int64) + data(1, 10, torch.int64), "nested subgroup all_reduce")
+            same(
+                t, data(0, 10, torch.int64) + data(1, 10, torch.int64), "nested subgroup all_reduce"
+            )
     assert dist.get_world_size() == world
     from mooncake import pg
 
     assert pg.get_active_ranks().tolist() == [1] * world
     dist.destroy_process_group()
     return checks
+
+
 def ddp_body(rank, world, port):
-    import torch, torch.distributed as dist
+    import torch
+    import torch.distributed as dist
     from harness import init
+
     init(rank, world, port)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
@@ -232,15 +273,21 @@ def ddp_body(rank, world, port):
     for step in range(3):
         x = torch.randn(4, 8) * (rank + 1)
         loss = ddp(x).pow(2).sum()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     outs = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(outs, flat)
     assert all(torch.equal(o, flat) for o in outs), "replicas diverged"
     return float(flat.sum())
+
+
 def empty_splits_body(rank, world, port):
-    import torch, torch.distributed as dist
+    import torch
+    import torch.distributed as dist
     from harness import init
+
     init(rank, world, port)
     W = 5
     # rank 2 sends nothing; rank 1 receives nothing

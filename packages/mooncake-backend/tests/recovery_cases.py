@@ -7,7 +7,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import init
 
 
@@ -23,7 +22,9 @@ def survivor(rank: int, world: int, port: int, victims: list):
     return serve_and_recover(world, active, victims, 0)
 
 
-def serve_and_recover(world: int, active, victims: list, first_round: int, die_after: int = -1) -> int:
+def serve_and_recover(
+    world: int, active, victims: list, first_round: int, die_after: int = -1
+) -> int:
     """Serve ops; after each victim dies, poll get_peer_state and recover it (spec snippet)."""
     from mooncake import pg
 
@@ -126,13 +127,18 @@ def grow_survivor(rank: int, world: int, port: int, new_size: int):
 
 
 def grow_joiner(rank: int, world: int, port: int, new_size: int):
-    from mooncake import pg
-
     from harness import client_store
 
+    from mooncake import pg
+
     dist.init_process_group(
-        backend="mooncake-cpu", store=client_store(port), rank=rank, world_size=new_size,
-        pg_options=pg.MooncakeBackendOptions(torch.ones(new_size, dtype=torch.int32), is_extension=True),
+        backend="mooncake-cpu",
+        store=client_store(port),
+        rank=rank,
+        world_size=new_size,
+        pg_options=pg.MooncakeBackendOptions(
+            torch.ones(new_size, dtype=torch.int32), is_extension=True
+        ),
     )
     pg.join_group(timeout=30)
     assert dist.get_world_size() == new_size
@@ -191,13 +197,18 @@ def sub_victim(rank: int, world: int, port: int, victim: int):
 
 
 def sub_joiner(rank: int, world: int, port: int, victim: int):
-    from mooncake import pg
-
     from harness import client_store
 
+    from mooncake import pg
+
     dist.init_process_group(
-        backend="mooncake-cpu", store=client_store(port), rank=rank, world_size=world,
-        pg_options=pg.MooncakeBackendOptions(torch.ones(world, dtype=torch.int32), is_extension=True),
+        backend="mooncake-cpu",
+        store=client_store(port),
+        rank=rank,
+        world_size=world,
+        pg_options=pg.MooncakeBackendOptions(
+            torch.ones(world, dtype=torch.int32), is_extension=True
+        ),
     )
     pg.join_group(timeout=30)
     sub = dist.new_group([victim, 0])  # re-created in the same order as the survivors did

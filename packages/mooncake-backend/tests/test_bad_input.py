@@ -1,5 +1,4 @@
 import pytest
-
 from bad_input_cases import mismatches, wrong_active_ranks_size
 from harness import run_world
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from cuda_cases import cuda_kill, cuda_ops
 from harness import Ranks, run_world
 

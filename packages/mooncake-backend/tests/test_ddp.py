@@ -1,5 +1,4 @@
 import pytest
-
 from harness import run_world
 from ops_cases import ddp_body
 

@@ -5,7 +5,6 @@ import random
 import time
 
 import pytest
-
 from fault_cases import allreduce_loop
 from harness import Ranks
 
@@ -57,7 +56,9 @@ def test_kill_at_random_points_every_victim(world):
         for _ in range(TRIALS):
             point = rng.choice(POINTS)
             nth = rng.randint(1, 8)
-            ops = rng.choice([("all_reduce",), ("all_reduce", "all_gather", "broadcast", "barrier")])
+            ops = rng.choice(
+                [("all_reduce",), ("all_reduce", "all_gather", "broadcast", "barrier")]
+            )
             sizes = rng.choice([(4,), (200000,), (4, 200000)])
             run_trial(world, victim, point, nth, ops, sizes)
 

@@ -5,7 +5,6 @@ import signal
 import time
 
 import pytest
-
 from harness import Ranks, free_port, run_world
 from liveness_cases import init_method_body, slow_rank_body, stopped_rank_body
 

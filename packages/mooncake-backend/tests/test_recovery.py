@@ -3,7 +3,6 @@
 import time
 
 import pytest
-
 from harness import Ranks
 from recovery_cases import (
     _survivor_then_victim,
@@ -24,7 +23,13 @@ def test_spec_recovery_snippet(victims):
             if r == victims[0]:
                 rk.start(victim, r, world, victims, key=(r, 0))
             else:
-                rk.start(survivor if r not in victims else _survivor_then_victim, r, world, victims, key=(r, 0))
+                rk.start(
+                    survivor if r not in victims else _survivor_then_victim,
+                    r,
+                    world,
+                    victims,
+                    key=(r, 0),
+                )
         for i, v in enumerate(victims):
             # wait for the victim's death, then start its replacement
             proc = rk.procs[(v, 0)]

@@ -12,8 +12,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_torchrun_launch(nproc):
     from harness import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", os.path.join(HERE, "torchrun_script.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        os.path.join(HERE, "torchrun_script.py"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for r in range(nproc):

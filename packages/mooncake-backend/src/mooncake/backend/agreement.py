@@ -89,8 +89,6 @@ def agree(x: Exchange, grace: float) -> tuple[set[int], set[int]]:
             decided = (excluded, errors)
         alive = [p for p in alive if not excluded >> p & 1]
         rnd += 1
-        if decided is None and time.monotonic() > deadline + grace:
-            decided = (excluded | wire.mask_of(alive), errors)  # give up on everyone silent
     excluded, errors = decided
     final = wire.pack_agree(wire.DECIDED, x.seq, x.attempt, x.sig, rnd, excluded, errors)
     for p in x.peers:

@@ -12,7 +12,8 @@ large all-reduces use a direct reduce-scatter + all-gather (each rank reduces 1/
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -108,7 +109,9 @@ def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
         x.send(root, 0, flat)
         return _nothing
     scope = x.scratch_scope()
-    bufs = {p: x.scratch.get(f"{scope}{j}", flat.numel(), flat.dtype) for j, p in enumerate(x.peers)}
+    bufs = {
+        p: x.scratch.get(f"{scope}{j}", flat.numel(), flat.dtype) for j, p in enumerate(x.peers)
+    }
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     if len(got) != len(x.peers):
         return _nothing
@@ -140,7 +143,9 @@ def allgather(x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor) -> Com
     return _collect(x, outs, flat)
 
 
-def gather(x: Exchange, outs: Optional[Sequence[torch.Tensor]], t: torch.Tensor, root: int) -> Commit:
+def gather(
+    x: Exchange, outs: Optional[Sequence[torch.Tensor]], t: torch.Tensor, root: int
+) -> Commit:
     flat = t.reshape(-1)
     if root not in x.members:
         return _nothing
@@ -151,7 +156,9 @@ def gather(x: Exchange, outs: Optional[Sequence[torch.Tensor]], t: torch.Tensor,
     return _collect(x, outs, flat)
 
 
-def scatter(x: Exchange, out: torch.Tensor, ins: Optional[Sequence[torch.Tensor]], root: int) -> Commit:
+def scatter(
+    x: Exchange, out: torch.Tensor, ins: Optional[Sequence[torch.Tensor]], root: int
+) -> Commit:
     flat = out.reshape(-1)
     if root not in x.members:
         return _nothing
@@ -172,7 +179,9 @@ def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], 
     for p in x.peers:
         x.send(p, 0, ins[p].reshape(-1))
     scope = x.scratch_scope()
-    bufs = {p: x.scratch.get(f"{scope}{i}", flat.numel(), flat.dtype) for i, p in enumerate(x.peers)}
+    bufs = {
+        p: x.scratch.get(f"{scope}{i}", flat.numel(), flat.dtype) for i, p in enumerate(x.peers)
+    }
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     if len(got) != len(x.peers):
         return _nothing

@@ -12,7 +12,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Callable, Optional
 
 import torch
 
@@ -69,7 +70,7 @@ class Exchange:
         # (addr, nbytes) -> (segment, descriptor, tensor): the tensor reference keeps the memory
         # alive until release(), even when the algorithm that sent it has returned.
         self._regs: dict[tuple[int, int], tuple[object, bytes, torch.Tensor]] = {}
-        self.scratch: "ScratchPool" = _NO_POOL
+        self.scratch: ScratchPool = _NO_POOL
         self._scopes = 0
 
     def scratch_scope(self) -> str:
@@ -94,12 +95,15 @@ class Exchange:
             self.mismatch = f"group rank {src}: {what}"
 
     # -------------------------------------------------------------------- send
-    def send(self, dst: int, phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b"") -> None:
+    def send(
+        self, dst: int, phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b""
+    ) -> None:
         """Send ``t`` (a contiguous CPU tensor) or ``raw`` bytes to ``dst``; failures are recorded."""
         self.send_many((dst,), phase, t, raw)
 
-    def send_many(self, dsts: Iterable[int], phase: int, t: Optional[torch.Tensor] = None,
-                  raw: bytes = b"") -> None:
+    def send_many(
+        self, dsts: Iterable[int], phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b""
+    ) -> None:
         """Send the same payload to every rank in ``dsts`` (the message is built once)."""
         msg: Optional[bytes] = None
         bulk = 0
@@ -111,7 +115,9 @@ class Exchange:
             if n >= wire.PULL_MIN:
                 msg = self._hdr(wire.DATA_PULL, phase, n) + self._register(t, n)
             elif n <= wire.INLINE_LIMIT:
-                msg = self._hdr(wire.DATA_INLINE, phase, n) + (ctypes.string_at(t.data_ptr(), n) if n else b"")
+                msg = self._hdr(wire.DATA_INLINE, phase, n) + (
+                    ctypes.string_at(t.data_ptr(), n) if n else b""
+                )
             else:
                 msg = self._hdr(wire.DATA_NEXT, phase, n)
                 bulk = n
@@ -142,7 +148,7 @@ class Exchange:
         for seg, _, _ in self._regs.values():
             try:
                 self.mailbox.engine.unregister(seg, timeout=1.0)
-            except Exception:  # noqa: BLE001 - a dead reader cannot hold it
+            except Exception:
                 pass
         self._regs.clear()
 
@@ -194,7 +200,8 @@ class Exchange:
         expected = tensor_bytes(out) if out is not None else hdr.nbytes
         if hdr.nbytes != expected:
             self.note_mismatch(
-                src, f"sent {hdr.nbytes} bytes where this rank expects {expected} (shape/dtype mismatch)"
+                src,
+                f"sent {hdr.nbytes} bytes where this rank expects {expected} (shape/dtype mismatch)",
             )
             if hdr.kind == wire.DATA_NEXT:
                 self._next_raw(src)
@@ -210,9 +217,11 @@ class Exchange:
                 return True
             try:
                 engine = self.mailbox.engine
-                rseg = engine.open_segment(data[wire.HEADER_SIZE :], timeout=max(0.1, self.remaining()))
+                rseg = engine.open_segment(
+                    data[wire.HEADER_SIZE :], timeout=max(0.1, self.remaining())
+                )
                 engine.read(rseg, 0, out.data_ptr(), hdr.nbytes, timeout=max(0.1, self.remaining()))
-            except Exception as e:  # noqa: BLE001 - the owner died or the read timed out
+            except Exception as e:
                 log.debug("pull from group rank %d failed: %s", src, e)
                 self.failed.add(src)
                 return False
@@ -226,8 +235,11 @@ class Exchange:
         name = self.names[src]
         try:
             ok = self.mailbox.recv_raw_into(
-                name, self.tag, None if out is None else out.data_ptr(),
-                0 if out is None else tensor_bytes(out), self.remaining(),
+                name,
+                self.tag,
+                None if out is None else out.data_ptr(),
+                0 if out is None else tensor_bytes(out),
+                self.remaining(),
             )
         except PeerGone:
             ok = False

@@ -60,7 +60,9 @@ class Mailbox:
             if back:
                 return p, back.popleft()
         try:
-            n = self.engine.recv_notify_any(peers, tag, None if timeout is None else max(0.0, timeout))
+            n = self.engine.recv_notify_any(
+                peers, tag, None if timeout is None else max(0.0, timeout)
+            )
         except PeerDeadError as e:
             raise PeerGone(e.peer or "?", str(e)) from None
         if n is None:

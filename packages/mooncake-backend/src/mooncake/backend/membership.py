@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 from . import wire
 from .errors import JoinTimeoutError
@@ -43,7 +44,7 @@ def _root_store(store):
 class Membership:
     def __init__(
         self,
-        pg: "MooncakeProcessGroup",
+        pg: MooncakeProcessGroup,
         store,
         rank: int,
         size: int,
@@ -93,9 +94,11 @@ class Membership:
             self.names[r] = addr.split("|", 1)[0]
             try:
                 self.world.connect(addr, timeout=max(1.0, deadline - time.monotonic()))
-            except Exception as e:  # noqa: BLE001 - it died before the group formed
+            except Exception as e:
                 # Not fatal: the first op's agreement excludes it on every rank.
-                log.warning("group rank %d unreachable at start-up (%s); it starts out failed", r, e)
+                log.warning(
+                    "group rank %d unreachable at start-up (%s); it starts out failed", r, e
+                )
         self.members = set(range(size))
 
     # ------------------------------------------------------------- changes at commit points
@@ -131,8 +134,10 @@ class Membership:
         names = {}
         for r_str, addr in msg["addrs"].items():
             r = int(r_str)
-            names[r] = self.world.engine.name if r == self.rank else self.world.connect(
-                addr, timeout=max(1.0, deadline - time.monotonic())
+            names[r] = (
+                self.world.engine.name
+                if r == self.rank
+                else self.world.connect(addr, timeout=max(1.0, deadline - time.monotonic()))
             )
         self.names = names
         self.addrs = {int(r): a for r, a in msg["addrs"].items()}
@@ -184,7 +189,7 @@ class Membership:
             return None  # already a member under this incarnation
         try:
             self.world.connect(addr, timeout=0.5)
-        except Exception as e:  # noqa: BLE001 - not reachable yet
+        except Exception as e:
             log.debug("joiner %d at %s not reachable yet: %s", r, addr, e)
             return None
         return addr

@@ -91,7 +91,11 @@ class MooncakeBackendOptions:
         self.is_extension = bool(is_extension)
         self.max_world_size = None if max_world_size is None else int(max_world_size)
         self.timeout = timeout if timeout is not None else _env_float("MOONCAKE_OP_TIMEOUT_S")
-        rof = raise_on_failure if raise_on_failure is not None else _env_bool("MOONCAKE_RAISE_ON_FAILURE")
+        rof = (
+            raise_on_failure
+            if raise_on_failure is not None
+            else _env_bool("MOONCAKE_RAISE_ON_FAILURE")
+        )
         self.raise_on_failure = bool(rof)
         self.heartbeat_interval = (
             heartbeat_interval

@@ -7,8 +7,9 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ _pools: dict[tuple, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
-def _pool(pg: "MooncakeProcessGroup", src: Optional[int], tag: int) -> ThreadPoolExecutor:
+def _pool(pg: MooncakeProcessGroup, src: Optional[int], tag: int) -> ThreadPoolExecutor:
     """One worker per (group, source, tag): receives on one channel complete in posting order,
     and a receive nobody answers delays no other channel."""
     key = (id(pg), src, tag)
@@ -37,11 +38,11 @@ def _pool(pg: "MooncakeProcessGroup", src: Optional[int], tag: int) -> ThreadPoo
         return pool
 
 
-def _tag(pg: "MooncakeProcessGroup", tag: int) -> int:
+def _tag(pg: MooncakeProcessGroup, tag: int) -> int:
     return wire.make_tag(pg._gid, wire.CH_P2P, int(tag) & ((1 << 38) - 1))
 
 
-def _peer(pg: "MooncakeProcessGroup", r: int, what: str) -> str:
+def _peer(pg: MooncakeProcessGroup, r: int, what: str) -> str:
     if not 0 <= r < pg.size():
         raise ValueError(f"{what} rank {r} is out of range for a group of size {pg.size()}")
     if r not in pg.members:
@@ -49,7 +50,7 @@ def _peer(pg: "MooncakeProcessGroup", r: int, what: str) -> str:
     return pg.membership.names[r]
 
 
-def send(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], dst: int, tag: int) -> None:
+def send(pg: MooncakeProcessGroup, tensors: Sequence[torch.Tensor], dst: int, tag: int) -> None:
     name = _peer(pg, dst, "destination")
     mb, t_ = pg._world.mailbox, _tag(pg, tag)
     try:
@@ -66,10 +67,14 @@ def send(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], dst: int, 
         raise RankFailureError(f"send to rank {dst} failed: {e.reason}", [dst]) from None
 
 
-def recv(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], src: Optional[int], tag: int) -> dist.Work:
-    names = [_peer(pg, src, "source")] if src is not None else [
-        pg.membership.names[r] for r in sorted(pg.members) if r != pg.rank()
-    ]
+def recv(
+    pg: MooncakeProcessGroup, tensors: Sequence[torch.Tensor], src: Optional[int], tag: int
+) -> dist.Work:
+    names = (
+        [_peer(pg, src, "source")]
+        if src is not None
+        else [pg.membership.names[r] for r in sorted(pg.members) if r != pg.rank()]
+    )
     by_name = {v: k for k, v in pg.membership.names.items()}
     mb, t_ = pg._world.mailbox, _tag(pg, tag)
     deadline = time.monotonic() + pg._op_timeout()
@@ -97,8 +102,15 @@ def recv(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], src: Optio
                     )
                 if hdr.kind == wire.DATA_INLINE:
                     if n:
-                        ctypes.memmove(host.data_ptr(), ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + wire.HEADER_SIZE, n)
-                elif not mb.recv_raw_into(peer, t_, host.data_ptr(), n, deadline - time.monotonic()):
+                        ctypes.memmove(
+                            host.data_ptr(),
+                            ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+                            + wire.HEADER_SIZE,
+                            n,
+                        )
+                elif not mb.recv_raw_into(
+                    peer, t_, host.data_ptr(), n, deadline - time.monotonic()
+                ):
                     raise PeerGone(peer, "payload did not arrive")
                 if host is not t:
                     t.copy_(host)
@@ -106,7 +118,7 @@ def recv(pg: "MooncakeProcessGroup", tensors: Sequence[torch.Tensor], src: Optio
         except PeerGone as e:
             r = by_name.get(e.peer, -1)
             fut.set_exception(RankFailureError(f"recv: rank {r} failed ({e.reason})", [r]))
-        except Exception as e:  # noqa: BLE001 - delivered through the Work
+        except Exception as e:
             fut.set_exception(e)
 
     _pool(pg, src, tag).submit(run)

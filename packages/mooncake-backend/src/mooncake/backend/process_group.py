@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ from .world import get_world
 
 log = logging.getLogger("mooncake.backend")
 
-_groups: "weakref.WeakSet[MooncakeProcessGroup]" = weakref.WeakSet()
+_groups: weakref.WeakSet[MooncakeProcessGroup] = weakref.WeakSet()
 _debug = bool(__import__("os").environ.get("MOONCAKE_DEBUG"))
 if _debug:
     logging.basicConfig()
@@ -48,7 +49,9 @@ def _check_tensors(name: str, tensors: Sequence[torch.Tensor], device_type: str)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_contiguous():
-            raise ValueError(f"{name}[{i}] must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+            raise ValueError(
+                f"{name}[{i}] must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})"
+            )
         if t.device.type != device_type:
             raise ValueError(
                 f"{name}[{i}] is on {t.device}, but this mooncake group moves {device_type} tensors "
@@ -80,7 +83,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._timeout_override = threading.local()
         self._grace = min(self._timeout, 1.0)
         self._group_name = ""
-        self._world = get_world(self._opts.host, self._opts.heartbeat_interval, self._opts.heartbeat_timeout)
+        self._world = get_world(
+            self._opts.host, self._opts.heartbeat_interval, self._opts.heartbeat_timeout
+        )
         self._gid = wire.group_hash(str(group_id))
         self._tag = wire.make_tag(self._gid, wire.CH_OP)
         self._p2p_lock = threading.Lock()
@@ -102,12 +107,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             dev = "cpu" if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}"
             active = torch.ones(cap, dtype=torch.int32, device=dev)
         self.active_ranks = active
-        self.membership = Membership(self, store, rank, size, cap, list(global_ranks), str(group_id))
+        self.membership = Membership(
+            self, store, rank, size, cap, list(global_ranks), str(group_id)
+        )
         _groups.add(self)
         self._publish(force=True)
 
     # ------------------------------------------------------------ torch plumbing
-    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+    def getBackendName(self) -> str:
         return "mooncake-cpu" if self._device_type == "cpu" else "mooncake"
 
     def name(self) -> str:
@@ -158,7 +165,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             for r in members:
                 if r < mask.numel():
                     mask[r] = 1
-            self._mask = mask if self.active_ranks.device.type == "cpu" else mask.to(self.active_ranks.device)
+            self._mask = (
+                mask
+                if self.active_ranks.device.type == "cpu"
+                else mask.to(self.active_ranks.device)
+            )
             self._mask_members = members
         self.active_ranks.copy_(self._mask)
 
@@ -166,7 +177,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):
         """Run one collective with agreement; returns when committed on this rank."""
         if self._evicted:
-            raise EvictedError("this rank was excluded by the group's survivors; re-join to continue")
+            raise EvictedError(
+                "this rank was excluded by the group's survivors; re-join to continue"
+            )
         self.membership.poll_admission()
         seq = self._seq
         self._seq += 1
@@ -179,8 +192,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         while True:
             members = sorted(self.members)
             x = Exchange(
-                self._world.mailbox, self.membership.names, self._tag, seq, attempt, members,
-                self._rank, time.monotonic() + self._op_timeout(), sig,
+                self._world.mailbox,
+                self.membership.names,
+                self._tag,
+                seq,
+                attempt,
+                members,
+                self._rank,
+                time.monotonic() + self._op_timeout(),
+                sig,
             )
             x.scratch = self._scratch
             try:
@@ -192,8 +212,17 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             finally:
                 x.release()
             if _debug:
-                log.warning("rank %d %s seq %d attempt %d members %s failed %s -> excluded %s errors %s",
-                            self._rank, kind, seq, attempt, members, sorted(x.failed), sorted(excluded), sorted(errors))
+                log.warning(
+                    "rank %d %s seq %d attempt %d members %s failed %s -> excluded %s errors %s",
+                    self._rank,
+                    kind,
+                    seq,
+                    attempt,
+                    members,
+                    sorted(x.failed),
+                    sorted(excluded),
+                    sorted(errors),
+                )
             if errors:
                 self.membership.remove(excluded - {self._rank})
                 self._publish()
@@ -213,15 +242,29 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 self._publish()
                 faults.hit("post_commit")
                 return
-            log.warning("mooncake %s seq %d: ranks %s failed; continuing with survivors", kind, seq, sorted(excluded))
+            log.warning(
+                "mooncake %s seq %d: ranks %s failed; continuing with survivors",
+                kind,
+                seq,
+                sorted(excluded),
+            )
             self.membership.remove(excluded)
             self._publish()
             if self._opts.raise_on_failure:
-                raise RankFailureError(f"mooncake {kind}: ranks {sorted(excluded)} failed", sorted(excluded))
+                raise RankFailureError(
+                    f"mooncake {kind}: ranks {sorted(excluded)} failed", sorted(excluded)
+                )
             attempt += 1
 
-    def _staged(self, kind: str, sig: tuple, ins: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
-                body: Callable[[Exchange, list, list], Callable[[], None]], result) -> dist.Work:
+    def _staged(
+        self,
+        kind: str,
+        sig: tuple,
+        ins: Sequence[torch.Tensor],
+        outs: Sequence[torch.Tensor],
+        body: Callable[[Exchange, list, list], Callable[[], None]],
+        result,
+    ) -> dist.Work:
         """Stage CUDA tensors through host memory (``"mooncake"``), run, copy results back."""
         if self._device_type == "cpu":
             self.run_op(kind, sig, lambda x: body(x, ins, outs))
@@ -292,10 +335,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def allgather_coalesced(self, output_lists, input_list, opts=None):
         return self.allgather(output_lists, input_list, opts)
 
-    def all_gather_single(self, output, input, opts=None):  # noqa: A002 (torch's name)
+    def all_gather_single(self, output, input, opts=None):
         return self._allgather_base(output, input, opts)
 
-    def _allgather_base(self, output, input, opts=None):  # noqa: A002
+    def _allgather_base(self, output, input, opts=None):
         _check_tensors("output", [output], self._device_type)
         _check_tensors("input", [input], self._device_type)
         self._check_split(output, input, "output", "input")
@@ -356,10 +399,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
         return self._staged("reduce_scatter", sig, ins, [out], body, output_tensors)
 
-    def reduce_scatter_single(self, output, input, opts=None):  # noqa: A002
+    def reduce_scatter_single(self, output, input, opts=None):
         return self._reduce_scatter_base(output, input, opts)
 
-    def _reduce_scatter_base(self, output, input, opts=None):  # noqa: A002
+    def _reduce_scatter_base(self, output, input, opts=None):
         op = op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
         _check_tensors("output", [output], self._device_type)
         _check_tensors("input", [input], self._device_type)
@@ -387,7 +430,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             _check_tensors(name, lst, self._device_type)
         dtypes = {t.dtype for t in list(output_tensors) + list(input_tensors)}
         if len(dtypes) > 1:
-            raise ValueError(f"all_to_all tensors must share one dtype, got {sorted(map(str, dtypes))}")
+            raise ValueError(
+                f"all_to_all tensors must share one dtype, got {sorted(map(str, dtypes))}"
+            )
         sig = (str(input_tensors[0].dtype),)
 
         def body(x, i, o):
@@ -395,22 +440,25 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
         return self._staged("alltoall", sig, input_tensors, output_tensors, body, output_tensors)
 
-    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):  # noqa: A002
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
-    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):  # noqa: A002
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         n = self.size()
         _check_tensors("output", [output], self._device_type)
         _check_tensors("input", [input], self._device_type)
         if output.dtype != input.dtype:
-            raise ValueError(f"all_to_all_single: output dtype {output.dtype} != input dtype {input.dtype}")
+            raise ValueError(
+                f"all_to_all_single: output dtype {output.dtype} != input dtype {input.dtype}"
+            )
         outs = self._split(output, output_split_sizes, "output_split_sizes")
         ins = self._split(input, input_split_sizes, "input_split_sizes")
         sig = (str(input.dtype),)
 
         def body(x, i, o):
             return algo.alltoall(
-                x, self._split(o[0], output_split_sizes, "output_split_sizes"),
+                x,
+                self._split(o[0], output_split_sizes, "output_split_sizes"),
                 self._split(i[0], input_split_sizes, "input_split_sizes"),
             )
 
@@ -425,14 +473,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self.barrier()
 
     # ------------------------------------------------------------ point to point
-    def send(self, tensors, dstRank, tag=0):  # noqa: N803 (torch's names)
+    def send(self, tensors, dstRank, tag=0):
         from .p2p import send
 
         _check_tensors("tensors", tensors, self._device_type)
         send(self, tensors, dstRank, tag)
         return _done(tensors)
 
-    def recv(self, tensors, srcRank, tag=0):  # noqa: N803
+    def recv(self, tensors, srcRank, tag=0):
         from .p2p import recv
 
         _check_tensors("tensors", tensors, self._device_type)
@@ -476,9 +524,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         flat = t.reshape(t.shape[0], row)
         if not sizes:
             if t.shape[0] % n:
-                raise ValueError(f"dim 0 of size {t.shape[0]} is not divisible by world size {n} ({name} empty)")
+                raise ValueError(
+                    f"dim 0 of size {t.shape[0]} is not divisible by world size {n} ({name} empty)"
+                )
             sizes = [t.shape[0] // n] * n
         sizes = list(sizes)
         if len(sizes) != n or sum(sizes) != t.shape[0] or min(sizes) < 0:
-            raise ValueError(f"{name}={sizes} must have {n} non-negative entries summing to {t.shape[0]}")
+            raise ValueError(
+                f"{name}={sizes} must have {n} non-negative entries summing to {t.shape[0]}"
+            )
         return [p.reshape(-1) for p in flat.split(sizes, 0)]

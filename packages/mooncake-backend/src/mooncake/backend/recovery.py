@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import collectives as algo
 from .errors import JoinTimeoutError
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     from .process_group import MooncakeProcessGroup
 
 
-def _check_ranks(pg: "MooncakeProcessGroup", ranks: Sequence[int], limit: int) -> list[int]:
+def _check_ranks(pg: MooncakeProcessGroup, ranks: Sequence[int], limit: int) -> list[int]:
     out = []
     for r in ranks:
         r = int(r)
@@ -25,7 +26,7 @@ def _check_ranks(pg: "MooncakeProcessGroup", ranks: Sequence[int], limit: int) -
     return sorted(set(out))
 
 
-def peer_state(pg: "MooncakeProcessGroup", ranks: Sequence[int]) -> list[bool]:
+def peer_state(pg: MooncakeProcessGroup, ranks: Sequence[int]) -> list[bool]:
     """Agreed readiness of joiners: True for r when every survivor can reach r's new incarnation."""
     ranks = _check_ranks(pg, ranks, pg.membership.capacity)
     result: list[bool] = []
@@ -44,7 +45,7 @@ def peer_state(pg: "MooncakeProcessGroup", ranks: Sequence[int]) -> list[bool]:
     return result
 
 
-def recover(pg: "MooncakeProcessGroup", ranks: Sequence[int], extent: int, timeout: float) -> None:
+def recover(pg: MooncakeProcessGroup, ranks: Sequence[int], extent: int, timeout: float) -> None:
     """Admit ``ranks`` (replacements or new ranks) at one agreed op; raises if not ready in time."""
     ranks = _check_ranks(pg, ranks, pg.membership.capacity)
     deadline = time.monotonic() + timeout
@@ -61,7 +62,10 @@ def recover(pg: "MooncakeProcessGroup", ranks: Sequence[int], extent: int, timeo
                 decoded = [json.loads(v.decode()) for v in votes.values()]
                 first = decoded[0]["addrs"]
                 ready = all(
-                    all(d["addrs"].get(str(r)) and d["addrs"][str(r)] == first.get(str(r)) for r in ranks)
+                    all(
+                        d["addrs"].get(str(r)) and d["addrs"][str(r)] == first.get(str(r))
+                        for r in ranks
+                    )
                     for d in decoded
                 )
                 ok[:] = [ready, any(d["late"] for d in decoded)]
@@ -83,7 +87,7 @@ def recover(pg: "MooncakeProcessGroup", ranks: Sequence[int], extent: int, timeo
         time.sleep(0.01)
 
 
-def _admit_subgroups(pg: "MooncakeProcessGroup", ranks: Sequence[int], addrs: dict[int, str]) -> None:
+def _admit_subgroups(pg: MooncakeProcessGroup, ranks: Sequence[int], addrs: dict[int, str]) -> None:
     """Subgroups of this process that contain a recovered global rank admit it too."""
     from .process_group import _groups
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 _INT_TYPES = {
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
-    getattr(torch, "uint16", torch.uint8), getattr(torch, "uint32", torch.uint8),
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    getattr(torch, "uint16", torch.uint8),
+    getattr(torch, "uint32", torch.uint8),
     getattr(torch, "uint64", torch.uint8),
 }
 
@@ -42,17 +48,29 @@ def check_op(name: str, dtype: torch.dtype) -> None:
         raise ValueError(f"reduce op {name} is not defined for complex dtype {dtype}")
 
 
-_BINARY = {"SUM": torch.add, "AVG": torch.add, "PRODUCT": torch.mul, "MIN": torch.minimum,
-           "MAX": torch.maximum, "BAND": torch.bitwise_and, "BOR": torch.bitwise_or,
-           "BXOR": torch.bitwise_xor}
+_BINARY = {
+    "SUM": torch.add,
+    "AVG": torch.add,
+    "PRODUCT": torch.mul,
+    "MIN": torch.minimum,
+    "MAX": torch.maximum,
+    "BAND": torch.bitwise_and,
+    "BOR": torch.bitwise_or,
+    "BXOR": torch.bitwise_xor,
+}
 
 
 def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values."""
     fp8 = acc.dtype in _FP8
     rest = parts[1:]
-    if (not fp8 and acc.dtype != torch.bool and rest and acc.data_ptr() != parts[0].data_ptr()
-            and all(p.data_ptr() != acc.data_ptr() for p in rest)):
+    if (
+        not fp8
+        and acc.dtype != torch.bool
+        and rest
+        and acc.data_ptr() != parts[0].data_ptr()
+        and all(p.data_ptr() != acc.data_ptr() for p in rest)
+    ):
         _BINARY[name](parts[0], rest[0], out=acc)  # first pair in one pass, no copy
         rest = rest[1:]
     elif acc.data_ptr() != parts[0].data_ptr():

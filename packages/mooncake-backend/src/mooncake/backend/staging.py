@@ -6,7 +6,7 @@ the correct-everywhere first step; a same-host GPU path over CUDA IPC can replac
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,9 +25,3 @@ class Staged:
         for o, h in zip(self.orig, self.host):
             if o is not h:
                 o.copy_(h, non_blocking=False)
-
-
-def stage(tensors: Optional[Sequence[torch.Tensor]], outputs: bool) -> Optional[Staged]:
-    if tensors is None:
-        return None
-    return Staged(tensors, outputs)

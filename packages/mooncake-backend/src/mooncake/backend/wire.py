@@ -31,7 +31,6 @@ DATA_INLINE = 1
 DATA_NEXT = 2
 AGREE = 3
 DECIDED = 4
-ABORT = 5
 DATA_PULL = 6
 
 INLINE_LIMIT = 64 * 1024
@@ -70,7 +69,7 @@ class Header:
         return HEADER.pack(self.kind, self.phase, self.attempt, self.sig, self.seq, self.nbytes)
 
     @classmethod
-    def unpack(cls, data: bytes) -> "Header":
+    def unpack(cls, data: bytes) -> Header:
         if len(data) < HEADER_SIZE:
             raise ValueError(f"short message: {len(data)} bytes < header {HEADER_SIZE}")
         return cls(*HEADER.unpack_from(data, 0))
@@ -97,7 +96,9 @@ def ranks_of(mask: int) -> set[int]:
 _ROUND = struct.Struct("<IHH")
 
 
-def pack_agree(kind: int, seq: int, attempt: int, sig: int, rnd: int, excluded: int, errors: int) -> bytes:
+def pack_agree(
+    kind: int, seq: int, attempt: int, sig: int, rnd: int, excluded: int, errors: int
+) -> bytes:
     ex = excluded.to_bytes((excluded.bit_length() + 7) // 8, "little")
     er = errors.to_bytes((errors.bit_length() + 7) // 8, "little")
     body = _ROUND.pack(rnd, len(ex), len(er)) + ex + er

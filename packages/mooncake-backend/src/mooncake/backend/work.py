@@ -21,7 +21,7 @@ class MooncakeWork(dist.Work):
             fut.add_done_callback(lambda _: self._done.set())
 
     @classmethod
-    def completed(cls, result: Any) -> "MooncakeWork":
+    def completed(cls, result: Any) -> MooncakeWork:
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(result)
         return cls(fut)
@@ -48,13 +48,13 @@ class MooncakeWork(dist.Work):
         try:
             self._fut.value()
             return True
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
 
     def exception(self):
         try:
             self._fut.value()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return e
         return None
 

@@ -16,11 +16,13 @@ from .mailbox import Mailbox
 log = logging.getLogger("mooncake.backend")
 
 _lock = threading.Lock()
-_world: Optional["World"] = None
+_world: Optional[World] = None
 
 
 class World:
-    def __init__(self, host: str, heartbeat_interval: Optional[float], heartbeat_timeout: Optional[float]):
+    def __init__(
+        self, host: str, heartbeat_interval: Optional[float], heartbeat_timeout: Optional[float]
+    ):
         self.incarnation = uuid.uuid4().hex[:12]
         self.engine = TransferEngine(
             name=f"mc-{os.getpid()}-{self.incarnation}",
@@ -60,7 +62,7 @@ def _close_at_exit() -> None:
     if w is not None:
         try:
             w.engine.close()
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:
             pass
 
 

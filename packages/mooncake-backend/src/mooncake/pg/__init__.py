@@ -13,8 +13,9 @@ join with ``is_extension=True`` and are admitted by ``recover_ranks``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -73,9 +74,13 @@ def _creator(device_type: str):
 def _register() -> None:
     backends = getattr(dist.Backend, "backend_list", [])
     if "mooncake-cpu" not in backends:
-        dist.Backend.register_backend("mooncake-cpu", _creator("cpu"), extended_api=True, devices=["cpu"])
+        dist.Backend.register_backend(
+            "mooncake-cpu", _creator("cpu"), extended_api=True, devices=["cpu"]
+        )
     if "mooncake" not in backends:
-        dist.Backend.register_backend("mooncake", _creator("cuda"), extended_api=True, devices=["cuda"])
+        dist.Backend.register_backend(
+            "mooncake", _creator("cuda"), extended_api=True, devices=["cuda"]
+        )
 
 
 _register()
@@ -90,11 +95,13 @@ def _resolve(group) -> MooncakeProcessGroup:
         for dev in ("cpu", "cuda"):
             try:
                 be = group._get_backend(torch.device(dev))
-            except Exception:  # noqa: BLE001 - no backend for this device
+            except Exception:
                 continue
             if isinstance(be, MooncakeProcessGroup):
                 return be
-    raise TypeError(f"expected a mooncake process group (or its backend), got {type(group).__name__}")
+    raise TypeError(
+        f"expected a mooncake process group (or its backend), got {type(group).__name__}"
+    )
 
 
 def is_mooncake_group(group) -> bool:
@@ -161,4 +168,9 @@ def extend_group_size_to(group, new_size: int, timeout: Optional[float] = None) 
         raise ValueError(f"new_size={new_size} must be in [{pg.size()}, max_world_size={cap}]")
     if new_size == pg.size():
         return
-    recover(pg, range(pg.size(), new_size), new_size, pg._opts.join_timeout if timeout is None else timeout)
+    recover(
+        pg,
+        range(pg.size(), new_size),
+        new_size,
+        pg._opts.join_timeout if timeout is None else timeout,
+    )

@@ -71,9 +71,17 @@ def _init(rank: int, world: int, port: int, backend: str, **opts):
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     kw = {}
     if backend.startswith("mooncake"):
-        kw["pg_options"] = pg.MooncakeBackendOptions(torch.ones(opts.pop("cap", world), dtype=torch.int32), **opts)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60), **kw)
+        kw["pg_options"] = pg.MooncakeBackendOptions(
+            torch.ones(opts.pop("cap", world), dtype=torch.int32), **opts
+        )
+    dist.init_process_group(
+        backend=backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+        **kw,
+    )
 
 
 def _op(coll: str, nbytes: int, world: int, group, device: str):
@@ -129,20 +137,25 @@ def _perf_worker(rank, world, port, args, q):
                             ops[b]()
                         samples[b].append((time.perf_counter() - t0) / args["iters"])
                 if rank == 0:
-                    rows.append({"collective": coll, "bytes": size,
-                                 "time_s": {b: statistics.median(v) for b, v in samples.items()}})
+                    rows.append(
+                        {
+                            "collective": coll,
+                            "bytes": size,
+                            "time_s": {b: statistics.median(v) for b, v in samples.items()},
+                        }
+                    )
                     q.put(("progress", f"{coll} {human(size)} done"))
         dist.barrier()
         if rank == 0:
             q.put(("rows", rows))
         dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         import traceback
 
         q.put(("error", f"rank {rank}: {e}\n{traceback.format_exc()}"))
 
 
-def _fault_member(rank, world, port, q, stop_evt_name, hb_timeout):
+def _fault_member(rank, world, port, q, hb_timeout):
     """Loop 1 KiB all_reduces, recording (start, end, active mask); recover replacements."""
     try:
         import torch
@@ -156,14 +169,13 @@ def _fault_member(rank, world, port, q, stop_evt_name, hb_timeout):
         dist.barrier()
         q.put(("ready", rank))
         _serve(rank, world, q, t, backend, pg, dist)
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         import traceback
 
         q.put(("error", f"rank {rank}: {e}\n{traceback.format_exc()}"))
 
 
 def _serve(rank, world, q, t, backend, pg, dist):
-    import torch
 
     while True:
         t0 = time.time()
@@ -201,9 +213,16 @@ def _fault_joiner(rank, world, port, q, hb_timeout):
         t_start = time.time()
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
         dist.init_process_group(
-            backend="mooncake-cpu", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60),
-            pg_options=pg.MooncakeBackendOptions(torch.ones(world, dtype=torch.int32), is_extension=True,
-                                                 heartbeat_timeout=hb_timeout),
+            backend="mooncake-cpu",
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+            pg_options=pg.MooncakeBackendOptions(
+                torch.ones(world, dtype=torch.int32),
+                is_extension=True,
+                heartbeat_timeout=hb_timeout,
+            ),
         )
         pg.join_group(timeout=60)
         t = torch.ones(256)
@@ -212,7 +231,7 @@ def _fault_joiner(rank, world, port, q, hb_timeout):
         t.fill_(1.0)
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
         _serve(rank, world, q, t, backend, pg, dist)
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         import traceback
 
         q.put(("error", f"joiner {rank}: {e}\n{traceback.format_exc()}"))
@@ -232,10 +251,19 @@ def run_perf(args) -> list[dict]:
         sizes.append(s)
         s *= args.factor
     colls = COLLECTIVES if args.collective == "all" else args.collective.split(",")
-    cfg = {"backends": args.backends.split(","), "collectives": colls, "sizes": sizes, "warmup": args.warmup,
-           "iters": args.iters, "reps": args.reps, "device": args.device}
-    procs = [ctx.Process(target=_perf_worker, args=(r, args.world, port, cfg, q), daemon=True)
-             for r in range(args.world)]
+    cfg = {
+        "backends": args.backends.split(","),
+        "collectives": colls,
+        "sizes": sizes,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "reps": args.reps,
+        "device": args.device,
+    }
+    procs = [
+        ctx.Process(target=_perf_worker, args=(r, args.world, port, cfg, q), daemon=True)
+        for r in range(args.world)
+    ]
     for p in procs:
         p.start()
     rows = None
@@ -256,7 +284,8 @@ def run_perf(args) -> list[dict]:
 def print_perf(rows, backends, world) -> None:
     ref = backends[1] if len(backends) > 1 else None
     head = f"{'collective':<15}{'size':>8}" + "".join(
-        f"{b + ' us':>18}{'algbw GB/s':>12}{'busbw GB/s':>12}" for b in backends)
+        f"{b + ' us':>18}{'algbw GB/s':>12}{'busbw GB/s':>12}" for b in backends
+    )
     if ref:
         head += f"{'ratio':>8}"
     print(head)
@@ -265,7 +294,9 @@ def print_perf(rows, backends, world) -> None:
         for b in backends:
             t = row["time_s"][b]
             alg = row["bytes"] / t / 1e9
-            line += f"{t * 1e6:>18.1f}{alg:>12.3f}{alg * bus_factor(row['collective'], world):>12.3f}"
+            line += (
+                f"{t * 1e6:>18.1f}{alg:>12.3f}{alg * bus_factor(row['collective'], world):>12.3f}"
+            )
         if ref:
             row["ratio"] = row["time_s"][backends[0]] / row["time_s"][ref]
             line += f"{row['ratio']:>8.3f}"
@@ -281,8 +312,10 @@ def run_fault(args) -> dict:
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
     world, victim = args.world, args.victim
     hb = args.heartbeat_timeout
-    procs = {r: ctx.Process(target=_fault_member, args=(r, world, port, q, None, hb), daemon=True)
-             for r in range(world)}
+    procs = {
+        r: ctx.Process(target=_fault_member, args=(r, world, port, q, hb), daemon=True)
+        for r in range(world)
+    }
     for p in procs.values():
         p.start()
     ready: set = set()
@@ -307,7 +340,7 @@ def run_fault(args) -> dict:
             while (len(recovered) < world - 1 or joined is None) and time.monotonic() < deadline:
                 try:
                     msg = q.get(timeout=0.5)
-                except Exception:  # noqa: BLE001 - queue.Empty
+                except Exception:
                     continue
                 if msg[0] == "error":
                     raise RuntimeError(msg[1])
@@ -317,7 +350,9 @@ def run_fault(args) -> dict:
                         if args.fault == "stop":
                             os.kill(procs[victim].pid, signal.SIGKILL)
                         procs[victim].join(timeout=5)
-                        procs[victim] = ctx.Process(target=_fault_joiner, args=(victim, world, port, q, hb), daemon=True)
+                        procs[victim] = ctx.Process(
+                            target=_fault_joiner, args=(victim, world, port, q, hb), daemon=True
+                        )
                         procs[victim].start()
                         joiner_started = True
                 elif msg[0] == "recovered":
@@ -328,9 +363,12 @@ def run_fault(args) -> dict:
                 raise RuntimeError(f"trial {trial}: the replacement did not join in time")
             lat = max(seen.values()) - t_fault
             results["trials"].append({"detect_s": lat, "join_first_op_s": joined[1] - joined[0]})
-            print(f"  trial {trial}: survivors' op returned {lat * 1e3:.1f} ms after the "
-                  f"{'kill' if args.fault == 'kill' else 'stop'}; replacement's first full-world op "
-                  f"{(joined[1] - joined[0]) * 1e3:.0f} ms after its init started", flush=True)
+            print(
+                f"  trial {trial}: survivors' op returned {lat * 1e3:.1f} ms after the "
+                f"{'kill' if args.fault == 'kill' else 'stop'}; replacement's first full-world op "
+                f"{(joined[1] - joined[0]) * 1e3:.0f} ms after its init started",
+                flush=True,
+            )
     finally:
         open(_STOP_FILE.format(os.getpid()), "w").close()
         time.sleep(1.0)
@@ -351,15 +389,20 @@ def run_fault(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mooncake.pg.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mooncake.pg.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("-b", "--begin", type=parse_size, default=parse_size("1K"))
     ap.add_argument("-e", "--end", type=parse_size, default=parse_size("64M"))
     ap.add_argument("-f", "--factor", type=int, default=2)
     ap.add_argument("-n", "--iters", type=int, default=50)
     ap.add_argument("-w", "--warmup", type=int, default=5)
     ap.add_argument("-r", "--reps", type=int, default=3, help="interleaved repetitions per backend")
-    ap.add_argument("-c", "--collective", default="all_reduce", help=f"one of {COLLECTIVES}, comma list, or all")
+    ap.add_argument(
+        "-c", "--collective", default="all_reduce", help=f"one of {COLLECTIVES}, comma list, or all"
+    )
     ap.add_argument("--backends", default="mooncake-cpu,gloo")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -367,7 +410,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--victim", type=int, default=None)
     ap.add_argument("--heartbeat-timeout", type=float, default=1.0)
-    ap.add_argument("--settle", type=float, default=0.5, help="seconds of serving before the first fault")
+    ap.add_argument(
+        "--settle", type=float, default=0.5, help="seconds of serving before the first fault"
+    )
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json")
     ap.add_argument("--plot")
@@ -380,15 +425,19 @@ def main(argv=None) -> int:
             ap.error(f"--victim {args.victim} out of range")
         res = run_fault(args)
         s = res["summary"]
-        print(f"fault={args.fault} world={args.world} victim={args.victim} trials={args.trials}: "
-              f"survivors' op after the fault median {s['survivor_latency_ms_median']:.1f} ms, "
-              f"p99 {s['survivor_latency_ms_p99']:.1f} ms; replacement's first full-world op median "
-              f"{s['join_first_op_ms_median']:.0f} ms, max {s['join_first_op_ms_max']:.0f} ms")
+        print(
+            f"fault={args.fault} world={args.world} victim={args.victim} trials={args.trials}: "
+            f"survivors' op after the fault median {s['survivor_latency_ms_median']:.1f} ms, "
+            f"p99 {s['survivor_latency_ms_p99']:.1f} ms; replacement's first full-world op median "
+            f"{s['join_first_op_ms_median']:.0f} ms, max {s['join_first_op_ms_max']:.0f} ms"
+        )
         out = res
     else:
         rows = run_perf(args)
-        print(f"# world={args.world} device={args.device} backends={args.backends} "
-              f"iters={args.iters} warmup={args.warmup} reps={args.reps}")
+        print(
+            f"# world={args.world} device={args.device} backends={args.backends} "
+            f"iters={args.iters} warmup={args.warmup} reps={args.reps}"
+        )
         print_perf(rows, args.backends.split(","), args.world)
         out = {"world": args.world, "backends": args.backends.split(","), "rows": rows}
     if args.json:
@@ -407,8 +456,12 @@ def main(argv=None) -> int:
             for coll in sorted({r["collective"] for r in out["rows"]}):
                 rs = [r for r in out["rows"] if r["collective"] == coll]
                 for b in out["backends"]:
-                    ax.loglog([r["bytes"] for r in rs], [r["time_s"][b] * 1e6 for r in rs], marker="o",
-                              label=f"{coll} {b}")
+                    ax.loglog(
+                        [r["bytes"] for r in rs],
+                        [r["time_s"][b] * 1e6 for r in rs],
+                        marker="o",
+                        label=f"{coll} {b}",
+                    )
             ax.set_xlabel("bytes")
             ax.set_ylabel("us per op")
             ax.legend(fontsize=6)
