@@ -27,14 +27,15 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
 
   const uint64_t start_ns = do_send ? globaltimer_ns() : st->start_ns[slot_idx];
   trace_point(p.trace, 0);
-  int* s_misc = smem;              // [0]: this op's tag
-  int* s_active = smem + 4;        // [R] active_ranks on entry
+  uint64_t* s_peer = reinterpret_cast<uint64_t*>(smem);  // [R] peer base addresses
+  int* s_misc = smem + 2 * p.R;    // [0]: this op's tag
+  int* s_active = s_misc + 4;      // [R] active_ranks on entry
   int* s_alive = s_active + p.R;   // [R] live and arrived (receive phase)
   int* s_work = s_alive + p.R;
   if (do_send)
     for (int q = tid; q < E; q += nthreads) s_work[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
   if (tid == nthreads - 1) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
-  tp.warm();
+  load_peers(s_peer, tp.peer_base, p.R);
   load_active(s_active, p.active_ranks, p.R);
   __syncthreads();
   const uint32_t tag = static_cast<uint32_t>(s_misc[0]);
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
       const uint64_t dst_off = p.off.combine_recv + (static_cast<uint64_t>(n) * kMaxTopk + k) * chunks * 16;
       const int first = piece * kCombinePieceChunks;
       if constexpr (Tp::kDirectStore) {
-        int4* dst = static_cast<int4*>(tp.peer_ptr(r, dst_off));
+        int4* dst = reinterpret_cast<int4*>(peer_addr(s_peer, r, dst_off));
         int4 v[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
       }
     }
     trace_point(p.trace, 3);
-    announce_arrival(tp, s_active, p.off, p.R, p.rank, kCombineKind, half);
+    announce_arrival(tp, s_peer, s_active, p.off, p.R, p.rank, kCombineKind, half);
     if (tid == 32) claim_tag(st, slot_idx, tag);  // after the barrier: the tag read is done
     trace_point(p.trace, 4);
   }
@@ -97,12 +98,13 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   if (do_recv) {
     // 1. Arrivals of every live owner; one verdict per owner for the whole grid, so every token
     //    sees the same failed owners (they contribute nothing, even rows that had arrived).
-    decide_sources(tp, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kCombineKind, half, tag,
+    const char* local_base = peer_addr(s_peer, p.rank, 0);
+    decide_sources(local_base, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kCombineKind, half, tag,
                    p.grid, deadline_after(start_ns, p.timeout_us));
     trace_point(p.trace, 5);
 
     // 2. Work item = (token, 32 chunks): lane c of the warp owns 8 channels of the token.
-    const int4* recv = static_cast<const int4*>(tp.local_ptr(p.off.combine_recv));
+    const int4* recv = reinterpret_cast<const int4*>(local_base + p.off.combine_recv);
     const int per_token = (chunks + 31) / 32;
     const int items = p.N * per_token;
     for (int it = (tid >> 5) * G + b; it < items; it += num_warps) {

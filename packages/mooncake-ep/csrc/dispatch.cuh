@@ -40,12 +40,12 @@ __device__ __forceinline__ void write_dispatch_chunk(char* msg, int c, int H, bo
 // Every block announces its completion to every live rank: one release-add per destination, after
 // a barrier, so the block's stores (and puts) are visible before the count moves.
 template <class Tp>
-__device__ __forceinline__ void announce_arrival(const Tp& tp, const int* s_active, const HalfOffsets& off,
-                                                 int num_ranks, int rank, int kind, int half) {
+__device__ __forceinline__ void announce_arrival(const Tp& tp, const uint64_t* s_peer, const int* s_active,
+                                                 const HalfOffsets& off, int num_ranks, int rank, int kind, int half) {
   __syncthreads();
   if (threadIdx.x < 32)
     for (int r = threadIdx.x; r < num_ranks; r += 32)
-      if (s_active[r] != 0) tp.signal_add(r, arrival_offset(off, rank, kind, half), 1);  // release
+      if (s_active[r] != 0) add_signal(tp, s_peer, r, arrival_offset(off, rank, kind, half), 1);  // release
 }
 
 // Shared-memory copy of active_ranks as the op found it (every thread of the block calls it).
@@ -59,8 +59,7 @@ __device__ __forceinline__ void load_active(int* s_active, const int* active_ran
 // the same answer without a grid barrier (a source arriving just at the deadline is either taken
 // by all blocks or dropped by all). A source found failed is set to 0 in active_ranks.
 // s_alive[src] (shared memory) = 1 when src is live and arrived, for the rest of the block.
-template <class Tp>
-__device__ __forceinline__ void decide_sources(const Tp& tp, int* active_ranks, const int* s_active, int* s_alive,
+__device__ __forceinline__ void decide_sources(const char* local_base, int* active_ranks, const int* s_active, int* s_alive,
                                                uint64_t* verdicts, const HalfOffsets& off, int num_ranks, int kind,
                                                int half, uint32_t tag, int grid, uint64_t deadline) {
   const uint64_t target = static_cast<uint64_t>(tag) * static_cast<uint64_t>(grid);
@@ -70,7 +69,7 @@ __device__ __forceinline__ void decide_sources(const Tp& tp, int* active_ranks, 
     if (s_active[src] == 0 || ld_relaxed_sys(active_ranks + src) == 0) continue;
     uint64_t v = atomicAdd(reinterpret_cast<unsigned long long*>(mine + src), 0ull);
     if ((v >> 1) < tag) {
-      const uint64_t* word = static_cast<const uint64_t*>(tp.local_ptr(arrival_offset(off, src, kind, half)));
+      const uint64_t* word = reinterpret_cast<const uint64_t*>(local_base + arrival_offset(off, src, kind, half));
       const bool arrived = wait_until(word, [target](uint64_t a) { return a >= target; }, deadline);
       const uint64_t desired = (static_cast<uint64_t>(tag) << 1) | (arrived ? 1u : 0u);
       while ((v >> 1) < tag) {
@@ -101,10 +100,11 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
 
   const uint64_t start_ns = do_send ? globaltimer_ns() : st->start_ns[slot_idx];
   trace_point(p.trace, 0);
-  int* s_misc = smem;              // [0]: this op's tag
-  int* s_active = smem + 4;        // [R] active_ranks on entry
+  uint64_t* s_peer = reinterpret_cast<uint64_t*>(smem);  // [R] peer base addresses
+  int* s_misc = smem + 2 * p.R;    // [0]: this op's tag
+  int* s_active = s_misc + 4;      // [R] active_ranks on entry
   int* s_alive = s_active + p.R;   // [R] live and arrived (receive phase)
-  int* s_work = s_alive + p.R;     // the phases' own arrays
+  int* s_work = s_alive + p.R;     // the phases' own arrays (int offset 4R + 4: 8-byte aligned)
   const int tpp = nthreads / tpt;  // token rows per pass
   const int row = tid / tpt, c0 = tid - row * tpt;
   const int per_block = (p.N + G - 1) / G;
@@ -126,10 +126,12 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   // Values this block needs as a whole go through shared memory; the op number is read by the
   // last thread and active_ranks by the first ones, so no thread waits for two loads in a row.
   if (tid == nthreads - 1) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
-  tp.warm();
+  load_peers(s_peer, tp.peer_base, p.R);
   load_active(s_active, p.active_ranks, p.R);
+  // Send-phase arrays: [m] message addresses (8-byte words first), then the histograms.
+  const int m = do_send ? (n1 - n0) * p.K : 0;
   if (do_send)
-    for (int i = tid; i < 2 * E; i += nthreads) s_work[i] = 0;  // histograms below
+    for (int i = tid; i < 2 * E; i += nthreads) s_work[2 * m + i] = 0;  // histograms below
   __syncthreads();
   const uint32_t tag = static_cast<uint32_t>(s_misc[0]);
   trace_point(p.trace, 1);
@@ -137,13 +139,12 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
     // Tokens [n0, n1) are this block's. Slot of selection (n, k) for expert e = number of
     // selections of e before it in (token, k) order: deterministic, rows arrive in token order.
-    const int m = (n1 - n0) * p.K;
-    int* s_total = s_work;           // [E] selections per expert (all tokens)
-    int* s_before = s_work + E;      // [E] selections per expert in tokens < n0
-    int* s_e = s_work + 2 * E;       // [m] expert of each selection here, -1: none / destination failed
-    int* s_slot = s_e + m;      // [m]
     // [m] destination address of each selection's message (direct stores), 8-byte aligned.
-    char** s_msg = reinterpret_cast<char**>(s_slot + m);  // int offset 4 + 2R + 2E + 2m: even
+    char** s_msg = reinterpret_cast<char**>(s_work);
+    int* s_total = s_work + 2 * m;   // [E] selections per expert (all tokens)
+    int* s_before = s_total + E;     // [E] selections per expert in tokens < n0
+    int* s_e = s_before + E;         // [m] expert of each selection here, -1: none / destination failed
+    int* s_dest = s_e + m;           // [m] its destination rank (-1 with s_e)
 #pragma unroll
     for (int u = 0; u < kRoutingPrefetch; ++u) {
       const int i = tid + u * nthreads;
@@ -162,9 +163,14 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     }
     for (int i = tid; i < m; i += nthreads) {
       const int64_t e = p.topk_idx[before_end + i];
-      int v = -1;
-      if (e >= 0 && e < E && s_active[e / p.L] != 0) v = static_cast<int>(e);
+      int v = -1, d = -1;
+      if (e >= 0 && e < E) {
+        d = static_cast<int>(e) / p.L;
+        if (s_active[d] != 0) v = static_cast<int>(e);
+        else d = -1;
+      }
       s_e[i] = v;
+      s_dest[i] = d;
     }
     __syncthreads();
     trace_point(p.trace, 2);
@@ -178,18 +184,18 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       const int e = s_e[i];
       char* msg = nullptr;
       if (e >= 0) {
+        const int dest = s_dest[i], l = e - dest * p.L;
+        const int tok = i / p.K, k = i - tok * p.K, n = n0 + tok;
         int c = s_before[e];
-        for (int j = 0; j < i; ++j) c += (s_e[j] == e);
-        s_slot[i] = c;
-        const int dest = e / p.L, l = e - dest * p.L;
-        const int k = i % p.K, n = n0 + i / p.K;
-        tp.put_value(dest, index_base + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + c) * 8ull,
-                     static_cast<uint64_t>(static_cast<uint32_t>(n)) | (static_cast<uint64_t>(k) << 32));
         bool first = true;
-        for (int j = i - k; j < i; ++j) first = first && !(s_e[j] >= 0 && s_e[j] / p.L == dest);
+        for (int j = 0; j < i; ++j) {
+          c += (s_e[j] == e);
+          if (j >= i - k) first = first && s_dest[j] != dest;
+        }
+        put_word(tp, s_peer, dest, index_base + ((static_cast<uint64_t>(l) * p.R + p.rank) * p.T + c) * 8ull,
+                 static_cast<uint64_t>(static_cast<uint32_t>(n)) | (static_cast<uint64_t>(k) << 32));
         if (first)
-          msg = static_cast<char*>(
-              tp.peer_ptr(dest, p.off.dispatch_recv + (static_cast<uint64_t>(p.rank) * p.T + n) * p.msg_bytes));
+          msg = peer_addr(s_peer, dest, p.off.dispatch_recv + (static_cast<uint64_t>(p.rank) * p.T + n) * p.msg_bytes);
       }
       s_msg[i] = msg;
     }
@@ -199,8 +205,8 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     for (int e = b * nthreads + tid; e < E; e += G * nthreads) {
       const int dest = e / p.L;
       if (s_active[dest] != 0)
-        tp.put_value(dest, p.off.dispatch_signals + (static_cast<uint64_t>(e - dest * p.L) * p.R + p.rank) * 8,
-                     pack_count_signal(tag, static_cast<uint32_t>(s_total[e])));
+        put_word(tp, s_peer, dest, p.off.dispatch_signals + (static_cast<uint64_t>(e - dest * p.L) * p.R + p.rank) * 8,
+                 pack_count_signal(tag, static_cast<uint32_t>(s_total[e])));
     }
     __syncthreads();
     trace_point(p.trace, 4);
@@ -234,7 +240,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
             for (int k = 0; k < p.K; ++k)
               if (s_msg[sel0 + k] != nullptr) write_dispatch_chunk(s_msg[sel0 + k], c, H, fp8, v, q, scale_inv, n, k);
           } else {
-            char* msg = static_cast<char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
+            char* msg = peer_addr(s_peer, p.rank, p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes);
             write_dispatch_chunk(msg, c, H, fp8, v, q, scale_inv, n, 0);
           }
         }
@@ -243,10 +249,10 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
         // Staged: the token's message is in dispatch_send; put it to each destination.
         __syncthreads();
         if (has) {
-          const char* src = static_cast<const char*>(tp.local_ptr(p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes));
+          const char* src = peer_addr(s_peer, p.rank, p.off.dispatch_send + static_cast<uint64_t>(n) * p.msg_bytes);
           for (int k = 0; k < p.K; ++k) {
             if (s_msg[sel0 + k] == nullptr) continue;  // no selection, or not the destination's first
-            const int dest = s_e[sel0 + k] / p.L;
+            const int dest = s_dest[sel0 + k];
             const uint64_t off = p.off.dispatch_recv + (static_cast<uint64_t>(p.rank) * p.T + n) * p.msg_bytes;
             tp.put(dest, off + kDispatchHeaderBytes, src + kDispatchHeaderBytes, payload_bytes, c0, tpt);
             if (c0 == 0)
@@ -257,7 +263,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
     }
     trace_point(p.trace, 5);
-    announce_arrival(tp, s_active, p.off, p.R, p.rank, kDispatchKind, half);
+    announce_arrival(tp, s_peer, s_active, p.off, p.R, p.rank, kDispatchKind, half);
     if (tid == 32) claim_tag(st, slot_idx, tag);  // after the barrier: the tag read is done
     trace_point(p.trace, 6);
   }
@@ -265,13 +271,14 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   if (do_recv) {
     // 1. Arrivals of every live source (deadline: the op's start + timeout); one verdict per
     //    source for the whole grid.
-    decide_sources(tp, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kDispatchKind, half, tag,
+    const char* local_base = peer_addr(s_peer, p.rank, 0);
+    decide_sources(local_base, p.active_ranks, s_active, s_alive, p.verdicts, p.off, p.R, kDispatchKind, half, tag,
                    p.grid, deadline_after(start_ns, p.timeout_us));
     trace_point(p.trace, 7);
 
     // 2. Rows per (local expert l, source r), pair q = l*R + r, prefix-summed in every block:
     //    row f of the flattened [L][R][count] order is row j = f - s_pref[l*R] of expert l.
-    const uint64_t* sig = static_cast<const uint64_t*>(tp.local_ptr(p.off.dispatch_signals));
+    const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + p.off.dispatch_signals);
     int* s_pref = s_work;          // [E + 1]
     int* s_tmp = s_work + E + 1;   // [32]
     for (int q = tid; q < E; q += nthreads) {
@@ -309,13 +316,17 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
     const int words = (groups + 3) / 4;
     const int row_chunks = fp8 ? H / 16 : H / 8;
     const uint64_t row_bytes = fp8 ? static_cast<uint64_t>(H) : 2ull * H;
-    const char* recv_base = static_cast<const char*>(tp.local_ptr(p.off.dispatch_recv));
+    const char* recv_base = local_base + p.off.dispatch_recv;
     const unsigned long long* index_table =
         reinterpret_cast<const unsigned long long*>(recv_base + static_cast<uint64_t>(p.R) * p.T * p.msg_bytes);
-    // Consecutive items go to different blocks (SMs): the work spreads over the whole GPU.
+    // Consecutive items go to different blocks (SMs): the work spreads over the whole GPU. Items
+    // are piece-major (all rows' piece 0, then piece 1, ...), so every block gets a mix of the
+    // longer piece-0 items (header, scales) and plain payload pieces.
     const int pieces = (row_chunks + 255) / 256;
+    const bool ue8m0 = p.use_ue8m0 != 0;
     for (int it = (tid >> 5) * G + b; it < total * pieces; it += G * warps) {
-      const int f = it / pieces, first = (it - f * pieces) * 256;
+      const int piece = it / total;
+      const int f = it - piece * total, first = piece * 256;
       const int q = upper_index(s_pref, E, f);
       const int l = q / p.R;
       const int j = f - s_pref[l * p.R];
@@ -331,15 +342,25 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       const char* msg = recv_base + (static_cast<uint64_t>(from) * p.T + token) * p.msg_bytes;
       const int4* src = reinterpret_cast<const int4*>(msg + kDispatchHeaderBytes);
       int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + (static_cast<uint64_t>(l) * RT + j) * row_bytes);
-      {
-        int4 v[8];
+      // Piece 0 also moves the row's scales: their loads go out with the payload's (one round
+      // trip for both); groups past the first 128 (H > 16384) take the loop after the stores.
+      const bool scales_here = fp8 && first == 0;
+      const uint32_t* sc = reinterpret_cast<const uint32_t*>(msg + kDispatchHeaderBytes + H);
+      int4 v[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (first + u * 32 + lane < row_chunks) v[u] = ld_cg_int4(src + first + u * 32 + lane);
+      for (int u = 0; u < 8; ++u)
+        if (first + u * 32 + lane < row_chunks) v[u] = ld_cg_int4(src + first + u * 32 + lane);
+      uint32_t sv[4] = {0u, 0u, 0u, 0u};
+      if (scales_here) {
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (first + u * 32 + lane < row_chunks) dst[first + u * 32 + lane] = v[u];
+        for (int u = 0; u < 4; ++u) {
+          const int g = ue8m0 ? 4 * lane + u : lane + 32 * u;
+          if (g < groups) sv[u] = __ldcg(sc + g);
+        }
       }
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (first + u * 32 + lane < row_chunks) dst[first + u * 32 + lane] = v[u];
       if (first != 0) continue;
       if (lane == 0) {
         p.src_info[static_cast<uint64_t>(l) * RT + j] = token;
@@ -350,13 +371,24 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
       }
       if (fp8) {
         // Column-major per expert ([groups, R*T]): a row's scales are R*T apart.
-        const uint32_t* sc = reinterpret_cast<const uint32_t*>(msg + kDispatchHeaderBytes + H);
-        if (!p.use_ue8m0) {
+        if (!ue8m0) {
           float* scales = static_cast<float*>(p.recv_scales) + static_cast<uint64_t>(l) * groups * RT + j;
-          for (int g = lane; g < groups; g += 32) scales[static_cast<uint64_t>(g) * RT] = __uint_as_float(__ldcg(sc + g));
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int g = lane + 32 * u;
+            if (g < groups) scales[static_cast<uint64_t>(g) * RT] = __uint_as_float(sv[u]);
+          }
+          for (int g = lane + 128; g < groups; g += 32) scales[static_cast<uint64_t>(g) * RT] = __uint_as_float(__ldcg(sc + g));
         } else {
           int* scales = static_cast<int*>(p.recv_scales) + static_cast<uint64_t>(l) * words * RT + j;
-          for (int w = lane; w < words; w += 32) {
+          if (lane < words) {
+            uint32_t packed = 0;
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+              if (4 * lane + u < groups) packed |= ((sv[u] >> 23) & 0xffu) << (8 * u);
+            scales[static_cast<uint64_t>(lane) * RT] = static_cast<int>(packed);
+          }
+          for (int w = lane + 32; w < words; w += 32) {
             uint32_t packed = 0;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {

@@ -90,6 +90,34 @@ __device__ __forceinline__ void claim_tag(EpState* st, int slot, uint32_t tag) {
   }
 }
 
+// Peer base addresses, copied into shared memory in each block's prologue (one load per rank,
+// issued with the other prologue loads): later address computations need no global load (after
+// the benchmark's L2 flush, a first load of the peer table costs a DRAM round trip).
+__device__ __forceinline__ void load_peers(uint64_t* s_peer, const uint64_t* peer_base, int num_ranks) {
+  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
+    s_peer[r] = __ldg(reinterpret_cast<const unsigned long long*>(peer_base) + r);
+}
+
+__device__ __forceinline__ char* peer_addr(const uint64_t* s_peer, int peer, uint64_t offset) {
+  return reinterpret_cast<char*>(s_peer[peer]) + offset;
+}
+
+// A word stored into a peer's buffer: a direct store through the shared-memory table when the
+// transport stores directly, else the transport's own put (the staged path's seam).
+template <class Tp>
+__device__ __forceinline__ void put_word(const Tp& tp, const uint64_t* s_peer, int peer, uint64_t offset,
+                                         uint64_t value) {
+  if constexpr (Tp::kDirectStore) *reinterpret_cast<uint64_t*>(peer_addr(s_peer, peer, offset)) = value;
+  else tp.put_value(peer, offset, value);
+}
+
+template <class Tp>
+__device__ __forceinline__ void add_signal(const Tp& tp, const uint64_t* s_peer, int peer, uint64_t offset,
+                                           uint64_t value) {
+  if constexpr (Tp::kDirectStore) red_release_sys_add(reinterpret_cast<uint64_t*>(peer_addr(s_peer, peer, offset)), value);
+  else tp.signal_add(peer, offset, value);
+}
+
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 

@@ -1,5 +1,6 @@
 // Kernel instantiations and launchers: which compiled variant serves a call, the launch shape
-// and the cooperative launch (every block resident: the receive phase has a grid barrier).
+// and the cooperative launch (every block resident: blocks spin on arrival counters that every block
+// of the same grid, this rank's own included, must bump).
 #include <cuda_runtime.h>
 
 #include "combine.cuh"
@@ -115,12 +116,13 @@ uint64_t dispatch_smem_bytes(const DispatchParams& p, const LaunchShape& s) {
   const uint64_t m = per_block * p.K;
   const uint64_t send = (2 * E + 2 * m + 2) * sizeof(int) + m * sizeof(void*);
   const uint64_t recv = (E + 1 + 32) * sizeof(int);
-  return (4 + 2ull * p.R) * sizeof(int) + (send > recv ? send : recv) + 64;
+  // peer table (uint64 [R]), tag + active + alive, then the phases' arrays
+  return 8ull * p.R + (4 + 2ull * p.R) * sizeof(int) + (send > recv ? send : recv) + 64;
 }
 
 uint64_t combine_smem_bytes(const CombineParams& p, const LaunchShape&) {
   const uint64_t E = static_cast<uint64_t>(p.L) * p.R;
-  return (4 + 2ull * p.R + E + 1 + 32) * sizeof(int) + 64;
+  return 8ull * p.R + (4 + 2ull * p.R + E + 1 + 32) * sizeof(int) + 64;
 }
 
 cudaError_t prepare_kernels(int max_smem) {

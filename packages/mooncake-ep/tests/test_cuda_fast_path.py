@@ -452,6 +452,140 @@ def rank_kill(
     return {"errors": errors, "marks": marks}
 
 
+JOIN_DEADLINE_S = 120.0  # replacement: the backend notices the kill (heartbeats), then admits
+
+
+def _fast_only(
+    rank: int, world_size: int, port: int, backend: str, case: dict, options: Any = None
+):
+    """A fast-path Buffer on the WORLD group of ``backend`` (no portable twin: a replacement must
+    run the same collectives as the survivors)."""
+    from ep_harness import init_group
+
+    from mooncake.ep.buffer import Buffer
+
+    torch.cuda.set_device(0)
+    group = init_group(rank, world_size, port, backend, pg_options=options)
+    if options is not None:  # a replacement: wait until the survivors admitted it
+        import torch.distributed as dist
+
+        import mooncake.pg as pg
+
+        pg.join_group(dist.group.WORLD._get_backend(torch.device("cpu")), timeout=JOIN_DEADLINE_S)
+    nbytes = Buffer.get_ep_buffer_size_hint(case["T"], case["H"], world_size, case["E"])
+    return Buffer(group, nbytes, path="fast")
+
+
+def _checked_round(
+    fast: Any,
+    rank: int,
+    world_size: int,
+    case: dict,
+    active: torch.Tensor,
+    round_index: int,
+    label: str,
+) -> tuple[list[str], float, float]:
+    """One dispatch + combine on the fast path against the reference, for the ranks alive in
+    ``active`` after each op; returns (errors, dispatch seconds, combine seconds)."""
+    from ep_cases import check_combine, check_dispatch, make_inputs, simulated_gemm
+
+    dev = torch.device("cuda", 0)
+    num_local = case["E"] // world_size
+    use_fp8 = case.get("use_fp8", False)
+    x, topk_idx, weights = make_inputs(case, rank, round_index)
+    torch.cuda.synchronize()
+    start = time.monotonic()
+    res = fast.dispatch(
+        x.to(dev), topk_idx.to(dev), active, case["T"], case["E"], FAULT_TIMEOUT_US, use_fp8=use_fp8
+    )
+    torch.cuda.synchronize()
+    d_elapsed = time.monotonic() - start
+    alive_d = [bool(a) for a in active.tolist()]
+    got = _cpu(res[:3])
+    errors = check_dispatch(case, rank, world_size, got, alive_d, None, round_index)
+    sim = simulated_gemm(got[0], use_fp8, rank, num_local).to(dev)
+    start = time.monotonic()
+    combined = fast.combine(
+        sim, topk_idx.to(dev), weights.to(dev), active, FAULT_TIMEOUT_US, res[2]
+    )[0]
+    torch.cuda.synchronize()
+    c_elapsed = time.monotonic() - start
+    alive_c = [bool(a) for a in active.tolist()]
+    errors += check_combine(case, rank, world_size, combined.cpu(), alive_c, round_index)
+    return [f"rank {rank} {label}: {e}" for e in errors], d_elapsed, c_elapsed
+
+
+def rank_replace_survivor(rank: int, world_size: int, port: int, backend: str, case: dict) -> dict:
+    """Round 0 with everyone; the last rank SIGKILLs itself at the start of round 1's dispatch;
+    survivors mark it, then admit its replacement (``get_peer_state`` / ``recover_ranks``),
+    re-map its new buffer (``update_ep_member``) and run round 2 with everyone."""
+    import torch.distributed as dist
+
+    import mooncake.pg as pg
+    from mooncake.ep import faults
+
+    case = _resolve(case, world_size)
+    fast = _fast_only(rank, world_size, port, backend, case)
+    victim = world_size - 1
+    dev = torch.device("cuda", 0)
+    active = torch.ones(world_size, dtype=torch.int32, device=dev)
+    report: dict = {"path": fast.path.name}
+    errors, _, _ = _checked_round(fast, rank, world_size, case, active, 0, "round 0")
+    dist.barrier()
+    if rank == victim:
+        faults.arm_kill("dispatch.start", 1)
+    e, d_s, _ = _checked_round(fast, rank, world_size, case, active, 1, "round 1")
+    errors += e
+    limit = FAULT_TIMEOUT_US / 1e6 + MARK_SLACK_S
+    if active.tolist()[victim] != 0 or d_s > limit:
+        errors.append(f"rank {rank}: round 1 active {active.tolist()} after {d_s:.3f} s > {limit}")
+    report["mark_s"] = round(d_s, 4)
+    backend_obj = dist.group.WORLD._get_backend(torch.device("cpu"))
+    deadline = time.monotonic() + JOIN_DEADLINE_S
+    while not pg.get_peer_state(backend_obj, [victim])[0]:
+        if time.monotonic() > deadline:
+            errors.append(
+                f"rank {rank}: no replacement of rank {victim} within {JOIN_DEADLINE_S} s"
+            )
+            report["errors"] = errors
+            return report
+        time.sleep(0.05)
+    pg.recover_ranks(backend_obj, [victim])
+    fast.update_ep_member()  # the replacement's new IPC handle is mapped here
+    report["path_after"] = fast.path.name
+    active.fill_(1)
+    e, _, _ = _checked_round(fast, rank, world_size, case, active, 2, "round 2 (after replacement)")
+    errors += e
+    if active.tolist() != [1] * world_size:
+        errors.append(f"rank {rank}: round 2 active {active.tolist()}")
+    flags = fast.path.error_flags()
+    if flags:
+        errors.append(f"rank {rank}: kernel error flags {flags:#x}")
+    dist.barrier()
+    report["errors"] = errors
+    return report
+
+
+def rank_replacement(rank: int, world_size: int, port: int, backend: str, case: dict) -> dict:
+    """The new process in the killed rank's place: joins, builds its fast path (new buffer, new
+    IPC handle), runs round 2 with everyone."""
+    import torch.distributed as dist
+
+    import mooncake.pg as pg
+
+    case = _resolve(case, world_size)
+    options = pg.MooncakeBackendOptions(
+        torch.ones(world_size, dtype=torch.int32), is_extension=True
+    )
+    fast = _fast_only(rank, world_size, port, backend, case, options)
+    active = torch.ones(world_size, dtype=torch.int32, device=torch.device("cuda", 0))
+    errors, _, _ = _checked_round(fast, rank, world_size, case, active, 2, "replacement round 2")
+    if active.tolist() != [1] * world_size:
+        errors.append(f"replacement: active {active.tolist()}")
+    dist.barrier()
+    return {"errors": errors, "path": fast.path.name}
+
+
 # ---------------------------------------------------------------------------- tests
 
 
@@ -551,3 +685,40 @@ def test_cuda_kill(world_size: int, point: str, occurrence: int) -> None:
         errors += r.value["errors"]
         assert r.value["marks"], f"rank {r.rank} never marked the killed rank"
     assert not errors, "\n".join(errors[:40])
+
+
+@pytest.mark.timeout(400)
+def test_cuda_kill_then_replacement() -> None:
+    """SIGKILL a rank, a new process joins in its place (mooncake-cpu backend recovery), survivors
+    re-map its new buffer with ``update_ep_member``; a full round is exact on every rank."""
+    pytest.importorskip("mooncake.pg", reason="mooncake.pg (mooncake-backend) is not installed")
+    from ep_harness import spawn_rank, start_world
+
+    world_size, victim = 3, 2
+    case = _case("replace", **FP8)
+    world = start_world(
+        world_size, "test_cuda_fast_path:rank_replace_survivor", (case,), backend="mooncake-cpu"
+    )
+    world.procs[str(victim)].join(200)
+    assert world.procs[str(victim)].exitcode == -9, "the victim did not die by SIGKILL"
+    spawn_rank(
+        world,
+        victim,
+        "test_cuda_fast_path:rank_replacement",
+        (case,),
+        "mooncake-cpu",
+        slot=f"{victim}-replacement",
+    )
+    results = world.results(300)
+    problems = []
+    for r in results:
+        if r.slot == str(victim):
+            continue
+        if not r.ok:
+            problems.append(f"slot {r.slot}: {r.error[-3000:]}")
+            continue
+        problems += r.value["errors"]
+        if r.value["path"] != "cuda-p2p" or r.value.get("path_after", "cuda-p2p") != "cuda-p2p":
+            problems.append(f"slot {r.slot}: path {r.value}")
+    assert len(results) == world_size + 1
+    assert not problems, "\n".join(problems[:40])

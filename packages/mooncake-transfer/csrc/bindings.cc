@@ -154,7 +154,24 @@ PYBIND11_MODULE(_engine, m) {
                " location=" + s.seg->location + (s.seg->kind == SegKind::kMemfd ? " shared" : "") + ">";
       });
 
+  // Buffer exporter for RemoteSegment.view(): each view holds a reference to the shared mapping.
+  py::class_<ShmMapping, std::shared_ptr<ShmMapping>>(m, "_ShmMapping", py::buffer_protocol())
+      .def_buffer([](ShmMapping& s) {
+        return py::buffer_info(s.base, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(s.len)}, {1});
+      });
+
   py::class_<RemoteSeg, std::shared_ptr<RemoteSeg>>(m, "RemoteSegment", "A peer's segment opened by this engine.")
+      .def("view", [](const RemoteSeg& r) -> py::object {
+        if (r.kind != TransportKind::kShm || !r.map)
+          throw TransferErr(ErrKind::kGeneric, r.peer->name,
+                            "RemoteSegment.view(): segment " + std::to_string(r.desc.seg_id) + " of '" +
+                                r.peer->name + "' is reached over transport '" + transport_name(r.kind) +
+                                "'; only 'shm' segments (same host, allocate()d by the peer) can be mapped");
+        py::object whole = py::memoryview(py::cast(r.map));
+        return whole[py::slice(0, static_cast<py::ssize_t>(r.desc.length), 1)];
+      }, "Writable memoryview of a peer's shared-memory segment (transport 'shm' only); the "
+         "mapping stays valid while the view lives, even after the owner exits.")
       .def_property_readonly("peer", [](const RemoteSeg& r) { return r.peer->name; })
       .def_property_readonly("length", [](const RemoteSeg& r) { return r.desc.length; })
       .def_property_readonly("transport", [](const RemoteSeg& r) { return std::string(transport_name(r.kind)); })
@@ -187,16 +204,29 @@ PYBIND11_MODULE(_engine, m) {
         return n.data_cache;
       })
       .def_property_readonly("nbytes", [](const NotificationObj& n) { return n.m->data.size(); })
-      .def("copy_to", [](const NotificationObj& n, int64_t addr, int64_t length) {
-        uint64_t a = nonneg(addr, "addr"), len = nonneg(length, "length");
-        if (len < n.m->data.size())
+      .def("copy_to", [](const NotificationObj& n, int64_t addr, int64_t length, int64_t offset) {
+        uint64_t a = nonneg(addr, "addr"), len = nonneg(length, "length"), off = nonneg(offset, "offset");
+        const size_t size = n.m->data.size();
+        if (off > size)
+          throw std::invalid_argument("offset: " + std::to_string(off) + " is past the notification's " +
+                                      std::to_string(size) + " bytes");
+        const size_t count = size - off;
+        if (len < count)
           throw std::invalid_argument("length: buffer of " + std::to_string(len) +
-                                      " bytes is smaller than the notification (" +
-                                      std::to_string(n.m->data.size()) + " bytes)");
-        if (!n.m->data.empty() && a == 0) throw std::invalid_argument("addr is a null address");
-        std::memcpy(reinterpret_cast<void*>(a), n.m->data.data(), n.m->data.size());
-        return n.m->data.size();
-      }, py::arg("addr"), py::arg("length"), "Copies the payload to raw memory; returns bytes copied.")
+                                      " bytes is smaller than the notification's " + std::to_string(count) +
+                                      " bytes from offset " + std::to_string(off));
+        if (count && a == 0) throw std::invalid_argument("addr is a null address");
+        if (count) {
+          py::gil_scoped_release r;
+          std::memcpy(reinterpret_cast<void*>(a), n.m->data.data() + off, count);
+        }
+        return count;
+      }, py::arg("addr"), py::arg("length"), py::arg("offset") = 0,
+      "Copies the payload from `offset` on to raw memory; returns bytes copied.")
+      .def("head", [](const NotificationObj& n, int64_t count) {
+        const size_t c = std::min<size_t>(nonneg(count, "count"), n.m->data.size());
+        return py::bytes(n.m->data.data(), c);
+      }, py::arg("count"), "The first `count` bytes of the payload (fewer if it is shorter).")
       .def("__len__", [](const NotificationObj& n) { return n.m->data.size(); })
       .def("__repr__", [](const NotificationObj& n) {
         return "<Notification peer='" + *n.m->peer + "' tag=" + std::to_string(n.m->tag) +
@@ -307,6 +337,59 @@ PYBIND11_MODULE(_engine, m) {
         GilRelease r;
         e.notify(peer, reinterpret_cast<const void*>(a), static_cast<size_t>(len), tg);
       })
+      .def("notify_many", [](Engine& e, const std::vector<std::string>& peers, py::buffer data, int64_t tag,
+                             int64_t addr, int64_t length) {
+        uint64_t tg = nonneg(tag, "tag"), a = nonneg(addr, "addr"), len = nonneg(length, "length");
+        if (len > 0 && a == 0) throw std::invalid_argument("addr is a null address");
+        py::buffer_info info = data.request();
+        if (info.ndim > 1 && info.strides.back() != info.itemsize)
+          throw std::invalid_argument("data must be a C-contiguous bytes-like object");
+        const size_t hlen = static_cast<size_t>(info.size * info.itemsize);
+        std::vector<std::pair<std::string, std::string>> failed;
+        {
+          GilRelease r;
+          std::string joined;
+          const void* msg = info.ptr;
+          size_t mlen = hlen;
+          if (len) {  // one message: data, then `length` bytes from `addr`
+            joined.resize(hlen + len);
+            if (hlen) std::memcpy(&joined[0], info.ptr, hlen);
+            std::memcpy(&joined[hlen], reinterpret_cast<const void*>(a), len);
+            msg = joined.data();
+            mlen = joined.size();
+          }
+          for (const auto& p : peers) {
+            try {
+              e.notify(p, msg, mlen, tg);
+            } catch (const TransferErr& err) {
+              failed.emplace_back(p, err.what());
+            }
+          }
+        }
+        return failed;
+      }, py::arg("peers"), py::arg("data"), py::arg("tag"), py::arg("addr") = 0, py::arg("length") = 0)
+      .def("recv_round", [](Engine& e, const std::vector<std::string>& peers, int64_t tag,
+                            std::optional<double> timeout, int64_t key_offset, py::bytes key) {
+        double t = timeout_arg(timeout);
+        uint64_t tg = nonneg(tag, "tag"), off = nonneg(key_offset, "key_offset");
+        std::string k = key;
+        std::vector<MessagePtr> out;
+        std::vector<std::string> dead;
+        {
+          GilRelease r;
+          e.recv_round(peers, tg, t, off, k, out, dead);
+        }
+        py::list res;
+        for (size_t i = 0; i < peers.size(); ++i) {
+          if (out[i])
+            res.append(py::make_tuple(0, to_notification(std::move(out[i]))));
+          else if (!dead[i].empty())
+            res.append(py::make_tuple(1, py::str(dead[i])));
+          else
+            res.append(py::make_tuple(2, py::none()));
+        }
+        return res;
+      }, py::arg("peers"), py::arg("tag"), py::arg("timeout"), py::arg("key_offset"), py::arg("key"))
       .def("recv_notify", [](Engine& e, std::optional<std::string> peer, std::optional<int64_t> tag,
                              std::optional<double> timeout) {
         double t = timeout_arg(timeout);

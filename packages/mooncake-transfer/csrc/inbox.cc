@@ -3,10 +3,24 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace mooncake::transfer {
 
 namespace {
-constexpr int64_t kSpinNs = 20000;  // brief spin before sleeping (ping-pong latency)
+// How long a receiver polls before it sleeps on the doorbell futex, per wait call (across
+// doorbell bumps for other messages). Waking a sleeper costs tens of microseconds on the
+// virtualised 2-core machines, longer than the Python work between the messages of one op, so
+// the default covers that gap. MOONCAKE_TRANSFER_SPIN_US overrides it (0 = sleep at once).
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("MOONCAKE_TRANSFER_SPIN_US");
+    const long us = v && *v ? std::strtol(v, nullptr, 10) : 200;
+    return static_cast<int64_t>(us < 0 ? 0 : us) * 1000;
+  }();
+  return ns;
+}
 
 // Spinning must not keep the peer we wait for off the CPU (2-core machines run several ranks):
 // yield so a runnable thread of this CPU goes first; with nothing else runnable it returns at once.
@@ -169,20 +183,19 @@ MessagePtr Inbox::take_min_locked(std::vector<std::deque<MessagePtr>*>& cands) {
 template <class TryTake>
 MessagePtr Inbox::wait_loop(TryTake try_take, int64_t deadline) {
   std::unique_lock<std::mutex> lk(mu_);
-  bool spun = false;
+  int64_t spin_end = -1;
   for (;;) {
     if (closed_) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
     if (!rings_.empty()) drain_locked();
     if (MessagePtr m = try_take()) return m;  // may throw PeerDead
     const int64_t now = now_ns();
     if (now >= deadline) return nullptr;
-    if (!spun) {
-      spun = true;
+    if (spin_end < 0) spin_end = std::min(deadline, now + spin_ns());
+    if (now < spin_end) {
       const uint32_t v = bell_->seq.load(std::memory_order_acquire);
       lk.unlock();
-      const int64_t end = std::min(deadline, now + kSpinNs);
       // Same-host senders bump the doorbell after publishing; TCP deliveries do too.
-      while (bell_->seq.load(std::memory_order_acquire) == v && now_ns() < end) spin_pause();
+      while (bell_->seq.load(std::memory_order_acquire) == v && now_ns() < spin_end) spin_pause();
       lk.lock();
       continue;
     }
@@ -253,6 +266,60 @@ MessagePtr Inbox::recv_any(const std::vector<std::string>& peers, uint64_t tag, 
     return nullptr;
   };
   return wait_loop(try_take, deadline);
+}
+
+void Inbox::recv_round(const std::vector<std::string>& peers, uint64_t tag, int64_t deadline, size_t key_off,
+                       const std::string& key, std::vector<MessagePtr>& out, std::vector<std::string>& dead) {
+  const size_t n = peers.size();
+  out.assign(n, nullptr);
+  dead.assign(n, std::string());
+  std::vector<char> done(n, 0);
+  size_t left = n;
+  // wait_loop returns what try_take returns: this marker ends the wait once every peer is resolved.
+  static const MessagePtr kAllResolved = std::make_shared<Message>();
+  auto stale = [&](const Message& m) {
+    if (key.empty() || m.data.size() < key_off + key.size()) return false;
+    return std::memcmp(m.data.data() + key_off, key.data(), key.size()) < 0;
+  };
+  auto try_take = [&]() -> MessagePtr {
+    auto t = q_.find(tag);
+    for (size_t i = 0; i < n; ++i) {
+      if (done[i]) continue;
+      if (t != q_.end()) {
+        auto p = t->second.find(peers[i]);
+        if (p != t->second.end()) {
+          auto& dq = p->second;
+          while (!dq.empty()) {
+            MessagePtr m = std::move(dq.front());
+            dq.pop_front();
+            if (stale(*m)) continue;
+            out[i] = std::move(m);
+            break;
+          }
+          if (dq.empty()) {
+            t->second.erase(p);
+            if (t->second.empty()) {
+              q_.erase(t);
+              t = q_.end();
+            }
+          }
+          if (out[i]) {
+            done[i] = 1;
+            --left;
+            continue;
+          }
+        }
+      }
+      auto d = dead_.find(peers[i]);
+      if (d != dead_.end()) {
+        dead[i] = d->second.empty() ? "dead" : d->second;
+        done[i] = 1;
+        --left;
+      }
+    }
+    return left == 0 ? kAllResolved : nullptr;
+  };
+  if (n) wait_loop(try_take, deadline);
 }
 
 }  // namespace mooncake::transfer

@@ -45,6 +45,13 @@ class Inbox {
   MessagePtr recv(const std::string* peer, const uint64_t* tag, int64_t deadline);
   // First queued message (lowest arrival order) with `tag` from any of `peers`.
   MessagePtr recv_any(const std::vector<std::string>& peers, uint64_t tag, int64_t deadline);
+  // One message with `tag` from each of `peers` (a message round). Messages whose bytes
+  // [key_off, key_off + key.size()) compare below `key` (byte-wise) are stale and dropped; the first
+  // other one is the peer's result (a shorter message counts as not stale). out[i] = the message, or
+  // null with dead[i] = the reason when peers[i] is dead with nothing queued, or null with dead[i]
+  // empty when the deadline passed first. Returns when every peer is resolved or at the deadline.
+  void recv_round(const std::vector<std::string>& peers, uint64_t tag, int64_t deadline, size_t key_off,
+                  const std::string& key, std::vector<MessagePtr>& out, std::vector<std::string>& dead);
 
   void mark_dead(const std::string& peer, const std::string& reason);
   void forget(const std::string& peer);  // drops its queued messages, rings and dead mark

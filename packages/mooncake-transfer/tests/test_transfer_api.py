@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -399,3 +400,59 @@ def test_idle_cpu_is_tiny(peer_factory):
     frac = float(p.stdout.strip())
     print(f"idle engine with 3 peers: {frac * 100:.2f}% of a core")
     assert frac < 0.02
+
+
+@pytest.mark.timeout(60)
+def test_notify_many_and_recv_round(engine_factory, peer_factory):
+    a, b, c = engine_factory("ra"), engine_factory("rb"), engine_factory("rc")
+    b.connect(a.endpoint)
+    c.connect(a.endpoint)
+    a.connect(b.endpoint)
+    a.connect(c.endpoint)
+    payload = ctypes.create_string_buffer(b"0123456789", 10)
+    # One message = header bytes + raw payload, sent to both peers; nothing failed.
+    assert a.notify_many(["rb", "rc"], b"HDR:", 7, ctypes.addressof(payload), 10) == []
+    for e in (b, c):
+        n = e.recv_notify("ra", 7, timeout=5)
+        assert n.data == b"HDR:0123456789"
+        assert n.head(4) == b"HDR:" and n.head(100) == n.data
+        dst = ctypes.create_string_buffer(16)
+        assert n.copy_to(ctypes.addressof(dst), 16, offset=4) == 10
+        assert dst.raw[:10] == b"0123456789"
+        with pytest.raises(ValueError, match="offset"):
+            n.copy_to(ctypes.addressof(dst), 16, offset=15)
+        with pytest.raises(ValueError, match="length"):
+            n.copy_to(ctypes.addressof(dst), 5, offset=4)
+    # recv_round: big-endian keys; stale ones (< key) are dropped, the next one is the result
+    # even when it is ahead of the key, and a peer with nothing queued times out.
+    key = (5).to_bytes(8, "big")
+    b.notify("ra", (3).to_bytes(8, "big") + b"old", 1)
+    b.notify("ra", (5).to_bytes(8, "big") + b"cur", 1)
+    b.notify("ra", (6).to_bytes(8, "big") + b"next", 1)
+    c.notify("ra", (9).to_bytes(8, "big") + b"ahead", 1)
+    time.sleep(0.1)
+    res = a.recv_round(["rb", "rc"], 1, 2.0, 0, key)
+    assert [(s, n.data[8:]) for s, n in res] == [(0, b"cur"), (0, b"ahead")]
+    assert a.recv_notify("rb", 1, timeout=1).data[8:] == b"next"  # left queued
+    t0 = time.monotonic()
+    res = a.recv_round(["rb", "rc"], 1, 0.2, 0, key)
+    assert res == [(2, None), (2, None)]
+    assert 0.15 <= time.monotonic() - t0 < 1.0
+    # A waiting round resolves as soon as the last peer's message lands.
+    threading.Timer(0.2, lambda: c.notify("ra", key + b"late", 2)).start()
+    b.notify("ra", key + b"early", 2)
+    t0 = time.monotonic()
+    res = a.recv_round(["rb", "rc"], 2, 10.0, 0, key)
+    assert [n.data[8:] for _, n in res] == [b"early", b"late"]
+    assert time.monotonic() - t0 < 2.0
+    # A killed peer: its queued message is still delivered, then it reads as dead (status 1).
+    peer = peer_factory("rdead")
+    assert a.connect(peer.endpoint) == peer.name
+    os.kill(peer.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    res = a.recv_round([peer.name], 3, 10.0, 0, b"")
+    assert res[0][0] == 1 and isinstance(res[0][1], str)
+    assert time.monotonic() - t0 < 2.0
+    failed = a.notify_many(["rb", peer.name], b"x", 4)
+    assert [p for p, _ in failed] == [peer.name]
+    assert b.recv_notify("ra", 4, timeout=5).data == b"x"

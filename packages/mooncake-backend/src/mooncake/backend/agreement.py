@@ -1,19 +1,24 @@
 """Agreement among survivors: which ranks an op attempt excludes, and whether ranks mismatched.
 
 Every rank enters with what its data phase saw (peers that failed or missed the deadline, and a
-mismatch flag). Rounds of all-to-all messages flood those sets; a rank decides at the first round
-in which it heard from every peer it still believes alive (a "clean" round) and then sends
+mismatch flag). Rounds of all-to-all messages flood those sets. A rank decides at the end of a
+"clean" round: it heard in this round from exactly the peers it heard from in the previous round
+(before round 0: every peer of the attempt), so nobody went missing in between. It then sends
 DECIDED to every peer, which adopts the first DECIDED it reads instead of deciding itself.
 
 Why this is enough here: a peer's messages are delivered in order up to its death (one stream per
-peer), so a rank that heard everyone in a round has seen every survivor's data-phase result, and
-two ranks that both see a clean round in the same round heard the same messages. A rank that does
-not see a clean round (a peer died mid-round) waits one more round and reads a DECIDED from any
-rank that did. A peer that is excluded while still alive (it missed the deadline) receives the
-DECIDED too, finds itself excluded and stops (``EvictedError``).
+peer), so a rank that heard the same peers in two consecutive rounds holds every survivor's
+knowledge of the previous round, and two ranks that are clean in the same round hold the same
+sets. (Round 0 needs every peer: a rank whose data phase already lost a peer has not seen what
+that peer saw, so it waits one more round, where it reads a DECIDED or the floods.) A rank that
+is not clean waits one more round and reads a DECIDED from any rank that decided. A peer that is
+excluded while still alive (it missed the deadline) receives the DECIDED too, finds itself
+excluded and stops (``EvictedError``). Each round's messages go out in one native call and come
+back in one (``Mailbox.round``); rounds end at the op deadline (plus a grace) at the latest, and
+each round either decides or hears from fewer peers, so there are at most n rounds.
 
 Cost without failures: one round of n-1 small messages plus the n-1 DECIDED messages, which the
-next op's readers skip as stale.
+next op's readers drop natively as stale.
 """
 
 from __future__ import annotations
@@ -23,34 +28,69 @@ from typing import Optional
 
 from . import faults, wire
 from .exchange import Exchange, _FutureMessage
-from .mailbox import PeerGone
+from .mailbox import Message, PeerGone, bytes_of
+from .wire import H_KIND, H_SIG
 
 
-def _read_vote(x: Exchange, src: int, deadline: float) -> Optional[tuple[int, int, int, int]]:
-    """Next AGREE/DECIDED of this attempt from ``src`` as (kind, round, excluded, errors)."""
+Vote = tuple[int, int, int, int]  # (kind, round, excluded mask, errors mask)
+
+
+def _vote_of(x: Exchange, src: int, msg: Message, deadline: float) -> Optional[Vote]:
+    """Interpret one message of this attempt from ``src``; a data message it carries (data this
+    rank stopped waiting for) is skipped and the next message read."""
     name = x.names[src]
-    while True:
-        try:
-            data = x.mailbox.recv(name, x.tag, deadline - time.monotonic())
-        except PeerGone:
-            return None
-        if data is None:
-            return None
-        try:
-            if not x._is_current(name, data):
-                continue
-        except _FutureMessage:
-            return None
-        hdr = wire.Header.unpack(data)
-        if hdr.kind == wire.DATA_NEXT:
-            x.mailbox.skip_raw(name, x.tag)
-            continue
-        if hdr.kind in (wire.DATA_INLINE, wire.DATA_PULL):
-            continue  # data this rank stopped waiting for
-        rnd, ex, er = wire.unpack_agree(data)
-        if hdr.sig != x.sig:
-            er |= 1 << src
-        return hdr.kind, rnd, ex, er
+    try:
+        h = x._current(name, msg)
+    except _FutureMessage:
+        return None
+    if h is None:
+        return _read_vote(x, src, deadline)
+    kind = h[H_KIND]
+    if kind == wire.DATA_INLINE or kind == wire.DATA_PULL:
+        return _read_vote(x, src, deadline)
+    rnd, ex, er = wire.unpack_agree(bytes_of(msg))
+    if h[H_SIG] != x.sig:
+        er |= 1 << src
+    return kind, rnd, ex, er
+
+
+def _read_vote(x: Exchange, src: int, deadline: float) -> Optional[Vote]:
+    """Next AGREE/DECIDED of this attempt from ``src``."""
+    name = x.names[src]
+    try:
+        msg = x.mailbox.recv_note(name, x.tag, deadline - time.monotonic())
+    except PeerGone:
+        return None
+    if msg is None:
+        return None
+    return _vote_of(x, src, msg, deadline)
+
+
+def _send_all(x: Exchange, ranks: list[int], msg: bytes, point: Optional[str]) -> int:
+    """Send ``msg`` to ``ranks``; returns the mask of those it could not reach."""
+    lost = 0
+    if point is not None and faults.armed(point):
+        for p in ranks:  # fault tests kill this rank between two peers' messages
+            try:
+                x.mailbox.send(x.names[p], x.tag, msg)
+                faults.hit(point)
+            except PeerGone:
+                lost |= 1 << p
+        return lost
+    for name, _ in x.mailbox.send_joined([x.names[p] for p in ranks], x.tag, msg):
+        lost |= 1 << x._rank_of(name)
+    return lost
+
+
+def _votes(x: Exchange, ranks: list[int], deadline: float) -> list[Optional[Vote]]:
+    """This round's message from each of ``ranks`` (None: dead, or silent past the deadline)."""
+    names = [x.names[p] for p in ranks]
+    if x.mailbox.has_back(names, x.tag):
+        return [_read_vote(x, p, deadline) for p in ranks]
+    res = x.mailbox.round(names, x.tag, deadline - time.monotonic(), x._key)
+    return [
+        None if status else _vote_of(x, p, msg, deadline) for p, (status, msg) in zip(ranks, res)
+    ]
 
 
 def agree(x: Exchange, grace: float) -> tuple[set[int], set[int]]:
@@ -59,41 +99,59 @@ def agree(x: Exchange, grace: float) -> tuple[set[int], set[int]]:
     excluded = wire.mask_of(x.failed)
     errors = (1 << x.me) if x.mismatch else 0
     alive = [p for p in x.peers if not excluded >> p & 1]
+    prev = set(x.peers)  # the peers heard in the previous round; before round 0: all of them
     rnd = 0
     decided: Optional[tuple[int, int]] = None
     while decided is None:
         msg = wire.pack_agree(wire.AGREE, x.seq, x.attempt, x.sig, rnd, excluded, errors)
-        for p in alive:
-            try:
-                x.mailbox.send(x.names[p], x.tag, msg)
-                faults.hit("agree_send")
-            except PeerGone:
-                excluded |= 1 << p
-        clean = True
-        for p in alive:
-            if excluded >> p & 1:
-                clean = False
-                continue
-            vote = _read_vote(x, p, deadline)
+        excluded |= _send_all(x, alive, msg, "agree_send")
+        readers = [p for p in alive if not excluded >> p & 1]
+        if rnd == 0 and not excluded and not errors:
+            # The common case: every peer's round-0 vote is byte-identical to this rank's own
+            # (same attempt, nothing excluded, no mismatch): decided without parsing anything.
+            votes = _clean_votes(x, readers, msg, deadline)
+            if votes is None:
+                decided = (0, 0)
+                rnd = 1
+                break
+        else:
+            votes = _votes(x, readers, deadline) if readers else []
+        heard = set()
+        for p, vote in zip(readers, votes):
             if vote is None:
                 excluded |= 1 << p
-                clean = False
                 continue
+            heard.add(p)
             kind, _, ex, er = vote
             if kind == wire.DECIDED:
                 decided = (ex, er)
                 break
             excluded |= ex
             errors |= er
-        if decided is None and clean:
-            decided = (excluded, errors)
+        if decided is None and heard == prev:
+            decided = (excluded, errors)  # a clean round: nobody new went missing
+        prev = heard
         alive = [p for p in alive if not excluded >> p & 1]
         rnd += 1
     excluded, errors = decided
     final = wire.pack_agree(wire.DECIDED, x.seq, x.attempt, x.sig, rnd, excluded, errors)
-    for p in x.peers:
-        try:
-            x.mailbox.send(x.names[p], x.tag, final)
-        except PeerGone:
-            pass
+    if x.peers:
+        _send_all(x, x.peers, final, None)
     return wire.ranks_of(excluded), wire.ranks_of(errors)
+
+
+def _clean_votes(
+    x: Exchange, readers: list[int], mine: bytes, deadline: float
+) -> Optional[list[Optional[Vote]]]:
+    """Round 0 with nothing to report: None when every peer sent exactly ``mine``, else the
+    parsed votes (for the general rule)."""
+    names = [x.names[p] for p in readers]
+    if x.mailbox.has_back(names, x.tag):
+        return [_read_vote(x, p, deadline) for p in readers]
+    res = x.mailbox.round(names, x.tag, deadline - time.monotonic(), x._key)
+    size = len(mine)
+    if all(status == 0 and msg.nbytes == size and msg.data == mine for status, msg in res):
+        return None
+    return [
+        None if status else _vote_of(x, p, msg, deadline) for p, (status, msg) in zip(readers, res)
+    ]

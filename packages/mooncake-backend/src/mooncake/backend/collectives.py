@@ -17,8 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
+from . import bulk
 from .exchange import Exchange
-from .reduce_ops import reduce_into
+from .reduce_ops import reduce_fresh, reduce_into
 
 Commit = Callable[[], None]
 SMALL_ALLREDUCE_BYTES = 64 * 1024
@@ -46,17 +47,22 @@ def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
         return _nothing  # the reduction over one contributor is its own input (AVG too)
     if nbytes <= SMALL_ALLREDUCE_BYTES or flat.numel() < len(members):
         return _allreduce_direct(x, flat, op)
+    if bulk.ALLREDUCE_MIN_BYTES and nbytes >= bulk.ALLREDUCE_MIN_BYTES:
+        c = bulk.allreduce(x, flat, op)  # shared-memory arenas (bulk.py)
+        if c is not None:
+            return c
     return _allreduce_rs_ag(x, flat, op)
 
 
 def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
-    x.send_many(x.peers, 0, flat)
-    bufs = {p: torch.empty_like(flat) for p in x.peers}
-    got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
-    if len(got) != len(x.peers):
+    peers = x.peers
+    x.send_many(peers, 0, flat)
+    rows, result = x.scratch.small(x.scratch_scope(), flat, peers)
+    got = x.recv_each(peers, 0, lambda src, n: rows[src])
+    if len(got) != len(peers):
         return _nothing
-    parts = [flat if r == x.me else bufs[r] for r in x.members]
-    result = reduce_into(torch.empty_like(flat), parts, op)
+    me = x.me
+    reduce_fresh(result, [flat if r == me else rows[r] for r in x.members], op)
     return lambda: flat.copy_(result)
 
 
@@ -92,6 +98,11 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     flat = t.reshape(-1)
     if root not in x.members:
         return _nothing  # the root failed before: every survivor keeps its tensor unchanged
+    nbytes = flat.numel() * flat.element_size()
+    if bulk.BROADCAST_MIN_BYTES and nbytes >= bulk.BROADCAST_MIN_BYTES and len(x.members) > 1:
+        c = bulk.broadcast(x, flat, root)  # shared-memory arenas (bulk.py)
+        if c is not None:
+            return c
     if x.me == root:
         x.send_many(x.peers, 0, flat)
         return _nothing

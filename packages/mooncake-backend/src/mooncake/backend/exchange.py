@@ -9,7 +9,6 @@ through the transfer engine (``mailbox.Mailbox``).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections.abc import Iterable
@@ -18,9 +17,13 @@ from typing import Callable, Optional
 import torch
 
 from . import faults, wire
-from .mailbox import Mailbox, PeerGone
+from .mailbox import Mailbox, Message, PeerGone, bytes_of, copy_payload, head_of
+from .wire import H_ATTEMPT, H_KIND, H_NBYTES, H_PHASE, H_SEQ, H_SIG
 
 log = logging.getLogger("mooncake.backend")
+
+_pack = wire.HEADER.pack
+_unpack = wire.HEADER.unpack_from
 
 DataSink = Callable[[int, int], Optional[torch.Tensor]]
 
@@ -64,6 +67,8 @@ class Exchange:
         self.me = me
         self.deadline = deadline
         self.sig = sig
+        self.peers = [r for r in members if r != me]
+        self._key = wire.KEY.pack(seq, attempt)
         self.failed: set[int] = set()
         self.mismatch: Optional[str] = None
         self.bytes_sent = 0
@@ -80,15 +85,11 @@ class Exchange:
         return f"s{self._scopes}."
 
     # ----------------------------------------------------------------- helpers
-    @property
-    def peers(self) -> list[int]:
-        return [r for r in self.members if r != self.me]
-
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
     def _hdr(self, kind: int, phase: int, nbytes: int) -> bytes:
-        return wire.Header(kind, phase, self.attempt, self.sig, self.seq, nbytes).pack()
+        return _pack(self.seq, self.attempt, kind, phase, self.sig, nbytes)
 
     def note_mismatch(self, src: int, what: str) -> None:
         if self.mismatch is None:
@@ -104,35 +105,42 @@ class Exchange:
     def send_many(
         self, dsts: Iterable[int], phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b""
     ) -> None:
-        """Send the same payload to every rank in ``dsts`` (the message is built once)."""
-        msg: Optional[bytes] = None
-        bulk = 0
+        """Send the same payload to every rank in ``dsts`` (one native call; the message is built
+        once). Peers that cannot be reached are recorded in ``failed``."""
+        addr = n = 0
         if t is None:
-            msg = self._hdr(wire.DATA_INLINE, phase, len(raw)) + raw
-            n = len(raw)
+            head = self._hdr(wire.DATA_INLINE, phase, len(raw)) + raw
+            size = len(raw)
         else:
-            n = tensor_bytes(t)
-            if n >= wire.PULL_MIN:
-                msg = self._hdr(wire.DATA_PULL, phase, n) + self._register(t, n)
-            elif n <= wire.INLINE_LIMIT:
-                msg = self._hdr(wire.DATA_INLINE, phase, n) + (
-                    ctypes.string_at(t.data_ptr(), n) if n else b""
-                )
+            size = tensor_bytes(t)
+            if size >= wire.PULL_MIN:
+                head = self._hdr(wire.DATA_PULL, phase, size) + self._register(t, size)
             else:
-                msg = self._hdr(wire.DATA_NEXT, phase, n)
-                bulk = n
-        mailbox, names, tag = self.mailbox, self.names, self.tag
-        for dst in dsts:
-            if dst in self.failed:
-                continue
-            try:
-                mailbox.send(names[dst], tag, msg)
-                if bulk:
-                    mailbox.send_ptr(names[dst], tag, t.data_ptr(), bulk)
-                self.bytes_sent += n
-                faults.hit("data_send")
-            except PeerGone:
-                self.failed.add(dst)
+                head = self._hdr(wire.DATA_INLINE, phase, size)
+                addr, n = t.data_ptr(), size
+        failed, names = self.failed, self.names
+        targets = [names[d] for d in dsts if d not in failed]
+        if not targets:
+            return
+        if faults.armed("data_send"):
+            # Fault tests kill this rank between two peers' messages: send one by one.
+            for name in targets:
+                if self.mailbox.send_joined([name], self.tag, head, addr, n):
+                    failed.add(self._rank_of(name))
+                else:
+                    self.bytes_sent += size
+                    faults.hit("data_send")
+            return
+        lost = self.mailbox.send_joined(targets, self.tag, head, addr, n)
+        self.bytes_sent += size * (len(targets) - len(lost))
+        for name, _ in lost:
+            failed.add(self._rank_of(name))
+
+    def _rank_of(self, name: str) -> int:
+        for r, n in self.names.items():
+            if n == name:
+                return r
+        raise KeyError(name)
 
     def _register(self, t: torch.Tensor, n: int) -> bytes:
         key = (t.data_ptr(), n)
@@ -153,167 +161,162 @@ class Exchange:
         self._regs.clear()
 
     # -------------------------------------------------------------------- recv
-    def _accept(self, src: int, data: bytes, phase: int) -> Optional[wire.Header]:
-        """Validate a data header from ``src``; returns it or None (mismatch/agreement recorded)."""
-        hdr = wire.Header.unpack(data)
-        if hdr.kind in (wire.AGREE, wire.DECIDED):
+    # Headers are parsed once per message into a tuple ``h`` (see ``wire.HEADER`` and the
+    # ``wire.H_*`` indices); messages are engine notifications (payloads are copied natively
+    # into their tensors) or ``bytes`` when they were pushed back (see ``mailbox.Message``).
+    def _accept(self, src: int, msg: Message, h: tuple, phase: int) -> bool:
+        """Validate a data header from ``src``; False when it is not the expected data (the
+        mismatch is recorded and an agreement message is pushed back for the agreement)."""
+        kind = h[H_KIND]
+        if kind == wire.AGREE or kind == wire.DECIDED:
             # The peer finished its data phase without sending what this rank expects.
-            self.mailbox.unread(self.names[src], self.tag, data)
+            self.mailbox.unread(self.names[src], self.tag, msg)
             self.note_mismatch(src, "did not send the data this rank's op expects (different op?)")
-            return None
-        if hdr.sig != self.sig or hdr.phase != phase:
-            self.note_mismatch(src, "issued a different op, dtype, shape or reduce op")
-            if hdr.kind == wire.DATA_NEXT:
-                self._next_raw(src)  # swallow the payload
-            return None
-        return hdr
-
-    def _next(self, src: int) -> Optional[bytes]:
-        """Next message of this attempt from ``src``; None when it failed or timed out."""
-        name = self.names[src]
-        while True:
-            try:
-                msg = self.mailbox.recv(name, self.tag, self.remaining())
-            except PeerGone:
-                self.failed.add(src)
-                return None
-            if msg is None:
-                self.failed.add(src)
-                return None
-            if self._is_current(name, msg):
-                return msg
-
-    def _is_current(self, name: str, msg: bytes) -> bool:
-        """Skip stale messages (older seq/attempt); push future ones back."""
-        hdr = wire.Header.unpack(msg)
-        key, cur = (hdr.seq, hdr.attempt), (self.seq, self.attempt)
-        if key == cur:
-            return True
-        if key < cur:
-            if hdr.kind == wire.DATA_NEXT:
-                self.mailbox.skip_raw(name, self.tag)
             return False
+        if h[H_SIG] != self.sig or h[H_PHASE] != phase:
+            self.note_mismatch(src, "issued a different op, dtype, shape or reduce op")
+            return False
+        return True
+
+    def _current(self, name: str, msg: Message) -> Optional[tuple]:
+        """The header of a message of this attempt; None for a stale one (older seq/attempt,
+        dropped); a future one is pushed back and raises ``_FutureMessage``."""
+        head = head_of(msg, wire.HEADER_SIZE)
+        if len(head) < wire.HEADER_SIZE:
+            raise ValueError(f"short message from {name}: {len(head)} bytes")
+        h = _unpack(head)
+        seq, attempt = h[H_SEQ], h[H_ATTEMPT]
+        if seq == self.seq and attempt == self.attempt:
+            return h
+        if seq < self.seq or (seq == self.seq and attempt < self.attempt):
+            return None
         self.mailbox.unread(name, self.tag, msg)
         raise _FutureMessage(name)
 
-    def _land(self, src: int, hdr: wire.Header, data: bytes, out: Optional[torch.Tensor]) -> bool:
-        expected = tensor_bytes(out) if out is not None else hdr.nbytes
-        if hdr.nbytes != expected:
+    def _land(self, src: int, h: tuple, msg: Message, out: Optional[torch.Tensor]) -> bool:
+        kind, nbytes = h[H_KIND], h[H_NBYTES]
+        expected = tensor_bytes(out) if out is not None else nbytes
+        if nbytes != expected:
             self.note_mismatch(
                 src,
-                f"sent {hdr.nbytes} bytes where this rank expects {expected} (shape/dtype mismatch)",
+                f"sent {nbytes} bytes where this rank expects {expected} (shape/dtype mismatch)",
             )
-            if hdr.kind == wire.DATA_NEXT:
-                self._next_raw(src)
             return False
-        if hdr.kind == wire.DATA_INLINE:
-            if out is not None and hdr.nbytes:
-                src_ptr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-                ctypes.memmove(out.data_ptr(), src_ptr + wire.HEADER_SIZE, hdr.nbytes)
+        if kind == wire.DATA_INLINE:
+            if out is not None and nbytes:
+                copy_payload(msg, out.data_ptr(), nbytes, wire.HEADER_SIZE)
             faults.hit("data_recv")
             return True
-        if hdr.kind == wire.DATA_PULL:
-            if out is None or not hdr.nbytes:
+        if kind == wire.DATA_PULL:
+            if out is None or not nbytes:
                 return True
             try:
                 engine = self.mailbox.engine
                 rseg = engine.open_segment(
-                    data[wire.HEADER_SIZE :], timeout=max(0.1, self.remaining())
+                    bytes_of(msg)[wire.HEADER_SIZE :], timeout=max(0.1, self.remaining())
                 )
-                engine.read(rseg, 0, out.data_ptr(), hdr.nbytes, timeout=max(0.1, self.remaining()))
+                engine.read(rseg, 0, out.data_ptr(), nbytes, timeout=max(0.1, self.remaining()))
             except Exception as e:
                 log.debug("pull from group rank %d failed: %s", src, e)
                 self.failed.add(src)
                 return False
             faults.hit("data_recv")
             return True
-        payload_ok = self._next_raw(src, out)
-        faults.hit("data_recv")
-        return payload_ok
-
-    def _next_raw(self, src: int, out: Optional[torch.Tensor] = None) -> bool:
-        name = self.names[src]
-        try:
-            ok = self.mailbox.recv_raw_into(
-                name,
-                self.tag,
-                None if out is None else out.data_ptr(),
-                0 if out is None else tensor_bytes(out),
-                self.remaining(),
-            )
-        except PeerGone:
-            ok = False
-        if not ok:
-            self.failed.add(src)
-        return ok
-
-    def _next_data(self, src: int, phase: int) -> Optional[tuple[wire.Header, bytes]]:
-        """Next data message of this attempt from ``src``, validated; None if failed/mismatched."""
-        if src in self.failed:
-            return None
-        try:
-            data = self._next(src)
-        except _FutureMessage:
-            self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
-            return None
-        if data is None:
-            return None
-        hdr = self._accept(src, data, phase)
-        return None if hdr is None else (hdr, data)
+        self.note_mismatch(src, f"sent a message of unknown kind {kind}")
+        return False
 
     def recv(self, src: int, phase: int, out: Optional[torch.Tensor]) -> bool:
         """Receive the next payload from ``src`` into ``out``; False when ``src`` failed or mismatched."""
-        got = self._next_data(src, phase)
-        return got is not None and self._land(src, got[0], got[1], out)
+        return src in self.recv_each((src,), phase, lambda s, n: out)
 
     def recv_bytes(self, src: int, phase: int) -> Optional[bytes]:
         """Receive an inline payload of unknown size (control data)."""
-        got = self._next_data(src, phase)
-        if got is None:
-            return None
-        hdr, data = got
-        if hdr.kind != wire.DATA_INLINE:
-            if hdr.kind == wire.DATA_NEXT:
-                self._next_raw(src)
-            self.note_mismatch(src, "sent bulk data where control data was expected")
-            return None
-        return data[wire.HEADER_SIZE : wire.HEADER_SIZE + hdr.nbytes]
+        got: list[bytes] = []
+
+        def keep(s: int, msg: Message) -> bool:
+            got.append(bytes_of(msg)[wire.HEADER_SIZE :])
+            return True
+
+        self._receive((src,), phase, None, keep)
+        return got[0] if got else None
 
     def recv_each(self, srcs: Iterable[int], phase: int, sink: DataSink) -> set[int]:
-        """Receive one payload from each of ``srcs`` in arrival order.
+        """Receive one payload from each of ``srcs``.
 
         ``sink(src, nbytes)`` returns the tensor to land the payload in (or None to check only
         the size). Returns the set of sources whose payload arrived.
         """
-        pending = {self.names[s]: s for s in srcs if s not in self.failed}
+        return self._receive(srcs, phase, sink, None)
+
+    def _receive(
+        self,
+        srcs: Iterable[int],
+        phase: int,
+        sink: Optional[DataSink],
+        raw: Optional[Callable[[int, Message], bool]],
+    ) -> set[int]:
+        names, failed = self.names, self.failed
+        pending = {names[s]: s for s in srcs if s not in failed}
         got: set[int] = set()
-        while pending:
+        if not pending:
+            return got
+        mailbox = self.mailbox
+        waiting = list(pending)
+        if not mailbox.has_back(waiting, self.tag):
+            # The common case: one native call waits for every source, dropping stale messages.
+            res = mailbox.round(waiting, self.tag, self.remaining(), self._key)
+            retry = []
+            for name, (status, msg) in zip(waiting, res):
+                if status:
+                    failed.add(pending[name])
+                elif not self._take(name, pending[name], msg, phase, sink, raw, got):
+                    retry.append(name)
+            pending = {n: pending[n] for n in retry}
+        while pending:  # pushed-back messages, or a source whose message was not the data
+            waiting = list(pending)
             try:
-                res = self.mailbox.recv_any(list(pending), self.tag, self.remaining())
+                res1 = mailbox.recv_any_note(waiting, self.tag, self.remaining())
             except PeerGone as e:
-                src = pending.pop(e.peer)
-                self.failed.add(src)
+                failed.add(pending.pop(e.peer))
                 continue
-            if res is None:  # deadline
-                self.failed.update(pending.values())
+            if res1 is None:  # deadline
+                failed.update(pending.values())
                 break
-            name, data = res
-            src = pending[name]
-            try:
-                if not self._is_current(name, data):
-                    continue
-            except _FutureMessage:
-                self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
-                pending.pop(name)
-                continue
-            pending.pop(name)
-            hdr = self._accept(src, data, phase)
-            if hdr is None:
-                continue
-            out = sink(src, hdr.nbytes)
-            if self._land(src, hdr, data, out):
-                got.add(src)
+            name, msg = res1
+            if self._take(name, pending[name], msg, phase, sink, raw, got):
+                del pending[name]
         return got
+
+    def _take(
+        self,
+        name: str,
+        src: int,
+        msg: Message,
+        phase: int,
+        sink: Optional[DataSink],
+        raw: Optional[Callable[[int, Message], bool]],
+        got: set[int],
+    ) -> bool:
+        """Handle one message from ``src``; False when it was stale (keep waiting for it)."""
+        try:
+            h = self._current(name, msg)
+        except _FutureMessage:
+            self.note_mismatch(src, "is already ahead of this rank (different op sequence)")
+            return True
+        if h is None:
+            return False
+        if not self._accept(src, msg, h, phase):
+            return True
+        if raw is not None:
+            if h[H_KIND] != wire.DATA_INLINE:
+                self.note_mismatch(src, "sent bulk data where control data was expected")
+            elif raw(src, msg):
+                got.add(src)
+            return True
+        assert sink is not None
+        if self._land(src, h, msg, sink(src, h[H_NBYTES])):
+            got.add(src)
+        return True
 
 
 class ScratchPool:
@@ -324,6 +327,21 @@ class ScratchPool:
     def __init__(self, min_bytes: int = 1 << 20) -> None:
         self.min_bytes = min_bytes
         self._bufs: dict[str, torch.Tensor] = {}
+        self._small: dict[tuple, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
+
+    def small(
+        self, name: str, like: torch.Tensor, peers: list[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """One landing row per peer plus a result row shaped like ``like`` (flat), reused
+        across ops with the same name, shape, dtype and peers (small ops: no allocation)."""
+        key = (name, like.dtype, like.numel(), tuple(peers))
+        got = self._small.get(key)
+        if got is None:
+            if len(self._small) > 256:
+                self._small.clear()
+            space = torch.empty((len(peers) + 1, like.numel()), dtype=like.dtype)
+            got = self._small[key] = (dict(zip(peers, space)), space[len(peers)])
+        return got
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()

@@ -32,6 +32,11 @@ def arm(point: Optional[str], nth: int = 1) -> None:
     _count = 0
 
 
+def armed(point: str) -> bool:
+    """Whether ``point`` is armed (callers then take the step-by-step path the point lives in)."""
+    return _armed is not None and _armed[0] == point
+
+
 def hit(point: str) -> None:
     global _count
     if _armed is None or _armed[0] != point:

@@ -2,15 +2,42 @@
 
 Adds to the engine's notify queue only what collectives need: a push-back slot per (peer, tag) so a
 reader can return a message it should not consume yet, and one error type (``PeerGone``) for
-"this peer is dead or unreachable".
+"this peer is dead or unreachable". The hot paths use the engine's batched calls: ``send_joined``
+(one message to many peers, header + raw payload joined natively) and ``round`` (one message from
+each of many peers, stale ones dropped by key, in one call that waits without the GIL).
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections import defaultdict, deque
-from typing import Optional
+from typing import Any, Optional, Union
 
 from mooncake.transfer import PeerDeadError, TransferEngine, TransferError
+
+
+# A received message: the engine's notification, or bytes for one that was pushed back.
+Message = Union[bytes, Any]
+
+
+def head_of(msg: Message, n: int) -> bytes:
+    """The first ``n`` bytes of a message (no copy of the rest)."""
+    return msg[:n] if type(msg) is bytes else msg.head(n)
+
+
+def bytes_of(msg: Message) -> bytes:
+    return msg if type(msg) is bytes else msg.data
+
+
+def copy_payload(msg: Message, addr: int, nbytes: int, offset: int) -> None:
+    """Copy ``nbytes`` of the message from ``offset`` on to raw memory at ``addr``."""
+    if not nbytes:
+        return
+    if type(msg) is bytes:
+        src = ctypes.cast(ctypes.c_char_p(msg), ctypes.c_void_p).value
+        ctypes.memmove(addr, src + offset, nbytes)  # type: ignore[operator]
+    else:
+        msg.copy_to(addr, nbytes, offset)
 
 
 class PeerGone(Exception):
@@ -23,7 +50,8 @@ class PeerGone(Exception):
 class Mailbox:
     def __init__(self, engine: TransferEngine) -> None:
         self.engine = engine
-        self._back: dict[tuple[str, int], deque[bytes]] = defaultdict(deque)
+        self._back: dict[tuple[str, int], deque[Message]] = defaultdict(deque)
+        self._nback = 0  # messages pushed back in total: the common case skips the lookups
 
     # ---- sending
     def send(self, peer: str, tag: int, data: bytes) -> None:
@@ -32,20 +60,30 @@ class Mailbox:
         except TransferError as e:
             raise PeerGone(peer, str(e)) from None
 
-    def send_ptr(self, peer: str, tag: int, addr: int, length: int) -> None:
-        try:
-            self.engine.notify_ptr(peer, addr, length, tag)
-        except TransferError as e:
-            raise PeerGone(peer, str(e)) from None
+    def send_joined(
+        self, peers: list[str], tag: int, head: bytes, addr: int = 0, length: int = 0
+    ) -> list[tuple[str, str]]:
+        """``head`` + ``length`` bytes at ``addr`` as one message to each of ``peers``; returns
+        (peer, reason) for the peers it could not reach."""
+        return self.engine.notify_many(peers, head, tag, addr, length)
 
     # ---- receiving
-    def unread(self, peer: str, tag: int, data: bytes) -> None:
+    def unread(self, peer: str, tag: int, data: Message) -> None:
         self._back[(peer, tag)].appendleft(data)
+        self._nback += 1
+
+    def _pop_back(self, peer: str, tag: int) -> Optional[Message]:
+        back = self._back.get((peer, tag))
+        if not back:
+            return None
+        self._nback -= 1
+        return back.popleft()
 
     def recv(self, peer: str, tag: int, timeout: Optional[float]) -> Optional[bytes]:
-        back = self._back.get((peer, tag))
-        if back:
-            return back.popleft()
+        if self._nback:
+            data = self._pop_back(peer, tag)
+            if data is not None:
+                return bytes_of(data)
         try:
             n = self.engine.recv_notify(peer, tag, None if timeout is None else max(0.0, timeout))
         except PeerDeadError as e:
@@ -55,10 +93,11 @@ class Mailbox:
     def recv_any(
         self, peers: list[str], tag: int, timeout: Optional[float]
     ) -> Optional[tuple[str, bytes]]:
-        for p in peers:
-            back = self._back.get((p, tag))
-            if back:
-                return p, back.popleft()
+        if self._nback:
+            for p in peers:
+                data = self._pop_back(p, tag)
+                if data is not None:
+                    return p, bytes_of(data)
         try:
             n = self.engine.recv_notify_any(
                 peers, tag, None if timeout is None else max(0.0, timeout)
@@ -69,30 +108,50 @@ class Mailbox:
             return None
         return n.peer, n.data
 
-    def recv_raw_into(
-        self, peer: str, tag: int, addr: Optional[int], length: int, timeout: Optional[float]
-    ) -> bool:
-        back = self._back.get((peer, tag))
-        if back:
-            raise RuntimeError("internal error: raw payload pushed back")
+    def recv_note(self, peer: str, tag: int, timeout: Optional[float]) -> Optional[Message]:
+        """Like ``recv`` but returns the engine's notification (payload not copied into Python)
+        unless the message was pushed back (then ``bytes``); see ``head_of``/``copy_payload``."""
+        if self._nback:
+            data = self._pop_back(peer, tag)
+            if data is not None:
+                return data
         try:
-            n = self.engine.recv_notify(peer, tag, None if timeout is None else max(0.0, timeout))
-        except PeerDeadError:
-            return False
-        if n is None:
-            return False
-        if addr is not None and length:
-            if len(n.data) != length:
-                return False
-            n.copy_to(addr, length)
-        return True
+            return self.engine.recv_notify(
+                peer, tag, None if timeout is None else max(0.0, timeout)
+            )
+        except PeerDeadError as e:
+            raise PeerGone(peer, str(e)) from None
 
-    def skip_raw(self, peer: str, tag: int) -> None:
+    def recv_any_note(
+        self, peers: list[str], tag: int, timeout: Optional[float]
+    ) -> Optional[tuple[str, Message]]:
+        """``recv_any`` returning messages as ``recv_note`` does."""
+        if self._nback:
+            for p in peers:
+                data = self._pop_back(p, tag)
+                if data is not None:
+                    return p, data
         try:
-            self.engine.recv_notify(peer, tag, 1.0)
-        except PeerDeadError:
-            pass
+            n = self.engine.recv_notify_any(
+                peers, tag, None if timeout is None else max(0.0, timeout)
+            )
+        except PeerDeadError as e:
+            raise PeerGone(e.peer or "?", str(e)) from None
+        return None if n is None else (n.peer, n)
+
+    def has_back(self, peers: list[str], tag: int) -> bool:
+        return bool(self._nback) and any(self._back.get((p, tag)) for p in peers)
+
+    def round(
+        self, peers: list[str], tag: int, timeout: Optional[float], key: bytes
+    ) -> list[tuple[int, Any]]:
+        """One message from each of ``peers`` (messages whose leading bytes sort below ``key``
+        are dropped): per peer (0, notification) | (1, reason: dead) | (2, None: timed out).
+        Callers check ``has_back`` first (pushed-back messages are not seen here)."""
+        return self.engine.recv_round(
+            peers, tag, None if timeout is None else max(0.0, timeout), 0, key
+        )
 
     def forget(self, peer: str) -> None:
         for key in [k for k in self._back if k[0] == peer]:
-            del self._back[key]
+            self._nback -= len(self._back.pop(key))

@@ -4,7 +4,6 @@ A receive from a peer that fails raises ``RankFailureError`` from ``Work.wait()`
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ import torch.distributed as dist
 
 from . import wire
 from .errors import RankFailureError
-from .mailbox import PeerGone
+from .mailbox import PeerGone, copy_payload, head_of
 from .work import MooncakeWork
 
 if TYPE_CHECKING:
@@ -57,12 +56,10 @@ def send(pg: MooncakeProcessGroup, tensors: Sequence[torch.Tensor], dst: int, ta
         for t in tensors:
             src = t if t.device.type == "cpu" else t.detach().cpu()
             n = src.numel() * src.element_size()
-            if n <= wire.INLINE_LIMIT:
-                hdr = wire.Header(wire.DATA_INLINE, 0, 0, 0, 0, n).pack()
-                mb.send(name, t_, hdr + (ctypes.string_at(src.data_ptr(), n) if n else b""))
-            else:
-                mb.send(name, t_, wire.Header(wire.DATA_NEXT, 0, 0, 0, 0, n).pack())
-                mb.send_ptr(name, t_, src.data_ptr(), n)
+            hdr = wire.Header(wire.DATA_INLINE, 0, 0, 0, 0, n).pack()
+            lost = mb.send_joined([name], t_, hdr, src.data_ptr() if n else 0, n)
+            if lost:
+                raise PeerGone(name, lost[0][1])
     except PeerGone as e:
         raise RankFailureError(f"send to rank {dst} failed: {e.reason}", [dst]) from None
 
@@ -87,31 +84,20 @@ def recv(
                 host = t if t.device.type == "cpu" else torch.empty_like(t, device="cpu")
                 n = host.numel() * host.element_size()
                 if peer is None:
-                    got = mb.recv_any(names, t_, deadline - time.monotonic())
+                    got = mb.recv_any_note(names, t_, deadline - time.monotonic())
                     if got is None:
                         raise TimeoutError("recv from any source timed out")
-                    peer, data = got
+                    peer, msg = got
                 else:
-                    data = mb.recv(peer, t_, deadline - time.monotonic())
-                    if data is None:
+                    msg = mb.recv_note(peer, t_, deadline - time.monotonic())
+                    if msg is None:
                         raise TimeoutError(f"recv from rank {by_name.get(peer)} timed out")
-                hdr = wire.Header.unpack(data)
-                if hdr.nbytes != n:
+                hdr = wire.Header.unpack(head_of(msg, wire.HEADER_SIZE))
+                if hdr.nbytes != n or hdr.kind != wire.DATA_INLINE:
                     raise ValueError(
                         f"recv: rank {by_name.get(peer)} sent {hdr.nbytes} bytes, the tensor holds {n}"
                     )
-                if hdr.kind == wire.DATA_INLINE:
-                    if n:
-                        ctypes.memmove(
-                            host.data_ptr(),
-                            ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-                            + wire.HEADER_SIZE,
-                            n,
-                        )
-                elif not mb.recv_raw_into(
-                    peer, t_, host.data_ptr(), n, deadline - time.monotonic()
-                ):
-                    raise PeerGone(peer, "payload did not arrive")
+                copy_payload(msg, host.data_ptr(), n, wire.HEADER_SIZE)
                 if host is not t:
                     t.copy_(host)
             fut.set_result(list(tensors))

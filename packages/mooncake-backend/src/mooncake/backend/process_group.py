@@ -158,7 +158,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self._timeout_override.value = prev
 
     def _publish(self, force: bool = False) -> None:
-        """Write the membership into ``active_ranks`` (every op; rebuilt only when it changed)."""
+        """Write the membership into ``active_ranks`` when it changed (``force``: always)."""
         members = frozenset(self.members)
         if force or members != getattr(self, "_mask_members", None):
             mask = torch.zeros(self.active_ranks.numel(), dtype=torch.int32)
@@ -171,7 +171,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 else mask.to(self.active_ranks.device)
             )
             self._mask_members = members
-        self.active_ranks.copy_(self._mask)
+            self.active_ranks.copy_(self._mask)
 
     # ------------------------------------------------------------ op engine
     def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):

@@ -60,6 +60,26 @@ _BINARY = {
 }
 
 
+_FAST = {
+    "SUM": torch.add,
+    "PRODUCT": torch.mul,
+    "MIN": torch.minimum,
+    "MAX": torch.maximum,
+}
+
+
+def reduce_fresh(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """``reduce_into`` for an ``acc`` that aliases none of ``parts`` (the small-op hot path:
+    the common ops go straight to one torch call per extra part; the result is identical)."""
+    fn = _FAST.get(name)
+    if fn is None or len(parts) < 2 or acc.dtype in _SLOW:
+        return reduce_into(acc, parts, name)
+    fn(parts[0], parts[1], out=acc)
+    for p in parts[2:]:
+        fn(acc, p, out=acc)
+    return acc
+
+
 def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values."""
     fp8 = acc.dtype in _FP8
@@ -113,3 +133,4 @@ _FP8 = {
     for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, n)
 }
+_SLOW = _FP8 | {torch.bool}

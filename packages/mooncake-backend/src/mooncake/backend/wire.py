@@ -3,12 +3,12 @@
 Every collective message of a group travels on one engine tag per group, so the messages from one
 peer arrive exactly in the order it sent them (stale messages of an aborted attempt or an extra
 DECIDED are recognised by their (seq, attempt) and skipped, so nothing accumulates). Each message
-starts with a fixed header:
+starts with a fixed big-endian header whose first 10 bytes are the ordering key (seq, attempt), so
+the engine's ``recv_round`` can drop stale messages by a byte comparison:
 
-    kind u8 | phase u8 | attempt u16 | sig u32 | seq u64 | nbytes u64
+    seq u64 | attempt u16 | kind u8 | phase u8 | sig u32 | nbytes u64
 
-* ``DATA_INLINE``: the payload follows the header in the same message (small payloads).
-* ``DATA_NEXT``: the payload is the next message on the same tag (medium payloads, no copy).
+* ``DATA_INLINE``: the payload follows the header in the same message (up to ``PULL_MIN``).
 * ``DATA_PULL``: the header is followed by a segment descriptor; the receiver reads the payload
   straight from the sender's registered memory (one-sided READ: cross-memory attach on one host,
   TCP across hosts). The sender keeps the memory registered until the op's agreement is done,
@@ -24,17 +24,18 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-HEADER = struct.Struct("<BBHIQQ")
+HEADER = struct.Struct(">QHBBIQ")
 HEADER_SIZE = HEADER.size  # 24 bytes
+KEY = struct.Struct(">QH")  # the header's first bytes: (seq, attempt)
+# Indices into ``HEADER.unpack_from(...)`` tuples (the hot paths use tuples, not ``Header``).
+H_SEQ, H_ATTEMPT, H_KIND, H_PHASE, H_SIG, H_NBYTES = range(6)
 
 DATA_INLINE = 1
-DATA_NEXT = 2
 AGREE = 3
 DECIDED = 4
 DATA_PULL = 6
 
-INLINE_LIMIT = 64 * 1024
-PULL_MIN = 512 * 1024
+PULL_MIN = 512 * 1024  # payloads from this size on are pulled; smaller ones travel inline
 
 # Engine tag layout (62 bits): group 20 | channel 4 | user 38
 CH_OP = 0
@@ -66,13 +67,14 @@ class Header:
     nbytes: int
 
     def pack(self) -> bytes:
-        return HEADER.pack(self.kind, self.phase, self.attempt, self.sig, self.seq, self.nbytes)
+        return HEADER.pack(self.seq, self.attempt, self.kind, self.phase, self.sig, self.nbytes)
 
     @classmethod
     def unpack(cls, data: bytes) -> Header:
         if len(data) < HEADER_SIZE:
             raise ValueError(f"short message: {len(data)} bytes < header {HEADER_SIZE}")
-        return cls(*HEADER.unpack_from(data, 0))
+        seq, attempt, kind, phase, sig, nbytes = HEADER.unpack_from(data, 0)
+        return cls(kind, phase, attempt, sig, seq, nbytes)
 
 
 def mask_of(ranks) -> int:
@@ -102,7 +104,7 @@ def pack_agree(
     ex = excluded.to_bytes((excluded.bit_length() + 7) // 8, "little")
     er = errors.to_bytes((errors.bit_length() + 7) // 8, "little")
     body = _ROUND.pack(rnd, len(ex), len(er)) + ex + er
-    return Header(kind, 0, attempt, sig, seq, len(body)).pack() + body
+    return HEADER.pack(seq, attempt, kind, 0, sig, len(body)) + body
 
 
 def unpack_agree(data: bytes) -> tuple[int, int, int]:

@@ -385,6 +385,32 @@ class TransferEngine:
         """notify() with the payload read from raw memory."""
         self._core.notify_ptr(peer, addr, length, tag)
 
+    def notify_many(
+        self, peers: Sequence[str], data: Any, tag: int = 0, addr: int = 0, length: int = 0
+    ) -> list[tuple[str, str]]:
+        """Sends one message to every peer in `peers`: `data` (bytes-like), followed by `length`
+        bytes read from raw memory at `addr` when `length` > 0 (joined once, not per peer).
+        Returns (peer, reason) for each peer the message could not be sent to (dead, closed);
+        the others got it, in `notify()`'s order guarantees."""
+        if isinstance(data, str):
+            raise TypeError("data must be bytes-like, got str (encode it first)")
+        return self._core.notify_many(list(peers), data, tag, addr, length)
+
+    def recv_round(
+        self,
+        peers: Sequence[str],
+        tag: int,
+        timeout: Optional[float],
+        key_offset: int = 0,
+        key: bytes = b"",
+    ) -> list[tuple[int, Any]]:
+        """One message with `tag` from each of `peers` (a message round), waiting until every
+        peer is resolved or `timeout` passes. Messages whose bytes [key_offset, key_offset +
+        len(key)) compare below `key` byte-wise are stale and dropped (use big-endian counters).
+        Per peer, in order: (0, Notification), (1, reason) when the peer is DEAD with nothing
+        queued, or (2, None) when the timeout passed first."""
+        return self._core.recv_round(list(peers), tag, timeout, key_offset, key)
+
     def recv_notify(
         self, peer: Optional[str] = None, tag: Optional[int] = None, timeout: Optional[float] = None
     ) -> Optional[Notification]:

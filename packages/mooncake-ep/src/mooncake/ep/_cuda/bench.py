@@ -244,6 +244,13 @@ def main(argv: Any = None) -> int:
         torch.cuda.synchronize()
     results["empty_kernel_us"] = statistics.median(_kernel_times(prof, "dispatch_kernel"))
     results["launch_host_us"] = statistics.median(launch_times())
+    # The ctypes round trip alone (a library call that does no CUDA work).
+    calls = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        lib.mep_ctx_num_sms(ctx)
+        calls.append((time.perf_counter() - t0) * 1e6)
+    results["ctypes_call_us"] = statistics.median(calls)
     # Non-cooperative launches, for comparison (host cost of the launch and end-to-end time).
     lib.mep_ctx_set_cooperative(ctx, 0)
     torch.cuda.synchronize()
@@ -313,7 +320,7 @@ def main(argv: Any = None) -> int:
             "empty kernel (same launch, no phase)",
             f"{r['empty_kernel_us']:.1f} us; launch host {r['launch_host_us']:.1f} us "
             f"(non-cooperative {r['launch_host_noncoop_us']:.1f} us, "
-            f"e2e {r['e2e_noncoop_median_us']:.1f} us)",
+            f"e2e {r['e2e_noncoop_median_us']:.1f} us; ctypes call {r['ctypes_call_us']:.1f} us)",
             "",
         ),
         (

@@ -1,0 +1,399 @@
+"""Large all-reduce and broadcast through per-group shared-memory arenas.
+
+Every rank of a group owns an *arena*: engine-``allocate()``d (memfd) segments, grown on demand
+and reused across ops. Same-host peers map each other's arenas once (``RemoteSegment.view()``,
+cached by descriptor) and then move data with plain loads and stores: no cross-memory attach, no
+socket, no intermediate scratch copy.
+
+All-reduce of ``n`` bytes among ``m`` members (rank ``i`` owns chunk ``i``):
+
+1. each rank copies the chunks of its input that peers reduce (all but its own) into its arena;
+2. one tiny READY message to every peer carries (arena descriptor, offset, host id);
+3. each rank reduces its chunk over every member's input, reading peers' arenas straight from the
+   mappings, and writes the result into its own arena (over its own input chunk, which no peer
+   reads);
+4. the agreement runs (``agreement.agree``): a peer sends its AGREE only after its reduction, so a
+   commit never needs another message;
+5. the commit copies every chunk from the arenas into the caller's tensor.
+
+Broadcast: the root copies its tensor into its arena and sends READY; receivers copy from the
+mapping at commit.
+
+Why arenas are never overwritten while a peer still reads them: each op's regions live in the
+half of the arena chosen by the op's sequence number parity. A rank writes half ``h`` at op
+``k + 2`` only after finishing op ``k + 1``'s agreement, which needs every non-excluded peer's
+AGREE for ``k + 1``, sent only after that peer committed op ``k`` (its last read of half ``h``).
+A re-run attempt of the same op rewrites the same inputs; peers' reads of an aborted attempt end
+before their AGREE. A peer that dies leaves its mapping valid (the memfd lives while mapped), so
+reading it is harmless; its failure shows up as ``PeerGone`` on the messages and the op re-runs
+among the survivors from the callers' untouched tensors.
+
+Peers that cannot be mapped (another host, or a refused mapping) are read with one-sided engine
+reads instead: on one host (all members report the same host id) a rank computes such a peer's
+chunk itself during the data phase (commit must not depend on a peer that may die after the
+agreement); across hosts every rank also sends a REDUCED message after its reduction and peers
+pull the reduced chunks before the agreement. Either way every rank's choice is local or derived
+from information all ranks hold (the host ids in the READY messages), so ranks never disagree on
+the protocol.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+
+from . import faults
+from .exchange import Exchange, ScratchPool
+from .reduce_ops import reduce_into
+
+log = logging.getLogger("mooncake.backend")
+
+Commit = Callable[[], None]
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer number of bytes, got {raw!r}") from None
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+# Payloads of at least this many bytes take the arena path (0 disables it).
+ALLREDUCE_MIN_BYTES = _env_bytes("MOONCAKE_BULK_ALLREDUCE_MIN", 256 * 1024)
+BROADCAST_MIN_BYTES = _env_bytes("MOONCAKE_BULK_BROADCAST_MIN", 256 * 1024)
+
+_ALIGN = 4096
+# READY payload: region offset, payload bytes, host id length; then the host id and the descriptor.
+_READY = struct.Struct("<QQH")
+_PH_READY = 0
+_PH_REDUCED = 1
+_MAX_MAPS_PER_PEER = 4
+
+
+def _nothing() -> None:
+    return None
+
+
+def _chunks(numel: int, n: int) -> list[tuple[int, int]]:
+    base, extra = divmod(numel, n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append((start, size))
+        start += size
+    return out
+
+
+_memmove = ctypes.memmove
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[:] = src for contiguous tensors of one dtype and size: glibc memcpy (non-temporal
+    stores for large sizes), about 1.5x torch's copy_ on these machines."""
+    n = src.numel() * src.element_size()
+    if n:
+        _memmove(dst.data_ptr(), src.data_ptr(), n)
+
+
+def _frombuffer(view: memoryview) -> torch.Tensor:
+    return torch.frombuffer(view, dtype=torch.uint8)
+
+
+class _Half:
+    """One parity half of an arena: a segment and a bump cursor reset at each op attempt."""
+
+    __slots__ = ("buf", "cursor", "desc", "op", "retired", "seg")
+
+    def __init__(self) -> None:
+        self.seg = None
+        self.desc = b""
+        self.buf: Optional[torch.Tensor] = None
+        self.cursor = 0
+        self.op: tuple[int, int] = (-1, -1)
+        self.retired: list = []
+
+
+class Arena:
+    """Per-group shared memory of this rank plus cached mappings of peers' arenas."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.host_id: bytes = str(getattr(engine, "host_id", "") or "").encode()
+        self.halves = (_Half(), _Half())
+        # group rank -> descriptor -> (RemoteSegment, uint8 tensor over the mapping or None)
+        self.remote: dict[int, OrderedDict[bytes, tuple[object, Optional[torch.Tensor]]]] = {}
+
+    def region(self, x: Exchange, nbytes: int) -> tuple[bytes, int, torch.Tensor]:
+        """A fresh region of this op attempt: (descriptor, offset, uint8 tensor of nbytes)."""
+        h = self.halves[x.seq & 1]
+        key = (x.seq, x.attempt)
+        if h.op != key:
+            h.op, h.cursor = key, 0
+            h.retired.clear()
+        need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        cap = 0 if h.buf is None else h.buf.numel()
+        if h.cursor + need > cap:
+            if h.seg is not None and h.cursor:
+                h.retired.append((h.seg, h.buf))  # earlier regions of this op live there
+            size = max(need, 2 * cap if h.cursor else need, 1 << 20)
+            seg = self.engine.allocate(size)
+            h.seg, h.desc, h.buf = seg, seg.descriptor(), _frombuffer(seg.view())
+            h.cursor = 0
+        off = h.cursor
+        h.cursor += need
+        return h.desc, off, h.buf[off : off + nbytes]
+
+    def peer(self, x: Exchange, r: int, desc: bytes) -> tuple[object, Optional[torch.Tensor]]:
+        """Open (once) peer ``r``'s arena segment; the tensor is None when it is not mappable.
+        Raises what ``open_segment`` raises (a dead peer)."""
+        maps = self.remote.get(r)
+        if maps is None:
+            maps = self.remote[r] = OrderedDict()
+        got = maps.get(desc)
+        if got is not None:
+            maps.move_to_end(desc)
+            return got
+        rseg = self.engine.open_segment(desc, timeout=max(0.1, x.remaining()))
+        buf = None
+        if rseg.transport == "shm":
+            try:
+                buf = _frombuffer(rseg.view())
+            except Exception as e:  # a build without view(): engine reads instead
+                log.debug("cannot map group rank %d's arena: %s", r, e)
+        got = maps[desc] = (rseg, buf)
+        while len(maps) > _MAX_MAPS_PER_PEER:
+            maps.popitem(last=False)
+        return got
+
+    def forget_others(self, members: list[int]) -> None:
+        """Drop mappings of ranks that left the group (a replacement brings a new arena)."""
+        for r in [r for r in self.remote if r not in members]:
+            del self.remote[r]
+
+
+_arenas: weakref.WeakKeyDictionary[ScratchPool, Arena] = weakref.WeakKeyDictionary()
+
+
+def arena_for(x: Exchange) -> Optional[Arena]:
+    """The arena of ``x``'s group (keyed by the group's scratch pool); None outside a group op."""
+    pool = getattr(x, "scratch", None)
+    if pool is None or pool.min_bytes >= (1 << 60):
+        return None
+    a = _arenas.get(pool)
+    if a is None:
+        a = _arenas[pool] = Arena(x.mailbox.engine)
+    return a
+
+
+class _Ready:
+    __slots__ = ("desc", "host", "nbytes", "off")
+
+    def __init__(self, off: int, nbytes: int, host: bytes, desc: bytes) -> None:
+        self.off, self.nbytes, self.host, self.desc = off, nbytes, host, desc
+
+
+def _pack_ready(arena: Arena, desc: bytes, off: int, nbytes: int) -> bytes:
+    return _READY.pack(off, nbytes, len(arena.host_id)) + arena.host_id + desc
+
+
+def _recv_ready(x: Exchange, src: int, nbytes: int) -> Optional[_Ready]:
+    data = x.recv_bytes(src, _PH_READY)
+    if data is None:
+        return None
+    if len(data) < _READY.size:
+        x.note_mismatch(src, "sent data this rank's op does not expect (different op?)")
+        return None
+    off, n, hl = _READY.unpack_from(data)
+    if n != nbytes:
+        x.note_mismatch(
+            src, f"sent {n} bytes where this rank expects {nbytes} (shape/dtype mismatch)"
+        )
+        return None
+    host = data[_READY.size : _READY.size + hl]
+    faults.hit("data_recv")
+    return _Ready(off, n, host, data[_READY.size + hl :])
+
+
+class _Source:
+    """Where peer ``r``'s arena bytes come from: the mapping, or one-sided engine reads."""
+
+    __slots__ = ("buf", "off", "rseg")
+
+    def __init__(self, rseg, buf: Optional[torch.Tensor], off: int) -> None:
+        self.rseg, self.buf, self.off = rseg, buf, off
+
+
+def _open(x: Exchange, arena: Arena, r: int, ready: _Ready) -> Optional[_Source]:
+    try:
+        rseg, buf = arena.peer(x, r, ready.desc)
+    except Exception as e:
+        log.debug("opening group rank %d's arena failed: %s", r, e)
+        x.failed.add(r)
+        return None
+    return _Source(rseg, buf, ready.off)
+
+
+def _read(
+    x: Exchange, r: int, src: _Source, byte_off: int, out_or_len, dtype: torch.dtype, name: str
+) -> Optional[torch.Tensor]:
+    """Bytes [byte_off, +len) of peer r's region as a ``dtype`` tensor: a view of the mapping, or
+    pulled into scratch ``name``. None (and r failed) when the pull fails."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    numel = out_or_len // esize
+    start = src.off + byte_off
+    if src.buf is not None:
+        return src.buf[start : start + out_or_len].view(dtype)
+    tmp = x.scratch.get(name, numel, dtype)
+    if out_or_len:
+        try:
+            x.mailbox.engine.read(
+                src.rseg, start, tmp.data_ptr(), out_or_len, timeout=max(0.1, x.remaining())
+            )
+        except Exception as e:
+            log.debug("engine read from group rank %d failed: %s", r, e)
+            x.failed.add(r)
+            return None
+    return tmp
+
+
+# ---------------------------------------------------------------------------------- all-reduce
+def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
+    """Arena all-reduce of the contiguous 1-D ``flat``; None when the arena path does not apply
+    (decided before anything is sent, identically on every rank)."""
+    arena = arena_for(x)
+    if arena is None:
+        return None
+    members, me = x.members, x.me
+    n = len(members)
+    esize = flat.element_size()
+    nbytes = flat.numel() * esize
+    idx = members.index(me)
+    chunks = _chunks(flat.numel(), n)
+    my_s, my_n = chunks[idx]
+    desc, off, region = arena.region(x, nbytes)
+    mine = region.view(flat.dtype)
+    # 1. the chunks peers reduce
+    if my_s:
+        _copy(mine[:my_s], flat[:my_s])
+    if my_s + my_n < flat.numel():
+        _copy(mine[my_s + my_n :], flat[my_s + my_n :])
+    # 2. READY
+    x.send_many(x.peers, _PH_READY, raw=_pack_ready(arena, desc, off, nbytes))
+    readies: dict[int, _Ready] = {}
+    for p in x.peers:
+        got = _recv_ready(x, p, nbytes)
+        if got is not None:
+            readies[p] = got
+    arena.forget_others(members)
+    if len(readies) != len(x.peers) or x.failed or x.mismatch:
+        x.send_many(x.peers, _PH_REDUCED, raw=b"\0")  # whoever waits for it learns at once
+        return _nothing
+    local = all(rd.host == arena.host_id for rd in readies.values())
+    srcs: dict[int, _Source] = {}
+    for p in x.peers:
+        s = _open(x, arena, p, readies[p])
+        if s is not None:
+            srcs[p] = s
+    if x.failed:
+        if not local:
+            x.send_many(x.peers, _PH_REDUCED, raw=b"\0")
+        return _nothing
+    scope = x.scratch_scope()
+
+    def chunk_of(r: int, j: int, tag: str) -> Optional[torch.Tensor]:
+        """Member r's input chunk j (this rank's own from ``flat``)."""
+        s, c = chunks[j]
+        if r == me:
+            return flat[s : s + c]
+        return _read(x, r, srcs[r], s * esize, c * esize, flat.dtype, f"{scope}{tag}{r}")
+
+    def reduce_chunk(j: int, out: torch.Tensor) -> bool:
+        parts = []
+        for r in members:
+            t = chunk_of(r, j, f"in{j}.")
+            if t is None:
+                return False
+            parts.append(t)
+        reduce_into(out, parts, op)
+        return True
+
+    # 3. my chunk, straight from the peers' mappings into my arena
+    ok = reduce_chunk(idx, mine[my_s : my_s + my_n])
+    results: dict[int, torch.Tensor] = {me: mine[my_s : my_s + my_n]}
+    if local:
+        # Peers whose arena is not mapped: compute their chunk here (the commit cannot pull).
+        for j, p in enumerate(members):
+            if ok and p != me and srcs[p].buf is None:
+                out = x.scratch.get(f"{scope}res{p}", chunks[j][1], flat.dtype)
+                ok = reduce_chunk(j, out)
+                results[p] = out
+    else:
+        x.send_many(x.peers, _PH_REDUCED, raw=b"\1" if ok else b"\0")
+        for p in x.peers:
+            flag = x.recv_bytes(p, _PH_REDUCED)
+            if flag != b"\1":
+                ok = False
+        if ok:
+            for j, p in enumerate(members):
+                if p != me and srcs[p].buf is None:
+                    s, c = chunks[j]
+                    t = _read(x, p, srcs[p], s * esize, c * esize, flat.dtype, f"{scope}res{p}")
+                    if t is None:
+                        ok = False
+                        break
+                    results[p] = t
+    if not ok or x.failed or x.mismatch:
+        return _nothing
+    for j, p in enumerate(members):
+        if p not in results:  # mapped peer: its reduced chunk sits in its arena
+            s, c = chunks[j]
+            base = srcs[p].off + s * esize
+            results[p] = srcs[p].buf[base : base + c * esize].view(flat.dtype)
+
+    def commit() -> None:
+        for j, p in enumerate(members):
+            s, c = chunks[j]
+            _copy(flat[s : s + c], results[p])
+
+    return commit
+
+
+# ---------------------------------------------------------------------------------- broadcast
+def broadcast(x: Exchange, flat: torch.Tensor, root: int) -> Optional[Commit]:
+    """Arena broadcast; None when the arena path does not apply."""
+    arena = arena_for(x)
+    if arena is None:
+        return None
+    if root not in x.members:
+        return _nothing
+    nbytes = flat.numel() * flat.element_size()
+    if x.me == root:
+        desc, off, region = arena.region(x, nbytes)
+        _copy(region, flat)
+        x.send_many(x.peers, _PH_READY, raw=_pack_ready(arena, desc, off, nbytes))
+        arena.forget_others(x.members)
+        return _nothing
+    ready = _recv_ready(x, root, nbytes)
+    arena.forget_others(x.members)
+    if ready is None:
+        return _nothing
+    src = _open(x, arena, root, ready)
+    if src is None:
+        return _nothing
+    data = _read(x, root, src, 0, nbytes, flat.dtype, x.scratch_scope() + "bcast")
+    if data is None:
+        return _nothing
+    return lambda: _copy(flat, data)

@@ -1,0 +1,75 @@
+"""Large all_reduce / broadcast through shared-memory arenas (``backend/bulk.py``): results vs
+gloo in the same processes, the cross-host protocol, and real kill -9 inside large ops."""
+
+import random
+
+import pytest
+from fault_cases import allreduce_loop  # noqa: F401  (spawned by run_trial)
+from harness import run_world
+from test_faults import run_trial
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_large_allreduce_and_broadcast_match_gloo(world):
+    from bulk_cases import bulk_vs_gloo_body
+
+    res = run_world(bulk_vs_gloo_body, world, timeout=280)
+    for r, stats in res.items():
+        assert stats["checks"] > 50, (r, stats)
+        # The arena path ran (WORLD and the subgroup) and read every peer through a mapping.
+        assert stats["arenas"] >= 2, (r, stats)
+        assert stats["mapped"] >= world - 1, (r, stats)
+        assert stats["unmapped"] == 0, (r, stats)
+
+
+@pytest.mark.timeout(200)
+def test_cross_host_protocol_with_engine_reads():
+    """Distinct host ids: no shared-memory mapping (TCP), REDUCED round + one-sided reads."""
+    from bulk_cases import large_loop_body
+
+    world = 3
+    from harness import Ranks
+
+    with Ranks(timeout=180) as rk:
+        for r in range(world):
+            rk.start(large_loop_body, r, world, 4, env={"MOONCAKE_HOST_ID": f"test-host-{r}"})
+        res = rk.collect(range(world))
+    for r, (status, stats) in res.items():
+        assert status == "ok", f"rank {r} {status}:\n{stats}"
+        assert stats["mapped"] == 0, stats
+        assert stats["unmapped"] >= world - 1, stats
+
+
+# (point, nth): during the READY round (after the first/second message left), after a READY
+# arrived, inside the agreement, between agreement and commit, after the commit.
+BULK_POINTS = [
+    ("data_send", 1),
+    ("data_send", 2),
+    ("data_recv", 1),
+    ("data_recv", 3),
+    ("agree_send", 1),
+    ("pre_commit", 2),
+    ("post_commit", 1),
+]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world", [3, 4])
+def test_kill_during_large_allreduce(world):
+    """Survivors agree, results equal the reduction over the contributors active_ranks shows."""
+    rng = random.Random(77 + world)
+    for i, (point, nth) in enumerate(BULK_POINTS):
+        victim = [0, world - 1, rng.randrange(world)][i % 3]
+        ops = ("all_reduce",) if i % 2 else ("all_reduce", "broadcast")
+        # 100_000 int64 = 800 KB: the arena path.
+        run_trial(world, victim, point, nth, ops, (100_000,), iters=8)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_kill_during_large_ops_every_victim_and_point(world):
+    for victim in range(world):
+        for point, nth in BULK_POINTS:
+            run_trial(world, victim, point, nth, ("all_reduce", "broadcast"), (100_000, 7), iters=8)
