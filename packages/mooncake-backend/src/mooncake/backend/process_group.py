@@ -180,12 +180,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise EvictedError(
                 "this rank was excluded by the group's survivors; re-join to continue"
             )
-        self.membership.poll_admission()
+        if not self.membership.admitted:
+            self.membership.poll_admission()
         seq = self._seq
         self._seq += 1
         key = (kind, sig_parts)
         sig = self._sigs.get(key)
         if sig is None:
+            if len(self._sigs) > 4096:  # many distinct shapes: keep the cache bounded
+                self._sigs.clear()
             sig = self._sigs[key] = wire.signature(kind, *sig_parts)
         faults.hit("op_start")
         attempt = 0
@@ -277,6 +280,23 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     # ------------------------------------------------------------ collectives
     def allreduce(self, tensors, opts=None):
         op = op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        if len(tensors) == 1 and self._device_type == "cpu":  # the common case, kept lean
+            t = tensors[0]
+            if (
+                type(t) is not torch.Tensor
+                or t.layout is not torch.strided
+                or not t.is_contiguous()
+                or t.device.type != "cpu"
+            ):
+                _check_tensors("tensors", tensors, "cpu")
+            if op != "SUM":
+                check_op(op, t.dtype)
+            self.run_op(
+                "allreduce",
+                (op, ((t.dtype, t.numel()),)),
+                lambda x: algo.allreduce(x, t, op),
+            )
+            return _done(tensors)
         _check_tensors("tensors", tensors, self._device_type)
         for t in tensors:
             check_op(op, t.dtype)
