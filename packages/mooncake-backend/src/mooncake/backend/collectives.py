@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from . import bulk
-from .exchange import Exchange
+from .exchange import Exchange, tensor_bytes
 from .reduce_ops import reduce_fresh, reduce_into
 
 Commit = Callable[[], None]
@@ -134,15 +134,17 @@ def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
 def _collect(x: Exchange, outs: Sequence[torch.Tensor], own: torch.Tensor) -> Commit:
     """Land every peer's payload in ``outs[peer]``; the commit writes ``own`` into ``outs[me]``
     and zeroes the slots of ranks that are not members (never stale data)."""
-    x.recv_each(x.peers, 0, lambda src, n: outs[src].reshape(-1))
-    members = set(x.members)
+    x.recv_each(x.peers, 0, lambda src, n: _flat(outs[src]))
+    members = x.members
 
     def commit() -> None:
-        if outs[x.me].numel():
-            outs[x.me].reshape(-1).copy_(own.reshape(-1))
-        for r, o in enumerate(outs):
-            if r not in members:
-                o.zero_()
+        mine = outs[x.me]
+        if mine.numel():
+            _flat(mine).copy_(_flat(own))
+        if len(members) != len(outs):
+            for r, o in enumerate(outs):
+                if r not in members:
+                    o.zero_()
 
     return commit
 
@@ -186,25 +188,34 @@ def scatter(
 
 def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], op: str) -> Commit:
     """``out`` = reduction over members of their ``ins[me]``."""
-    flat = out.reshape(-1)
-    for p in x.peers:
-        x.send(p, 0, ins[p].reshape(-1))
+    flat = _flat(out)
+    peers = x.peers
+    for p in peers:
+        x.send(p, 0, _flat(ins[p]))
     scope = x.scratch_scope()
-    bufs = {
-        p: x.scratch.get(f"{scope}{i}", flat.numel(), flat.dtype) for i, p in enumerate(x.peers)
-    }
-    got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
-    if len(got) != len(x.peers):
+    if tensor_bytes(flat) <= SMALL_ALLREDUCE_BYTES:
+        bufs, result = x.scratch.small(scope, flat, peers)
+    else:
+        bufs = {
+            p: x.scratch.get(f"{scope}{i}", flat.numel(), flat.dtype) for i, p in enumerate(peers)
+        }
+        result = x.scratch.get(f"{scope}out", flat.numel(), flat.dtype)
+    got = x.recv_each(peers, 0, lambda src, n: bufs[src])
+    if len(got) != len(peers):
         return _nothing
-    parts = [ins[x.me].reshape(-1) if r == x.me else bufs[r] for r in x.members]
-    result = reduce_into(x.scratch.get(f"{scope}out", flat.numel(), flat.dtype), parts, op)
+    me = x.me
+    reduce_fresh(result, [_flat(ins[me]) if r == me else bufs[r] for r in x.members], op)
     return lambda: flat.copy_(result)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def alltoall(x: Exchange, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor]) -> Commit:
     """``outs[r]`` receives rank r's ``ins[me]``; slots of non-members are zeroed."""
     for p in x.peers:
-        x.send(p, 0, ins[p].reshape(-1))
+        x.send(p, 0, _flat(ins[p]))
     return _collect(x, outs, ins[x.me])
 
 
