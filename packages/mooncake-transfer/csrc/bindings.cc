@@ -368,6 +368,13 @@ PYBIND11_MODULE(_engine, m) {
         }
         return failed;
       }, py::arg("peers"), py::arg("data"), py::arg("tag"), py::arg("addr") = 0, py::arg("length") = 0)
+      .def_property("spin_us", [](Engine& e) { return static_cast<double>(e.inbox().spin_ns()) / 1000.0; },
+                    [](Engine& e, double us) {
+                      if (!(us >= 0) || us > 1e6)
+                        throw std::invalid_argument("spin_us must be in [0, 1e6], got " + std::to_string(us));
+                      e.inbox().set_spin_ns(static_cast<int64_t>(us * 1000.0));
+                    },
+                    "Microseconds a waiting receiver polls before it sleeps.")
       .def("recv_round", [](Engine& e, const std::vector<std::string>& peers, int64_t tag,
                             std::optional<double> timeout, int64_t key_offset, py::bytes key) {
         double t = timeout_arg(timeout);

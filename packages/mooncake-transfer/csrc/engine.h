@@ -81,6 +81,7 @@ class Engine : private FrameHandler {
   void notify(const std::string& peer, const void* data, size_t len, uint64_t tag);
   MessagePtr recv_notify(const std::string* peer, const uint64_t* tag, double timeout_s);
   MessagePtr recv_notify_any(const std::vector<std::string>& peers, uint64_t tag, double timeout_s);
+  Inbox& inbox() { return inbox_; }
   // Inbox::recv_round with a timeout.
   void recv_round(const std::vector<std::string>& peers, uint64_t tag, double timeout_s, size_t key_off,
                   const std::string& key, std::vector<MessagePtr>& out, std::vector<std::string>& dead) {

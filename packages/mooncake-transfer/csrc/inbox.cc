@@ -10,10 +10,12 @@ namespace mooncake::transfer {
 
 namespace {
 // How long a receiver polls before it sleeps on the doorbell futex, per wait call (across
-// doorbell bumps for other messages). Waking a sleeper costs tens of microseconds on the
-// virtualised 2-core machines, longer than the Python work between the messages of one op, so
-// the default covers that gap. MOONCAKE_TRANSFER_SPIN_US overrides it (0 = sleep at once).
-int64_t spin_ns() {
+// doorbell bumps for other messages), unless Inbox::set_spin_ns says otherwise. Waking a sleeper
+// costs tens of microseconds on the virtualised 2-core machines, longer than the Python work
+// between the messages of one op, so the default covers that gap; with more busy processes than
+// cores, spinning takes CPU from the process being waited for (set_spin_ns(0) there).
+// MOONCAKE_TRANSFER_SPIN_US sets the default (0 = sleep at once).
+int64_t default_spin_ns() {
   static const int64_t ns = [] {
     const char* v = std::getenv("MOONCAKE_TRANSFER_SPIN_US");
     const long us = v && *v ? std::strtol(v, nullptr, 10) : 200;
@@ -36,7 +38,7 @@ struct Sleeper {
 };
 }  // namespace
 
-Inbox::Inbox() {
+Inbox::Inbox() : spin_ns_(default_spin_ns()) {
   doorbell_region_ = SharedRegion::create("mooncake-doorbell-" + std::to_string(getpid()), 4096);
   bell_ = new (doorbell_region_->base()) DoorbellWord;
   bell_->seq.store(0);
@@ -190,7 +192,7 @@ MessagePtr Inbox::wait_loop(TryTake try_take, int64_t deadline) {
     if (MessagePtr m = try_take()) return m;  // may throw PeerDead
     const int64_t now = now_ns();
     if (now >= deadline) return nullptr;
-    if (spin_end < 0) spin_end = std::min(deadline, now + spin_ns());
+    if (spin_end < 0) spin_end = std::min(deadline, now + spin_ns_.load(std::memory_order_relaxed));
     if (now < spin_end) {
       const uint32_t v = bell_->seq.load(std::memory_order_acquire);
       lk.unlock();

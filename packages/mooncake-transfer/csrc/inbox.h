@@ -53,6 +53,10 @@ class Inbox {
   void recv_round(const std::vector<std::string>& peers, uint64_t tag, int64_t deadline, size_t key_off,
                   const std::string& key, std::vector<MessagePtr>& out, std::vector<std::string>& dead);
 
+  // How long a waiting receiver polls before it sleeps (see inbox.cc).
+  void set_spin_ns(int64_t ns) { spin_ns_.store(ns < 0 ? 0 : ns, std::memory_order_relaxed); }
+  int64_t spin_ns() const { return spin_ns_.load(std::memory_order_relaxed); }
+
   void mark_dead(const std::string& peer, const std::string& reason);
   void forget(const std::string& peer);  // drops its queued messages, rings and dead mark
   void close();
@@ -79,6 +83,7 @@ class Inbox {
   bool drain_locked();
 
   std::mutex mu_;
+  std::atomic<int64_t> spin_ns_;
   std::shared_ptr<SharedRegion> doorbell_region_;
   DoorbellWord* bell_;
   // tag -> peer -> FIFO

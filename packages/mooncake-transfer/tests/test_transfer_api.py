@@ -453,6 +453,12 @@ def test_notify_many_and_recv_round(engine_factory, peer_factory):
     res = a.recv_round([peer.name], 3, 10.0, 0, b"")
     assert res[0][0] == 1 and isinstance(res[0][1], str)
     assert time.monotonic() - t0 < 2.0
+    # The receiver's polling budget is per engine and checked.
+    assert a.spin_us >= 0
+    a.spin_us = 0
+    assert a.spin_us == 0
+    with pytest.raises(ValueError, match="spin_us"):
+        a.spin_us = -1
     failed = a.notify_many(["rb", peer.name], b"x", 4)
     assert [p for p, _ in failed] == [peer.name]
     assert b.recv_notify("ra", 4, timeout=5).data == b"x"

@@ -385,6 +385,17 @@ class TransferEngine:
         """notify() with the payload read from raw memory."""
         self._core.notify_ptr(peer, addr, length, tag)
 
+    @property
+    def spin_us(self) -> float:
+        """Microseconds a waiting receiver polls before it sleeps on the doorbell (default 200,
+        or MOONCAKE_TRANSFER_SPIN_US). Set 0 when more busy processes than cores share the
+        host: a spinning waiter then takes CPU from the process it waits for."""
+        return self._core.spin_us
+
+    @spin_us.setter
+    def spin_us(self, us: float) -> None:
+        self._core.spin_us = float(us)
+
     def notify_many(
         self, peers: Sequence[str], data: Any, tag: int = 0, addr: int = 0, length: int = 0
     ) -> list[tuple[str, str]]:
