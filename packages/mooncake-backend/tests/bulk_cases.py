@@ -8,7 +8,7 @@ import torch.distributed as dist
 from harness import init
 from ops_cases import GLOO_REDUCE, REDUCE_OPS, data, reference
 
-# Element counts above the arena threshold (256 KiB) in every dtype used; odd counts give
+# Element counts above the arena thresholds (bulk.py) in every dtype used; odd counts give
 # uneven chunks.
 SIZES = {torch.float32: 300_001, torch.bfloat16: 200_003, torch.int64: 100_003}
 

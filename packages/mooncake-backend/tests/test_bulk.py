@@ -4,7 +4,7 @@ gloo in the same processes, the cross-host protocol, and real kill -9 inside lar
 import random
 
 import pytest
-from fault_cases import allreduce_loop  # noqa: F401  (spawned by run_trial)
+from fault_cases import allreduce_loop
 from harness import run_world
 from test_faults import run_trial
 
@@ -64,6 +64,25 @@ def test_kill_during_large_allreduce(world):
         ops = ("all_reduce",) if i % 2 else ("all_reduce", "broadcast")
         # 100_000 int64 = 800 KB: the arena path.
         run_trial(world, victim, point, nth, ops, (100_000,), iters=8)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("point", "nth"), [("data_send", 2), ("data_recv", 2)])
+def test_kill_during_cross_host_protocol(point, nth):
+    """Distinct host ids (REDUCED round, engine reads): a kill -9 inside it, survivors agree."""
+    from harness import Ranks
+    from test_faults import check_survivors
+
+    world, victim = 3, 1
+    with Ranks(timeout=200) as rk:
+        for r in range(world):
+            env = {"MOONCAKE_HOST_ID": f"test-host-{r}"}
+            if r == victim:
+                env["MOONCAKE_FAULT"] = f"{point}:{nth}"
+            rk.start(allreduce_loop, r, world, 6, (100_000,), ("all_reduce",), key=r, env=env)
+        res = rk.collect(range(world))
+    assert res[victim][0] == "died", f"victim did not die: {res[victim]}"
+    check_survivors(res, victim, world, ("all_reduce",))
 
 
 @pytest.mark.slow
