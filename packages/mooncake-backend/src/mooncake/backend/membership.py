@@ -100,7 +100,6 @@ class Membership:
                     "group rank %d unreachable at start-up (%s); it starts out failed", r, e
                 )
         self.members = set(range(size))
-        self.world.tune_spin(self.addrs.values())
 
     # ------------------------------------------------------------- changes at commit points
     def remove(self, ranks) -> None:

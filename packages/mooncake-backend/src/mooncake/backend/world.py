@@ -39,31 +39,6 @@ class World:
     def address(self) -> str:
         return f"{self.engine.name}|{self.engine.endpoint}"
 
-    def tune_spin(self, addresses) -> None:
-        """Receivers poll briefly before sleeping, which pays off while every busy process of
-        this host has a core of its own; with more group processes on this host than usable
-        cores a poller takes CPU from the process it waits for, so they sleep at once.
-        ``MOONCAKE_TRANSFER_SPIN_US`` (set by the user) wins over this choice."""
-        if os.environ.get("MOONCAKE_TRANSFER_SPIN_US"):
-            return
-        mine = self.endpoint_host()
-        local = os.environ.get("LOCAL_WORLD_SIZE")
-        procs = (
-            int(local)
-            if local and local.isdigit()
-            else sum(1 for a in addresses if _host_of(a) == mine)
-        )
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        if procs > cores and self.engine.spin_us:
-            log.debug("%d group processes on %d cores: receivers sleep without polling", procs, cores)
-            self.engine.spin_us = 0
-
-    def endpoint_host(self) -> str:
-        return _host_of(self.address)
-
     def connect(self, address: str, timeout: float) -> str:
         name, endpoint = address.split("|", 1)
         got = self.engine.connect(endpoint, timeout=timeout)
@@ -89,12 +64,6 @@ def _close_at_exit() -> None:
             w.engine.close()
         except Exception:
             pass
-
-
-def _host_of(address: str) -> str:
-    """Host part of a "name|host:port" address."""
-    endpoint = address.split("|", 1)[-1]
-    return endpoint.rsplit(":", 1)[0]
 
 
 def _default_host() -> str:
