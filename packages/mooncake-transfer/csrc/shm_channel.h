@@ -45,8 +45,11 @@ void ring_doorbell(DoorbellWord* d);
 // Sleeps until seq != seen or the deadline (ns, steady clock; kForever = no deadline).
 void wait_doorbell(DoorbellWord* d, uint32_t seen, int64_t deadline);
 
-constexpr size_t kRingBytes = 1 << 20;          // data area per directed pair
-constexpr size_t kRingMaxPayload = 64 * 1024;   // larger notifications use TCP
+// Data area per directed pair (mapped lazily: pages are touched as the ring wraps). Collectives
+// send payloads up to 512 KiB inline, so the ring carries up to 1 MiB per message (TCP between
+// same-host processes costs ~100 us per message on the 2-core machines) and holds several.
+constexpr size_t kRingBytes = 4 << 20;
+constexpr size_t kRingMaxPayload = 1 << 20;  // larger notifications use TCP
 constexpr size_t kRingRecordHeader = 32;
 
 // Producer side, in the sending engine (owns the memory).

@@ -40,7 +40,7 @@ def _chunks(numel: int, n: int) -> list[tuple[int, int]]:
 
 
 def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
-    flat = t.reshape(-1)
+    flat = _flat(t)
     nbytes = flat.numel() * flat.element_size()
     members = x.members
     if len(members) == 1:

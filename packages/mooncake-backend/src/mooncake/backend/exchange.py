@@ -46,6 +46,26 @@ class Exchange:
         sig: signature of this rank's op; peers with another signature are reported as mismatch.
     """
 
+    __slots__ = (
+        "_key",
+        "_regs",
+        "_scopes",
+        "attempt",
+        "bytes_sent",
+        "deadline",
+        "failed",
+        "mailbox",
+        "me",
+        "members",
+        "mismatch",
+        "names",
+        "peers",
+        "scratch",
+        "seq",
+        "sig",
+        "tag",
+    )
+
     def __init__(
         self,
         mailbox: Mailbox,

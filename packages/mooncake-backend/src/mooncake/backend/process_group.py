@@ -286,7 +286,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 type(t) is not torch.Tensor
                 or t.layout is not torch.strided
                 or not t.is_contiguous()
-                or t.device.type != "cpu"
+                or not t.is_cpu
             ):
                 _check_tensors("tensors", tensors, "cpu")
             if op != "SUM":
@@ -542,7 +542,6 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         row = 1
         for d in t.shape[1:]:
             row *= d
-        flat = t.reshape(t.shape[0], row)
         if not sizes:
             if t.shape[0] % n:
                 raise ValueError(
@@ -554,4 +553,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ValueError(
                 f"{name}={sizes} must have {n} non-negative entries summing to {t.shape[0]}"
             )
-        return [p.reshape(-1) for p in flat.split(sizes, 0)]
+        # Contiguous (checked by the caller): rows are consecutive, so the 1-D view splits into
+        # the same pieces in one op.
+        flat = t if t.dim() == 1 else t.view(-1)
+        return list(flat.split([s * row for s in sizes] if row != 1 else sizes))

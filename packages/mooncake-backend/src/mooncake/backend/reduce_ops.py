@@ -29,9 +29,16 @@ _NAMES = {
 }
 
 
+_NAMES_BY_INT = {int(k): v for k, v in _NAMES.items()}
+
+
 def op_name(op) -> str:
     """Name of a ``ReduceOp`` (or ``ReduceOp.RedOpType``)."""
-    name = _NAMES.get(getattr(op, "op", op))
+    key = getattr(op, "op", op)
+    try:
+        name = _NAMES_BY_INT.get(int(key))  # ints hash faster than the pybind enum
+    except (TypeError, ValueError):
+        name = None
     if name is None:
         raise ValueError(f"unsupported reduce op {op!r}")
     return name
