@@ -415,7 +415,8 @@ def test_notify_many_and_recv_round(engine_factory, peer_factory):
     for e in (b, c):
         n = e.recv_notify("ra", 7, timeout=5)
         assert n.data == b"HDR:0123456789"
-        assert n.head(4) == b"HDR:" and n.head(100) == n.data
+        assert n.head(4) == b"HDR:"
+        assert n.head(100) == n.data
         dst = ctypes.create_string_buffer(16)
         assert n.copy_to(ctypes.addressof(dst), 16, offset=4) == 10
         assert dst.raw[:10] == b"0123456789"
@@ -451,7 +452,8 @@ def test_notify_many_and_recv_round(engine_factory, peer_factory):
     os.kill(peer.pid, signal.SIGKILL)
     t0 = time.monotonic()
     res = a.recv_round([peer.name], 3, 10.0, 0, b"")
-    assert res[0][0] == 1 and isinstance(res[0][1], str)
+    assert res[0][0] == 1
+    assert isinstance(res[0][1], str)
     assert time.monotonic() - t0 < 2.0
     # The receiver's polling budget is per engine and checked.
     assert a.spin_us >= 0

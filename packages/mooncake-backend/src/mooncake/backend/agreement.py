@@ -31,7 +31,6 @@ from .exchange import Exchange, _FutureMessage
 from .mailbox import Message, PeerGone, bytes_of
 from .wire import H_KIND, H_SIG
 
-
 Vote = tuple[int, int, int, int]  # (kind, round, excluded mask, errors mask)
 
 

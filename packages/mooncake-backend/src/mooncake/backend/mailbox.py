@@ -15,7 +15,6 @@ from typing import Any, Optional, Union
 
 from mooncake.transfer import PeerDeadError, TransferEngine, TransferError
 
-
 # A received message: the engine's notification, or bytes for one that was pushed back.
 Message = Union[bytes, Any]
 

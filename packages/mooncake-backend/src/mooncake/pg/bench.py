@@ -60,10 +60,17 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------- workers
 def _init(rank: int, world: int, port: int, backend: str, **opts):
+    import warnings
+
     import torch
     import torch.distributed as dist
 
     import mooncake.pg as pg
+
+    # torch deprecates all_gather_into_tensor / reduce_scatter_tensor with a FutureWarning whose
+    # per-call handling was measured at ~200 us in these loops (both backends pay it): not what
+    # this bench measures.
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     # Several ranks share the machine's cores: one intra-op thread each, as torchrun sets it.
     torch.set_num_threads(1)
