@@ -1,0 +1,121 @@
+"""The agreement's decision rule, driven message by message through a scripted mailbox (one
+process, no sockets): which round a rank may decide in, and what it adopts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mooncake.backend import wire
+from mooncake.backend.agreement import agree
+from mooncake.backend.exchange import Exchange
+
+SEQ, ATTEMPT, SIG = 7, 0, 0xABCD
+
+
+class _Note:
+    """Stands in for an engine notification."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.nbytes = len(data)
+
+    def head(self, n: int) -> bytes:
+        return self.data[:n]
+
+
+class _ScriptedMailbox:
+    """rounds[r][peer] = the message that peer's round-r read returns (None: the peer is dead)."""
+
+    def __init__(self, rounds: list[dict[str, bytes | None]]) -> None:
+        self.rounds = rounds
+        self.read_rounds = 0
+        self.sent: list[tuple[list[str], bytes]] = []
+
+    def send_joined(self, names, tag, head, addr=0, length=0):
+        self.sent.append((list(names), head))
+        return []
+
+    def has_back(self, names, tag):
+        return False
+
+    def round(self, names, tag, timeout, key):
+        script = self.rounds[self.read_rounds]
+        self.read_rounds += 1
+        out = []
+        for n in names:
+            msg = script.get(n)
+            out.append((1, "dead") if msg is None else (0, _Note(msg)))
+        return out
+
+    def recv_note(self, name, tag, timeout):
+        raise AssertionError("no per-peer reads expected in these scripts")
+
+
+def _vote(kind: int, rnd: int, excluded=(), errors=()) -> bytes:
+    return wire.pack_agree(
+        kind, SEQ, ATTEMPT, SIG, rnd, wire.mask_of(excluded), wire.mask_of(errors)
+    )
+
+
+def _exchange(mailbox, failed=()) -> Exchange:
+    names = {r: f"r{r}" for r in range(4)}
+    x = Exchange(mailbox, names, 1, SEQ, ATTEMPT, [0, 1, 2, 3], 0, time.monotonic() + 5, SIG)
+    x.failed.update(failed)
+    return x
+
+
+@pytest.mark.timeout(30)
+def test_clean_round_zero_decides_at_once_with_one_read():
+    own = _vote(wire.AGREE, 0)
+    mb = _ScriptedMailbox([{"r1": own, "r2": own, "r3": own}])
+    assert agree(_exchange(mb), grace=1.0) == (set(), set())
+    assert mb.read_rounds == 1
+    # DECIDED (nothing excluded) went to every peer after the AGREE.
+    assert [names for names, _ in mb.sent] == [["r1", "r2", "r3"], ["r1", "r2", "r3"]]
+    assert wire.Header.unpack(mb.sent[1][1]).kind == wire.DECIDED
+
+
+@pytest.mark.timeout(30)
+def test_rank_that_lost_a_peer_in_its_data_phase_waits_for_a_decided():
+    # This rank lost rank 3 in its data phase; ranks 1 and 2 vote clean in round 0 and rank 1,
+    # which also heard rank 3's vote (rank 3 saw rank 2 fail), decides {2, 3}. Round 0 heard
+    # fewer peers than exist, so this rank must not decide {3} on its own: it reads a second
+    # round and adopts rank 1's DECIDED.
+    mb = _ScriptedMailbox(
+        [
+            {"r1": _vote(wire.AGREE, 0), "r2": _vote(wire.AGREE, 0)},
+            {"r1": _vote(wire.DECIDED, 1, excluded=(2, 3)), "r2": _vote(wire.AGREE, 1)},
+        ]
+    )
+    excluded, errors = agree(_exchange(mb, failed={3}), grace=1.0)
+    assert (excluded, errors) == ({2, 3}, set())
+    assert mb.read_rounds == 2
+
+
+@pytest.mark.timeout(30)
+def test_death_during_round_zero_costs_one_more_round_then_decides():
+    own = _vote(wire.AGREE, 0)
+    mb = _ScriptedMailbox(
+        [
+            {"r1": own, "r2": own, "r3": None},  # rank 3 died before its vote reached us
+            {"r1": _vote(wire.AGREE, 1, excluded=(3,)), "r2": _vote(wire.AGREE, 1, excluded=(3,))},
+        ]
+    )
+    assert agree(_exchange(mb), grace=1.0) == ({3}, set())
+    assert mb.read_rounds == 2
+
+
+@pytest.mark.timeout(30)
+def test_mismatch_reported_by_a_peer_reaches_every_rank():
+    mb = _ScriptedMailbox(
+        [
+            {
+                "r1": _vote(wire.AGREE, 0),
+                "r2": _vote(wire.AGREE, 0, errors=(2,)),
+                "r3": _vote(wire.AGREE, 0),
+            },
+        ]
+    )
+    assert agree(_exchange(mb), grace=1.0) == (set(), {2})
