@@ -50,7 +50,7 @@ from typing import Callable, Optional
 import torch
 
 from . import faults
-from .exchange import Exchange, ScratchPool
+from .exchange import Exchange, ScratchPool, even_chunks, no_commit
 from .reduce_ops import reduce_into
 
 log = logging.getLogger("mooncake.backend")
@@ -84,20 +84,6 @@ _PH_READY = 0
 _PH_REDUCED = 1
 _MAX_MAPS_PER_PEER = 4
 _REDUCE_BLOCK = 1 << 20  # bytes per block when reducing 3+ inputs (partial sums stay in cache)
-
-
-def _nothing() -> None:
-    return None
-
-
-def _chunks(numel: int, n: int) -> list[tuple[int, int]]:
-    base, extra = divmod(numel, n)
-    out, start = [], 0
-    for i in range(n):
-        size = base + (1 if i < extra else 0)
-        out.append((start, size))
-        start += size
-    return out
 
 
 _memmove = ctypes.memmove
@@ -305,7 +291,7 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
     esize = flat.element_size()
     nbytes = flat.numel() * esize
     idx = members.index(me)
-    chunks = _chunks(flat.numel(), n)
+    chunks = even_chunks(flat.numel(), n)
     my_s, my_n = chunks[idx]
     desc, off, region = arena.region(x, nbytes)
     mine = region.view(flat.dtype)
@@ -324,7 +310,7 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
     arena.forget_others(members)
     if len(readies) != len(x.peers) or x.failed or x.mismatch:
         x.send_many(x.peers, _PH_REDUCED, raw=b"\0")  # whoever waits for it learns at once
-        return _nothing
+        return no_commit
     local = all(rd.host == arena.host_id for rd in readies.values())
     srcs: dict[int, _Source] = {}
     for p in x.peers:
@@ -334,7 +320,7 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
     if x.failed:
         if not local:
             x.send_many(x.peers, _PH_REDUCED, raw=b"\0")
-        return _nothing
+        return no_commit
     scope = x.scratch_scope()
 
     def chunk_of(r: int, j: int, tag: str) -> Optional[torch.Tensor]:
@@ -388,7 +374,7 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
                         break
                     results[p] = t
     if not ok or x.failed or x.mismatch:
-        return _nothing
+        return no_commit
     for j, p in enumerate(members):
         if p not in results:  # mapped peer: its reduced chunk sits in its arena
             s, c = chunks[j]
@@ -410,22 +396,22 @@ def broadcast(x: Exchange, flat: torch.Tensor, root: int) -> Optional[Commit]:
     if arena is None:
         return None
     if root not in x.members:
-        return _nothing
+        return no_commit
     nbytes = flat.numel() * flat.element_size()
     if x.me == root:
         desc, off, region = arena.region(x, nbytes)
         _copy(region, flat)
         x.send_many(x.peers, _PH_READY, raw=_pack_ready(arena, desc, off, nbytes))
         arena.forget_others(x.members)
-        return _nothing
+        return no_commit
     ready = _recv_ready(x, root, nbytes)
     arena.forget_others(x.members)
     if ready is None:
-        return _nothing
+        return no_commit
     src = _open(x, arena, root, ready)
     if src is None:
-        return _nothing
+        return no_commit
     data = _read(x, root, src, 0, nbytes, flat.dtype, x.scratch_scope() + "bcast")
     if data is None:
-        return _nothing
+        return no_commit
     return lambda: _copy(flat, data)

@@ -18,25 +18,11 @@ from typing import Callable, Optional
 import torch
 
 from . import bulk
-from .exchange import Exchange, tensor_bytes
+from .exchange import Exchange, even_chunks, no_commit, tensor_bytes
 from .reduce_ops import reduce_fresh, reduce_into
 
 Commit = Callable[[], None]
 SMALL_ALLREDUCE_BYTES = 64 * 1024
-
-
-def _nothing() -> None:
-    return None
-
-
-def _chunks(numel: int, n: int) -> list[tuple[int, int]]:
-    base, extra = divmod(numel, n)
-    out, start = [], 0
-    for i in range(n):
-        size = base + (1 if i < extra else 0)
-        out.append((start, size))
-        start += size
-    return out
 
 
 def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
@@ -44,7 +30,7 @@ def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
     nbytes = flat.numel() * flat.element_size()
     members = x.members
     if len(members) == 1:
-        return _nothing  # the reduction over one contributor is its own input (AVG too)
+        return no_commit  # the reduction over one contributor is its own input (AVG too)
     if nbytes <= SMALL_ALLREDUCE_BYTES or flat.numel() < len(members):
         return _allreduce_direct(x, flat, op)
     if bulk.ALLREDUCE_MIN_BYTES and nbytes >= bulk.ALLREDUCE_MIN_BYTES:
@@ -60,7 +46,7 @@ def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
     rows, result = x.scratch.small(x.scratch_scope(), flat, peers)
     got = x.recv_each(peers, 0, lambda src, n: rows[src])
     if len(got) != len(peers):
-        return _nothing
+        return no_commit
     me = x.me
     reduce_fresh(result, [flat if r == me else rows[r] for r in x.members], op)
     return lambda: flat.copy_(result)
@@ -69,7 +55,7 @@ def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
 def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
     members = x.members
     idx = {r: i for i, r in enumerate(members)}
-    chunks = _chunks(flat.numel(), len(members))
+    chunks = even_chunks(flat.numel(), len(members))
     my_start, my_size = chunks[idx[x.me]]
     # Phase 0: reduce-scatter.
     for p in x.peers:
@@ -90,14 +76,14 @@ def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
         x.peers, 1, lambda src, n: result[chunks[idx[src]][0] : sum(chunks[idx[src]])]
     )
     if len(got) != len(x.peers) or x.failed:
-        return _nothing
+        return no_commit
     return lambda: flat.copy_(result)
 
 
 def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     flat = t.reshape(-1)
     if root not in x.members:
-        return _nothing  # the root failed before: every survivor keeps its tensor unchanged
+        return no_commit  # the root failed before: every survivor keeps its tensor unchanged
     nbytes = flat.numel() * flat.element_size()
     if bulk.BROADCAST_MIN_BYTES and nbytes >= bulk.BROADCAST_MIN_BYTES and len(x.members) > 1:
         c = bulk.broadcast(x, flat, root)  # shared-memory arenas (bulk.py)
@@ -105,27 +91,27 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
             return c
     if x.me == root:
         x.send_many(x.peers, 0, flat)
-        return _nothing
+        return no_commit
     tmp = x.scratch.get(x.scratch_scope() + "bcast", flat.numel(), flat.dtype)
     if not x.recv(root, 0, tmp):
-        return _nothing
+        return no_commit
     return lambda: flat.copy_(tmp)
 
 
 def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
     flat = t.reshape(-1)
     if root not in x.members:
-        return _nothing
+        return no_commit
     if x.me != root:
         x.send(root, 0, flat)
-        return _nothing
+        return no_commit
     scope = x.scratch_scope()
     bufs = {
         p: x.scratch.get(f"{scope}{j}", flat.numel(), flat.dtype) for j, p in enumerate(x.peers)
     }
     got = x.recv_each(x.peers, 0, lambda src, n: bufs[src])
     if len(got) != len(x.peers):
-        return _nothing
+        return no_commit
     parts = [flat if r == x.me else bufs[r] for r in x.members]
     result = reduce_into(x.scratch.get(f"{scope}out", flat.numel(), flat.dtype), parts, op)
     return lambda: flat.copy_(result)
@@ -161,10 +147,10 @@ def gather(
 ) -> Commit:
     flat = t.reshape(-1)
     if root not in x.members:
-        return _nothing
+        return no_commit
     if x.me != root:
         x.send(root, 0, flat)
-        return _nothing
+        return no_commit
     assert outs is not None
     return _collect(x, outs, flat)
 
@@ -174,7 +160,7 @@ def scatter(
 ) -> Commit:
     flat = out.reshape(-1)
     if root not in x.members:
-        return _nothing
+        return no_commit
     if x.me == root:
         assert ins is not None
         for p in x.peers:
@@ -182,7 +168,7 @@ def scatter(
         return lambda: flat.copy_(ins[x.me].reshape(-1))
     tmp = x.scratch.get(x.scratch_scope() + "scatter", flat.numel(), flat.dtype)
     if not x.recv(root, 0, tmp):
-        return _nothing
+        return no_commit
     return lambda: flat.copy_(tmp)
 
 
@@ -202,7 +188,7 @@ def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], 
         result = x.scratch.get(f"{scope}out", flat.numel(), flat.dtype)
     got = x.recv_each(peers, 0, lambda src, n: bufs[src])
     if len(got) != len(peers):
-        return _nothing
+        return no_commit
     me = x.me
     reduce_fresh(result, [_flat(ins[me]) if r == me else bufs[r] for r in x.members], op)
     return lambda: flat.copy_(result)
@@ -222,7 +208,7 @@ def alltoall(x: Exchange, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tens
 def barrier(x: Exchange) -> Commit:
     x.send_many(x.peers, 0, raw=b"")
     x.recv_each(x.peers, 0, lambda src, n: None)
-    return _nothing
+    return no_commit
 
 
 def allgather_bytes(x: Exchange, payload: bytes) -> dict[int, bytes]:

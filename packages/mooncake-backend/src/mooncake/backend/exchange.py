@@ -119,7 +119,7 @@ class Exchange:
     def send(
         self, dst: int, phase: int, t: Optional[torch.Tensor] = None, raw: bytes = b""
     ) -> None:
-        """Send ``t`` (a contiguous CPU tensor) or ``raw`` bytes to ``dst``; failures are recorded."""
+        """Send ``t`` (a contiguous CPU tensor) or ``raw`` bytes to ``dst``; failures recorded."""
         self.send_many((dst,), phase, t, raw)
 
     def send_many(
@@ -246,7 +246,7 @@ class Exchange:
         return False
 
     def recv(self, src: int, phase: int, out: Optional[torch.Tensor]) -> bool:
-        """Receive the next payload from ``src`` into ``out``; False when ``src`` failed or mismatched."""
+        """Receive the next payload from ``src`` into ``out``; False: ``src`` failed/mismatched."""
         return src in self.recv_each((src,), phase, lambda s, n: out)
 
     def recv_bytes(self, src: int, phase: int) -> Optional[bytes]:
@@ -337,6 +337,22 @@ class Exchange:
         if self._land(src, h, msg, sink(src, h[H_NBYTES])):
             got.add(src)
         return True
+
+
+def no_commit() -> None:
+    """The commit of an attempt that has nothing to publish on this rank."""
+    return None
+
+
+def even_chunks(numel: int, n: int) -> list[tuple[int, int]]:
+    """(start, size) of ``n`` consecutive chunks of ``numel`` elements, sizes differing by <= 1."""
+    base, extra = divmod(numel, n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append((start, size))
+        start += size
+    return out
 
 
 class ScratchPool:

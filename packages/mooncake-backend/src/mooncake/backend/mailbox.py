@@ -89,24 +89,6 @@ class Mailbox:
             raise PeerGone(peer, str(e)) from None
         return None if n is None else n.data
 
-    def recv_any(
-        self, peers: list[str], tag: int, timeout: Optional[float]
-    ) -> Optional[tuple[str, bytes]]:
-        if self._nback:
-            for p in peers:
-                data = self._pop_back(p, tag)
-                if data is not None:
-                    return p, bytes_of(data)
-        try:
-            n = self.engine.recv_notify_any(
-                peers, tag, None if timeout is None else max(0.0, timeout)
-            )
-        except PeerDeadError as e:
-            raise PeerGone(e.peer or "?", str(e)) from None
-        if n is None:
-            return None
-        return n.peer, n.data
-
     def recv_note(self, peer: str, tag: int, timeout: Optional[float]) -> Optional[Message]:
         """Like ``recv`` but returns the engine's notification (payload not copied into Python)
         unless the message was pushed back (then ``bytes``); see ``head_of``/``copy_payload``."""
