@@ -13,7 +13,7 @@ processes on one GPU time-slice (about 2.5 ms per cross-process round trip).
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import pytest
 import torch
@@ -396,44 +396,23 @@ def rank_kill(
     rank: int, world_size: int, port: int, backend: str, case: dict, point: str, occurrence: int
 ) -> dict:
     """Two healthy rounds, then the last rank SIGKILLs itself at ``point``; survivors keep going."""
-    from ep_cases import check_combine, check_dispatch, make_inputs, simulated_gemm
-
     from mooncake.ep import faults
 
     case = _resolve(case, world_size)
     fast, _ = _buffers(rank, world_size, port, backend, [(case["T"], case["H"], case["E"])])
     victim = world_size - 1
-    dev = torch.device("cuda", 0)
-    num_local = case["E"] // world_size
-    active = torch.ones(world_size, dtype=torch.int32, device=dev)
+    active = torch.ones(world_size, dtype=torch.int32, device=torch.device("cuda", 0))
     if rank == victim:
         faults.arm_kill(point, occurrence)
     errors: list[str] = []
     marks: list[float] = []
     for round_index in range(4):
-        x, topk_idx, weights = make_inputs(case, rank, round_index)
         alive_before = [bool(a) for a in active.tolist()]
-        torch.cuda.synchronize()
-        start = time.monotonic()
-        x_dev, topk_dev = x.to(dev), topk_idx.to(dev)
-        use_fp8 = case.get("use_fp8", False)
-        res = fast.dispatch(
-            x_dev, topk_dev, active, case["T"], case["E"], FAULT_TIMEOUT_US, use_fp8=use_fp8
+        r = _checked_round(
+            fast, rank, world_size, case, active, round_index, f"round {round_index}"
         )
-        torch.cuda.synchronize()
-        d_elapsed = time.monotonic() - start
-        alive_d = [bool(a) for a in active.tolist()]
-        got = _cpu(res[:3])
-        errors += check_dispatch(case, rank, world_size, got, alive_d, None, round_index)
-        sim = simulated_gemm(got[0], case.get("use_fp8", False), rank, num_local).to(dev)
-        start = time.monotonic()
-        combined = fast.combine(
-            sim, topk_idx.to(dev), weights.to(dev), active, FAULT_TIMEOUT_US, res[2]
-        )[0]
-        torch.cuda.synchronize()
-        c_elapsed = time.monotonic() - start
-        alive_c = [bool(a) for a in active.tolist()]
-        errors += check_combine(case, rank, world_size, combined.cpu(), alive_c, round_index)
+        errors += r.errors
+        alive_d, alive_c, d_elapsed, c_elapsed = r.alive_d, r.alive_c, r.d_s, r.c_s
         limit = FAULT_TIMEOUT_US / 1e6 + MARK_SLACK_S
         phases = (
             ("dispatch", alive_before, alive_d, d_elapsed),
@@ -476,6 +455,14 @@ def _fast_only(
     return Buffer(group, nbytes, path="fast")
 
 
+class _Round(NamedTuple):
+    errors: list[str]
+    d_s: float  # dispatch seconds
+    c_s: float  # combine seconds
+    alive_d: list[bool]  # active_ranks after the dispatch
+    alive_c: list[bool]  # active_ranks after the combine
+
+
 def _checked_round(
     fast: Any,
     rank: int,
@@ -484,9 +471,9 @@ def _checked_round(
     active: torch.Tensor,
     round_index: int,
     label: str,
-) -> tuple[list[str], float, float]:
+) -> _Round:
     """One dispatch + combine on the fast path against the reference, for the ranks alive in
-    ``active`` after each op; returns (errors, dispatch seconds, combine seconds)."""
+    ``active`` after each op."""
     from ep_cases import check_combine, check_dispatch, make_inputs, simulated_gemm
 
     dev = torch.device("cuda", 0)
@@ -512,7 +499,9 @@ def _checked_round(
     c_elapsed = time.monotonic() - start
     alive_c = [bool(a) for a in active.tolist()]
     errors += check_combine(case, rank, world_size, combined.cpu(), alive_c, round_index)
-    return [f"rank {rank} {label}: {e}" for e in errors], d_elapsed, c_elapsed
+    return _Round(
+        [f"rank {rank} {label}: {e}" for e in errors], d_elapsed, c_elapsed, alive_d, alive_c
+    )
 
 
 def rank_replace_survivor(rank: int, world_size: int, port: int, backend: str, case: dict) -> dict:
@@ -530,11 +519,11 @@ def rank_replace_survivor(rank: int, world_size: int, port: int, backend: str, c
     dev = torch.device("cuda", 0)
     active = torch.ones(world_size, dtype=torch.int32, device=dev)
     report: dict = {"path": fast.path.name}
-    errors, _, _ = _checked_round(fast, rank, world_size, case, active, 0, "round 0")
+    errors = _checked_round(fast, rank, world_size, case, active, 0, "round 0").errors
     dist.barrier()
     if rank == victim:
         faults.arm_kill("dispatch.start", 1)
-    e, d_s, _ = _checked_round(fast, rank, world_size, case, active, 1, "round 1")
+    e, d_s = _checked_round(fast, rank, world_size, case, active, 1, "round 1")[:2]
     errors += e
     limit = FAULT_TIMEOUT_US / 1e6 + MARK_SLACK_S
     if active.tolist()[victim] != 0 or d_s > limit:
@@ -554,7 +543,9 @@ def rank_replace_survivor(rank: int, world_size: int, port: int, backend: str, c
     fast.update_ep_member()  # the replacement's new IPC handle is mapped here
     report["path_after"] = fast.path.name
     active.fill_(1)
-    e, _, _ = _checked_round(fast, rank, world_size, case, active, 2, "round 2 (after replacement)")
+    e = _checked_round(
+        fast, rank, world_size, case, active, 2, "round 2 (after replacement)"
+    ).errors
     errors += e
     if active.tolist() != [1] * world_size:
         errors.append(f"rank {rank}: round 2 active {active.tolist()}")
@@ -579,7 +570,7 @@ def rank_replacement(rank: int, world_size: int, port: int, backend: str, case: 
     )
     fast = _fast_only(rank, world_size, port, backend, case, options)
     active = torch.ones(world_size, dtype=torch.int32, device=torch.device("cuda", 0))
-    errors, _, _ = _checked_round(fast, rank, world_size, case, active, 2, "replacement round 2")
+    errors = _checked_round(fast, rank, world_size, case, active, 2, "replacement round 2").errors
     if active.tolist() != [1] * world_size:
         errors.append(f"replacement: active {active.tolist()}")
     dist.barrier()
