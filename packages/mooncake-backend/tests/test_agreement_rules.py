@@ -49,6 +49,18 @@ class _ScriptedMailbox:
             out.append((1, "dead") if msg is None else (0, _Note(msg)))
         return out
 
+    def exchange(self, names, tag, head, timeout, key, *, expect=b"", then=b"", **_):
+        """The native round (send, read, land the messages equal to ``expect``, then ``then``
+        when all landed), in the engine's order."""
+        self.send_joined(names, tag, head)
+        out = [
+            (3, None) if status == 0 and note.data == expect else (status, note)
+            for status, note in self.round(names, tag, timeout, key)
+        ]
+        if then and all(status == 3 for status, _ in out):
+            self.send_joined(names, tag, then)
+        return 1, out
+
     def recv_note(self, name, tag, timeout):
         raise AssertionError("no per-peer reads expected in these scripts")
 
@@ -119,3 +131,28 @@ def test_mismatch_reported_by_a_peer_reaches_every_rank():
         ]
     )
     assert agree(_exchange(mb), grace=1.0) == (set(), {2})
+
+
+@pytest.mark.timeout(30)
+def test_round_zero_run_by_the_data_phase_is_used_not_resent():
+    # The data phase's last native call already sent this rank's clean vote and read the peers'
+    # (``Exchange.voted``): rank 3's vote never came, so the agreement goes on from round 1
+    # without sending round 0 again, and decides on the floods.
+    mb = _ScriptedMailbox(
+        [{"r1": _vote(wire.AGREE, 1, excluded=(3,)), "r2": _vote(wire.AGREE, 1, excluded=(3,))}]
+    )
+    x = _exchange(mb)
+    x.voted = [(3, None), (3, None), (1, "dead")]
+    assert agree(x, grace=1.0) == ({3}, set())
+    assert mb.read_rounds == 1
+    sent = [wire.Header.unpack(m) for _, m in mb.sent]
+    assert [(h.kind, wire.unpack_agree(m)[0]) for h, (_, m) in zip(sent, mb.sent)] == [
+        (wire.AGREE, 1),
+        (wire.DECIDED, 2),
+    ]
+    # All clean: decided at once, nothing sent or read here (the native call sent the DECIDED).
+    mb = _ScriptedMailbox([])
+    x = _exchange(mb)
+    x.voted = [(3, None)] * 3
+    assert agree(x, grace=1.0) == (set(), set())
+    assert mb.sent == [] and mb.read_rounds == 0

@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -397,6 +399,124 @@ PYBIND11_MODULE(_engine, m) {
         }
         return res;
       }, py::arg("peers"), py::arg("tag"), py::arg("timeout"), py::arg("key_offset"), py::arg("key"))
+      .def("exchange_round", [](Engine& e, const std::vector<std::string>& peers, int64_t tag, py::buffer data,
+                                int64_t addr, int64_t length, std::optional<double> timeout, int64_t key_offset,
+                                py::bytes key, py::bytes expect, const std::vector<int64_t>& dests,
+                                int64_t dest_len, py::bytes then, py::bytes second, double second_min_timeout) {
+        // One or two message rounds in one GIL-free call. Round 1: send `data` (+ `length` bytes at
+        // `addr`) to every peer, take one message from each (stale ones dropped by key, as
+        // recv_round), and land the messages that are exactly `expect` + `dest_len` payload bytes
+        // (payload copied to dests[i]). Round 2, only when every message of round 1 landed and
+        // `second` is not empty: the same with `second` as message and as expectation (no
+        // payload), waiting at least `second_min_timeout`. When every message of the last round
+        // run landed, `then` (if not empty) is sent to every peer.
+        double t = timeout_arg(timeout);
+        uint64_t tg = nonneg(tag, "tag"), off = nonneg(key_offset, "key_offset");
+        uint64_t a = nonneg(addr, "addr"), len = nonneg(length, "length");
+        uint64_t dlen = nonneg(dest_len, "dest_len");
+        if (len > 0 && a == 0) throw std::invalid_argument("addr is a null address");
+        if (dlen > 0 && dests.size() != peers.size())
+          throw std::invalid_argument("dests must have one address per peer (got " + std::to_string(dests.size()) +
+                                      " for " + std::to_string(peers.size()) + " peers)");
+        for (int64_t d : dests)
+          if (dlen > 0 && d <= 0) throw std::invalid_argument("dests holds a null or negative address");
+        if (!(second_min_timeout >= 0))
+          throw std::invalid_argument("second_min_timeout must be >= 0, got " + std::to_string(second_min_timeout));
+        py::buffer_info info = data.request();
+        if (info.ndim > 1 && info.strides.back() != info.itemsize)
+          throw std::invalid_argument("data must be a C-contiguous bytes-like object");
+        const size_t hlen = static_cast<size_t>(info.size * info.itemsize);
+        const std::string k = key, ex = expect, after = then, round2 = second;
+        const size_t n = peers.size();
+        std::vector<std::string> send_err(n), dead(n);
+        std::vector<MessagePtr> out(n);
+        std::vector<char> landed(n, 0);
+        int rounds = 0;
+        {
+          GilRelease r;
+          const auto t0 = std::chrono::steady_clock::now();
+          // One round: send msg to every peer, read one message each, land the ones equal to
+          // want + dlen bytes. Returns how many landed.
+          auto run = [&](const void* msg, size_t mlen, double wait_s, const std::string& want, size_t plen) {
+            std::vector<std::string> live;
+            std::vector<size_t> live_idx;
+            for (size_t i = 0; i < n; ++i) {
+              send_err[i].clear();
+              dead[i].clear();
+              out[i].reset();
+              landed[i] = 0;
+              try {
+                e.notify(peers[i], msg, mlen, tg);
+                live.push_back(peers[i]);
+                live_idx.push_back(i);
+              } catch (const TransferErr& err) {
+                send_err[i] = err.what();
+              }
+            }
+            std::vector<MessagePtr> got;
+            std::vector<std::string> gone;
+            if (!live.empty()) e.recv_round(live, tg, wait_s, off, k, got, gone);
+            size_t matched = 0;
+            for (size_t j = 0; j < live.size(); ++j) {
+              const size_t i = live_idx[j];
+              dead[i] = std::move(gone[j]);
+              MessagePtr& m = got[j];
+              if (m && m->data.size() == want.size() + plen &&
+                  std::memcmp(m->data.data(), want.data(), want.size()) == 0) {
+                if (plen) std::memcpy(reinterpret_cast<void*>(dests[i]), m->data.data() + want.size(), plen);
+                landed[i] = 1;
+                ++matched;
+              } else {
+                out[i] = std::move(m);
+              }
+            }
+            return matched;
+          };
+          std::string joined;
+          const void* msg = info.ptr;
+          size_t mlen = hlen;
+          if (len) {
+            joined.resize(hlen + len);
+            if (hlen) std::memcpy(&joined[0], info.ptr, hlen);
+            std::memcpy(&joined[hlen], reinterpret_cast<const void*>(a), len);
+            msg = joined.data();
+            mlen = joined.size();
+          }
+          size_t matched = run(msg, mlen, t, ex, dlen);
+          rounds = 1;
+          if (n > 0 && matched == n && !round2.empty()) {
+            const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            const double wait2 = t < 0 ? t : std::max(t - spent, second_min_timeout);  // t < 0: forever
+            matched = run(round2.data(), round2.size(), wait2, round2, 0);
+            rounds = 2;
+          }
+          if (n > 0 && matched == n && !after.empty()) {
+            for (const auto& p : peers) {
+              try {
+                e.notify(p, after.data(), after.size(), tg);
+              } catch (const TransferErr&) {
+                // a peer that died after its message: the next op finds it dead
+              }
+            }
+          }
+        }
+        py::list res;
+        for (size_t i = 0; i < n; ++i) {
+          if (landed[i])
+            res.append(py::make_tuple(3, py::none()));
+          else if (!send_err[i].empty())
+            res.append(py::make_tuple(4, py::str(send_err[i])));
+          else if (out[i])
+            res.append(py::make_tuple(0, to_notification(std::move(out[i]))));
+          else if (!dead[i].empty())
+            res.append(py::make_tuple(1, py::str(dead[i])));
+          else
+            res.append(py::make_tuple(2, py::none()));
+        }
+        return py::make_tuple(rounds, res);
+      }, py::arg("peers"), py::arg("tag"), py::arg("data"), py::arg("addr"), py::arg("length"),
+         py::arg("timeout"), py::arg("key_offset"), py::arg("key"), py::arg("expect"), py::arg("dests"),
+         py::arg("dest_len"), py::arg("then"), py::arg("second"), py::arg("second_min_timeout"))
       .def("recv_notify", [](Engine& e, std::optional<std::string> peer, std::optional<int64_t> tag,
                              std::optional<double> timeout) {
         double t = timeout_arg(timeout);

@@ -464,3 +464,85 @@ def test_notify_many_and_recv_round(engine_factory, peer_factory):
     failed = a.notify_many(["rb", peer.name], b"x", 4)
     assert [p for p, _ in failed] == [peer.name]
     assert b.recv_notify("ra", 4, timeout=5).data == b"x"
+
+
+@pytest.mark.timeout(60)
+def test_exchange_round(engine_factory, peer_factory):
+    a, b, c = engine_factory("xa"), engine_factory("xb"), engine_factory("xc")
+    for x, y in ((a, b), (a, c), (b, a), (c, a)):
+        x.connect(y.endpoint)
+    key = (5).to_bytes(8, "big")
+    head = key + b"H"
+    # Peers' messages for this round: b's matches, c's has another head (returned as is), and a
+    # stale message from b (key 3) is dropped first.
+    b.notify("xa", (3).to_bytes(8, "big") + b"Hold!", 1)
+    b.notify("xa", head + b"bbbb", 1)
+    c.notify("xa", key + b"Xcccc", 1)
+    payload = ctypes.create_string_buffer(b"mine", 4)
+    dst = [ctypes.create_string_buffer(4) for _ in range(2)]
+    dests = [ctypes.addressof(d) for d in dst]
+    rounds, res = a.exchange_round(
+        ["xb", "xc"], 1, head, 5.0, addr=ctypes.addressof(payload), length=4, key=key,
+        expect=head, dests=dests, dest_len=4, then=b"DONE", second=key + b"V",
+    )  # fmt: skip
+    assert rounds == 1  # not every payload landed: no second round, no `then`
+    assert res[0] == (3, None)
+    assert dst[0].raw == b"bbbb"
+    assert res[1][0] == 0 and res[1][1].data == key + b"Xcccc"
+    assert dst[1].raw == b"\0" * 4  # not landed: untouched
+    for e in (b, c):  # the data went out, joined; nothing else did
+        assert e.recv_notify("xa", 1, timeout=5).data == head + b"mine"
+        assert e.recv_notify("xa", 1, timeout=0.2) is None
+    # Every payload lands, then the second round's messages too: `then` goes to every peer.
+    for e, tag in ((b, b"b2"), (c, b"c2")):
+        e.notify("xa", head + tag, 2)
+        e.notify("xa", key + b"V", 2)
+    rounds, res = a.exchange_round(
+        ["xb", "xc"], 2, head, 5.0, addr=ctypes.addressof(payload), length=2, key=key,
+        expect=head, dests=dests, dest_len=2, then=b"DONE", second=key + b"V",
+    )  # fmt: skip
+    assert (rounds, res) == (2, [(3, None), (3, None)])
+    assert [d.raw[:2] for d in dst] == [b"b2", b"c2"]
+    for e in (b, c):
+        assert [e.recv_notify("xa", 2, timeout=5).data for _ in range(3)] == [
+            head + b"mi",
+            key + b"V",
+            b"DONE",
+        ]
+    # The second round's other messages come back; a silent peer times out there after at least
+    # second_min_timeout, although the call's own timeout is shorter.
+    b.notify("xa", b"d", 3)
+    c.notify("xa", b"d", 3)
+    b.notify("xa", b"other", 3)
+    t0 = time.monotonic()
+    rounds, res = a.exchange_round(
+        ["xb", "xc"], 3, b"d", 0.05, expect=b"d", second=b"v", second_min_timeout=0.3, then=b"X"
+    )
+    assert rounds == 2
+    assert res[0][0] == 0 and res[0][1].data == b"other"
+    assert res[1] == (2, None)
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    # One round only: `then` follows it when every message matched.
+    b.notify("xa", b"vote", 4)
+    c.notify("xa", b"vote", 4)
+    assert a.exchange_round(["xb", "xc"], 4, b"vote", 5.0, expect=b"vote", then=b"DONE") == (
+        1,
+        [(3, None), (3, None)],
+    )
+    for e in (b, c):
+        assert e.recv_notify("xa", 4, timeout=5).data == b"vote"
+        assert e.recv_notify("xa", 4, timeout=5).data == b"DONE"
+    # A killed peer: the send fails (4) or it reads as dead (1), within the timeout, never a hang.
+    peer = peer_factory("xdead")
+    assert a.connect(peer.endpoint) == peer.name
+    os.kill(peer.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    rounds, res = a.exchange_round([peer.name], 5, b"v", 10.0, expect=b"v")
+    assert rounds == 1 and res[0][0] in (1, 4) and isinstance(res[0][1], str)
+    assert time.monotonic() - t0 < 3.0
+    with pytest.raises(ValueError, match="dests"):
+        a.exchange_round(["xb", "xc"], 6, b"v", 1.0, dests=[1], dest_len=4)
+    with pytest.raises(ValueError, match="addr"):
+        a.exchange_round(["xb"], 6, b"v", 1.0, length=4)
+    with pytest.raises(ValueError, match="second_min_timeout"):
+        a.exchange_round(["xb"], 6, b"v", 1.0, second=b"v", second_min_timeout=-1)

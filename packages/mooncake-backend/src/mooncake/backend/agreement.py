@@ -18,7 +18,8 @@ back in one (``Mailbox.round``); rounds end at the op deadline (plus a grace) at
 each round either decides or hears from fewer peers, so there are at most n rounds.
 
 Cost without failures: one round of n-1 small messages plus the n-1 DECIDED messages, which the
-next op's readers drop natively as stale.
+next op's readers drop natively as stale; the round, the comparison with this rank's own vote and
+the DECIDED are one native call (``Mailbox.exchange``).
 """
 
 from __future__ import annotations
@@ -103,17 +104,25 @@ def agree(x: Exchange, grace: float) -> tuple[set[int], set[int]]:
     decided: Optional[tuple[int, int]] = None
     while decided is None:
         msg = wire.pack_agree(wire.AGREE, x.seq, x.attempt, x.sig, rnd, excluded, errors)
-        excluded |= _send_all(x, alive, msg, "agree_send")
-        readers = [p for p in alive if not excluded >> p & 1]
-        if rnd == 0 and not excluded and not errors:
+        if rnd == 0 and not excluded and not errors and not faults.armed("agree_send"):
             # The common case: every peer's round-0 vote is byte-identical to this rank's own
             # (same attempt, nothing excluded, no mismatch): decided without parsing anything.
-            votes = _clean_votes(x, readers, msg, deadline)
-            if votes is None:
-                decided = (0, 0)
-                rnd = 1
-                break
+            names = [x.names[p] for p in alive]
+            if x.voted is not None or not x.mailbox.has_back(names, x.tag):
+                readers, votes = _round0(x, alive, names, msg, deadline)
+                if readers is None:
+                    return set(), set()  # decided; the DECIDED went out in the same call
+                excluded |= wire.mask_of(set(alive) - set(readers))
+            else:
+                readers = alive
+                votes = _clean_votes(x, readers, msg, deadline)
+                if votes is None:
+                    decided = (0, 0)
+                    rnd = 1
+                    break
         else:
+            excluded |= _send_all(x, alive, msg, "agree_send")
+            readers = [p for p in alive if not excluded >> p & 1]
             votes = _votes(x, readers, deadline) if readers else []
         heard = set()
         for p, vote in zip(readers, votes):
@@ -137,6 +146,39 @@ def agree(x: Exchange, grace: float) -> tuple[set[int], set[int]]:
     if x.peers:
         _send_all(x, x.peers, final, None)
     return wire.ranks_of(excluded), wire.ranks_of(errors)
+
+
+_MINE0: Vote = (wire.AGREE, 0, 0, 0)  # a round-0 vote byte-equal to a clean rank's own
+
+
+def _round0(
+    x: Exchange, alive: list[int], names: list[str], mine: bytes, deadline: float
+) -> tuple[Optional[list[int]], list[Optional[Vote]]]:
+    """Round 0 of a clean rank in one native call: send ``mine``, read every peer's vote, and
+    when all equal ``mine`` send the round's DECIDED too (or take that call's results from
+    ``x.voted`` when the data phase's last round already ran it). Returns (None, []) when all
+    were clean; else the peers that were reached and their votes (None: dead or silent) for
+    the general rule."""
+    res = x.voted
+    if res is None:
+        final = wire.pack_agree(wire.DECIDED, x.seq, x.attempt, x.sig, 1, 0, 0)
+        _, res = x.mailbox.exchange(
+            names, x.tag, mine, deadline - time.monotonic(), x._key, expect=mine, then=final
+        )
+    readers: list[int] = []
+    votes: list[Optional[Vote]] = []
+    clean = True
+    for p, (status, msg) in zip(alive, res):
+        if status == 3:
+            readers.append(p)
+            votes.append(_MINE0)
+            continue
+        clean = False
+        if status == 4:
+            continue  # not reached: excluded by the caller
+        readers.append(p)
+        votes.append(_vote_of(x, p, msg, deadline) if status == 0 else None)
+    return (None, []) if clean else (readers, votes)
 
 
 def _clean_votes(

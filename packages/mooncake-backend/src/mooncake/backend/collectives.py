@@ -25,14 +25,16 @@ Commit = Callable[[], None]
 SMALL_ALLREDUCE_BYTES = 64 * 1024
 
 
-def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
+def allreduce(x: Exchange, t: torch.Tensor, op: str, last: bool = False) -> Commit:
+    """``last``: this call is the op's only communication (not one tensor of a coalesced op),
+    so a small one may run the agreement's first round in its native call (``Exchange.exchange``)."""
     flat = _flat(t)
     nbytes = flat.numel() * flat.element_size()
     members = x.members
     if len(members) == 1:
         return no_commit  # the reduction over one contributor is its own input (AVG too)
     if nbytes <= SMALL_ALLREDUCE_BYTES or flat.numel() < len(members):
-        return _allreduce_direct(x, flat, op)
+        return _allreduce_direct(x, flat, op, last)
     if bulk.ALLREDUCE_MIN_BYTES and nbytes >= bulk.ALLREDUCE_MIN_BYTES:
         c = bulk.allreduce(x, flat, op)  # shared-memory arenas (bulk.py)
         if c is not None:
@@ -40,11 +42,10 @@ def allreduce(x: Exchange, t: torch.Tensor, op: str) -> Commit:
     return _allreduce_rs_ag(x, flat, op)
 
 
-def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
+def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str, last: bool) -> Commit:
     peers = x.peers
-    x.send_many(peers, 0, flat)
-    rows, result = x.scratch.small(x.scratch_scope(), flat, peers)
-    got = x.recv_each(peers, 0, lambda src, n: rows[src])
+    rows, result, addrs = x.scratch.small(x.scratch_scope(), flat, peers)
+    got = x.exchange(peers, 0, flat, addrs, lambda src, n: rows[src], last)
     if len(got) != len(peers):
         return no_commit
     me = x.me
@@ -180,7 +181,7 @@ def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], 
         x.send(p, 0, _flat(ins[p]))
     scope = x.scratch_scope()
     if tensor_bytes(flat) <= SMALL_ALLREDUCE_BYTES:
-        bufs, result = x.scratch.small(scope, flat, peers)
+        bufs, result, _ = x.scratch.small(scope, flat, peers)
     else:
         bufs = {
             p: x.scratch.get(f"{scope}{i}", flat.numel(), flat.dtype) for i, p in enumerate(peers)

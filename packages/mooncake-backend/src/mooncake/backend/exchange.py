@@ -54,6 +54,7 @@ class Exchange:
         "bytes_sent",
         "deadline",
         "failed",
+        "grace",
         "mailbox",
         "me",
         "members",
@@ -64,6 +65,7 @@ class Exchange:
         "seq",
         "sig",
         "tag",
+        "voted",
     )
 
     def __init__(
@@ -97,6 +99,10 @@ class Exchange:
         self._regs: dict[tuple[int, int], tuple[object, bytes, torch.Tensor]] = {}
         self.scratch: ScratchPool = _NO_POOL
         self._scopes = 0
+        self.grace = 0.0  # the agreement's minimum wait (the group's grace), see ``exchange``
+        # Round 0 of the agreement when ``exchange(..., last=True)`` already ran it: the native
+        # per-peer results of the votes (see ``agreement._round0``); None otherwise.
+        self.voted: Optional[list] = None
 
     def scratch_scope(self) -> str:
         """A fresh name prefix for scratch buffers: one per algorithm call within this op, so
@@ -292,7 +298,84 @@ class Exchange:
                 elif not self._take(name, pending[name], msg, phase, sink, raw, got):
                     retry.append(name)
             pending = {n: pending[n] for n in retry}
-        while pending:  # pushed-back messages, or a source whose message was not the data
+        if pending:
+            self._drain(pending, phase, sink, raw, got)
+        return got
+
+    def exchange(
+        self,
+        peers: list[int],
+        phase: int,
+        t: torch.Tensor,
+        dests: list[int],
+        sink: DataSink,
+        last: bool = False,
+    ) -> set[int]:
+        """``send_many(peers, phase, t)`` then ``recv_each(peers, phase, sink)``, as one native
+        round when nothing needs the step-by-step path (a pull-sized payload, an armed fault
+        point, pushed-back messages, a peer already failed): payloads that match this rank's own
+        header land at ``dests`` (one address per peer, ``t``'s size each, where ``sink`` puts
+        them too). Returns the set of sources whose payload arrived.
+
+        ``last``: this is the algorithm's last message round and ``peers`` are all the attempt's
+        peers. When every payload landed, the same native call then runs the agreement's round
+        0 (this rank's clean vote; ``voted`` keeps the peers' votes for ``agree``) and, when
+        every vote is clean too, sends the DECIDED."""
+        size = t.numel() * t.element_size()
+        names, failed, mailbox = self.names, self.failed, self.mailbox
+        targets = [names[p] for p in peers]
+        if (
+            size >= wire.PULL_MIN
+            or failed
+            or faults.armed("data_send")
+            or faults.armed("data_recv")
+            or mailbox.has_back(targets, self.tag)
+        ):
+            self.send_many(peers, phase, t)
+            return self.recv_each(peers, phase, sink)
+        head = _pack(self.seq, self.attempt, wire.DATA_INLINE, phase, self.sig, size)
+        vote = final = b""
+        if last and self.mismatch is None and not faults.armed("agree_send"):
+            vote = wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0)
+            final = wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0)
+        rounds, res = mailbox.exchange(
+            targets, self.tag, head, self.deadline - time.monotonic(), self._key,
+            addr=t.data_ptr(), length=size, expect=head, dests=dests, dest_len=size,
+            second=vote, second_min_timeout=self.grace, then=final,
+        )  # fmt: skip
+        if rounds == 2:  # every payload landed; res holds the votes
+            self.bytes_sent += size * len(peers)
+            self.voted = res
+            return set(peers)
+        got: set[int] = set()
+        pending: dict[str, int] = {}
+        reached = 0
+        for p, name, (status, msg) in zip(peers, targets, res):
+            if status == 3:
+                got.add(p)
+            elif status == 0:
+                if not self._take(name, p, msg, phase, sink, None, got):
+                    pending[name] = p
+            else:
+                failed.add(p)
+            reached += status != 4
+        self.bytes_sent += size * reached
+        if pending:
+            self._drain(pending, phase, sink, None, got)
+        return got
+
+    def _drain(
+        self,
+        pending: dict[str, int],
+        phase: int,
+        sink: Optional[DataSink],
+        raw: Optional[Callable[[int, Message], bool]],
+        got: set[int],
+    ) -> None:
+        """Receive from ``pending`` (name -> source) one message at a time (pushed-back messages,
+        or sources whose first message was not the data)."""
+        failed, mailbox = self.failed, self.mailbox
+        while pending:
             waiting = list(pending)
             try:
                 res1 = mailbox.recv_any_note(waiting, self.tag, self.remaining())
@@ -305,7 +388,6 @@ class Exchange:
             name, msg = res1
             if self._take(name, pending[name], msg, phase, sink, raw, got):
                 del pending[name]
-        return got
 
     def _take(
         self,
@@ -367,16 +449,22 @@ class ScratchPool:
 
     def small(
         self, name: str, like: torch.Tensor, peers: list[int]
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """One landing row per peer plus a result row shaped like ``like`` (flat), reused
-        across ops with the same name, shape, dtype and peers (small ops: no allocation)."""
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor, list[int]]:
+        """One landing row per peer, a result row shaped like ``like`` (flat) and the rows'
+        addresses in ``peers`` order, reused across ops with the same name, shape, dtype and
+        peers (small ops: no allocation)."""
         key = (name, like.dtype, like.numel(), tuple(peers))
         got = self._small.get(key)
         if got is None:
             if len(self._small) > 256:
                 self._small.clear()
             space = torch.empty((len(peers) + 1, like.numel()), dtype=like.dtype)
-            got = self._small[key] = (dict(zip(peers, space)), space[len(peers)])
+            rows = list(space[: len(peers)])
+            got = self._small[key] = (
+                dict(zip(peers, rows)),
+                space[len(peers)],
+                [r.data_ptr() for r in rows],
+            )
         return got
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -133,6 +133,35 @@ class Mailbox:
             peers, tag, None if timeout is None else max(0.0, timeout), 0, key
         )
 
+    def exchange(
+        self,
+        peers: list[str],
+        tag: int,
+        head: bytes,
+        timeout: Optional[float],
+        key: bytes,
+        *,
+        addr: int = 0,
+        length: int = 0,
+        expect: bytes = b"",
+        dests: Any = (),
+        dest_len: int = 0,
+        then: bytes = b"",
+        second: bytes = b"",
+        second_min_timeout: float = 0.0,
+    ) -> tuple[int, list[tuple[int, Any]]]:
+        """Whole rounds in one native call (``TransferEngine.exchange_round``): ``head`` +
+        ``length`` bytes at ``addr`` to every peer, then one message from each (stale ones
+        dropped by ``key``); messages equal to ``expect`` + ``dest_len`` bytes land at ``dests``;
+        when all landed, a ``second`` round (if given), then ``then``. Returns (rounds run, per
+        peer of the last: (3, None) landed | (0, notification) | (1, dead) | (2, timed out) |
+        (4, the send failed)). Callers check ``has_back`` first."""
+        return self.engine.exchange_round(
+            peers, tag, head, None if timeout is None else max(0.0, timeout),
+            addr=addr, length=length, key=key, expect=expect, dests=dests, dest_len=dest_len,
+            then=then, second=second, second_min_timeout=second_min_timeout,
+        )  # fmt: skip
+
     def forget(self, peer: str) -> None:
         for key in [k for k in self._back if k[0] == peer]:
             self._nback -= len(self._back.pop(key))

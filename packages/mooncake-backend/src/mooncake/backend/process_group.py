@@ -206,6 +206,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 sig,
             )
             x.scratch = self._scratch
+            x.grace = self._grace
             try:
                 commit = body(x)
                 if len(members) > 1:
@@ -294,7 +295,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self.run_op(
                 "allreduce",
                 (op, ((t.dtype, t.numel()),)),
-                lambda x: algo.allreduce(x, t, op),
+                lambda x: algo.allreduce(x, t, op, True),
             )
             return _done(tensors)
         _check_tensors("tensors", tensors, self._device_type)
@@ -303,7 +304,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         sig = (op, tuple((t.dtype, t.numel()) for t in tensors))
 
         def body(x, ins, outs):
-            commits = [algo.allreduce(x, t, op) for t in outs]
+            last = len(outs) == 1
+            commits = [algo.allreduce(x, t, op, last) for t in outs]
             return lambda: [c() for c in commits]
 
         return self._staged("allreduce", sig, [], tensors, body, tensors)

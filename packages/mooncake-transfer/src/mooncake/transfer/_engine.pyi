@@ -107,6 +107,23 @@ class Engine:
     def recv_round(
         self, peers: list[str], tag: int, timeout: Optional[float], key_offset: int, key: bytes
     ) -> list[tuple[int, Any]]: ...
+    def exchange_round(
+        self,
+        peers: list[str],
+        tag: int,
+        data: Any,
+        addr: int,
+        length: int,
+        timeout: Optional[float],
+        key_offset: int,
+        key: bytes,
+        expect: bytes,
+        dests: list[int],
+        dest_len: int,
+        then: bytes,
+        second: bytes,
+        second_min_timeout: float,
+    ) -> tuple[int, list[tuple[int, Any]]]: ...
     def recv_notify(
         self, peer: Optional[str], tag: Optional[int], timeout: Optional[float]
     ) -> Optional[Notification]: ...

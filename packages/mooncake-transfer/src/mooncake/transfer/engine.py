@@ -422,6 +422,46 @@ class TransferEngine:
         queued, or (2, None) when the timeout passed first."""
         return self._core.recv_round(list(peers), tag, timeout, key_offset, key)
 
+    def exchange_round(
+        self,
+        peers: Sequence[str],
+        tag: int,
+        data: Any,
+        timeout: Optional[float],
+        *,
+        addr: int = 0,
+        length: int = 0,
+        key_offset: int = 0,
+        key: bytes = b"",
+        expect: bytes = b"",
+        dests: Sequence[int] = (),
+        dest_len: int = 0,
+        then: bytes = b"",
+        second: bytes = b"",
+        second_min_timeout: float = 0.0,
+    ) -> tuple[int, list[tuple[int, Any]]]:
+        """One or two message rounds in one call, the GIL released throughout.
+
+        Round 1 sends `data` (followed by `length` bytes at `addr`) to every peer as
+        `notify_many` does, then takes one message from each peer that was reached as
+        `recv_round` does. A message that is exactly `expect` followed by `dest_len` bytes
+        *lands*: those bytes are copied to `dests[i]` (raw memory, one address per peer) and
+        nothing is returned for it. Round 2 runs only when every message of round 1 landed and
+        `second` is not empty: `second` is sent to every peer and a peer's message lands when it
+        equals `second`; it waits until `timeout` (counted from the call) or at least
+        `second_min_timeout` seconds. When every message of the last round run landed and `then`
+        is not empty, `then` is sent to every peer (failures ignored).
+
+        Returns (rounds run, per peer of the last round, in order): (3, None) landed,
+        (0, Notification) any other message, (1, reason) dead with nothing queued, (2, None)
+        timed out, (4, reason) the send failed (nothing was received from it)."""
+        if isinstance(data, str):
+            raise TypeError("data must be bytes-like, got str (encode it first)")
+        return self._core.exchange_round(
+            list(peers), tag, data, addr, length, timeout, key_offset, key, expect,
+            list(dests), dest_len, then, second, second_min_timeout,
+        )  # fmt: skip
+
     def recv_notify(
         self, peer: Optional[str] = None, tag: Optional[int] = None, timeout: Optional[float] = None
     ) -> Optional[Notification]:
