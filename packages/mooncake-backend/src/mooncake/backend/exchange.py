@@ -101,7 +101,8 @@ class Exchange:
         self._scopes = 0
         self.grace = 0.0  # the agreement's minimum wait (the group's grace), see ``exchange``
         # Round 0 of the agreement when ``exchange(..., last=True)`` already ran it: the native
-        # per-peer results of the votes (see ``agreement._round0``); None otherwise.
+        # per-peer results of the votes (see ``agreement._round0``), or () when every vote was
+        # clean (decided, the DECIDED sent); None otherwise.
         self.voted: Optional[list] = None
 
     def scratch_scope(self) -> str:
@@ -345,7 +346,7 @@ class Exchange:
         )  # fmt: skip
         if rounds == 2:  # every payload landed; res holds the votes
             self.bytes_sent += size * len(peers)
-            self.voted = res
+            self.voted = () if all(status == 3 for status, _ in res) else res
             return set(peers)
         got: set[int] = set()
         pending: dict[str, int] = {}
