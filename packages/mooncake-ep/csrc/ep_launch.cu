@@ -1,6 +1,6 @@
 // Kernel instantiations and launchers: which compiled variant serves a call, the launch shape
 // and the cooperative launch (every block resident: blocks spin on arrival counters that every block
-// of the same grid, this rank's own included, must bump).
+// of the same grid, this rank's own included, must bump), through the driver API where it resolves.
 #include <cuda_runtime.h>
 
 #include "combine.cuh"
@@ -24,6 +24,10 @@ using CombineFn = void (*)(CombineParams, Tp);
 // DeepEP's hidden sizes get a variant with H known at compile time; any other H % 128 == 0
 // runs the generic one (same code, H read at run time).
 #define MOONCAKE_EP_HIDDEN_CASES(X) X(2048) X(2560) X(3072) X(4096) X(5120) X(6144) X(7168) X(8192)
+
+// hidden_case() numbering: 0 generic, then the compiled sizes in order.
+enum HiddenCase { kCaseGeneric, kCase2048, kCase2560, kCase3072, kCase4096, kCase5120, kCase6144, kCase7168, kCase8192 };
+constexpr int kCaseHidden[kHiddenCases] = {0, 2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192};
 
 template <class Tp>
 DispatchFn<Tp> pick_dispatch(int hidden) {
@@ -60,19 +64,40 @@ CombineFn<P2PStagedTransport> pick_combine<P2PStagedTransport>(int) {
   return combine_kernel<P2PStagedTransport, 0>;
 }
 
-template <class Fn, class... Args>
-cudaError_t launch_cooperative(Fn fn, const LaunchShape& shape, cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(shape.blocks);
-  cfg.blockDim = dim3(shape.threads);
-  cfg.dynamicSmemBytes = shape.smem_bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = shape.cooperative ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, fn, args...);
+// Calibration kernels (mep_bench_launch): what a launch costs with no work and with the dispatch
+// kernel's parameter block.
+__global__ void empty_kernel() {}
+__global__ void empty_params_kernel(const DispatchParams, const P2PTransport) {}
+
+// Launches pass the transport by address: the staged transport adds no member.
+static_assert(sizeof(P2PStagedTransport) == sizeof(P2PTransport), "transports must share one layout");
+
+template <class T>
+T entry_point(const char* name) {
+#if CUDART_VERSION < 12050
+  (void)name;
+  return nullptr;  // no versioned entry-point query in this toolkit: runtime launches
+#else
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &status) != cudaSuccess ||
+      status != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return reinterpret_cast<T>(fn);
+#endif
+}
+
+DriverApi load_driver_api() {
+  DriverApi d;
+  d.launch_kernel_ex = entry_point<decltype(d.launch_kernel_ex)>("cuLaunchKernelEx");
+  d.ctx_get_current = entry_point<decltype(d.ctx_get_current)>("cuCtxGetCurrent");
+  d.ctx_set_current = entry_point<decltype(d.ctx_set_current)>("cuCtxSetCurrent");
+  d.stream_is_capturing = entry_point<decltype(d.stream_is_capturing)>("cuStreamIsCapturing");
+  d.get_error_name = entry_point<decltype(d.get_error_name)>("cuGetErrorName");
+  d.ok = d.launch_kernel_ex && d.ctx_get_current && d.ctx_set_current && d.stream_is_capturing && d.get_error_name;
+  return d;
 }
 
 template <class Fn>
@@ -85,8 +110,7 @@ cudaError_t prepare(Fn fn, int max_smem) {
 
 template <class Tp>
 cudaError_t prepare_transport(int max_smem) {
-  const int hiddens[] = {0, 2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192};
-  for (int h : hiddens) {
+  for (int h : kCaseHidden) {
     cudaError_t err = prepare(pick_dispatch<Tp>(h), max_smem);
     if (err != cudaSuccess) return err;
     err = prepare(pick_combine<Tp>(h), max_smem);
@@ -128,25 +152,77 @@ uint64_t combine_smem_bytes(const CombineParams& p, const LaunchShape&) {
 cudaError_t prepare_kernels(int max_smem) {
   cudaError_t err = prepare_transport<P2PTransport>(max_smem);
   if (err != cudaSuccess) return err;
-  return prepare_transport<P2PStagedTransport>(max_smem);
+  err = prepare_transport<P2PStagedTransport>(max_smem);
+  if (err != cudaSuccess) return err;
+  cudaFuncAttributes attrs;
+  err = cudaFuncGetAttributes(&attrs, empty_kernel);
+  if (err != cudaSuccess) return err;
+  return prepare(empty_params_kernel, max_smem);
 }
 
-cudaError_t launch_dispatch(const DispatchParams& p, const P2PTransport& tp, TransportKind kind,
-                            const LaunchShape& shape, cudaStream_t stream) {
-  if (kind == TransportKind::kP2PStaged) {
-    const P2PStagedTransport staged{{tp.peer_base, tp.rank, tp.num_ranks}};
-    return launch_cooperative(pick_dispatch<P2PStagedTransport>(p.H), shape, stream, p, staged);
+int hidden_case(int hidden) {
+  switch (hidden) {
+#define X(h) \
+  case h:    \
+    return kCase##h;
+    MOONCAKE_EP_HIDDEN_CASES(X)
+#undef X
+    default:
+      return 0;
   }
-  return launch_cooperative(pick_dispatch<P2PTransport>(p.H), shape, stream, p, tp);
 }
 
-cudaError_t launch_combine(const CombineParams& p, const P2PTransport& tp, TransportKind kind,
-                           const LaunchShape& shape, cudaStream_t stream) {
-  if (kind == TransportKind::kP2PStaged) {
-    const P2PStagedTransport staged{{tp.peer_base, tp.rank, tp.num_ranks}};
-    return launch_cooperative(pick_combine<P2PStagedTransport>(p.H), shape, stream, p, staged);
+const void* dispatch_symbol(TransportKind kind, int hcase) {
+  const int h = kCaseHidden[hcase];
+  if (kind == TransportKind::kP2PStaged) return reinterpret_cast<const void*>(pick_dispatch<P2PStagedTransport>(h));
+  return reinterpret_cast<const void*>(pick_dispatch<P2PTransport>(h));
+}
+
+const void* combine_symbol(TransportKind kind, int hcase) {
+  const int h = kCaseHidden[hcase];
+  if (kind == TransportKind::kP2PStaged) return reinterpret_cast<const void*>(pick_combine<P2PStagedTransport>(h));
+  return reinterpret_cast<const void*>(pick_combine<P2PTransport>(h));
+}
+
+const void* empty_symbol(bool with_params) {
+  return with_params ? reinterpret_cast<const void*>(empty_params_kernel) : reinterpret_cast<const void*>(empty_kernel);
+}
+
+const DriverApi& driver_api() {
+  static const DriverApi api = load_driver_api();
+  return api;
+}
+
+int launch_kernel(const void* symbol, CUfunction fn, const LaunchShape& shape, cudaStream_t stream, void** args,
+                  const char** what) {
+  if (fn != nullptr) {
+    CUlaunchAttribute attr[1] = {};
+    attr[0].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attr[0].value.cooperative = 1;
+    CUlaunchConfig cfg = {};
+    cfg.gridDimX = shape.blocks;
+    cfg.gridDimY = cfg.gridDimZ = 1;
+    cfg.blockDimX = shape.threads;
+    cfg.blockDimY = cfg.blockDimZ = 1;
+    cfg.sharedMemBytes = static_cast<unsigned>(shape.smem_bytes);
+    cfg.hStream = reinterpret_cast<CUstream>(stream);
+    cfg.attrs = attr;
+    cfg.numAttrs = shape.cooperative ? 1 : 0;
+    *what = "cuLaunchKernelEx";
+    return static_cast<int>(driver_api().launch_kernel_ex(&cfg, fn, args, nullptr));
   }
-  return launch_cooperative(pick_combine<P2PTransport>(p.H), shape, stream, p, tp);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(shape.blocks);
+  cfg.blockDim = dim3(shape.threads);
+  cfg.dynamicSmemBytes = shape.smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = shape.cooperative ? 1 : 0;
+  *what = "cudaLaunchKernelExC";
+  return static_cast<int>(cudaLaunchKernelExC(&cfg, symbol, args));
 }
 
 }  // namespace ep

@@ -1,6 +1,13 @@
 // Host-side launchers of the EP kernels (torch-free).
+//
+// A launch goes through the driver API (cuLaunchKernelEx on a CUfunction resolved once per
+// context and kernel variant) when the driver's entry points resolve, else through the runtime
+// (cudaLaunchKernelExC, which looks the kernel up on every call). The library links the CUDA
+// runtime statically and reaches the driver only through cudaGetDriverEntryPointByVersion, so it
+// needs no libcuda at link time.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -12,6 +19,9 @@ namespace mooncake {
 namespace ep {
 
 enum class TransportKind : int { kP2P = 0, kP2PStaged = 1 };
+constexpr int kTransportKinds = 2;
+// Compiled hidden sizes (DeepEP's) plus the generic variant (case 0, H read at run time).
+constexpr int kHiddenCases = 9;
 
 struct LaunchShape {
   int blocks;
@@ -25,10 +35,32 @@ LaunchShape launch_shape(int hidden, int num_sms);
 uint64_t dispatch_smem_bytes(const DispatchParams& p, const LaunchShape& s);
 uint64_t combine_smem_bytes(const CombineParams& p, const LaunchShape& s);
 cudaError_t prepare_kernels(int max_smem);
-cudaError_t launch_dispatch(const DispatchParams& p, const mooncake::device::P2PTransport& tp, TransportKind kind,
-                            const LaunchShape& shape, cudaStream_t stream);
-cudaError_t launch_combine(const CombineParams& p, const mooncake::device::P2PTransport& tp, TransportKind kind,
-                           const LaunchShape& shape, cudaStream_t stream);
+
+// Kernel variants: hidden_case(H) in [0, kHiddenCases) picks the compiled variant of H (0: the
+// generic one); the symbols are the host stubs the runtime knows the kernels by.
+int hidden_case(int hidden);
+const void* dispatch_symbol(TransportKind kind, int hcase);
+const void* combine_symbol(TransportKind kind, int hcase);
+// Calibration kernels (benchmarks): an empty kernel with no parameters, and one taking the
+// dispatch kernel's parameters.
+const void* empty_symbol(bool with_params);
+
+// Driver entry points used on the launch path (all null when they do not resolve).
+struct DriverApi {
+  CUresult (*launch_kernel_ex)(const CUlaunchConfig*, CUfunction, void**, void**) = nullptr;
+  CUresult (*ctx_get_current)(CUcontext*) = nullptr;
+  CUresult (*ctx_set_current)(CUcontext) = nullptr;
+  CUresult (*stream_is_capturing)(CUstream, CUstreamCaptureStatus*) = nullptr;
+  CUresult (*get_error_name)(CUresult, const char**) = nullptr;
+  bool ok = false;
+};
+const DriverApi& driver_api();  // resolved once (thread-safe)
+
+// One launch of `symbol` (runtime) or `fn` (driver, when non-null) with the kernel's arguments.
+// Returns 0 or an error code (a cudaError_t for runtime launches, a CUresult for driver ones);
+// `*what` names the API that failed.
+int launch_kernel(const void* symbol, CUfunction fn, const LaunchShape& shape, cudaStream_t stream, void** args,
+                  const char** what);
 
 }  // namespace ep
 }  // namespace mooncake

@@ -61,17 +61,16 @@ def _glue_path() -> Any:
     path = fast_path.CudaP2PPath.__new__(fast_path.CudaP2PPath)
     path.__dict__.update(
         rank=0, num_ranks=R, device=DEV, _device_index=-1, grid=132, num_ops=0, _lib=None,
-        _ctx=1, _nbytes=ep_buffer_size_hint(T, H, R, E), _transport=0, reason="benchmark",
+        _ctx=1, _ctx_arg=ctypes.c_void_p(1), _nbytes=ep_buffer_size_hint(T, H, R, E),
+        _transport=0, reason="benchmark",
         _buffer=torch.empty(16, dtype=torch.uint8, device=DEV), _layouts={},
-        _dargs=(ctypes.c_int64 * fast_path._D_ARGS)(),
-        _cargs=(ctypes.c_int64 * fast_path._C_ARGS)(),
-        _dispatch_fn=lambda ctx, args, n: 0, _combine_fn=lambda ctx, args, n: 0,
+        _dispatch_fn=lambda ctx, args: 0, _combine_fn=lambda ctx, args: 0,
         _comm_stream=None, _reuse_outputs=True, _outputs={}, _dispatch_entries={},
         _combine_argvs={}, _out_views={}, _slot_rows=weakref.WeakValueDictionary(),
+        _own_src_info={},
     )  # fmt: skip
     path.destroy = lambda: None  # the benchmark's Buffers must not tear it down
     path._check_device = lambda name, t: None  # meta tensors stand in for this GPU's
-    path._slot_rows_ptr = lambda info, num_local, rows: info.data_ptr()  # meta has no storage
     return path
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .event import EventOverlap
 from .layout import ep_buffer_size_hint
 from .limits import (
+    MAX_TIMEOUT_US,
     Limit,
     check_bool,
     check_experts,
@@ -40,6 +41,10 @@ _MAX_SIGNATURES = 1024  # N may differ per call: one entry per N seen
 
 DispatchResult = tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]
 CombineResult = tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]
+# What a validated signature maps to: (whether the expert ids still need a per-call value check,
+# the op specialised on the signature: dispatch(x, topk_idx, active_ranks, timeout_us, stats),
+# combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, out)).
+Validated = tuple[bool, Callable[..., Any]]
 
 
 class Buffer:
@@ -74,6 +79,9 @@ class Buffer:
         if num_ep_buffer_bytes < 0:
             raise ValueError(f"num_ep_buffer_bytes={num_ep_buffer_bytes} must be >= 0")
         self._path: Optional[EPPath] = None
+        # signature -> Validated
+        self._dispatch_ok: dict[tuple, Validated] = {}
+        self._combine_ok: dict[tuple, Validated] = {}
         self.group = group
         self.rank = group.rank()
         self.num_ranks = group.size()
@@ -86,9 +94,6 @@ class Buffer:
             local.destroy()
             raise
         self.num_ops = 0
-        # signature -> whether the expert ids still need a per-call value check (CPU tensors)
-        self._dispatch_ok: dict[tuple, bool] = {}
-        self._combine_ok: dict[tuple, bool] = {}
         logger.info("rank %d: EP path %s (%s)", self.rank, self._path.name, self._path.reason)
 
     # ------------------------------------------------------------------ introspection
@@ -157,17 +162,59 @@ class Buffer:
         reject(op, exc, hint, timeout_us)
 
     @staticmethod
-    def _remember_valid(cache: dict[tuple, bool], key: Optional[tuple], x: Any) -> bool:
-        """After a full validation: whether the expert ids still need a per-call value check,
-        remembered under the argument signature ``key`` (None: not cacheable)."""
+    def _remember_valid(
+        cache: dict[tuple, Validated], key: Optional[tuple], x: Any, run: Callable[..., Any]
+    ) -> Validated:
+        """After a full validation: (whether the expert ids still need a per-call value check,
+        ``run``), remembered under the argument signature ``key`` (None: not cacheable)."""
         # Expert ids are checked per call where that is free (on the host); the portable path
         # checks CUDA inputs itself, the fast path ignores ids outside [0, E).
-        check_values = x.device.type == "cpu"
+        validated = (x.device.type == "cpu", run)
         if key is not None:
             if len(cache) >= _MAX_SIGNATURES:
                 cache.clear()
-            cache[key] = check_values
-        return check_values
+            cache[key] = validated
+        return validated
+
+    @staticmethod
+    def _dispatch_runner(path: Any, *signature: Any) -> Callable[..., DispatchResult]:
+        """The path's dispatch specialised on a validated signature ``(x, topk_idx, active_ranks,
+        T, E, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, stats)`` (the
+        tensors are only looked at): the path's ``dispatch_runner`` where it has one, else its
+        ``dispatch`` with the signature's scalars bound."""
+        make = getattr(path, "dispatch_runner", None)
+        if make is not None:
+            return make(*signature)  # type: ignore[no-any-return]
+        _, _, _, T, E, use_fp8, round_scale, use_ue8m0, async_finish, hook, _ = signature
+        dispatch = path.dispatch
+
+        def run(x: Any, topk_idx: Any, active_ranks: Any, timeout_us: int, stats: Any) -> Any:
+            return dispatch(
+                x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
+                async_finish, hook, stats,
+            )  # fmt: skip
+
+        return run
+
+    @staticmethod
+    def _combine_runner(path: Any, *signature: Any) -> Callable[..., CombineResult]:
+        """As ``_dispatch_runner``, for ``(x, topk_idx, topk_weights, active_ranks, handle,
+        zero_copy, async_finish, return_recv_hook, out)``."""
+        make = getattr(path, "combine_runner", None)
+        if make is not None:
+            return make(*signature)  # type: ignore[no-any-return]
+        _, _, _, _, _, zero_copy, async_finish, hook, _ = signature
+        combine = path.combine
+
+        def run(
+            x: Any, topk_idx: Any, weights: Any, active: Any, timeout_us: int, handle: Any, out: Any
+        ) -> Any:
+            return combine(
+                x, topk_idx, weights, active, timeout_us, handle, zero_copy, async_finish, hook,
+                out,
+            )  # fmt: skip
+
+        return run
 
     def _validate_dispatch(
         self,
@@ -368,37 +415,32 @@ class Buffer:
                     stats.__class__, stats.dtype, stats.shape, stats.device, stats.is_contiguous()
                 ),
             )  # fmt: skip
-            check_values = self._dispatch_ok.get(key)  # type: ignore[arg-type]
+            valid = self._dispatch_ok.get(key)  # type: ignore[arg-type]
         except Exception:
-            key, check_values = None, None
+            key, valid = None, None
         try:
-            if check_values is None or timeout_us.__class__ is not int or timeout_us < -1:
+            if (
+                valid is None
+                or timeout_us.__class__ is not int
+                or not -1 <= timeout_us <= MAX_TIMEOUT_US
+            ):
                 self._validate_dispatch(
                     x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
                     async_finish, return_recv_hook, stats,
                 )  # fmt: skip
-                check_values = self._remember_valid(self._dispatch_ok, key, x)
-            if check_values:
+                run = self._dispatch_runner(
+                    path, x, topk_idx, active_ranks, T, E, use_fp8, round_scale, use_ue8m0,
+                    async_finish, return_recv_hook, stats,
+                )  # fmt: skip
+                valid = self._remember_valid(self._dispatch_ok, key, x, run)
+            if valid[0]:
                 check_topk_values(topk_idx, E)
         except (TypeError, ValueError) as exc:
             self._reject("dispatch", exc, x, active_ranks, timeout_us)
             raise
-        result = path.dispatch(
-            x,
-            topk_idx,
-            active_ranks,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            timeout_us,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            async_finish,
-            return_recv_hook,
-            stats,
-        )
+        result = valid[1](x, topk_idx, active_ranks, timeout_us, stats)
         self.num_ops += 1
-        return result
+        return result  # type: ignore[no-any-return]
 
     def combine(
         self,
@@ -462,35 +504,32 @@ class Buffer:
                     out.__class__, out.dtype, out.shape, out.device, out.is_contiguous()
                 ),
             )  # fmt: skip
-            check_values = self._combine_ok.get(key)  # type: ignore[arg-type]
+            valid = self._combine_ok.get(key)  # type: ignore[arg-type]
         except Exception:
-            key, check_values = None, None
+            key, valid = None, None
         try:
-            if check_values is None or timeout_us.__class__ is not int or timeout_us < -1:
+            if (
+                valid is None
+                or timeout_us.__class__ is not int
+                or not -1 <= timeout_us <= MAX_TIMEOUT_US
+            ):
                 self._validate_combine(
                     x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
                     async_finish, return_recv_hook, out,
                 )  # fmt: skip
-                check_values = self._remember_valid(self._combine_ok, key, x)
-            if check_values:
+                run = self._combine_runner(
+                    path, x, topk_idx, topk_weights, active_ranks, handle, zero_copy,
+                    async_finish, return_recv_hook, out,
+                )  # fmt: skip
+                valid = self._remember_valid(self._combine_ok, key, x, run)
+            if valid[0]:
                 check_topk_values(topk_idx, handle[4])
         except (TypeError, ValueError) as exc:
             self._reject("combine", exc, x, active_ranks, timeout_us)
             raise
-        result = path.combine(
-            x,
-            topk_idx,
-            topk_weights,
-            active_ranks,
-            timeout_us,
-            handle,
-            zero_copy,
-            async_finish,
-            return_recv_hook,
-            out,
-        )
+        result = valid[1](x, topk_idx, topk_weights, active_ranks, timeout_us, handle, out)
         self.num_ops += 1
-        return result
+        return result  # type: ignore[no-any-return]
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
         """bf16 ``[L, R*T, H]`` view for ``combine(..., zero_copy=True)`` issued as the next op."""
@@ -531,6 +570,8 @@ class Buffer:
 
     def destroy(self) -> None:
         """Release the path's resources: local (no collective), idempotent, never blocks."""
+        self._dispatch_ok.clear()  # the specialised ops hold the path
+        self._combine_ok.clear()
         path, self._path = self._path, None
         if path is not None:
             path.destroy()

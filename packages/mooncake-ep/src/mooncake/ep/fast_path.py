@@ -7,9 +7,8 @@ buffer's IPC handles through the group.
 ``select(group, num_ep_buffer_bytes)`` is collective and returns a ``CudaP2PPath`` when every rank
 has the library, a GPU (sm_90+), a buffer, and can map every peer's GPU memory (one host); else
 ``(None, reason)`` on every rank. ``select`` and ``CudaP2PPath.update_ep_member`` run the same four
-``all_gather_object`` calls, so survivors updating and a replacement constructing meet:
-``info`` (can this rank use the path), ``handles`` (IPC handle of each rank's buffer), ``opened``
-(did every rank map every peer), ``ready`` (every rank zeroed its signal words).
+exchanges (``mooncake.ep.fast_path_setup``), so survivors updating and a replacement constructing
+meet.
 
 Buffer layout: ``mooncake.ep.layout`` (one definition for both paths). Signal words carry the
 per-half op sequence number (``(seq << 32) | count`` in dispatch, ``seq`` in combine), kept on the
@@ -26,30 +25,46 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import pickle
-import socket
+import struct
 import weakref
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from . import _cuda
 from .event import EventOverlap
+from .fast_path_setup import (
+    TRANSPORTS,
+    exchange_and_map,
+    first_failure,
+    gather,
+    probe,
+    reachability,
+    transport_kind,
+)
 from .faults import _armed as _FAULTS_ARMED  # the armed points (a dict, mutated in place)
 from .faults import fault_point
 from .layout import ep_buffer_layout
 from .limits import MAX_TOPK
-from .path import control_device
 
 logger = logging.getLogger("mooncake.ep")
 
 PHASE_SEND = 1
 PHASE_RECV = 2
-TRANSPORTS = {"p2p": 0, "p2p-staged": 1}
 # Argument vectors of mep_dispatch / mep_combine (csrc/ep_capi.cu, enums DispatchArg/CombineArg).
 _D_ARGS = 29
-_C_ARGS = 25
+_C_ARGS = 26
+# Their leading words, the ones that change with every call, written with one pack_into:
+# dispatch: x, topk_idx, active_ranks, stats, N, K, flags, phases, timeout_us, stream;
+# combine: x, src_info, layout_range, topk_idx, topk_weights, active_ranks, out, N, K, flags,
+# phases, timeout_us, stream.
+_D_CALL = struct.Struct("<10q")
+_C_CALL = struct.Struct("<13q")
+_D_FLAGS, _D_PHASES, _D_STREAM = 6, 7, 9
+_C_OUT, _C_FLAGS, _C_PHASES, _C_STREAM = 6, 9, 10, 12
+# Flags bit: the outputs are the path's cached set; the library then launches nothing on a stream
+# under graph capture and answers _cuda.CAPTURING (the op is issued again with fresh outputs).
+_CACHED = 8
 
 __all__ = ["TRANSPORTS", "CudaP2PPath", "select"]
 
@@ -92,168 +107,14 @@ _COMPLETE = (
 )  # the event of an op issued without async_finish (stateless once complete)
 
 
-def _host_identity() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
-
-
-def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
-
-
-def _gather(group: Any, obj: Any) -> list[Any]:
-    """Every rank's picklable ``obj`` (two all_gathers on the group's control device; numpy-free,
-    unlike ``all_gather_object``). A rank that did not answer (zero-filled slot) gives None."""
-    size = group.size()
-    device = control_device(group)
-    payload = pickle.dumps(obj)
-    sizes = torch.zeros(size, dtype=torch.int64, device=device)
-    _all_gather_single(sizes, torch.tensor([len(payload)], dtype=torch.int64, device=device), group)
-    lengths = sizes.cpu().tolist()
-    width = max(lengths)
-    mine = torch.zeros(width, dtype=torch.uint8)
-    mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    everyone = torch.zeros(size * width, dtype=torch.uint8, device=device)
-    _all_gather_single(everyone, mine.to(device), group)
-    raw = everyone.cpu()
-    return [
-        pickle.loads(bytes(raw[r * width : r * width + n].tolist())) if n > 0 else None
-        for r, n in enumerate(lengths)
-    ]
-
-
-def _first_failure(answers: list[dict]) -> Optional[str]:
-    for rank, answer in enumerate(answers):
-        if answer is None:
-            return f"rank {rank} did not answer"
-        if not answer.get("ok"):
-            return f"rank {rank}: {answer.get('reason')}"
-    return None
-
-
-def _transport_kind() -> tuple[int, str]:
-    name = os.environ.get("MOONCAKE_EP_TRANSPORT", "p2p")
-    if name not in TRANSPORTS:
-        raise ValueError(f"MOONCAKE_EP_TRANSPORT={name!r} is not one of {sorted(TRANSPORTS)}")
-    return TRANSPORTS[name], name
-
-
-def _probe(num_ep_buffer_bytes: int) -> dict:
-    """This rank's answer to 'can you use the fast path' (never raises)."""
-    info: dict = {
-        "ok": False,
-        "reason": "",
-        "host": _host_identity(),
-        "bus_id": "",
-        "transport": "",
-    }
-    try:
-        if num_ep_buffer_bytes <= 0:
-            info["reason"] = (
-                "num_ep_buffer_bytes=0 (pass Buffer.get_ep_buffer_size_hint(T, H, R, E) to use it)"
-            )
-            return info
-        if not torch.cuda.is_available():
-            info["reason"] = "CUDA is not available in this process"
-            return info
-        try:
-            lib = _cuda.load()
-        except OSError as exc:
-            info["reason"] = f"the CUDA library is not usable: {exc}"
-            return info
-        device = torch.cuda.current_device()
-        bus = ctypes.create_string_buffer(64)
-        major, minor, sms = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-        _cuda.check(lib, lib.mep_device_info(device, bus, 64, major, minor, sms), "mep_device_info")
-        if major.value < 9:
-            info["reason"] = (
-                f"GPU {device} is sm_{major.value}{minor.value}; the kernels need sm_90 or newer"
-            )
-            return info
-        _, info["transport"] = _transport_kind()
-        info.update(ok=True, bus_id=bus.value.decode(), device=device, num_sms=sms.value)
-    except Exception as exc:
-        info.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
-    return info
-
-
-def _reachability(lib: ctypes.CDLL, device: int, infos: list[dict]) -> Optional[str]:
-    """None when this rank can map every peer's GPU memory, else why not."""
-    hosts = {i["host"] for i in infos}
-    if len(hosts) > 1:
-        return (
-            f"ranks are on {len(hosts)} hosts; the P2P transport needs one host "
-            f"(no proxy transport built)"
-        )
-    if len({i["transport"] for i in infos}) > 1:
-        return "MOONCAKE_EP_TRANSPORT differs between ranks"
-    for rank, info in enumerate(infos):
-        out = ctypes.c_int()
-        _cuda.check(
-            lib,
-            lib.mep_can_reach(device, info["bus_id"].encode(), ctypes.byref(out)),
-            "mep_can_reach",
-        )
-        if not out.value:
-            return f"GPU {info['bus_id']} of rank {rank} is not peer-accessible from GPU {device}"
-    return None
-
-
-def _exchange_and_map(
-    lib: ctypes.CDLL, ctx: Any, group: Any, local_error: Optional[str]
-) -> Optional[str]:
-    """Collectives 2-4 (handles, opened, ready). Returns None on success, else the reason (same on
-    every rank)."""
-    handle = None
-    if local_error is None:
-        try:
-            raw = ctypes.create_string_buffer(_cuda.IPC_HANDLE_BYTES)
-            _cuda.check(lib, lib.mep_ctx_export(ctx, raw), "mep_ctx_export")
-            handle = raw.raw
-        except Exception as exc:
-            local_error = f"{type(exc).__name__}: {exc}"
-    answers = _gather(group, {"ok": local_error is None, "reason": local_error, "handle": handle})
-    failure = _first_failure(answers)
-    opened_error = None
-    if failure is None:
-        try:
-            for peer, answer in enumerate(answers):
-                _cuda.check(
-                    lib,
-                    lib.mep_ctx_set_peer(ctx, peer, answer["handle"]),
-                    f"mapping rank {peer}'s buffer",
-                )
-            _cuda.check(lib, lib.mep_ctx_commit(ctx), "mep_ctx_commit")
-        except Exception as exc:
-            opened_error = f"{type(exc).__name__}: {exc}"
-    opened = _gather(
-        group, {"ok": failure is None and opened_error is None, "reason": failure or opened_error}
-    )
-    failure = failure or _first_failure(opened)
-    ready_error = None
-    if failure is None:
-        try:
-            _cuda.check(lib, lib.mep_ctx_reset(ctx), "mep_ctx_reset")
-        except Exception as exc:
-            ready_error = f"{type(exc).__name__}: {exc}"
-    ready = _gather(
-        group, {"ok": failure is None and ready_error is None, "reason": failure or ready_error}
-    )
-    return failure or _first_failure(ready)
-
-
 # ---------------------------------------------------------------------------- selection
 
 
 def select(group: Any, num_ep_buffer_bytes: int) -> Any:
     """Collective. ``CudaP2PPath`` on every rank, or ``(None, reason)`` on every rank."""
-    info = _probe(num_ep_buffer_bytes)
-    infos = _gather(group, info)  # collective 1
-    failure = _first_failure(infos)
+    info = probe(num_ep_buffer_bytes)
+    infos = gather(group, info)  # collective 1
+    failure = first_failure(infos)
     if failure is not None:
         return None, failure
     lib = _cuda.load()
@@ -261,7 +122,7 @@ def select(group: Any, num_ep_buffer_bytes: int) -> Any:
     ctx = None
     local_error = None
     try:
-        local_error = _reachability(lib, device, infos)
+        local_error = reachability(lib, device, infos)
         if local_error is None:
             out = ctypes.c_void_p()
             rc = lib.mep_ctx_create(
@@ -271,7 +132,7 @@ def select(group: Any, num_ep_buffer_bytes: int) -> Any:
             ctx = out.value
     except Exception as exc:
         local_error = f"{type(exc).__name__}: {exc}"
-    failure = _exchange_and_map(lib, ctx, group, local_error)  # collectives 2-4
+    failure = exchange_and_map(lib, ctx, group, local_error)  # collectives 2-4
     if failure is not None:
         if ctx is not None:
             lib.mep_ctx_destroy(ctx)
@@ -303,8 +164,9 @@ class CudaP2PPath:
         self.num_ops = 0
         self._lib = lib
         self._ctx: Optional[int] = ctx
+        self._ctx_arg: Optional[ctypes.c_void_p] = ctypes.c_void_p(ctx)  # for the untyped calls
         self._nbytes = num_bytes
-        self._transport, transport_name = _transport_kind()
+        self._transport, transport_name = transport_kind()
         self.reason = (
             f"every peer is reachable through CUDA IPC (P2P device transport, {transport_name}); "
             f"{num_bytes} byte symmetric buffer"
@@ -312,19 +174,18 @@ class CudaP2PPath:
         base = lib.mep_ctx_buffer(ctx)
         self._buffer = torch.as_tensor(_DeviceMemory(base, num_bytes), device=self.device)
         self._layouts: dict[tuple[int, int, int], tuple] = {}
-        self._dargs = (ctypes.c_int64 * _D_ARGS)()
-        self._cargs = (ctypes.c_int64 * _C_ARGS)()
         self._dispatch_fn = lib.mep_dispatch
         self._combine_fn = lib.mep_combine
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._reuse_outputs = os.environ.get("MOONCAKE_EP_FRESH_OUTPUTS", "0") != "1"
-        self._outputs: dict[tuple, tuple] = {}
+        self._outputs: dict[tuple, torch.Tensor] = {}  # combine outputs [T, H] per half and shape
         # Per half and shape: dispatch outputs + argument vector, combine argument vector, outputs.
         self._dispatch_entries: dict[tuple, tuple] = {}
         self._combine_argvs: dict[tuple, tuple] = {}
         self._out_views: dict[tuple, torch.Tensor] = {}
         # src_info tensors this path made (id -> tensor): their allocation holds the top-k slots.
         self._slot_rows: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._own_src_info: dict[int, torch.Tensor] = {}  # the cached entries' (a plain dict)
         if lib.mep_dispatch_num_args() != _D_ARGS or lib.mep_combine_num_args() != _C_ARGS:
             raise RuntimeError(
                 "the CUDA library's argument layout differs from fast_path.py: stale build"
@@ -336,6 +197,7 @@ class CudaP2PPath:
         """Drop outputs and argument vectors (they hold buffer offsets, the grid and the rank)."""
         self._outputs.clear()
         self._dispatch_entries.clear()
+        self._own_src_info.clear()
         self._combine_argvs.clear()
         self._out_views.clear()
 
@@ -393,16 +255,18 @@ class CudaP2PPath:
         self,
         fn: Any,
         argv: Any,
-        nargs: int,
         phase_at: int,
         stream_at: int,
+        flags_at: int,
         what: str,
         keep: tuple,
     ) -> Callable[[], None]:
         """``hook()`` launching the receive phase on the stream current at call time (at most once;
         ``keep`` holds the inputs alive until then). It launches from its own copy of ``argv`` (the
-        path reuses its argument vectors for the next ops)."""
+        path reuses its argument vectors for the next ops); the outputs were chosen by the send
+        phase, so the copy does not ask for the capture check of cached outputs."""
         args = type(argv).from_buffer_copy(argv)
+        args[flags_at] &= ~_CACHED
         pending = [keep]
 
         def hook() -> None:
@@ -411,38 +275,25 @@ class CudaP2PPath:
             pending.clear()
             args[phase_at] = PHASE_RECV
             args[stream_at] = self._stream()
-            self._launch(fn, args, nargs, what)
+            self._launch(fn, args, what)
 
         return hook
 
-    def _launch(self, fn: Any, args: Any, nargs: int, what: str) -> None:
-        rc = fn(self._ctx, args, nargs)
+    def _launch(self, fn: Any, args: Any, what: str) -> None:
+        if self._ctx_arg is None:
+            raise RuntimeError("the fast path was destroyed")
+        rc = fn(self._ctx_arg, args)
         if rc != 0:
             _cuda.check(self._lib, rc, what)
 
     # ------------------------------------------------------------------ outputs
 
-    def _cached(self, key: tuple, make: Callable[[], tuple]) -> tuple:
-        """Output tensors for ``key`` (which includes the buffer half). Reused by the next op of the
-        same kind on the same half, when the contract says the old results are dead ("results of at
-        most two ops are alive at once"); fresh inside a CUDA-graph capture (the graph owns them) or
-        with ``MOONCAKE_EP_FRESH_OUTPUTS=1``."""
-        if not self._reuse_outputs or _stream_capturing():
-            return make()
-        entry = self._outputs.get(key)
-        if entry is None:
-            if len(self._outputs) >= 16:  # shapes changed: drop the old sets
-                self._outputs.clear()
-                self._out_views.clear()
-            entry = self._outputs[key] = make()
-        return entry
-
     def _make_dispatch_entry(
         self, half: int, tokens: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool
     ) -> tuple:
-        """(recv_x, recv_count, handle, tensors to keep alive, argument vector): the outputs of a
-        dispatch and its argument vector with every field that depends only on them (and on the
-        half and shape) filled in; the op fills the rest."""
+        """(recv_x, recv_count, handle, tensors to keep alive, argument vector, cached flag): the
+        outputs of a dispatch and its argument vector with every field that depends only on them
+        (and on the half and shape) filled in; the op fills the rest. Flag 0: fresh outputs."""
         halves, msg_bytes = self._layout(tokens, hidden, num_experts)
         num_local, rows, dev = num_experts // self.num_ranks, self.num_ranks * tokens, self.device
         if use_fp8:
@@ -464,30 +315,33 @@ class CudaP2PPath:
         self._slot_rows[id(src_info)] = src_info
         handle = (src_info, layout_range, tokens, hidden, num_experts)
         argv = (ctypes.c_int64 * _D_ARGS)()
-        argv[3:8] = [
+        argv[10:15] = [
             data.data_ptr(),
             0 if scales is None else scales.data_ptr(),
             recv_count.data_ptr(),
             info.data_ptr(),
             layout_range.data_ptr(),
         ]
-        argv[10], argv[11], argv[13], argv[14] = tokens, hidden, num_experts, half
+        argv[15], argv[16], argv[17], argv[18] = tokens, hidden, num_experts, half
         argv[19:26] = list(halves[half])
         argv[26], argv[27], argv[28] = msg_bytes, self._transport, self.grid
-        return recv_x, recv_count, handle, (*keep, recv_count, info, layout_range), argv
+        return recv_x, recv_count, handle, (*keep, recv_count, info, layout_range), argv, 0
 
-    def _dispatch_entry(
-        self, half: int, tokens: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool
-    ) -> tuple:
-        """``_make_dispatch_entry``, reused as ``_cached`` says (one set per half and shape)."""
-        key = (half, tokens, hidden, num_experts, use_fp8, use_ue8m0)
+    def _dispatch_entry(self, key: tuple) -> tuple:
+        """A new ``_make_dispatch_entry(*key)``, kept for the next dispatches of the same half and
+        shape: outputs are reused by the next op of the same kind on the same half, when the
+        contract says the old results are dead ("results of at most two ops are alive at once").
+        Fresh and not kept with ``MOONCAKE_EP_FRESH_OUTPUTS=1`` or inside a CUDA-graph capture (the
+        graph owns them)."""
+        entry = self._make_dispatch_entry(*key)
         if not self._reuse_outputs or _stream_capturing():
-            return self._make_dispatch_entry(*key)
-        entry = self._dispatch_entries.get(key)
-        if entry is None:
-            if len(self._dispatch_entries) >= 8:  # shapes changed: drop the old sets
-                self._dispatch_entries.clear()
-            entry = self._dispatch_entries[key] = self._make_dispatch_entry(*key)
+            return entry
+        if len(self._dispatch_entries) >= 8:  # shapes changed: drop the old sets
+            self._dispatch_entries.clear()
+            self._own_src_info.clear()
+        entry = self._dispatch_entries[key] = (*entry[:5], _CACHED)
+        src_info = entry[2][0]
+        self._own_src_info[id(src_info)] = src_info
         return entry
 
     # ------------------------------------------------------------------ dispatch
@@ -508,40 +362,31 @@ class CudaP2PPath:
         cumulative_local_expert_recv_stats: Optional[torch.Tensor],
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Optional[Callable[[], None]]]:
         """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same
-        buffer half (see ``_cached``); ``src_info`` heads an int32 allocation that also holds each
-        received row's top-k slot (combine reads them there: pass the handle back unchanged).
-        Host work per call: no allocation in the steady state, one argument vector filled in place,
-        one launch; no host synchronisation."""
-        if self._ctx is None:
+        buffer half (see ``_dispatch_entry``); ``src_info`` heads an int32 allocation that also
+        holds each received row's top-k slot (combine reads them there: pass the handle back
+        unchanged). Host work per call: no allocation in the steady state, one argument vector
+        filled in place, one launch; no host synchronisation."""
+        if self._ctx_arg is None:
             raise RuntimeError("the fast path was destroyed")
         if x.get_device() != self._device_index:  # -1 for CPU tensors
             self._check_device("x", x)
         num_tokens, hidden = x.shape
-        half = self.num_ops & 1
-        recv_x, recv_count, handle, keep, argv = self._dispatch_entry(
-            half, num_max_dispatch_tokens_per_rank, hidden, num_experts, use_fp8, use_ue8m0
-        )
-        self.num_ops += 1
-        if _FAULTS_ARMED:
-            fault_point("dispatch.start")
         stats = cumulative_local_expert_recv_stats
         comm = self._begin_async() if async_finish else None
-        argv[0] = x.data_ptr()
-        argv[1] = topk_idx.data_ptr()
-        argv[2] = active_ranks.data_ptr()
-        argv[8] = 0 if stats is None else stats.data_ptr()
-        argv[9] = num_tokens
-        argv[12] = topk_idx.shape[1]
-        argv[15] = use_fp8 | (round_scale << 1) | (use_ue8m0 << 2)
-        argv[16] = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
-        argv[17] = timeout_us
-        argv[18] = comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index)
-        self._dargs = argv
-        rc = self._dispatch_fn(self._ctx, argv, _D_ARGS)
-        if rc != 0:
-            _cuda.check(self._lib, rc, "dispatch")
-        if _FAULTS_ARMED:
-            fault_point("dispatch.after_send")
+        recv_x, recv_count, handle, keep, argv, _ = self._issue_dispatch(
+            (self.num_ops & 1, num_max_dispatch_tokens_per_rank, hidden, num_experts, use_fp8,
+             use_ue8m0),
+            x.data_ptr(),
+            topk_idx.data_ptr(),
+            active_ranks.data_ptr(),
+            0 if stats is None else stats.data_ptr(),
+            num_tokens,
+            topk_idx.shape[1],
+            use_fp8 | round_scale << 1 | use_ue8m0 << 2,
+            PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV,
+            timeout_us,
+            comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index),
+        )  # fmt: skip
         event = _COMPLETE
         if comm is not None:
             event = self._finish_async(comm, (x, topk_idx, active_ranks, *keep, stats))
@@ -550,21 +395,131 @@ class CudaP2PPath:
         hook = self._receive_hook(
             self._dispatch_fn,
             argv,
-            _D_ARGS,
-            16,
-            18,
+            _D_PHASES,
+            _D_STREAM,
+            _D_FLAGS,
             "dispatch receive",
             (x, topk_idx, active_ranks, stats),
         )
         return recv_x, recv_count, handle, event, hook
 
+    def dispatch_runner(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        active_ranks: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        async_finish: bool,
+        return_recv_hook: bool,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+    ) -> Callable[..., Any]:
+        """``dispatch`` specialised on an argument signature that ``Buffer`` validated (classes,
+        dtypes, shapes, devices, contiguity, scalars, flags): ``run(x, topk_idx, active_ranks,
+        timeout_us, stats)`` for every later call with that signature. The tensors passed here are
+        only looked at (not kept). A synchronous call without hook skips what the signature
+        fixes (the device check, the shapes, the output key, the flags word): its host work is the
+        data pointers, one ``pack_into`` and the launch. Other calls run ``dispatch``."""
+        T, E, hook = num_max_dispatch_tokens_per_rank, num_experts, return_recv_hook
+        if async_finish or hook or not self._reuse_outputs:
+
+            def run_general(x: Any, topk_idx: Any, active: Any, timeout_us: int, stats: Any) -> Any:
+                return self.dispatch(
+                    x, topk_idx, active, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
+                    async_finish, hook, stats,
+                )  # fmt: skip
+
+            return run_general
+        if x.get_device() != self._device_index:
+            self._check_device("x", x)
+        num_tokens, hidden = x.shape
+        topk = topk_idx.shape[1]
+        keys = tuple((half, T, hidden, E, use_fp8, use_ue8m0) for half in (0, 1))
+        flags = use_fp8 | round_scale << 1 | use_ue8m0 << 2
+        issue, device_index = self._issue_dispatch, self._device_index
+
+        def run(
+            x: torch.Tensor,
+            topk_idx: torch.Tensor,
+            active_ranks: torch.Tensor,
+            timeout_us: int,
+            stats: Optional[torch.Tensor],
+        ) -> tuple:
+            entry = issue(
+                keys[self.num_ops & 1],
+                x.data_ptr(),
+                topk_idx.data_ptr(),
+                active_ranks.data_ptr(),
+                0 if stats is None else stats.data_ptr(),
+                num_tokens,
+                topk,
+                flags,
+                PHASE_SEND | PHASE_RECV,
+                timeout_us,
+                _current_raw_stream(device_index),
+            )
+            return entry[0], entry[1], entry[2], _COMPLETE, None
+
+        return run
+
+    def _issue_dispatch(
+        self,
+        key: tuple,
+        x_ptr: int,
+        topk_ptr: int,
+        active_ptr: int,
+        stats_ptr: int,
+        num_tokens: int,
+        topk: int,
+        flags: int,
+        phases: int,
+        timeout_us: int,
+        stream: int,
+    ) -> tuple:
+        """Launches one dispatch into the entry of ``key = (half, T, H, E, use_fp8, use_ue8m0)``
+        (see ``_dispatch_entry``) and counts the op; the other arguments are the per-call words of
+        its argument vector (``_D_CALL``; ``flags`` without the cached bit). Returns the entry."""
+        ctx = self._ctx_arg
+        if ctx is None:
+            raise RuntimeError("the fast path was destroyed")
+        entry = self._dispatch_entries.get(key) or self._dispatch_entry(key)
+        self.num_ops += 1
+        if _FAULTS_ARMED:
+            fault_point("dispatch.start")
+        argv = entry[4]
+        _D_CALL.pack_into(
+            argv, 0, x_ptr, topk_ptr, active_ptr, stats_ptr, num_tokens, topk, flags | entry[5],
+            phases, timeout_us, stream,
+        )  # fmt: skip
+        rc = self._dispatch_fn(ctx, argv)
+        if rc != 0:
+            entry = self._dispatch_again(rc, key, argv)
+        if _FAULTS_ARMED:
+            fault_point("dispatch.after_send")
+        return entry
+
+    def _dispatch_again(self, rc: int, key: tuple, argv: Any) -> tuple:
+        """After a failed launch: raise, or (the stream is under graph capture, the library refused
+        the cached outputs) issue the op again with fresh outputs; returns their entry."""
+        if rc != _cuda.CAPTURING:
+            _cuda.check(self._lib, rc, "dispatch")
+        entry = self._make_dispatch_entry(*key)
+        fresh = entry[4]
+        fresh[: _D_CALL.size // 8] = argv[: _D_CALL.size // 8]
+        fresh[_D_FLAGS] &= ~_CACHED
+        self._launch(self._dispatch_fn, fresh, "dispatch")
+        return entry
+
     # ------------------------------------------------------------------ combine
 
-    def _slot_rows_ptr(self, src_info: torch.Tensor, num_local: int, rows: int) -> int:
-        """``src_info``'s pointer, after checking its allocation holds the top-k slots after it."""
-        known = self._slot_rows.get(id(src_info))
-        if known is src_info:
-            return src_info.data_ptr()
+    def _check_slot_rows(self, src_info: torch.Tensor, num_local: int, rows: int) -> None:
+        """``src_info``'s allocation must hold the top-k slots after it (any tensor this path's
+        dispatch returned does; the cached entries' ones are known by identity)."""
+        if self._slot_rows.get(id(src_info)) is src_info:
+            return
         needed = (
             src_info.storage_offset() + _info_words(num_local, rows, rows // self.num_ranks)
         ) * 4
@@ -579,39 +534,40 @@ class CudaP2PPath:
                 "path keeps each row's top-k slot in the same allocation): pass the dispatch's "
                 "handle unchanged"
             )
-        return src_info.data_ptr()
 
-    def _combine_argv(self, half: int, tokens: int, hidden: int, num_experts: int) -> tuple:
-        """(argument vector with the fields fixed by half and shape, zero-copy source address)."""
-        key = (half, tokens, hidden, num_experts)
-        entry = self._combine_argvs.get(key)
-        if entry is None:
-            halves, _ = self._layout(tokens, hidden, num_experts)
-            argv = (ctypes.c_int64 * _C_ARGS)()
-            argv[8], argv[9], argv[11], argv[12] = tokens, hidden, num_experts, half
-            argv[16:23] = list(halves[half])
-            argv[23], argv[24] = self._transport, self.grid
-            if len(self._combine_argvs) >= 16:
-                self._combine_argvs.clear()
-            entry = self._combine_argvs[key] = (argv, self._buffer.data_ptr() + halves[half][3])
+    def _combine_argv(self, key: tuple) -> tuple:
+        """(argument vector with the fields fixed by half and shape, zero-copy source address) of
+        ``key = (half, tokens, hidden, num_experts)``, kept for the next combines."""
+        half, tokens, hidden, num_experts = key
+        halves, _ = self._layout(tokens, hidden, num_experts)
+        argv = (ctypes.c_int64 * _C_ARGS)()
+        argv[13], argv[14], argv[15], argv[16] = tokens, hidden, num_experts, half
+        argv[17:24] = list(halves[half])
+        argv[24], argv[25] = self._transport, self.grid
+        if len(self._combine_argvs) >= 16:
+            self._combine_argvs.clear()
+        entry = self._combine_argvs[key] = (argv, self._buffer.data_ptr() + halves[half][3])
         return entry
 
-    def _combine_out(self, half: int, tokens: int, hidden: int, num_tokens: int) -> torch.Tensor:
-        """bf16 ``[N, H]`` output: a view of the half's ``[T, H]`` set (see ``_cached``)."""
+    def _combine_out(self, key: tuple) -> tuple[torch.Tensor, int]:
+        """(bf16 ``[N, H]`` output, cached flag) for ``key = (half, tokens, hidden, N)``: a view
+        of the half's ``[T, H]`` set, kept as ``_dispatch_entry`` says, or fresh (flag 0)."""
+        half, tokens, hidden, num_tokens = key
         if not self._reuse_outputs or _stream_capturing():
-            return torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
-        key = (half, tokens, hidden, num_tokens)
-        view = self._out_views.get(key)
-        if view is None:
-            full = self._cached(
-                ("combine", half, tokens, hidden),
-                lambda: (torch.empty((tokens, hidden), dtype=torch.bfloat16, device=self.device),),
-            )[0]
-            view = full if num_tokens == tokens else full[:num_tokens]
-            if len(self._out_views) >= 64:
+            return torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device), 0
+        full_key = (half, tokens, hidden)
+        full = self._outputs.get(full_key)
+        if full is None:
+            if len(self._outputs) >= 16:  # shapes changed: drop the old sets
+                self._outputs.clear()
                 self._out_views.clear()
-            self._out_views[key] = view
-        return view
+            full = torch.empty((tokens, hidden), dtype=torch.bfloat16, device=self.device)
+            self._outputs[full_key] = full
+        view = full if num_tokens == tokens else full[:num_tokens]
+        if len(self._out_views) >= 64:
+            self._out_views.clear()
+        self._out_views[key] = view
+        return view, _CACHED
 
     def combine(
         self,
@@ -627,8 +583,9 @@ class CudaP2PPath:
         out: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
         """See ``Buffer.combine``. With ``zero_copy`` the expert outputs are read from this half's
-        ``combine_send`` region (``get_next_combine_buffer``) and ``x`` is not read."""
-        if self._ctx is None:
+        ``combine_send`` region (``get_next_combine_buffer``) and ``x`` is not read. The output,
+        when ``out`` is None, lives until the next combine on the same half and shape."""
+        if self._ctx_arg is None:
             raise RuntimeError("the fast path was destroyed")
         if topk_idx.get_device() != self._device_index:
             self._check_device("topk_idx", topk_idx)
@@ -636,41 +593,28 @@ class CudaP2PPath:
         num_tokens, topk = topk_idx.shape
         if topk > MAX_TOPK:
             raise ValueError(f"top-k {topk} exceeds {MAX_TOPK}")
-        info_ptr = self._slot_rows_ptr(
-            src_info, num_experts // self.num_ranks, self.num_ranks * tokens
-        )
+        if self._own_src_info.get(id(src_info)) is not src_info:
+            self._check_slot_rows(src_info, num_experts // self.num_ranks, self.num_ranks * tokens)
+        if not zero_copy and x.get_device() != self._device_index:
+            self._check_device("x", x)
         half = self.num_ops & 1
-        argv, zero_copy_ptr = self._combine_argv(half, tokens, hidden, num_experts)
-        self.num_ops += 1
-        if _FAULTS_ARMED:
-            fault_point("combine.start")
-        if zero_copy:
-            x_ptr = zero_copy_ptr
-        else:
-            if x.get_device() != self._device_index:
-                self._check_device("x", x)
-            x_ptr = x.data_ptr()
-        if out is None:
-            out = self._combine_out(half, tokens, hidden, num_tokens)
         comm = self._begin_async() if async_finish else None
-        argv[0] = x_ptr
-        argv[1] = info_ptr
-        argv[2] = layout_range.data_ptr()
-        argv[3] = topk_idx.data_ptr()
-        argv[4] = topk_weights.data_ptr()
-        argv[5] = active_ranks.data_ptr()
-        argv[6] = out.data_ptr()
-        argv[7] = num_tokens
-        argv[10] = topk
-        argv[13] = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
-        argv[14] = timeout_us
-        argv[15] = comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index)
-        self._cargs = argv
-        rc = self._combine_fn(self._ctx, argv, _C_ARGS)
-        if rc != 0:
-            _cuda.check(self._lib, rc, "combine")
-        if _FAULTS_ARMED:
-            fault_point("combine.after_send")
+        out, argv = self._issue_combine(
+            (half, tokens, hidden, num_experts),
+            (half, tokens, hidden, num_tokens),
+            out,
+            None if zero_copy else x.data_ptr(),
+            src_info.data_ptr(),
+            layout_range.data_ptr(),
+            topk_idx.data_ptr(),
+            topk_weights.data_ptr(),
+            active_ranks.data_ptr(),
+            num_tokens,
+            topk,
+            PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV,
+            timeout_us,
+            comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index),
+        )
         event = _COMPLETE
         if comm is not None:
             event = self._finish_async(
@@ -680,9 +624,139 @@ class CudaP2PPath:
             return out, event, None
         keep_alive = (x, topk_idx, topk_weights, active_ranks, src_info, layout_range)
         hook = self._receive_hook(
-            self._combine_fn, argv, _C_ARGS, 13, 15, "combine receive", keep_alive
+            self._combine_fn, argv, _C_PHASES, _C_STREAM, _C_FLAGS, "combine receive", keep_alive
         )
         return out, event, hook
+
+    def combine_runner(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        active_ranks: torch.Tensor,
+        handle: tuple,
+        zero_copy: bool,
+        async_finish: bool,
+        return_recv_hook: bool,
+        out: Optional[torch.Tensor],
+    ) -> Callable[..., Any]:
+        """As ``dispatch_runner``: ``run(x, topk_idx, topk_weights, active_ranks, timeout_us,
+        handle, out)``. The handle's ``src_info`` is still checked per call (a cached entry's by
+        identity), since a handle of the same shape may come from either buffer half."""
+        hook = return_recv_hook
+        if async_finish or hook or not self._reuse_outputs:
+
+            def run_general(
+                x: Any, topk: Any, weights: Any, active: Any, timeout_us: int, handle: Any, out: Any
+            ) -> Any:
+                return self.combine(
+                    x, topk, weights, active, timeout_us, handle, zero_copy, async_finish, hook,
+                    out,
+                )  # fmt: skip
+
+            return run_general
+        if topk_idx.get_device() != self._device_index:
+            self._check_device("topk_idx", topk_idx)
+        if not zero_copy and x.get_device() != self._device_index:
+            self._check_device("x", x)
+        _, _, tokens, hidden, num_experts = handle
+        num_tokens, topk = topk_idx.shape
+        if topk > MAX_TOPK:
+            raise ValueError(f"top-k {topk} exceeds {MAX_TOPK}")
+        num_local, rows = num_experts // self.num_ranks, self.num_ranks * tokens
+        argv_keys = tuple((half, tokens, hidden, num_experts) for half in (0, 1))
+        out_keys = tuple((half, tokens, hidden, num_tokens) for half in (0, 1))
+        own, issue, device_index = self._own_src_info, self._issue_combine, self._device_index
+
+        def run(
+            x: torch.Tensor,
+            topk_idx: torch.Tensor,
+            topk_weights: torch.Tensor,
+            active_ranks: torch.Tensor,
+            timeout_us: int,
+            handle: tuple,
+            out: Optional[torch.Tensor],
+        ) -> tuple:
+            src_info = handle[0]
+            if own.get(id(src_info)) is not src_info:
+                self._check_slot_rows(src_info, num_local, rows)
+            half = self.num_ops & 1
+            out = issue(
+                argv_keys[half],
+                out_keys[half],
+                out,
+                None if zero_copy else x.data_ptr(),
+                src_info.data_ptr(),
+                handle[1].data_ptr(),
+                topk_idx.data_ptr(),
+                topk_weights.data_ptr(),
+                active_ranks.data_ptr(),
+                num_tokens,
+                topk,
+                PHASE_SEND | PHASE_RECV,
+                timeout_us,
+                _current_raw_stream(device_index),
+            )[0]
+            return out, _COMPLETE, None
+
+        return run
+
+    def _issue_combine(
+        self,
+        key: tuple,
+        out_key: tuple,
+        out: Optional[torch.Tensor],
+        x_ptr: Optional[int],
+        info_ptr: int,
+        layout_ptr: int,
+        topk_ptr: int,
+        weights_ptr: int,
+        active_ptr: int,
+        num_tokens: int,
+        topk: int,
+        phases: int,
+        timeout_us: int,
+        stream: int,
+    ) -> tuple[torch.Tensor, Any]:
+        """Launches one combine with the argument vector of ``key = (half, T, H, E)`` (see
+        ``_combine_argv``) and counts the op: expert outputs at ``x_ptr`` (None: this half's
+        zero-copy region), into ``out`` (None: the cached output of ``out_key = (half, T, H, N)``,
+        see ``_combine_out``); the rest are the per-call words of ``_C_CALL``. Returns (output,
+        argument vector)."""
+        ctx = self._ctx_arg
+        if ctx is None:
+            raise RuntimeError("the fast path was destroyed")
+        argv, zero_copy_ptr = self._combine_argvs.get(key) or self._combine_argv(key)
+        self.num_ops += 1
+        if _FAULTS_ARMED:
+            fault_point("combine.start")
+        cached = 0
+        if out is None:
+            out = self._out_views.get(out_key)
+            cached = _CACHED
+            if out is None:
+                out, cached = self._combine_out(out_key)
+        _C_CALL.pack_into(
+            argv, 0, zero_copy_ptr if x_ptr is None else x_ptr, info_ptr, layout_ptr, topk_ptr,
+            weights_ptr, active_ptr, out.data_ptr(), num_tokens, topk, cached, phases, timeout_us,
+            stream,
+        )  # fmt: skip
+        rc = self._combine_fn(ctx, argv)
+        if rc != 0:
+            out = self._combine_again(rc, argv, num_tokens, key[2])
+        if _FAULTS_ARMED:
+            fault_point("combine.after_send")
+        return out, argv
+
+    def _combine_again(self, rc: int, argv: Any, num_tokens: int, hidden: int) -> torch.Tensor:
+        """As ``_dispatch_again``: raise, or issue the op again into a fresh output (returned)."""
+        if rc != _cuda.CAPTURING:
+            _cuda.check(self._lib, rc, "combine")
+        out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
+        argv[_C_OUT] = out.data_ptr()
+        argv[_C_FLAGS] &= ~_CACHED
+        self._launch(self._combine_fn, argv, "combine")
+        return out
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
         """bf16 ``[L, R*T, H]`` view of the ``combine_send`` region of the half the next op uses."""
@@ -707,14 +781,14 @@ class CudaP2PPath:
         part."""
         ctx = self._check_usable()
         torch.cuda.synchronize(self.device)
-        info = _probe(self._nbytes)
-        infos = _gather(self.group, info)
-        failure = _first_failure(infos)
+        info = probe(self._nbytes)
+        infos = gather(self.group, info)
+        failure = first_failure(infos)
         if failure is not None:
             raise RuntimeError(f"update_ep_member: the fast path cannot continue: {failure}")
         local_error = None
         try:
-            local_error = _reachability(self._lib, self.device.index, infos)
+            local_error = reachability(self._lib, self.device.index, infos)
             rank, size = self.group.rank(), self.group.size()
             if local_error is None and (rank != self.rank or size != self.num_ranks):
                 _cuda.check(self._lib, self._lib.mep_ctx_resize(ctx, rank, size), "mep_ctx_resize")
@@ -723,7 +797,7 @@ class CudaP2PPath:
                 self._clear_caches()
         except Exception as exc:
             local_error = f"{type(exc).__name__}: {exc}"
-        failure = _exchange_and_map(self._lib, ctx, self.group, local_error)
+        failure = exchange_and_map(self._lib, ctx, self.group, local_error)
         if failure is not None:
             raise RuntimeError(f"update_ep_member: the fast path cannot continue: {failure}")
         self.grid = min(i["num_sms"] for i in infos)
@@ -744,7 +818,7 @@ class CudaP2PPath:
 
     def destroy(self) -> None:
         """Local: waits for this GPU's work, closes peer mappings, frees the buffer. Idempotent."""
-        ctx, self._ctx = self._ctx, None
+        ctx, self._ctx, self._ctx_arg = self._ctx, None, None
         if ctx is None:
             return
         self._buffer = None  # type: ignore[assignment]

@@ -21,6 +21,7 @@ import torch
 
 MAX_TOPK = 16
 MAX_TOKENS_PER_RANK = 1024
+MAX_TIMEOUT_US = (1 << 63) - 1  # the kernels' int64
 HIDDEN_ALIGNMENT = 128
 
 
@@ -50,7 +51,7 @@ LIMIT_TEXT = {
     Limit.EXPERTS: "num_experts a positive multiple of the number of ranks",
     Limit.EXPERT_ID: "expert ids -1 or in [0, num_experts)",
     Limit.EXPERT_TWICE: "each token selects an expert at most once",
-    Limit.TIMEOUT: "timeout_us -1 or >= 0",
+    Limit.TIMEOUT: f"timeout_us -1 or 0 <= timeout_us <= {MAX_TIMEOUT_US}",
     Limit.FLAGS: "flag combination (round_scale needs use_fp8, use_ue8m0 needs round_scale, "
     "async_finish excludes return_recv_hook)",
 }
@@ -174,11 +175,11 @@ def check_shape_limits(tokens_per_rank: Any, hidden: Any, num_ranks: Any, num_ex
 
 def check_timeout_us(value: Any, name: str = "timeout_us") -> int:
     check_int(name, value, Limit.TIMEOUT)
-    if value < -1:
+    if not -1 <= value <= MAX_TIMEOUT_US:
         raise tag_limit(
             ValueError(
-                f"{name}={value} is invalid: use -1 (wait forever) or a duration >= 0 in "
-                "microseconds"
+                f"{name}={value} is invalid: use -1 (wait forever) or a duration in microseconds, "
+                f"0 <= {name} <= {MAX_TIMEOUT_US}"
             ),
             Limit.TIMEOUT,
             value,

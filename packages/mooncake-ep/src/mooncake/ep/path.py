@@ -32,7 +32,11 @@ _PATH_CODES = {"portable": 1}  # any other path name -> 2 (a fast path); 0 = no 
 class EPPath(Protocol):
     """One implementation of dispatch/combine. ``Buffer`` has validated every argument before a
     call reaches a path, so paths may assume well-formed inputs (they still check what needs the
-    data, like expert ids, before sending)."""
+    data, like expert ids, before sending).
+
+    Optionally, ``dispatch_runner`` / ``combine_runner`` (see ``CudaP2PPath``): the op specialised
+    on an argument signature ``Buffer`` validated, which ``Buffer`` keeps with the signature and
+    calls instead of ``dispatch`` / ``combine`` while the signature repeats."""
 
     name: str  # "portable" | "cuda-p2p" | ...
     reason: str  # why this path was selected

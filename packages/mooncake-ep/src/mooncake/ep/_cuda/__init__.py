@@ -13,9 +13,12 @@ import threading
 from typing import Optional
 
 LIB_NAME = "_mooncake_ep_cuda.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 IPC_HANDLE_BYTES = 64
-INVALID_ARGUMENT = 100000  # the library's own error code; others are cudaError_t values
+INVALID_ARGUMENT = 100000  # the library's own error codes; others are cudaError_t / CUresult values
+# mep_dispatch / mep_combine asked to write cached outputs on a stream under graph capture: nothing
+# was launched (the caller retries with fresh outputs)
+CAPTURING = 100001
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -34,10 +37,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.c_void_p,
         ctypes.c_char_p,
     )
-    p_int, p_i64, p_u32 = (
+    p_int, p_i64, p_u32, p_double = (
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int64),
         ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_double),
     )
     sigs = {
         "mep_abi_version": (c_int, []),
@@ -56,16 +60,22 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mep_ctx_error_flags": (c_int, [c_void_p, p_u32]),
         "mep_ctx_set_cooperative": (c_int, [c_void_p, c_int]),
         "mep_ctx_set_trace": (c_int, [c_void_p, c_u64, c_u64]),
+        "mep_ctx_set_launch_api": (c_int, [c_void_p, c_int]),
+        "mep_ctx_launch_api": (c_int, [c_void_p]),
         "mep_ctx_destroy": (c_int, [c_void_p]),
-        "mep_dispatch": (c_int, [c_void_p, p_i64, c_int]),
-        "mep_combine": (c_int, [c_void_p, p_i64, c_int]),
+        # The per-op calls have no argtypes: ctypes' per-argument conversion costs about a
+        # microsecond a call. Callers pass (ctypes.c_void_p, ctypes.c_int64 array).
+        "mep_dispatch": (c_int, None),
+        "mep_combine": (c_int, None),
+        "mep_bench_launch": (c_int, [c_void_p, c_int, c_int, p_i64, p_double]),
         "mep_dispatch_num_args": (c_int, []),
         "mep_combine_num_args": (c_int, []),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
         fn.restype = restype
-        fn.argtypes = argtypes
+        if argtypes is not None:
+            fn.argtypes = argtypes
 
 
 def load() -> ctypes.CDLL:

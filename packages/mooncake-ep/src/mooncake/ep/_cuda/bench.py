@@ -10,7 +10,11 @@ BF16 combine). Reports, each over ``--iters`` iterations with L2 flushed before 
 - logical bandwidth (dispatch bytes = selections x (H + H/128*4 + 16), combine bytes =
   selections x 2H, over the kernel time) and its fraction of the HBM bandwidth measured here
   (device-to-device copy, bytes read + written);
-- phase timestamps inside the fused kernels (%globaltimer per block).
+- phase timestamps inside the fused kernels (%globaltimer per block);
+- host costs: the two Python calls through ``Buffer`` and straight on the path, each op's call
+  alone, the launch (``mep_dispatch`` of an empty phase through ctypes) and its parts measured in C
+  (``mep_bench_launch``: the device guard, the capture query, empty kernels through the runtime
+  and the driver API), and the end-to-end time with runtime launches for comparison.
 """
 
 from __future__ import annotations
@@ -72,6 +76,12 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=288)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument(
+        "--e2e-iters",
+        type=int,
+        default=200,
+        help="samples of the end-to-end median (the host's noise moves it between blocks of 50)",
+    )
     ap.add_argument("--bf16-dispatch", action="store_true", help="dispatch BF16 instead of FP8")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--profile-host", default="", help="write a cProfile of the Python calls here")
@@ -109,15 +119,21 @@ def main(argv: Any = None) -> int:
             out[2]()
         return recv, out
 
-    def e2e_times() -> list[float]:
-        """Per iteration, the CUDA-event us around ``pair(False)``, L2 flushed first."""
+    def e2e_times(host: Any = None, iters: int = args.iters) -> list[float]:
+        """Per iteration, the CUDA-event us around ``pair(False)``, L2 flushed first (``host``: a
+        list that gets the host us of each ``pair`` too)."""
         times = []
-        for _ in range(args.iters):
+        for _ in range(iters):
             flush.zero_()
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            pair(False)
+            if host is None:
+                pair(False)
+            else:
+                t0 = time.perf_counter()
+                pair(False)
+                host.append((time.perf_counter() - t0) * 1e6)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
@@ -155,10 +171,14 @@ def main(argv: Any = None) -> int:
             results["combine_us"] = statistics.median(c)
             results["combine_mean_us"] = statistics.mean(c)
 
-    e2e = e2e_times()
+    e2e = e2e_times(iters=args.e2e_iters)
     results["e2e_mean_us"] = statistics.mean(e2e)
     results["e2e_median_us"] = statistics.median(e2e)
     results["e2e_best_us"] = min(e2e)
+    results["e2e_samples_us"] = [round(t, 2) for t in e2e]
+    results["e2e_first50_median_us"] = statistics.median(e2e[:50])  # as with --e2e-iters 50
+    # The same measurement twice more: the spread between runs of the same code.
+    results["e2e_repeat_medians_us"] = [statistics.median(e2e_times()) for _ in range(2)]
 
     # Host time of the two Python calls alone (no sync in between), to split API overhead.
     host = []
@@ -168,6 +188,47 @@ def main(argv: Any = None) -> int:
         pair(False)
         host.append((time.perf_counter() - t0) * 1e6)
     results["python_calls_host_us"] = statistics.median(host)
+
+    # Each call alone (dispatch's host time delays both kernels; combine's is hidden while it is
+    # shorter than the dispatch kernel), after different waits: a plain synchronize (as above),
+    # the e2e loop's (L2 flush, synchronize, start event), and the flush waited for by polling.
+    def flush_sync() -> None:
+        flush.zero_()
+        torch.cuda.synchronize()
+
+    def flush_sync_event() -> None:
+        flush_sync()
+        torch.cuda.Event(enable_timing=True).record()
+
+    def flush_poll() -> None:
+        flush.zero_()
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            pass
+
+    waits = {
+        "sync": torch.cuda.synchronize,
+        "flush_sync": flush_sync,
+        "flush_sync_event": flush_sync_event,
+        "flush_poll": flush_poll,
+    }
+    split: dict[str, list[float]] = {}
+    for name, wait in waits.items():
+        d_host, c_host = [], []
+        for _ in range(args.iters):
+            wait()
+            t0 = time.perf_counter()
+            recv = buffer.dispatch(x, topk_idx, active, T, E, timeout_us, use_fp8=use_fp8)
+            t1 = time.perf_counter()
+            buffer.combine(expert_out, topk_idx, weights, active, timeout_us, recv[2])
+            t2 = time.perf_counter()
+            d_host.append((t1 - t0) * 1e6)
+            c_host.append((t2 - t1) * 1e6)
+        split[name] = [round(statistics.median(d_host), 2), round(statistics.median(c_host), 2)]
+    torch.cuda.synchronize()
+    results["host_split_us"] = split  # wait -> [dispatch call, combine call]
+    results["dispatch_call_host_us"], results["combine_call_host_us"] = split["sync"]
 
     # The same two calls straight on the path (no Buffer argument validation).
 
@@ -224,23 +285,28 @@ def main(argv: Any = None) -> int:
 
     # Fixed cost: the same launch with no phase (the kernel reads its state and exits).
     import ctypes
+    from functools import partial
+
+    from mooncake.ep import fast_path
 
     lib, ctx = path._lib, path._ctx
-    empty_args = (ctypes.c_int64 * len(path._dargs))(*path._dargs)
-    empty_args[16] = 0
+    ctx_arg = ctypes.c_void_p(ctx)
+    last_argv = next(iter(path._dispatch_entries.values()))[4]  # the default shape's, filled
+    empty_args = type(last_argv).from_buffer_copy(last_argv)
+    empty_args[fast_path._D_PHASES] = 0
 
     def launch_times() -> list[float]:
         """Per iteration, host us of launching the empty dispatch kernel."""
         times = []
         for _ in range(args.iters):
             t0 = time.perf_counter()
-            lib.mep_dispatch(ctx, empty_args, len(empty_args))
+            lib.mep_dispatch(ctx_arg, empty_args)
             times.append((time.perf_counter() - t0) * 1e6)
         return times
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.iters):
-            lib.mep_dispatch(ctx, empty_args, len(empty_args))
+            lib.mep_dispatch(ctx_arg, empty_args)
         torch.cuda.synchronize()
     results["empty_kernel_us"] = statistics.median(_kernel_times(prof, "dispatch_kernel"))
     results["launch_host_us"] = statistics.median(launch_times())
@@ -251,6 +317,45 @@ def main(argv: Any = None) -> int:
         lib.mep_ctx_num_sms(ctx)
         calls.append((time.perf_counter() - t0) * 1e6)
     results["ctypes_call_us"] = statistics.median(calls)
+    # The launch's parts, timed in C (mean us over 200 iterations, median of 3 runs).
+    modes = [
+        "timer", "device_guard_v1", "launch_scope", "capture_query", "empty_kernel_plain",
+        "empty_params_runtime", "empty_params_driver", "dispatch_runtime", "dispatch_driver",
+        "dispatch_after_idle",
+    ]  # fmt: skip
+    results["launch_api"] = "driver" if lib.mep_ctx_launch_api(ctx) else "runtime"
+    c_parts: dict[str, Any] = {}
+    for mode, name in enumerate(modes):
+        runs = []
+        for _ in range(3):
+            out = ctypes.c_double()
+            rc = lib.mep_bench_launch(ctx, mode, 200, empty_args, ctypes.byref(out))
+            runs.append(out.value if rc == 0 else None)
+        ok = [r for r in runs if r is not None]
+        c_parts[name] = statistics.median(ok) if ok else None
+    results["c_launch_parts_us"] = c_parts
+
+    # Python-side pieces of an op (us per call, median of 5 runs of 2000 calls).
+    def per_call_us(fn: Any, n: int = 2000) -> float:
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            runs.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+        return statistics.median(runs)
+
+    small = torch.zeros(16, device="cuda")
+    results["py_parts_us"] = {
+        "is_current_stream_capturing": per_call_us(fast_path._stream_capturing),
+        "current_raw_stream": per_call_us(partial(fast_path._current_raw_stream, 0)),
+        "torch_small_kernel_launch": per_call_us(small.zero_, 200),
+        "x_get_device": per_call_us(x.get_device),
+        "x_data_ptr": per_call_us(x.data_ptr),
+        "python_noop_call": per_call_us(lambda: None),
+    }
+
     # Non-cooperative launches, for comparison (host cost of the launch and end-to-end time).
     lib.mep_ctx_set_cooperative(ctx, 0)
     torch.cuda.synchronize()
@@ -258,6 +363,14 @@ def main(argv: Any = None) -> int:
     results["e2e_noncoop_median_us"] = statistics.median(e2e_times())
     lib.mep_ctx_set_cooperative(ctx, 1)
     torch.cuda.synchronize()
+    # Runtime launches (cudaLaunchKernelExC: the kernel looked up on every call), for comparison.
+    if results["launch_api"] == "driver":
+        lib.mep_ctx_set_launch_api(ctx, 0)
+        torch.cuda.synchronize()
+        results["launch_host_runtime_us"] = statistics.median(launch_times())
+        results["e2e_runtime_launch_median_us"] = statistics.median(e2e_times())
+        lib.mep_ctx_set_launch_api(ctx, 1)
+        torch.cuda.synchronize()
 
     if args.profile_host:
         import cProfile
@@ -275,6 +388,24 @@ def main(argv: Any = None) -> int:
         pstats.Stats(prof_host, stream=text).sort_stats("tottime").print_stats(30)
         with open(args.profile_host, "w") as f:
             f.write(text.getvalue())
+
+    # Spread over time: blocks of the e2e measurement with the host time of the calls inside.
+    t_start = time.perf_counter()
+    blocks = []
+    for _ in range(6):
+        host_in: list[float] = []
+        at = time.perf_counter() - t_start
+        block = e2e_times(host_in)
+        blocks.append(
+            {
+                "at_s": round(at, 3),
+                "e2e_median_us": round(statistics.median(block), 2),
+                "e2e_best_us": round(min(block), 2),
+                "host_median_us": round(statistics.median(host_in), 2),
+                "host_best_us": round(min(host_in), 2),
+            }
+        )
+    results["e2e_blocks"] = blocks
 
     hbm = _hbm_bandwidth()
     d_bytes = selections * ((H + H // 128 * 4 + 16) if use_fp8 else (2 * H + 16))
@@ -313,7 +444,8 @@ def main(argv: Any = None) -> int:
         ),
         (
             "dispatch+combine via Python (mean/median/best)",
-            f"{r['e2e_mean_us']:.1f} / {r['e2e_median_us']:.1f} / {r['e2e_best_us']:.1f} us",
+            f"{r['e2e_mean_us']:.1f} / {r['e2e_median_us']:.1f} / {r['e2e_best_us']:.1f} us "
+            f"({len(r['e2e_samples_us'])} samples)",
             "<= 60 us",
         ),
         (
@@ -325,7 +457,16 @@ def main(argv: Any = None) -> int:
         ),
         (
             "host time of the two Python calls (Buffer / path)",
-            f"{r['python_calls_host_us']:.1f} / {r['path_calls_host_us']:.1f} us",
+            f"{r['python_calls_host_us']:.1f} / {r['path_calls_host_us']:.1f} us "
+            f"(dispatch {r['dispatch_call_host_us']:.1f}, combine {r['combine_call_host_us']:.1f})",
+            "",
+        ),
+        (
+            "e2e again (medians), with runtime launches",
+            ", ".join(f"{v:.1f}" for v in r["e2e_repeat_medians_us"])
+            + f" us; {r.get('e2e_runtime_launch_median_us', float('nan')):.1f} us "
+            f"(launch host {r.get('launch_host_runtime_us', float('nan')):.1f} us, "
+            f"API now {r['launch_api']})",
             "",
         ),
         (
@@ -349,6 +490,22 @@ def main(argv: Any = None) -> int:
     )
     for name, value, target in rows:
         print(f"  {name:<48} {value:<44} {target}")
+    parts = ", ".join(
+        f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in r["c_launch_parts_us"].items()
+    )
+    print(f"  launch parts in C (us): {parts}")
+    print(
+        "  host us of the dispatch / combine call after each wait: "
+        + ", ".join(f"{k} {v[0]:.1f} / {v[1]:.1f}" for k, v in r["host_split_us"].items())
+    )
+    print(
+        "  e2e blocks (median/best, host median): "
+        + ", ".join(
+            f"{b['e2e_median_us']:.1f}/{b['e2e_best_us']:.1f} ({b['host_median_us']:.1f})"
+            for b in r["e2e_blocks"]
+        )
+    )
+    print("  Python parts (us): " + ", ".join(f"{k} {v:.2f}" for k, v in r["py_parts_us"].items()))
     for name, points in results["phases_us"].items():
         text = ", ".join(
             f"{i}:{pt[0]:.1f}/{pt[1]:.1f}" for i, pt in enumerate(points) if pt is not None
