@@ -313,3 +313,54 @@ def coalesced_large_body(rank: int, world: int, port: int):
         for k, t in enumerate(ts):
             assert torch.all(t == tot * (k + 1)), f"tensor {k}: {t[0]} != {tot * (k + 1)}"
     return True
+
+
+def native_fold_body(rank: int, world: int, port: int):
+    """The engine's native fold (small all_reduce, clean op) gives the same bits as torch's fold:
+    the last rank is forced onto the torch path, every result is compared bitwise across ranks
+    and with ``reduce_fresh`` over every rank's input, recomputed here from the seeds."""
+    from mooncake.backend import collectives
+    from mooncake.backend.reduce_ops import _NATIVE_FOLD, reduce_fresh
+
+    torch_path = rank == world - 1
+    calls = {"reduce_fresh": 0}
+    orig = collectives.reduce_fresh
+
+    def counted(*a, **k):
+        calls["reduce_fresh"] += 1
+        return orig(*a, **k)
+
+    collectives.reduce_fresh = counted
+    if torch_path:
+        collectives.native_fold = lambda dtype, name: None
+    init(rank, world, port)
+
+    def data(r: int, dtype, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 97 + r)
+        if dtype.is_floating_point:  # wide dynamic range: the fold order shows in the bits
+            return (torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+                -6, 7, (n,), generator=g)).to(dtype)  # fmt: skip
+        return torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, dtype=torch.int64).to(dtype)
+
+    ops = {
+        "SUM": dist.ReduceOp.SUM,
+        "PRODUCT": dist.ReduceOp.PRODUCT,
+        "MIN": dist.ReduceOp.MIN,
+        "MAX": dist.ReduceOp.MAX,
+    }
+    checks = 0
+    for seed, ((dtype, name), _) in enumerate(sorted(_NATIVE_FOLD.items(), key=str)):
+        for n in (1, 7, 256):
+            t = data(rank, dtype, n, seed * 10 + n)
+            dist.all_reduce(t, op=ops[name])
+            want = torch.empty(n, dtype=dtype)
+            reduce_fresh(want, [data(r, dtype, n, seed * 10 + n) for r in range(world)], name)
+            assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), (dtype, name, n)
+            everyone = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(everyone, t)
+            assert all(torch.equal(e.view(torch.uint8), t.view(torch.uint8)) for e in everyone)
+            checks += 1
+    # Native ranks folded every op natively (no torch fold); the torch rank folded them all.
+    assert (calls["reduce_fresh"] > 0) == torch_path, calls
+    dist.destroy_process_group()
+    return checks

@@ -29,3 +29,12 @@ def test_coalesced_large_tensors():
     from ops_cases import coalesced_large_body
 
     assert all(run_world(coalesced_large_body, 3, timeout=100).values())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_native_fold_matches_torch_bitwise(world):
+    from ops_cases import native_fold_body
+
+    res = run_world(native_fold_body, world, timeout=100)
+    assert all(v == 3 * 12 for v in res.values()), res

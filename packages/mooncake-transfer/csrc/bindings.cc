@@ -95,6 +95,53 @@ py::object to_notification(MessagePtr m) {
   return py::cast(NotificationObj{std::move(m), py::none()});
 }
 
+// exchange_round's optional reduction over the landed rows (see its docstring). Element-wise left
+// folds in member order, exactly as torch's binary ops compute them (no reassociation, no FMA;
+// integers wrap as two's complement): floats SUM and PRODUCT, integers also MIN and MAX.
+enum ReduceDtype : int { kRF32 = 1, kRF64 = 2, kRI32 = 3, kRI64 = 4 };
+enum ReduceOp : int { kRSum = 1, kRProd = 2, kRMin = 3, kRMax = 4 };
+
+template <class T, class U>
+void fold(T* out, const std::vector<const T*>& parts, size_t count, int op) {
+  // U: the type the arithmetic runs in (unsigned for integers: wrapping, no UB).
+  for (size_t i = 0; i < count; ++i) {
+    T acc = parts[0][i];
+    for (size_t k = 1; k < parts.size(); ++k) {
+      const T v = parts[k][i];
+      switch (op) {
+        case kRSum: acc = static_cast<T>(static_cast<U>(acc) + static_cast<U>(v)); break;
+        case kRProd: acc = static_cast<T>(static_cast<U>(acc) * static_cast<U>(v)); break;
+        case kRMin: acc = v < acc ? v : acc; break;
+        default: acc = v > acc ? v : acc; break;
+      }
+    }
+    out[i] = acc;
+  }
+}
+
+size_t reduce_elem_size(int dtype) {
+  switch (dtype) {
+    case kRF32: case kRI32: return 4;
+    case kRF64: case kRI64: return 8;
+    default: return 0;
+  }
+}
+
+void reduce_rows(int dtype, int op, size_t count, const std::vector<const void*>& parts, void* out) {
+  auto cast = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> p;
+    for (const void* q : parts) p.push_back(static_cast<const T*>(q));
+    return p;
+  };
+  switch (dtype) {
+    case kRF32: fold<float, float>(static_cast<float*>(out), cast(float{}), count, op); break;
+    case kRF64: fold<double, double>(static_cast<double*>(out), cast(double{}), count, op); break;
+    case kRI32: fold<int32_t, uint32_t>(static_cast<int32_t*>(out), cast(int32_t{}), count, op); break;
+    default: fold<int64_t, uint64_t>(static_cast<int64_t*>(out), cast(int64_t{}), count, op); break;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_engine, m) {
@@ -402,7 +449,8 @@ PYBIND11_MODULE(_engine, m) {
       .def("exchange_round", [](Engine& e, const std::vector<std::string>& peers, int64_t tag, py::buffer data,
                                 int64_t addr, int64_t length, std::optional<double> timeout, int64_t key_offset,
                                 py::bytes key, py::bytes expect, const std::vector<int64_t>& dests,
-                                int64_t dest_len, py::bytes then, py::bytes second, double second_min_timeout) {
+                                int64_t dest_len, py::bytes then, py::bytes second, double second_min_timeout,
+                                const std::vector<int64_t>& reduce) {
         // One or two message rounds in one GIL-free call. Round 1: send `data` (+ `length` bytes at
         // `addr`) to every peer, take one message from each (stale ones dropped by key, as
         // recv_round), and land the messages that are exactly `expect` + `dest_len` payload bytes
@@ -420,6 +468,32 @@ PYBIND11_MODULE(_engine, m) {
                                       " for " + std::to_string(peers.size()) + " peers)");
         for (int64_t d : dests)
           if (dlen > 0 && d <= 0) throw std::invalid_argument("dests holds a null or negative address");
+        int r_dtype = 0, r_op = 0;
+        size_t r_count = 0, r_pos = 0;
+        int64_t r_self = 0, r_out = 0;
+        if (!reduce.empty()) {
+          if (reduce.size() != 6)
+            throw std::invalid_argument("reduce must be (dtype, op, count, self_addr, out_addr, self_pos), got " +
+                                        std::to_string(reduce.size()) + " values");
+          r_dtype = static_cast<int>(reduce[0]);
+          r_op = static_cast<int>(reduce[1]);
+          const size_t es = reduce_elem_size(r_dtype);
+          if (es == 0) throw std::invalid_argument("reduce dtype " + std::to_string(reduce[0]) + " is not 1-4");
+          const bool is_float = r_dtype == kRF32 || r_dtype == kRF64;
+          if (r_op < kRSum || r_op > kRMax || (is_float && r_op > kRProd))
+            throw std::invalid_argument("reduce op " + std::to_string(reduce[1]) +
+                                        " is not supported for this dtype (floats: 1-2, integers: 1-4)");
+          r_count = static_cast<size_t>(nonneg(reduce[2], "reduce count"));
+          r_self = reduce[3];
+          r_out = reduce[4];
+          r_pos = static_cast<size_t>(nonneg(reduce[5], "reduce self_pos"));
+          if (r_count * es != dlen)
+            throw std::invalid_argument("reduce count * element size (" + std::to_string(r_count * es) +
+                                        ") must equal dest_len (" + std::to_string(dlen) + ")");
+          if (r_pos > peers.size()) throw std::invalid_argument("reduce self_pos is past the member list");
+          if (r_count > 0 && (r_self <= 0 || r_out <= 0))
+            throw std::invalid_argument("reduce needs non-null self and out addresses");
+        }
         if (!(second_min_timeout >= 0))
           throw std::invalid_argument("second_min_timeout must be >= 0, got " + std::to_string(second_min_timeout));
         py::buffer_info info = data.request();
@@ -490,6 +564,14 @@ PYBIND11_MODULE(_engine, m) {
             matched = run(round2.data(), round2.size(), wait2, round2, 0);
             rounds = 2;
           }
+          if (n > 0 && matched == n && r_dtype != 0 && r_count > 0) {
+            std::vector<const void*> parts;
+            for (size_t i = 0; i <= n; ++i) {
+              if (i == r_pos) parts.push_back(reinterpret_cast<const void*>(r_self));
+              if (i < n) parts.push_back(reinterpret_cast<const void*>(dests[i]));
+            }
+            reduce_rows(r_dtype, r_op, r_count, parts, reinterpret_cast<void*>(r_out));
+          }
           if (n > 0 && matched == n && !after.empty()) {
             for (const auto& p : peers) {
               try {
@@ -516,7 +598,8 @@ PYBIND11_MODULE(_engine, m) {
         return py::make_tuple(rounds, res);
       }, py::arg("peers"), py::arg("tag"), py::arg("data"), py::arg("addr"), py::arg("length"),
          py::arg("timeout"), py::arg("key_offset"), py::arg("key"), py::arg("expect"), py::arg("dests"),
-         py::arg("dest_len"), py::arg("then"), py::arg("second"), py::arg("second_min_timeout"))
+         py::arg("dest_len"), py::arg("then"), py::arg("second"), py::arg("second_min_timeout"),
+         py::arg("reduce"))
       .def("recv_notify", [](Engine& e, std::optional<std::string> peer, std::optional<int64_t> tag,
                              std::optional<double> timeout) {
         double t = timeout_arg(timeout);

@@ -546,3 +546,74 @@ def test_exchange_round(engine_factory, peer_factory):
         a.exchange_round(["xb"], 6, b"v", 1.0, length=4)
     with pytest.raises(ValueError, match="second_min_timeout"):
         a.exchange_round(["xb"], 6, b"v", 1.0, second=b"v", second_min_timeout=-1)
+
+
+@pytest.mark.timeout(60)
+def test_exchange_round_reduce(engine_factory):
+    """The optional fold over the landed rows: member order (this rank at self_pos), float32
+    rounding at every step, wrapping integers, and nothing written unless every row landed."""
+    import struct
+
+    a, b, c = engine_factory("ya"), engine_factory("yb"), engine_factory("yc")
+    for x, y in ((a, b), (a, c), (b, a), (c, a)):
+        x.connect(y.endpoint)
+    head = b"H" * 8
+
+    def f32(*v):
+        return struct.pack(f"<{len(v)}f", *v)
+
+    def run(tag, mine: bytes, theirs: dict, reduce_spec, out_len, fmt):
+        for e, name in ((b, "yb"), (c, "yc")):
+            if name in theirs:
+                e.notify("ya", head + theirs[name], tag)
+        src = ctypes.create_string_buffer(mine, len(mine))
+        rows = [ctypes.create_string_buffer(len(mine)) for _ in range(2)]
+        out = ctypes.create_string_buffer(out_len)
+        dtype, op, count, pos = reduce_spec
+        rounds, res = a.exchange_round(
+            ["yb", "yc"], tag, head, 0.5, expect=head, dests=[ctypes.addressof(r) for r in rows],
+            dest_len=len(mine),
+            reduce=(dtype, op, count, ctypes.addressof(src), ctypes.addressof(out), pos),
+        )  # fmt: skip
+        for e in (b, c):
+            e.recv_notify("ya", tag, timeout=5)
+        return res, struct.unpack(fmt, out.raw)
+
+    # float32 sum in member order b, a, c: (1 + 1e8) rounds to 1e8, then - 1e8 = 0 (any other
+    # order gives 1); the second element checks plain addition.
+    res, got = run(1, f32(1e8, 2.5), {"yb": f32(1.0, 1.0), "yc": f32(-1e8, 4.0)}, (1, 1, 2, 1), 8, "<2f")
+    assert res == [(3, None), (3, None)]
+    assert got == (0.0, 7.5)
+    # This rank first: (1e8 + -1e8) + 1 = 1.
+    _, got = run(2, f32(1e8), {"yb": f32(-1e8), "yc": f32(1.0)}, (1, 1, 1, 0), 4, "<f")
+    assert got == (1.0,)
+    # int64 sum wraps; int32 min / max; float64 product.
+    big = (1 << 63) - 1
+    _, got = run(3, struct.pack("<q", big), {"yb": struct.pack("<q", 1), "yc": struct.pack("<q", 1)},
+                 (4, 1, 1, 2), 8, "<q")  # fmt: skip
+    assert got == (-(1 << 63) + 1,)
+    i32 = lambda *v: struct.pack(f"<{len(v)}i", *v)  # noqa: E731
+    _, got = run(4, i32(5, -7), {"yb": i32(3, 9), "yc": i32(8, -8)}, (3, 3, 2, 0), 8, "<2i")
+    assert got == (3, -8)
+    _, got = run(5, i32(5, -7), {"yb": i32(3, 9), "yc": i32(8, -8)}, (3, 4, 2, 0), 8, "<2i")
+    assert got == (8, 9)
+    _, got = run(6, struct.pack("<d", 1.5), {"yb": struct.pack("<d", -2.0), "yc": struct.pack("<d", 4.0)},
+                 (2, 2, 1, 1), 8, "<d")  # fmt: skip
+    assert got == (-12.0,)
+    # A row that did not land (c silent): nothing is written.
+    res, got = run(7, f32(1.0), {"yb": f32(2.0)}, (1, 1, 1, 0), 4, "<f")
+    assert res[1] == (2, None) and got == (0.0,)
+    # Bad specs are named.
+    x = ctypes.create_string_buffer(8)
+    ax = ctypes.addressof(x)
+    for spec, match in (
+        ((9, 1, 1, ax, ax, 0), "dtype"),
+        ((1, 3, 1, ax, ax, 0), "op"),
+        ((1, 1, 3, ax, ax, 0), "dest_len"),
+        ((1, 1, 1, ax, ax, 5), "self_pos"),
+        ((1, 1, 1, 0, ax, 0), "address"),
+        ((1, 1, 1), "reduce must be"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            a.exchange_round(["yb", "yc"], 8, head, 0.1, expect=head, dests=[ax, ax], dest_len=4,
+                             reduce=spec)  # fmt: skip

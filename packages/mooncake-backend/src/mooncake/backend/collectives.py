@@ -19,7 +19,7 @@ import torch
 
 from . import bulk
 from .exchange import Exchange, even_chunks, no_commit, tensor_bytes
-from .reduce_ops import reduce_fresh, reduce_into
+from .reduce_ops import native_fold, reduce_fresh, reduce_into
 
 Commit = Callable[[], None]
 SMALL_ALLREDUCE_BYTES = 64 * 1024
@@ -45,7 +45,15 @@ def allreduce(x: Exchange, t: torch.Tensor, op: str, last: bool = False) -> Comm
 def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str, last: bool) -> Commit:
     peers = x.peers
     rows, result, addrs = x.scratch.small(x.scratch_scope(), flat, peers)
-    got = x.exchange(peers, 0, flat, addrs, lambda src, n: rows[src], last)
+    fold = native_fold(flat.dtype, op) if last else None
+    if fold is not None:
+        # When every payload and every vote arrives clean, the agreement is decided inside the
+        # native call, which then folds the rows straight into ``flat`` (the commit).
+        ptr = flat.data_ptr()
+        fold = (*fold, flat.numel(), ptr, ptr, x.members.index(x.me))
+    got = x.exchange(peers, 0, flat, addrs, lambda src, n: rows[src], last, fold)
+    if fold is not None and x.voted == ():
+        return no_commit  # decided and committed natively
     if len(got) != len(peers):
         return no_commit
     me = x.me

@@ -311,6 +311,7 @@ class Exchange:
         dests: list[int],
         sink: DataSink,
         last: bool = False,
+        fold: Optional[tuple] = None,
     ) -> set[int]:
         """``send_many(peers, phase, t)`` then ``recv_each(peers, phase, sink)``, as one native
         round when nothing needs the step-by-step path (a pull-sized payload, an armed fault
@@ -321,7 +322,9 @@ class Exchange:
         ``last``: this is the algorithm's last message round and ``peers`` are all the attempt's
         peers. When every payload landed, the same native call then runs the agreement's round
         0 (this rank's clean vote; ``voted`` keeps the peers' votes for ``agree``) and, when
-        every vote is clean too, sends the DECIDED."""
+        every vote is clean too, sends the DECIDED and, with ``fold`` (the engine's ``reduce``
+        spec), folds the landed rows with this rank's input into the op's result: ``voted == ()``
+        afterwards says that happened."""
         size = t.numel() * t.element_size()
         names, failed, mailbox = self.names, self.failed, self.mailbox
         targets = [names[p] for p in peers]
@@ -343,6 +346,7 @@ class Exchange:
             targets, self.tag, head, self.deadline - time.monotonic(), self._key,
             addr=t.data_ptr(), length=size, expect=head, dests=dests, dest_len=size,
             second=vote, second_min_timeout=self.grace, then=final,
+            reduce=fold if vote and fold is not None else (),
         )  # fmt: skip
         if rounds == 2:  # every payload landed; res holds the votes
             self.bytes_sent += size * len(peers)

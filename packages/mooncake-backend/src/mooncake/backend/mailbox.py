@@ -149,17 +149,19 @@ class Mailbox:
         then: bytes = b"",
         second: bytes = b"",
         second_min_timeout: float = 0.0,
+        reduce: Any = (),
     ) -> tuple[int, list[tuple[int, Any]]]:
         """Whole rounds in one native call (``TransferEngine.exchange_round``): ``head`` +
         ``length`` bytes at ``addr`` to every peer, then one message from each (stale ones
         dropped by ``key``); messages equal to ``expect`` + ``dest_len`` bytes land at ``dests``;
-        when all landed, a ``second`` round (if given), then ``then``. Returns (rounds run, per
+        when all landed, a ``second`` round (if given), then ``then`` and the ``reduce`` fold
+        (see the engine's docstring). Returns (rounds run, per
         peer of the last: (3, None) landed | (0, notification) | (1, dead) | (2, timed out) |
         (4, the send failed)). Callers check ``has_back`` first."""
         return self.engine.exchange_round(
             peers, tag, head, None if timeout is None else max(0.0, timeout),
             addr=addr, length=length, key=key, expect=expect, dests=dests, dest_len=dest_len,
-            then=then, second=second, second_min_timeout=second_min_timeout,
+            then=then, second=second, second_min_timeout=second_min_timeout, reduce=reduce,
         )  # fmt: skip
 
     def forget(self, peer: str) -> None:

@@ -141,3 +141,22 @@ _FP8 = {
     if hasattr(torch, n)
 }
 _SLOW = _FP8 | {torch.bool}
+
+
+# (dtype, op) -> (dtype code, op code) of the transfer engine's native fold
+# (``TransferEngine.exchange_round(reduce=...)``), which computes exactly what ``reduce_fresh``
+# does for these: element-wise left folds in rank order, floats without reassociation, integers
+# wrapping. Other dtypes (bf16/fp16 rounding, NaN-aware float MIN/MAX) stay in torch.
+_NATIVE_FOLD = {
+    (torch.float32, "SUM"): (1, 1),
+    (torch.float32, "PRODUCT"): (1, 2),
+    (torch.float64, "SUM"): (2, 1),
+    (torch.float64, "PRODUCT"): (2, 2),
+    **{(torch.int32, n): (3, k) for n, k in (("SUM", 1), ("PRODUCT", 2), ("MIN", 3), ("MAX", 4))},
+    **{(torch.int64, n): (4, k) for n, k in (("SUM", 1), ("PRODUCT", 2), ("MIN", 3), ("MAX", 4))},
+}
+
+
+def native_fold(dtype: torch.dtype, name: str):
+    """(dtype code, op code) when the engine can fold this reduction natively, else None."""
+    return _NATIVE_FOLD.get((dtype, name))

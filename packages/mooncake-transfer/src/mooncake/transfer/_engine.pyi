@@ -123,6 +123,7 @@ class Engine:
         then: bytes,
         second: bytes,
         second_min_timeout: float,
+        reduce: list[int],
     ) -> tuple[int, list[tuple[int, Any]]]: ...
     def recv_notify(
         self, peer: Optional[str], tag: Optional[int], timeout: Optional[float]

@@ -439,6 +439,7 @@ class TransferEngine:
         then: bytes = b"",
         second: bytes = b"",
         second_min_timeout: float = 0.0,
+        reduce: Sequence[int] = (),
     ) -> tuple[int, list[tuple[int, Any]]]:
         """One or two message rounds in one call, the GIL released throughout.
 
@@ -450,7 +451,13 @@ class TransferEngine:
         `second` is not empty: `second` is sent to every peer and a peer's message lands when it
         equals `second`; it waits until `timeout` (counted from the call) or at least
         `second_min_timeout` seconds. When every message of the last round run landed and `then`
-        is not empty, `then` is sent to every peer (failures ignored).
+        is not empty, `then` is sent to every peer (failures ignored), and first, when `reduce` =
+        (dtype, op, count, self_addr, out_addr, self_pos) is given, the landed rows and this
+        rank's own `count` elements at `self_addr` (at position `self_pos` of the member order:
+        the peers in order, this rank inserted before `peers[self_pos]`) are folded element-wise,
+        left to right, into `out_addr` (which may be `self_addr`): dtype 1 float32, 2 float64,
+        3 int32, 4 int64; op 1 sum, 2 product (floats and integers), 3 min, 4 max (integers
+        only; integers wrap). The result is what torch's binary ops give in the same order.
 
         Returns (rounds run, per peer of the last round, in order): (3, None) landed,
         (0, Notification) any other message, (1, reason) dead with nothing queued, (2, None)
@@ -459,7 +466,7 @@ class TransferEngine:
             raise TypeError("data must be bytes-like, got str (encode it first)")
         return self._core.exchange_round(
             list(peers), tag, data, addr, length, timeout, key_offset, key, expect,
-            list(dests), dest_len, then, second, second_min_timeout,
+            list(dests), dest_len, then, second, second_min_timeout, list(reduce),
         )  # fmt: skip
 
     def recv_notify(
