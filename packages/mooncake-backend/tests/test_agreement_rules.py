@@ -155,8 +155,10 @@ def test_round_zero_run_by_the_data_phase_is_used_not_resent():
     x = _exchange(mb)
     x.voted = [(3, None)] * 3
     assert agree(x, grace=1.0) == (set(), set())
-    assert mb.sent == [] and mb.read_rounds == 0
+    assert mb.sent == []
+    assert mb.read_rounds == 0
     x = _exchange(mb)
     x.voted = ()  # Exchange.exchange's mark for "every vote landed clean"
     assert agree(x, grace=1.0) == (set(), set())
-    assert mb.sent == [] and mb.read_rounds == 0
+    assert mb.sent == []
+    assert mb.read_rounds == 0

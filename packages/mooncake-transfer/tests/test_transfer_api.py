@@ -488,7 +488,8 @@ def test_exchange_round(engine_factory, peer_factory):
     assert rounds == 1  # not every payload landed: no second round, no `then`
     assert res[0] == (3, None)
     assert dst[0].raw == b"bbbb"
-    assert res[1][0] == 0 and res[1][1].data == key + b"Xcccc"
+    assert res[1][0] == 0
+    assert res[1][1].data == key + b"Xcccc"
     assert dst[1].raw == b"\0" * 4  # not landed: untouched
     for e in (b, c):  # the data went out, joined; nothing else did
         assert e.recv_notify("xa", 1, timeout=5).data == head + b"mine"
@@ -519,7 +520,8 @@ def test_exchange_round(engine_factory, peer_factory):
         ["xb", "xc"], 3, b"d", 0.05, expect=b"d", second=b"v", second_min_timeout=0.3, then=b"X"
     )
     assert rounds == 2
-    assert res[0][0] == 0 and res[0][1].data == b"other"
+    assert res[0][0] == 0
+    assert res[0][1].data == b"other"
     assert res[1] == (2, None)
     assert 0.25 <= time.monotonic() - t0 < 2.0
     # One round only: `then` follows it when every message matched.
@@ -538,7 +540,9 @@ def test_exchange_round(engine_factory, peer_factory):
     os.kill(peer.pid, signal.SIGKILL)
     t0 = time.monotonic()
     rounds, res = a.exchange_round([peer.name], 5, b"v", 10.0, expect=b"v")
-    assert rounds == 1 and res[0][0] in (1, 4) and isinstance(res[0][1], str)
+    assert rounds == 1
+    assert res[0][0] in (1, 4)
+    assert isinstance(res[0][1], str)
     assert time.monotonic() - t0 < 3.0
     with pytest.raises(ValueError, match="dests"):
         a.exchange_round(["xb", "xc"], 6, b"v", 1.0, dests=[1], dest_len=4)
@@ -570,7 +574,7 @@ def test_exchange_round_reduce(engine_factory):
         rows = [ctypes.create_string_buffer(len(mine)) for _ in range(2)]
         out = ctypes.create_string_buffer(out_len)
         dtype, op, count, pos = reduce_spec
-        rounds, res = a.exchange_round(
+        _, res = a.exchange_round(
             ["yb", "yc"], tag, head, 0.5, expect=head, dests=[ctypes.addressof(r) for r in rows],
             dest_len=len(mine),
             reduce=(dtype, op, count, ctypes.addressof(src), ctypes.addressof(out), pos),
@@ -581,7 +585,8 @@ def test_exchange_round_reduce(engine_factory):
 
     # float32 sum in member order b, a, c: (1 + 1e8) rounds to 1e8, then - 1e8 = 0 (any other
     # order gives 1); the second element checks plain addition.
-    res, got = run(1, f32(1e8, 2.5), {"yb": f32(1.0, 1.0), "yc": f32(-1e8, 4.0)}, (1, 1, 2, 1), 8, "<2f")
+    theirs = {"yb": f32(1.0, 1.0), "yc": f32(-1e8, 4.0)}
+    res, got = run(1, f32(1e8, 2.5), theirs, (1, 1, 2, 1), 8, "<2f")
     assert res == [(3, None), (3, None)]
     assert got == (0.0, 7.5)
     # This rank first: (1e8 + -1e8) + 1 = 1.
@@ -589,20 +594,21 @@ def test_exchange_round_reduce(engine_factory):
     assert got == (1.0,)
     # int64 sum wraps; int32 min / max; float64 product.
     big = (1 << 63) - 1
-    _, got = run(3, struct.pack("<q", big), {"yb": struct.pack("<q", 1), "yc": struct.pack("<q", 1)},
-                 (4, 1, 1, 2), 8, "<q")  # fmt: skip
+    one = struct.pack("<q", 1)
+    _, got = run(3, struct.pack("<q", big), {"yb": one, "yc": one}, (4, 1, 1, 2), 8, "<q")
     assert got == (-(1 << 63) + 1,)
     i32 = lambda *v: struct.pack(f"<{len(v)}i", *v)  # noqa: E731
     _, got = run(4, i32(5, -7), {"yb": i32(3, 9), "yc": i32(8, -8)}, (3, 3, 2, 0), 8, "<2i")
     assert got == (3, -8)
     _, got = run(5, i32(5, -7), {"yb": i32(3, 9), "yc": i32(8, -8)}, (3, 4, 2, 0), 8, "<2i")
     assert got == (8, 9)
-    _, got = run(6, struct.pack("<d", 1.5), {"yb": struct.pack("<d", -2.0), "yc": struct.pack("<d", 4.0)},
-                 (2, 2, 1, 1), 8, "<d")  # fmt: skip
+    f64 = lambda v: struct.pack("<d", v)  # noqa: E731
+    _, got = run(6, f64(1.5), {"yb": f64(-2.0), "yc": f64(4.0)}, (2, 2, 1, 1), 8, "<d")
     assert got == (-12.0,)
     # A row that did not land (c silent): nothing is written.
     res, got = run(7, f32(1.0), {"yb": f32(2.0)}, (1, 1, 1, 0), 4, "<f")
-    assert res[1] == (2, None) and got == (0.0,)
+    assert res[1] == (2, None)
+    assert got == (0.0,)
     # Bad specs are named.
     x = ctypes.create_string_buffer(8)
     ax = ctypes.addressof(x)

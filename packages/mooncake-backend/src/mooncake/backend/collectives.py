@@ -26,8 +26,8 @@ SMALL_ALLREDUCE_BYTES = 64 * 1024
 
 
 def allreduce(x: Exchange, t: torch.Tensor, op: str, last: bool = False) -> Commit:
-    """``last``: this call is the op's only communication (not one tensor of a coalesced op),
-    so a small one may run the agreement's first round in its native call (``Exchange.exchange``)."""
+    """``last``: this call is the op's only communication (not one tensor of a coalesced op), so
+    a small one may run the agreement's first round in its native call (``Exchange.exchange``)."""
     flat = _flat(t)
     nbytes = flat.numel() * flat.element_size()
     members = x.members
