@@ -222,6 +222,7 @@ Engine::Engine(EngineConfig cfg)
   epoll_ctl(epfd_, EPOLL_CTL_ADD, listen_fd_, &ev);
   ev.data.ptr = &wake_fd_;
   epoll_ctl(epfd_, EPOLL_CTL_ADD, wake_fd_, &ev);
+  watch_link_->engine = this;
   io_thread_ = std::thread([this] { io_loop(); });
 }
 
@@ -527,6 +528,10 @@ void Engine::close() {
     peers_cv_.notify_all();
   }
   for (auto& c : conns) send_control(*c, kBye);
+  {
+    std::lock_guard<std::mutex> g(watch_link_->mu);  // detached liveness watchers stop calling in
+    watch_link_->engine = nullptr;
+  }
   stop_.store(true);
   wake_io();
   if (io_thread_.joinable()) io_thread_.join();

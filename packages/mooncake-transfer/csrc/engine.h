@@ -127,7 +127,10 @@ class Engine : private FrameHandler {
 
   // engine_ops.cc
   void copier_loop();
-  void offer_ring(Peer& p, Connection& c);
+  void offer_ring(const std::shared_ptr<Peer>& p, Connection& c);
+  // Waits (detached thread) on a same-host peer's liveness lock; marks the peer DEAD when the
+  // lock is released (see DoorbellWord::alive).
+  void watch_liveness(const std::shared_ptr<Peer>& p, std::shared_ptr<SharedRegion> bell);
   void run_local(const Op& op, const std::shared_ptr<Batch>& b);
 
   EngineConfig cfg_;
@@ -159,6 +162,13 @@ class Engine : private FrameHandler {
   std::atomic<uint64_t> next_req_{1};
   std::atomic<bool> cma_eperm_logged_{false};
   std::atomic<uint64_t> ring_counter_{0};
+  // Liveness watchers are detached threads: they reach the engine only through this, which
+  // close() clears under the mutex (so none calls into a closed engine).
+  struct WatchLink {
+    std::mutex mu;
+    Engine* engine = nullptr;
+  };
+  std::shared_ptr<WatchLink> watch_link_ = std::make_shared<WatchLink>();
 
   LocalCopyTransport shm_;
   LocalCopyTransport cma_;

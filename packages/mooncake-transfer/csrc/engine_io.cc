@@ -64,6 +64,7 @@ void Engine::send_error(Connection& c, uint64_t req, uint32_t code, const std::s
 }
 
 void Engine::io_loop() {
+  inbox_.hold_liveness();  // held by this thread until it ends (see DoorbellWord::alive)
   epoll_event evs[64];
   int64_t next_wake = now_ns() + detector_.interval_ns();
   while (!stop_.load()) {

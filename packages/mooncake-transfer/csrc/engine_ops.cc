@@ -1,5 +1,11 @@
 // Engine data path: submit (per-transport dispatch), notify, receive, same-host copy worker.
+#include <pthread.h>
+#include <time.h>
+
 #include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <thread>
 
 #include "engine.h"
 
@@ -130,7 +136,7 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
     notify_ring_sent.fetch_add(1, std::memory_order_relaxed);
     return;
   }
-  if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingNone) offer_ring(*p, *c);
+  if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingNone) offer_ring(p, *c);
   SendItem it;
   it.hdr = make_header(kNotify, 0, static_cast<uint32_t>(len), 0, tag, seq);
   it.data = static_cast<const uint8_t*>(data);
@@ -139,7 +145,10 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
   notify_tcp_sent.fetch_add(1, std::memory_order_relaxed);
 }
 
-void Engine::offer_ring(Peer& p, Connection& c) {
+bool liveness_lock_enabled();  // MOONCAKE_TRANSFER_LIVENESS_LOCK=0 turns the watchers off
+
+void Engine::offer_ring(const std::shared_ptr<Peer>& sp, Connection& c) {
+  Peer& p = *sp;
   p.ring_state.store(Peer::kRingOff);  // unless everything below works
   if (!cfg_.notify_ring || !p.same_host || p.doorbell_fd == UINT32_MAX) return;
   std::string why;
@@ -148,6 +157,7 @@ void Engine::offer_ring(Peer& p, Connection& c) {
     log(kLogDebug, "no notify ring to '" + p.name + "': " + why);
     return;
   }
+  if (liveness_lock_enabled()) watch_liveness(sp, bell);
   std::unique_ptr<RingWriter> ring;
   try {
     ring = std::make_unique<RingWriter>("mooncake-ring-" + token_ + "-" + std::to_string(++ring_counter_));
@@ -167,6 +177,53 @@ void Engine::offer_ring(Peer& p, Connection& c) {
   // Offered before sending: the answer (-> Ready) may come back before send() returns.
   p.ring_state.store(Peer::kRingOffered);
   if (!c.send(&it, 1, false)) p.ring_state.store(Peer::kRingOff);
+}
+
+bool liveness_lock_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOONCAKE_TRANSFER_LIVENESS_LOCK");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+void Engine::watch_liveness(const std::shared_ptr<Peer>& p, std::shared_ptr<SharedRegion> bell) {
+  std::weak_ptr<Peer> weak = p;
+  std::shared_ptr<WatchLink> link = watch_link_;
+  std::thread([weak, link, bell = std::move(bell)] {
+    auto* d = reinterpret_cast<DoorbellWord*>(bell->base());
+    // Ends when the engine closes, the peer record goes away, or the lock is released.
+    auto gone = [&] {
+      std::lock_guard<std::mutex> g(link->mu);
+      auto sp = weak.lock();
+      return link->engine == nullptr || !sp || sp->dead();
+    };
+    while (d->alive_armed.load(std::memory_order_acquire) == 0) {  // the owner takes it at start
+      if (gone()) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    for (;;) {
+      timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 100 * 1000 * 1000;  // re-check `gone` every 100 ms
+      if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000;
+      }
+      const int rc = pthread_mutex_timedlock(&d->alive, &ts);
+      if (rc == ETIMEDOUT) {
+        if (gone()) return;
+        continue;
+      }
+      if (rc == EOWNERDEAD) pthread_mutex_consistent(&d->alive);
+      if (rc == EOWNERDEAD || rc == 0) pthread_mutex_unlock(&d->alive);  // the next watcher's turn
+      if (rc != EOWNERDEAD && rc != 0) return;  // unusable lock: leave it to the other signals
+      std::lock_guard<std::mutex> g(link->mu);
+      auto sp = weak.lock();
+      if (link->engine && sp) link->engine->mark_dead(sp, "process exited (its liveness lock was released)");
+      return;
+    }
+  }).detach();
 }
 
 MessagePtr Engine::recv_notify(const std::string* peer, const uint64_t* tag, double timeout_s) {

@@ -43,6 +43,17 @@ Inbox::Inbox() : spin_ns_(default_spin_ns()) {
   bell_ = new (doorbell_region_->base()) DoorbellWord;
   bell_->seq.store(0);
   bell_->sleepers.store(0);
+  bell_->alive_armed.store(0);
+  pthread_mutexattr_t a;
+  pthread_mutexattr_init(&a);
+  pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(&bell_->alive, &a);
+  pthread_mutexattr_destroy(&a);
+}
+
+void Inbox::hold_liveness() {
+  if (pthread_mutex_lock(&bell_->alive) == 0) bell_->alive_armed.store(1, std::memory_order_release);
 }
 
 void Inbox::enqueue_locked(MessagePtr m) {

@@ -63,6 +63,9 @@ class Inbox {
   size_t queued();
 
   const SharedRegion& doorbell_region() const { return *doorbell_region_; }
+  // Takes this engine's liveness lock (see DoorbellWord::alive); called once by the I/O thread,
+  // which then holds it until it ends.
+  void hold_liveness();
 
  private:
   struct Ring {

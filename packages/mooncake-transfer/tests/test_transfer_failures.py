@@ -209,3 +209,56 @@ def test_replacement_needs_new_name_dead_is_final(engine_factory, peer_factory):
     assert eng.peer_state(first.name) == PeerState.UNKNOWN
     with pytest.raises(TransferError):
         eng.notify(first.name, b"x")
+
+
+_FORKING_VICTIM = r"""
+import os, sys, time
+from mooncake.transfer import TransferEngine
+e = TransferEngine("victim-" + str(os.getpid()))
+e.connect(sys.argv[1])
+e.notify(sys.argv[2], b"hi", 1)
+assert e.recv_notify(sys.argv[2], 1, timeout=30).data == b"ping"
+child = os.fork()
+if child == 0:  # the child keeps every socket of the engine open, then sleeps
+    time.sleep(60)
+    os._exit(0)
+e.notify(sys.argv[2], b"pong %d" % child, 1)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_killed_same_host_peer_is_dead_before_its_sockets_close(engine_factory):
+    """A same-host peer that is killed is DEAD through its liveness lock (released by the kernel
+    when its I/O thread dies), even while a forked child keeps its sockets open and heartbeats
+    would take a minute."""
+    import subprocess
+    import sys
+
+    from mooncake.transfer import PeerState
+
+    w = engine_factory("watcher-lock", heartbeat_timeout=60.0)
+    p = subprocess.Popen([sys.executable, "-c", _FORKING_VICTIM, w.endpoint, w.name])
+    child = 0
+    try:
+        hi = w.recv_notify(None, 1, timeout=30)
+        assert hi is not None
+        assert hi.data == b"hi"
+        victim = hi.peer
+        w.notify(victim, b"ping", 1)  # opens the ring to the victim: the watch starts here
+        pong = w.recv_notify(victim, 1, timeout=30).data
+        assert pong.startswith(b"pong ")
+        child = int(pong.split()[1])
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        os.kill(p.pid, signal.SIGKILL)
+        while w.peer_state(victim) != PeerState.DEAD and time.monotonic() - t0 < 10:
+            time.sleep(0.001)
+        took = time.monotonic() - t0
+        assert w.peer_state(victim) == PeerState.DEAD, f"not DEAD {took:.1f} s after the kill"
+        assert took < 3.0
+    finally:
+        p.kill()
+        p.wait()
+        if child:
+            os.kill(child, signal.SIGKILL)
