@@ -162,3 +162,28 @@ def test_round_zero_run_by_the_data_phase_is_used_not_resent():
     assert agree(x, grace=1.0) == (set(), set())
     assert mb.sent == []
     assert mb.read_rounds == 0
+
+
+class _PushedBackMailbox(_ScriptedMailbox):
+    """Messages were pushed back (``has_back``): the agreement reads them one by one."""
+
+    def has_back(self, names, tag):
+        return True
+
+    def recv_note(self, name, tag, timeout):
+        script = self.rounds[self.read_rounds]
+        msg = script.pop(name)
+        if not script:
+            self.read_rounds += 1
+        return _Note(msg)
+
+
+@pytest.mark.timeout(30)
+def test_clean_round_zero_with_pushed_back_messages_still_sends_its_vote():
+    own = _vote(wire.AGREE, 0)
+    mb = _PushedBackMailbox([{"r1": own, "r2": own, "r3": own}])
+    assert agree(_exchange(mb), grace=1.0) == (set(), set())
+    assert mb.read_rounds == 1
+    # This rank's AGREE went to every peer before the reads, then the DECIDED.
+    assert [names for names, _ in mb.sent] == [["r1", "r2", "r3"], ["r1", "r2", "r3"]]
+    assert [wire.Header.unpack(m).kind for _, m in mb.sent] == [wire.AGREE, wire.DECIDED]

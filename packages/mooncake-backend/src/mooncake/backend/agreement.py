@@ -115,13 +115,17 @@ def agree(x: Exchange, grace: float) -> tuple[set[int], set[int]]:
                 if readers is None:
                     return set(), set()  # decided; the DECIDED went out in the same call
                 excluded |= wire.mask_of(set(alive) - set(readers))
-            else:
-                readers = alive
-                votes = _clean_votes(x, readers, msg, deadline)
-                if votes is None:
-                    decided = (0, 0)
-                    rnd = 1
-                    break
+            else:  # pushed-back messages: send, then read them one by one
+                excluded |= _send_all(x, alive, msg, "agree_send")
+                readers = [p for p in alive if not excluded >> p & 1]
+                if excluded:
+                    votes = _votes(x, readers, deadline) if readers else []
+                else:
+                    votes = _clean_votes(x, readers, msg, deadline)
+                    if votes is None:
+                        decided = (0, 0)
+                        rnd = 1
+                        break
         else:
             excluded |= _send_all(x, alive, msg, "agree_send")
             readers = [p for p in alive if not excluded >> p & 1]
