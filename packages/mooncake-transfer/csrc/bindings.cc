@@ -95,6 +95,17 @@ py::object to_notification(MessagePtr m) {
   return py::cast(NotificationObj{std::move(m), py::none()});
 }
 
+// One outgoing message: `hlen` bytes at `head`, then `len` bytes at raw address `addr`, joined
+// once into `buf` (no copy when `len` is 0). Returns the message's address and size.
+std::pair<const void*, size_t> join_message(const void* head, size_t hlen, uint64_t addr, uint64_t len,
+                                            std::string& buf) {
+  if (!len) return {head, hlen};
+  buf.resize(hlen + len);
+  if (hlen) std::memcpy(&buf[0], head, hlen);
+  std::memcpy(&buf[hlen], reinterpret_cast<const void*>(addr), len);
+  return {buf.data(), buf.size()};
+}
+
 // exchange_round's optional reduction over the landed rows (see its docstring). Element-wise left
 // folds in member order, exactly as torch's binary ops compute them (no reassociation, no FMA;
 // integers wrap as two's complement): floats SUM and PRODUCT, integers also MIN and MAX.
@@ -398,15 +409,7 @@ PYBIND11_MODULE(_engine, m) {
         {
           GilRelease r;
           std::string joined;
-          const void* msg = info.ptr;
-          size_t mlen = hlen;
-          if (len) {  // one message: data, then `length` bytes from `addr`
-            joined.resize(hlen + len);
-            if (hlen) std::memcpy(&joined[0], info.ptr, hlen);
-            std::memcpy(&joined[hlen], reinterpret_cast<const void*>(a), len);
-            msg = joined.data();
-            mlen = joined.size();
-          }
+          const auto [msg, mlen] = join_message(info.ptr, hlen, a, len, joined);
           for (const auto& p : peers) {
             try {
               e.notify(p, msg, mlen, tg);
@@ -547,15 +550,7 @@ PYBIND11_MODULE(_engine, m) {
             return matched;
           };
           std::string joined;
-          const void* msg = info.ptr;
-          size_t mlen = hlen;
-          if (len) {
-            joined.resize(hlen + len);
-            if (hlen) std::memcpy(&joined[0], info.ptr, hlen);
-            std::memcpy(&joined[hlen], reinterpret_cast<const void*>(a), len);
-            msg = joined.data();
-            mlen = joined.size();
-          }
+          const auto [msg, mlen] = join_message(info.ptr, hlen, a, len, joined);
           size_t matched = run(msg, mlen, t, ex, dlen);
           rounds = 1;
           if (n > 0 && matched == n && !round2.empty()) {
