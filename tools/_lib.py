@@ -28,7 +28,7 @@ VENV = ROOT / ".venv"
 PACKAGES_DIR = ROOT / "packages"
 
 # torch is pinned, always: an unpinned request takes a multi-GB CUDA build from PyPI, while 2.13.0
-# is a local CPU wheel on every machine here (shared/docs/MEASURED.md).
+# is a local CPU wheel on every machine here (docs/MACHINE_FACTS.md).
 TORCH_PIN = "torch==2.13.0"
 
 # Dev/CI tools, pinned so every fresh clone gets the same versions (the ones validated here).

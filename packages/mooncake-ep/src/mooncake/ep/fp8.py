@@ -1,6 +1,7 @@
 """The contract's per-token FP8 cast, its scale formats and the inverse.
 
-Every path (portable and kernels) must produce these exact bytes. The rules (EP_CONTRACT.md, "FP8"):
+Every path (portable and kernels) must produce these exact bytes. The rules (docs/contracts/ep.md,
+"FP8"):
 
 - Per token and per group of ``GROUP_SIZE`` (128) channels: ``amax = max(|x|)`` in fp32, clamped to
   at least ``AMAX_FLOOR`` (1e-4).

@@ -47,7 +47,7 @@ inline cudaError_t p2p_export(void* base, unsigned char out[kIpcHandleBytes]) {
 }
 
 // Maps a peer's buffer into this process. A mapping stays valid after the exporting process
-// died (measured, MEASURED.md), so kernels can keep writing into it until it is closed.
+// died (measured, docs/MACHINE_FACTS.md), so kernels can keep writing into it until it is closed.
 inline cudaError_t p2p_import(const unsigned char in[kIpcHandleBytes], void** base) {
   cudaIpcMemHandle_t h;
   std::memcpy(&h, in, sizeof(h));

@@ -1,6 +1,6 @@
 """Where each logical expert lives: the physical-slot map that the balancer produces.
 
-Notation (as in EP_CONTRACT.md): ``R`` ranks, ``S`` physical slots per rank, ``P = R * S`` physical
+Notation (docs/contracts/ep.md): ``R`` ranks, ``S`` physical slots per rank, ``P = R * S`` physical
 slots in all, ``E`` logical experts (what the router picks). Physical slot ``p`` lives on rank
 ``p // S`` as local expert ``p % S``; that is exactly the layout ``Buffer.dispatch`` uses when it is
 called with ``num_experts = P``.
@@ -95,14 +95,14 @@ class ExpertPlacement:
             if expert >= 0:
                 replicas[expert].append(slot)
         width = max(1, max(len(r) for r in replicas))
-        log2phy = torch.full((num_logical, width), -1, dtype=torch.int64)
+        log2phy = torch.full((num_logical, width), -1, dtype=torch.int64, device="cpu")
         for expert, slots in enumerate(replicas):
             if slots:
-                log2phy[expert, : len(slots)] = torch.tensor(slots, dtype=torch.int64)
+                log2phy[expert, : len(slots)] = torch.tensor(slots, dtype=torch.int64, device="cpu")
         return cls(
-            phy2log=torch.tensor(values, dtype=torch.int64),
+            phy2log=torch.tensor(values, dtype=torch.int64, device="cpu"),
             log2phy=log2phy,
-            logcnt=torch.tensor([len(r) for r in replicas], dtype=torch.int64),
+            logcnt=torch.tensor([len(r) for r in replicas], dtype=torch.int64, device="cpu"),
             num_ranks=num_ranks,
             slots_per_rank=slots_per_rank,
             policy=policy,
@@ -149,7 +149,9 @@ class ExpertPlacement:
     def rank_loads(self, expert_load: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """float64 ``[R]``: each rank's share of ``expert_load`` (``[E]``) when every logical
         expert's load is split evenly over its replicas (what the routing helper does)."""
-        load = torch.as_tensor(expert_load, dtype=torch.float64).reshape(-1)
+        load = torch.as_tensor(
+            expert_load, dtype=torch.float64, device=self.phy2log.device
+        ).reshape(-1)
         if load.numel() != self.num_logical:
             raise ValueError(f"expert_load has {load.numel()} entries, expected {self.num_logical}")
         valid = self.phy2log >= 0
@@ -188,6 +190,6 @@ def logical_load_from_physical(
             f"physical_load has {load.numel()} entries, expected {placement.num_physical}"
         )
     valid = placement.phy2log >= 0
-    out = torch.zeros(placement.num_logical, dtype=torch.float64)
+    out = torch.zeros(placement.num_logical, dtype=torch.float64, device="cpu")
     out.index_add_(0, placement.phy2log[valid], load[valid])
     return out
