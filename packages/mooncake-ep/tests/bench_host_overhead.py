@@ -8,6 +8,9 @@ tensors: no per-call expert-id value checks). Shape: DeepEP's low-latency defaul
 top-8, 288 experts, one rank).
 
     PYTHONPATH=packages/mooncake-ep/src python packages/mooncake-ep/tests/bench_host_overhead.py
+
+``--default-device meta`` runs the calls under ``torch.set_default_device`` (clients set "cuda"),
+whose TorchFunctionMode Buffer's ops must stay out of.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--default-device", default="", help="torch.set_default_device during the runs")
     args = ap.parse_args()
     x = torch.empty((T, H), dtype=torch.bfloat16, device=DEV)
     topk = torch.empty((T, K), dtype=torch.int64, device=DEV)
@@ -124,8 +128,14 @@ def main() -> None:
         "Buffer over the fast path's glue": pair(_buffer(glue)),
         "the fast path's glue alone": glue_only,
     }
+    if args.default_device:
+        torch.set_default_device(args.default_device)
     results = {name: _median_us(fn, args.rounds, args.calls) for name, fn in runs.items()}
-    print(f"host us per dispatch+combine, T={T} H={H} K={K} E={E} R={R}, median of {args.rounds}")
+    torch.set_default_device(None)
+    print(
+        f"host us per dispatch+combine, T={T} H={H} K={K} E={E} R={R}, median of {args.rounds}"
+        f", default device {args.default_device or 'unset'}"
+    )
     for name, value in results.items():
         print(f"  {name:<36} {value:7.2f} us")
     own = results["Buffer over a stub path"] - results["stub path alone"]

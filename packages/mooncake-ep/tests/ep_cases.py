@@ -535,10 +535,16 @@ def bad_dispatch_inputs(num_ranks: int) -> list[tuple[str, type, str, dict]]:
         ),
         ("expert twice", ValueError, "twice", {"topk_idx": torch.zeros((N, K), dtype=torch.int64)}),
         (
-            "active_ranks shape",
+            "active_ranks too short",
             ValueError,
-            "active_ranks must have shape",
-            {"active_ranks": torch.ones(num_ranks + 1, dtype=torch.int32)},
+            f"it needs at least R entries (shape [{num_ranks}]",
+            {"active_ranks": torch.ones(num_ranks - 1, dtype=torch.int32)},
+        ),
+        (
+            "active_ranks 2-D",
+            ValueError,
+            "active_ranks must have shape [*]",
+            {"active_ranks": torch.ones((1, num_ranks), dtype=torch.int32)},
         ),
         (
             "active_ranks dtype",
@@ -648,6 +654,12 @@ def run_bad_inputs(rank: int, world_size: int, port: int, backend: str) -> dict:
             {"async_finish": True, "return_recv_hook": True},
         ),
         ("zero_copy without buffer", ValueError, "get_next_combine_buffer", {"zero_copy": True}),
+        (
+            "active_ranks too short",
+            ValueError,
+            "at least R entries",
+            {"active_ranks": torch.ones(world_size - 1, dtype=torch.int32)},
+        ),
     ]
     mid = buffer.stats.snapshot()
     for label, exc_type, text, override in bad_combines:

@@ -1,4 +1,4 @@
-"""``python -m mooncake.ep.bench`` runs end to end and reports what BENCHMARKS.md asks for."""
+"""``python -m mooncake.ep.bench`` runs end to end and reports what docs/BENCHMARKS.md asks for."""
 
 from __future__ import annotations
 

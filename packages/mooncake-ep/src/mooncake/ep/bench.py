@@ -7,7 +7,7 @@ time is the slowest rank's; the table shows medians over the iterations and the 
 
 Bytes per rank and op: ``wire`` = bytes handed to the backend for other ranks (ours: routed payload
 plus metadata, from ``Buffer.stats``; baseline: its gathers), ``routed`` = the token bytes that must
-move (ours' payload). Logical bandwidth as in BENCHMARKS.md: dispatch bytes = selections x
+move (ours' payload). Logical bandwidth as in docs/BENCHMARKS.md: dispatch bytes = selections x
 (H + H/128*4 + 16) for FP8 (2H + 16 for BF16), combine bytes = selections x 2H, over the op's time.
 
 ``--device cuda`` runs the same loop on CUDA tensors with whatever path ``Buffer`` picks, timed
@@ -67,10 +67,13 @@ def _default_backend(device: str) -> str:
 
 def _make_inputs(rank: int, args: argparse.Namespace, device: torch.device):
     gen = torch.Generator().manual_seed(1000 + rank)
-    x = (torch.randn((args.tokens, args.hidden), generator=gen) * 0.1).to(torch.bfloat16)
-    scores = torch.randn((args.tokens, args.experts), generator=gen).abs() + 1
+    cpu = torch.device("cpu")
+    x = (torch.randn((args.tokens, args.hidden), generator=gen, device=cpu) * 0.1).to(
+        torch.bfloat16
+    )
+    scores = torch.randn((args.tokens, args.experts), generator=gen, device=cpu).abs() + 1
     topk_idx = torch.topk(scores, args.topk, dim=-1).indices
-    weights = torch.randn((args.tokens, args.topk), generator=gen).abs()
+    weights = torch.randn((args.tokens, args.topk), generator=gen, device=cpu).abs()
     return x.to(device), topk_idx.to(device), weights.to(device)
 
 

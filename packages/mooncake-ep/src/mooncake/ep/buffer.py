@@ -1,4 +1,4 @@
-"""``Buffer``: the low-latency expert-parallel API with fault tolerance (EP_CONTRACT.md).
+"""``Buffer``: the low-latency expert-parallel API with fault tolerance (docs/contracts/ep.md).
 
 Notation: ``R`` ranks of the group, ``E`` experts (``E % R == 0``), ``L = E / R`` local experts,
 ``T = num_max_dispatch_tokens_per_rank`` (the same on every rank), ``H`` hidden (a multiple of 128),
@@ -16,24 +16,20 @@ import torch.distributed as dist
 
 from .event import EventOverlap
 from .layout import ep_buffer_size_hint
-from .limits import (
-    MAX_TIMEOUT_US,
-    Limit,
-    check_bool,
-    check_experts,
-    check_hidden,
-    check_int,
-    check_tensor,
-    check_timeout_us,
-    check_tokens_per_rank,
-    check_topk,
-    check_topk_values,
-    tag_limit,
-)
-from .path import EPPath, agree_on_path, requested_path, select_path
+from .limits import MAX_TIMEOUT_US, check_int, check_topk_values
+from .path import EPPath, PathUnavailable, agree_on_path, requested_path, select_path
 from .portable_path import PortablePath
+from .validation import validate_combine, validate_dispatch, validate_handle
 
 logger = logging.getLogger("mooncake.ep")
+
+# The ops run with torch's Python function handling off. Clients call
+# ``torch.set_default_device("cuda")`` (DeepEP's and Mooncake's tests, SGLang's runners), which
+# installs a TorchFunctionMode: every tensor attribute read and method call (``x.shape``,
+# ``x.data_ptr()``) then goes through a Python ``__torch_function__``, about a microsecond each, and
+# the signature check plus the launch read about 55 of them per dispatch + combine. EP passes an
+# explicit device to every allocation, so the default device means nothing to it.
+_no_torch_function = torch._C.DisableTorchFunction
 
 # Argument signatures already validated, per op kind: the steady state (same shapes, dtypes,
 # devices, flags every call) skips the checks; any change is checked again in full.
@@ -64,7 +60,7 @@ class Buffer:
     Attributes:
         path: the selected implementation; ``path.name`` is ``"portable"`` or the fast path's name,
             ``path.reason`` says why it was chosen (also ``path_name`` and ``path_reason``).
-        rank, num_ranks: this rank's index and ``R``.
+        rank, num_ranks: this rank's index and ``R`` (``group_size`` is an alias).
         stats: the path's ``TrafficStats`` (bytes handed to the backend), or None if it keeps none.
     """
 
@@ -114,6 +110,17 @@ class Buffer:
         return self.path.reason
 
     @property
+    def group_size(self) -> int:
+        """``R``, as the classic Mooncake ``Buffer`` and DeepEP name it (SGLang reads it)."""
+        return self.num_ranks
+
+    @property
+    def _use_fallback(self) -> bool:
+        """True on the portable path (the classic Mooncake ``Buffer``'s attribute, which its
+        tests read to skip kernel profiling)."""
+        return self.path.name == PortablePath.name
+
+    @property
     def stats(self) -> Any:
         return getattr(self.path, "stats", None)
 
@@ -133,22 +140,6 @@ class Buffer:
     get_buffer_size_hint = get_ep_buffer_size_hint
 
     # ------------------------------------------------------------------ validation
-
-    def _check_active_ranks(self, active_ranks: Any, device: torch.device) -> None:
-        check_tensor("active_ranks", active_ranks, torch.int32, (self.num_ranks,), device)
-
-    def _check_flags(self, async_finish: Any, return_recv_hook: Any) -> None:
-        check_bool("async_finish", async_finish)
-        check_bool("return_recv_hook", return_recv_hook)
-        if async_finish and return_recv_hook:
-            raise tag_limit(
-                ValueError(
-                    "async_finish=True and return_recv_hook=True cannot be combined: with the hook "
-                    "the receive phase runs when you call hook(); with async_finish it runs on a "
-                    "comm stream"
-                ),
-                Limit.FLAGS,
-            )
 
     def _reject(
         self, op: str, exc: BaseException, x: Any, active_ranks: Any, timeout_us: Any
@@ -177,166 +168,70 @@ class Buffer:
         return validated
 
     @staticmethod
-    def _dispatch_runner(path: Any, *signature: Any) -> Callable[..., DispatchResult]:
+    def _dispatch_runner(path: Any, num_ranks: int, *signature: Any) -> Callable[..., Any]:
         """The path's dispatch specialised on a validated signature ``(x, topk_idx, active_ranks,
         T, E, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, stats)`` (the
-        tensors are only looked at): the path's ``dispatch_runner`` where it has one, else its
-        ``dispatch`` with the signature's scalars bound."""
+        tensors are only looked at): ``run(x, topk_idx, active_ranks, timeout_us, stats)``, the
+        path's ``dispatch_runner`` where it has one, else its ``dispatch`` with the signature's
+        scalars bound. An ``active_ranks`` longer than ``R`` reaches the path as its first ``R``
+        entries (a view: the op's writes land in the caller's tensor), unless the path reads only
+        those anyway (``reads_active_prefix``: the kernels take its address)."""
         make = getattr(path, "dispatch_runner", None)
+        run: Callable[..., Any]
         if make is not None:
-            return make(*signature)  # type: ignore[no-any-return]
-        _, _, _, T, E, use_fp8, round_scale, use_ue8m0, async_finish, hook, _ = signature
-        dispatch = path.dispatch
+            run = make(*signature)
+        else:
+            _, _, _, T, E, use_fp8, round_scale, use_ue8m0, async_finish, hook, _ = signature
+            dispatch = path.dispatch
 
-        def run(x: Any, topk_idx: Any, active_ranks: Any, timeout_us: int, stats: Any) -> Any:
-            return dispatch(
-                x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
-                async_finish, hook, stats,
-            )  # fmt: skip
+            def run_dispatch(x: Any, topk: Any, active: Any, timeout_us: int, stats: Any) -> Any:
+                return dispatch(
+                    x, topk, active, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
+                    async_finish, hook, stats,
+                )  # fmt: skip
 
-        return run
+            run = run_dispatch
+        if signature[2].shape[0] == num_ranks or getattr(path, "reads_active_prefix", False):
+            return run
+        whole = run
+
+        def run_prefix(x: Any, topk_idx: Any, active: Any, timeout_us: int, stats: Any) -> Any:
+            return whole(x, topk_idx, active[:num_ranks], timeout_us, stats)
+
+        return run_prefix
 
     @staticmethod
-    def _combine_runner(path: Any, *signature: Any) -> Callable[..., CombineResult]:
+    def _combine_runner(path: Any, num_ranks: int, *signature: Any) -> Callable[..., Any]:
         """As ``_dispatch_runner``, for ``(x, topk_idx, topk_weights, active_ranks, handle,
-        zero_copy, async_finish, return_recv_hook, out)``."""
+        zero_copy, async_finish, return_recv_hook, out)``: ``run(x, topk_idx, topk_weights,
+        active_ranks, timeout_us, handle, out)``."""
         make = getattr(path, "combine_runner", None)
+        run: Callable[..., Any]
         if make is not None:
-            return make(*signature)  # type: ignore[no-any-return]
-        _, _, _, _, _, zero_copy, async_finish, hook, _ = signature
-        combine = path.combine
+            run = make(*signature)
+        else:
+            _, _, _, _, _, zero_copy, async_finish, hook, _ = signature
+            combine = path.combine
 
-        def run(
-            x: Any, topk_idx: Any, weights: Any, active: Any, timeout_us: int, handle: Any, out: Any
+            def run_combine(
+                x: Any, topk: Any, weights: Any, active: Any, timeout_us: int, handle: Any, out: Any
+            ) -> Any:
+                return combine(
+                    x, topk, weights, active, timeout_us, handle, zero_copy, async_finish, hook,
+                    out,
+                )  # fmt: skip
+
+            run = run_combine
+        if signature[3].shape[0] == num_ranks or getattr(path, "reads_active_prefix", False):
+            return run
+        whole = run
+
+        def run_prefix(
+            x: Any, topk: Any, weights: Any, active: Any, timeout_us: int, handle: Any, out: Any
         ) -> Any:
-            return combine(
-                x, topk_idx, weights, active, timeout_us, handle, zero_copy, async_finish, hook,
-                out,
-            )  # fmt: skip
+            return whole(x, topk, weights, active[:num_ranks], timeout_us, handle, out)
 
-        return run
-
-    def _validate_dispatch(
-        self,
-        x: Any,
-        topk_idx: Any,
-        active_ranks: Any,
-        tokens: Any,
-        num_experts: Any,
-        timeout_us: Any,
-        use_fp8: Any,
-        round_scale: Any,
-        use_ue8m0: Any,
-        async_finish: Any,
-        return_recv_hook: Any,
-        stats: Any,
-    ) -> None:
-        check_tensor("x", x, torch.bfloat16, (None, None))
-        num_tokens, hidden = x.shape
-        check_hidden(hidden, "hidden (x.shape[1])")
-        check_tokens_per_rank(tokens)
-        if num_tokens > tokens:
-            raise tag_limit(
-                ValueError(
-                    f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
-                    f"{tokens} (the limit N <= T)"
-                ),
-                Limit.TOKENS,
-                num_tokens,
-            )
-        check_experts(num_experts, self.num_ranks)
-        check_tensor("topk_idx", topk_idx, torch.int64, (num_tokens, None), x.device)
-        check_topk(topk_idx.shape[1])
-        self._check_active_ranks(active_ranks, x.device)
-        check_timeout_us(timeout_us)
-        for name, value in (
-            ("use_fp8", use_fp8),
-            ("round_scale", round_scale),
-            ("use_ue8m0", use_ue8m0),
-        ):
-            check_bool(name, value)
-        if round_scale and not use_fp8:
-            raise tag_limit(
-                ValueError("round_scale=True requires use_fp8=True (it rounds the FP8 scales)"),
-                Limit.FLAGS,
-            )
-        if use_ue8m0 and not round_scale:
-            raise tag_limit(
-                ValueError(
-                    "use_ue8m0=True requires round_scale=True (UE8M0 scales are powers of two)"
-                ),
-                Limit.FLAGS,
-            )
-        self._check_flags(async_finish, return_recv_hook)
-        if stats is not None:
-            check_tensor(
-                "cumulative_local_expert_recv_stats",
-                stats,
-                torch.int32,
-                (num_experts // self.num_ranks,),
-                x.device,
-            )
-
-    def _validate_handle(self, handle: Any) -> tuple[int, int, int]:
-        if not isinstance(handle, (tuple, list)) or len(handle) != 5:
-            raise TypeError(
-                "handle must be the 5-tuple (src_info, layout_range, T, H, E) returned by dispatch"
-            )
-        src_info, layout_range, tokens, hidden, num_experts = handle
-        check_tokens_per_rank(tokens, "handle[2] (T)")
-        check_hidden(hidden, "handle[3] (H)")
-        check_experts(num_experts, self.num_ranks, "handle[4] (E)")
-        num_local = num_experts // self.num_ranks
-        check_tensor(
-            "handle[0] (src_info)", src_info, torch.int32, (num_local, self.num_ranks * tokens)
-        )
-        check_tensor(
-            "handle[1] (layout_range)",
-            layout_range,
-            torch.int64,
-            (num_local, self.num_ranks),
-            src_info.device,
-        )
-        return tokens, hidden, num_experts
-
-    def _validate_combine(
-        self,
-        x: Any,
-        topk_idx: Any,
-        topk_weights: Any,
-        active_ranks: Any,
-        timeout_us: Any,
-        handle: Any,
-        zero_copy: Any,
-        async_finish: Any,
-        return_recv_hook: Any,
-        out: Any,
-    ) -> None:
-        tokens, hidden, num_experts = self._validate_handle(handle)
-        num_local = num_experts // self.num_ranks
-        check_tensor("x", x, torch.bfloat16, (num_local, self.num_ranks * tokens, hidden))
-        device = x.device
-        if handle[0].device != device:
-            raise ValueError(f"handle tensors are on {handle[0].device} but x is on {device}")
-        check_tensor("topk_idx", topk_idx, torch.int64, (None, None), device)
-        num_tokens, topk = topk_idx.shape
-        check_topk(topk)
-        if num_tokens > tokens:
-            raise tag_limit(
-                ValueError(
-                    f"topk_idx has {num_tokens} tokens, more than the handle's T={tokens} (the "
-                    "limit N <= T)"
-                ),
-                Limit.TOKENS,
-                num_tokens,
-            )
-        check_tensor("topk_weights", topk_weights, torch.float32, (num_tokens, topk), device)
-        self._check_active_ranks(active_ranks, device)
-        check_timeout_us(timeout_us)
-        check_bool("zero_copy", zero_copy)
-        self._check_flags(async_finish, return_recv_hook)
-        if out is not None:
-            check_tensor("out", out, torch.bfloat16, (num_tokens, hidden), device)
+        return run_prefix
 
     # ------------------------------------------------------------------ ops
 
@@ -363,7 +258,8 @@ class Buffer:
             active_ranks: int32 ``[R]`` on ``x``'s device; 1 alive, 0 failed. Input and output:
                 a rank that is 0 on entry is neither sent to nor waited for; a rank that fails or
                 sends nothing within ``timeout_us`` is set to 0 and its tokens are dropped. Never
-                set back to 1.
+                set back to 1. A longer tensor is accepted (SGLang passes ``max_ep_size`` slots):
+                its first ``R`` entries are read and written, the rest is never touched.
             num_max_dispatch_tokens_per_rank: ``T`` (1..1024), the same on every rank.
             num_experts: ``E``, a multiple of ``R``.
             timeout_us: deadline in microseconds from the op's start; ``-1`` waits forever.
@@ -400,45 +296,47 @@ class Buffer:
             raise RuntimeError("this Buffer was destroyed")
         stats = cumulative_local_expert_recv_stats
         T, E = num_max_dispatch_tokens_per_rank, num_experts
-        try:  # the argument signature; anything odd (not a tensor, ...) takes the full checks
-            key: Optional[tuple] = (
-                x.__class__, x.dtype, x.shape, x.device, x.is_contiguous(),
-                topk_idx.__class__, topk_idx.dtype, topk_idx.shape, topk_idx.device,
-                topk_idx.is_contiguous(),
-                active_ranks.__class__, active_ranks.dtype, active_ranks.shape,
-                active_ranks.device, active_ranks.is_contiguous(),
-                T.__class__, T, E.__class__, E,
-                use_fp8.__class__, use_fp8, round_scale.__class__, round_scale,
-                use_ue8m0.__class__, use_ue8m0, async_finish.__class__, async_finish,
-                return_recv_hook.__class__, return_recv_hook,
-                None if stats is None else (
-                    stats.__class__, stats.dtype, stats.shape, stats.device, stats.is_contiguous()
-                ),
-            )  # fmt: skip
-            valid = self._dispatch_ok.get(key)  # type: ignore[arg-type]
-        except Exception:
-            key, valid = None, None
-        try:
-            if (
-                valid is None
-                or timeout_us.__class__ is not int
-                or not -1 <= timeout_us <= MAX_TIMEOUT_US
-            ):
-                self._validate_dispatch(
-                    x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, round_scale, use_ue8m0,
-                    async_finish, return_recv_hook, stats,
+        with _no_torch_function():  # see _no_torch_function: no Python per tensor attribute
+            try:  # the argument signature; anything odd (not a tensor, ...) takes the full checks
+                key: Optional[tuple] = (
+                    x.__class__, x.dtype, x.shape, x.device, x.is_contiguous(),
+                    topk_idx.__class__, topk_idx.dtype, topk_idx.shape, topk_idx.device,
+                    topk_idx.is_contiguous(),
+                    active_ranks.__class__, active_ranks.dtype, active_ranks.shape,
+                    active_ranks.device, active_ranks.is_contiguous(),
+                    T.__class__, T, E.__class__, E,
+                    use_fp8.__class__, use_fp8, round_scale.__class__, round_scale,
+                    use_ue8m0.__class__, use_ue8m0, async_finish.__class__, async_finish,
+                    return_recv_hook.__class__, return_recv_hook,
+                    None if stats is None else (
+                        stats.__class__, stats.dtype, stats.shape, stats.device,
+                        stats.is_contiguous(),
+                    ),
                 )  # fmt: skip
-                run = self._dispatch_runner(
-                    path, x, topk_idx, active_ranks, T, E, use_fp8, round_scale, use_ue8m0,
-                    async_finish, return_recv_hook, stats,
-                )  # fmt: skip
-                valid = self._remember_valid(self._dispatch_ok, key, x, run)
-            if valid[0]:
-                check_topk_values(topk_idx, E)
-        except (TypeError, ValueError) as exc:
-            self._reject("dispatch", exc, x, active_ranks, timeout_us)
-            raise
-        result = valid[1](x, topk_idx, active_ranks, timeout_us, stats)
+                valid = self._dispatch_ok.get(key)  # type: ignore[arg-type]
+            except Exception:
+                key, valid = None, None
+            try:
+                if (
+                    valid is None
+                    or timeout_us.__class__ is not int
+                    or not -1 <= timeout_us <= MAX_TIMEOUT_US
+                ):
+                    validate_dispatch(
+                        self.num_ranks, x, topk_idx, active_ranks, T, E, timeout_us, use_fp8,
+                        round_scale, use_ue8m0, async_finish, return_recv_hook, stats,
+                    )  # fmt: skip
+                    run = self._dispatch_runner(
+                        path, self.num_ranks, x, topk_idx, active_ranks, T, E, use_fp8,
+                        round_scale, use_ue8m0, async_finish, return_recv_hook, stats,
+                    )  # fmt: skip
+                    valid = self._remember_valid(self._dispatch_ok, key, x, run)
+                if valid[0]:
+                    check_topk_values(topk_idx, E)
+            except (TypeError, ValueError) as exc:
+                self._reject("dispatch", exc, x, active_ranks, timeout_us)
+                raise
+            result = valid[1](x, topk_idx, active_ranks, timeout_us, stats)
         self.num_ops += 1
         return result  # type: ignore[no-any-return]
 
@@ -482,59 +380,61 @@ class Buffer:
         path = self._path
         if path is None:
             raise RuntimeError("this Buffer was destroyed")
-        try:
-            src_info, layout_range, T, H, E = handle
-            key: Optional[tuple] = (
-                x.__class__, x.dtype, x.shape, x.device, x.is_contiguous(),
-                topk_idx.__class__, topk_idx.dtype, topk_idx.shape, topk_idx.device,
-                topk_idx.is_contiguous(),
-                topk_weights.__class__, topk_weights.dtype, topk_weights.shape,
-                topk_weights.device, topk_weights.is_contiguous(),
-                active_ranks.__class__, active_ranks.dtype, active_ranks.shape,
-                active_ranks.device, active_ranks.is_contiguous(),
-                handle.__class__,
-                src_info.__class__, src_info.dtype, src_info.shape, src_info.device,
-                src_info.is_contiguous(),
-                layout_range.__class__, layout_range.dtype, layout_range.shape,
-                layout_range.device, layout_range.is_contiguous(),
-                T.__class__, T, H.__class__, H, E.__class__, E,
-                zero_copy.__class__, zero_copy, async_finish.__class__, async_finish,
-                return_recv_hook.__class__, return_recv_hook,
-                None if out is None else (
-                    out.__class__, out.dtype, out.shape, out.device, out.is_contiguous()
-                ),
-            )  # fmt: skip
-            valid = self._combine_ok.get(key)  # type: ignore[arg-type]
-        except Exception:
-            key, valid = None, None
-        try:
-            if (
-                valid is None
-                or timeout_us.__class__ is not int
-                or not -1 <= timeout_us <= MAX_TIMEOUT_US
-            ):
-                self._validate_combine(
-                    x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
-                    async_finish, return_recv_hook, out,
+        with _no_torch_function():  # see _no_torch_function
+            try:
+                src_info, layout_range, T, H, E = handle
+                key: Optional[tuple] = (
+                    x.__class__, x.dtype, x.shape, x.device, x.is_contiguous(),
+                    topk_idx.__class__, topk_idx.dtype, topk_idx.shape, topk_idx.device,
+                    topk_idx.is_contiguous(),
+                    topk_weights.__class__, topk_weights.dtype, topk_weights.shape,
+                    topk_weights.device, topk_weights.is_contiguous(),
+                    active_ranks.__class__, active_ranks.dtype, active_ranks.shape,
+                    active_ranks.device, active_ranks.is_contiguous(),
+                    handle.__class__,
+                    src_info.__class__, src_info.dtype, src_info.shape, src_info.device,
+                    src_info.is_contiguous(),
+                    layout_range.__class__, layout_range.dtype, layout_range.shape,
+                    layout_range.device, layout_range.is_contiguous(),
+                    T.__class__, T, H.__class__, H, E.__class__, E,
+                    zero_copy.__class__, zero_copy, async_finish.__class__, async_finish,
+                    return_recv_hook.__class__, return_recv_hook,
+                    None if out is None else (
+                        out.__class__, out.dtype, out.shape, out.device, out.is_contiguous()
+                    ),
                 )  # fmt: skip
-                run = self._combine_runner(
-                    path, x, topk_idx, topk_weights, active_ranks, handle, zero_copy,
-                    async_finish, return_recv_hook, out,
-                )  # fmt: skip
-                valid = self._remember_valid(self._combine_ok, key, x, run)
-            if valid[0]:
-                check_topk_values(topk_idx, handle[4])
-        except (TypeError, ValueError) as exc:
-            self._reject("combine", exc, x, active_ranks, timeout_us)
-            raise
-        result = valid[1](x, topk_idx, topk_weights, active_ranks, timeout_us, handle, out)
+                valid = self._combine_ok.get(key)  # type: ignore[arg-type]
+            except Exception:
+                key, valid = None, None
+            try:
+                if (
+                    valid is None
+                    or timeout_us.__class__ is not int
+                    or not -1 <= timeout_us <= MAX_TIMEOUT_US
+                ):
+                    validate_combine(
+                        self.num_ranks, x, topk_idx, topk_weights, active_ranks, timeout_us,
+                        handle, zero_copy, async_finish, return_recv_hook, out,
+                    )  # fmt: skip
+                    run = self._combine_runner(
+                        path, self.num_ranks, x, topk_idx, topk_weights, active_ranks, handle,
+                        zero_copy, async_finish, return_recv_hook, out,
+                    )  # fmt: skip
+                    valid = self._remember_valid(self._combine_ok, key, x, run)
+                if valid[0]:
+                    check_topk_values(topk_idx, handle[4])
+            except (TypeError, ValueError) as exc:
+                self._reject("combine", exc, x, active_ranks, timeout_us)
+                raise
+            result = valid[1](x, topk_idx, topk_weights, active_ranks, timeout_us, handle, out)
         self.num_ops += 1
         return result  # type: ignore[no-any-return]
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
         """bf16 ``[L, R*T, H]`` view for ``combine(..., zero_copy=True)`` issued as the next op."""
-        self._validate_handle(handle)
-        return self.path.get_next_combine_buffer(handle)
+        with _no_torch_function():
+            validate_handle(self.num_ranks, handle)
+            return self.path.get_next_combine_buffer(handle)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ membership and lifetime
 
@@ -546,6 +446,11 @@ class Buffer:
         endpoints), then the path agreement. Afterwards every rank counts ops from 0 again (buffer
         half 0), as a new ``Buffer`` does. Reset ``active_ranks`` to ones afterwards: ops never set
         entries back to 1.
+
+        A replacement may also be a second ``Buffer`` constructed in a surviving process (Mooncake's
+        ``test_mooncake_ep.py`` does that on one rank while the others update): the sequences match
+        in every case, including a fast path that can no longer be used on some rank (the updating
+        ranks then fall back to the portable path, as the constructor's selection does).
         """
         path = self.path
         self.num_ranks = self.group.size()
@@ -563,7 +468,11 @@ class Buffer:
                 path.destroy()
                 path = candidate
         else:
-            path.update_ep_member()  # the fast path runs the same collectives as its selection
+            try:  # the fast path runs the same collectives as its selection
+                path.update_ep_member()
+            except PathUnavailable as exc:  # same verdict on every rank; a new Buffer falls back
+                path.destroy()
+                path = PortablePath(self.group, f"the fast path cannot continue: {exc}")
         self._path = path  # so that destroy() releases it even if the agreement raises
         self._path = agree_on_path(self.group, path, forced=self._requested == "fast")
         self.num_ops = 0  # as in a new Buffer: every rank starts again at half 0 (so do the paths)

@@ -6,6 +6,28 @@ from typing import Any, Callable, Optional
 
 import torch
 
+# torch.cuda.current_stream() builds a new Stream object per call (a device switch in Python);
+# the ops and the waits of async_finish ask for it on every call, so keep one per stream.
+_get_current_stream = getattr(torch._C, "_cuda_getCurrentStream", None)
+_streams: dict[tuple, Any] = {}
+
+
+def current_cuda_stream(device_index: Optional[int] = None) -> Any:
+    """``torch.cuda.current_stream(device_index)``, one Stream object per (stream id, device)."""
+    if _get_current_stream is None:  # a torch without the accessor
+        return torch.cuda.current_stream(device_index)
+    if device_index is None:
+        device_index = torch.cuda.current_device()
+    key = _get_current_stream(device_index)
+    stream = _streams.get(key)
+    if stream is None:
+        if len(_streams) >= 64:
+            _streams.clear()
+        stream = _streams[key] = torch.cuda.Stream(
+            stream_id=key[0], device_index=key[1], device_type=key[2]
+        )
+    return stream
+
 
 class EventOverlap:
     """Completion of an op issued with ``async_finish=True``.
@@ -39,7 +61,7 @@ class EventOverlap:
         if on_wait is not None:
             on_wait()
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            current_cuda_stream().wait_event(self.event)
         self.extra_tensors = None
 
     @property

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _cuda
-from .event import EventOverlap
+from .event import EventOverlap, current_cuda_stream
 from .fast_path_setup import (
     TRANSPORTS,
     exchange_and_map,
@@ -46,6 +46,7 @@ from .faults import _armed as _FAULTS_ARMED  # the armed points (a dict, mutated
 from .faults import fault_point
 from .layout import ep_buffer_layout
 from .limits import MAX_TOPK
+from .path import PathUnavailable
 
 logger = logging.getLogger("mooncake.ep")
 
@@ -102,9 +103,7 @@ if hasattr(torch._C, "_cuda_getCurrentRawStream"):
 _stream_capturing = getattr(
     torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing
 )
-_COMPLETE = (
-    EventOverlap()
-)  # the event of an op issued without async_finish (stateless once complete)
+_COMPLETE = EventOverlap()  # the event of an op issued without async_finish (stateless once done)
 
 
 # ---------------------------------------------------------------------------- selection
@@ -150,6 +149,7 @@ class CudaP2PPath:
     ``num_ops`` (the half of the next op is ``num_ops % 2``, as in ``Buffer``)."""
 
     name = "cuda-p2p"
+    reads_active_prefix = True  # the kernels read active_ranks[:R] through its address
 
     def __init__(
         self, group: Any, lib: ctypes.CDLL, ctx: int, device: int, num_bytes: int, grid: int
@@ -238,9 +238,10 @@ class CudaP2PPath:
         return _current_raw_stream(self._device_index)
 
     def _begin_async(self) -> torch.cuda.Stream:
-        if self._comm_stream is None:
-            self._comm_stream = torch.cuda.Stream(device=self.device)
-        self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self._comm_stream is None:  # with one fork event, re-recorded by every op
+            self._comm_stream, self._fork = torch.cuda.Stream(self.device), torch.cuda.Event()
+        self._fork.record(current_cuda_stream(self._device_index))
+        self._comm_stream.wait_event(self._fork)
         return self._comm_stream
 
     def _finish_async(self, comm: torch.cuda.Stream, tensors: tuple) -> EventOverlap:
@@ -262,9 +263,8 @@ class CudaP2PPath:
         keep: tuple,
     ) -> Callable[[], None]:
         """``hook()`` launching the receive phase on the stream current at call time (at most once;
-        ``keep`` holds the inputs alive until then). It launches from its own copy of ``argv`` (the
-        path reuses its argument vectors for the next ops); the outputs were chosen by the send
-        phase, so the copy does not ask for the capture check of cached outputs."""
+        ``keep`` holds the inputs alive until then), from its own copy of ``argv`` (reused by the
+        next ops) without the capture check of cached outputs (the send phase chose them)."""
         args = type(argv).from_buffer_copy(argv)
         args[flags_at] &= ~_CACHED
         pending = [keep]
@@ -785,7 +785,7 @@ class CudaP2PPath:
         infos = gather(self.group, info)
         failure = first_failure(infos)
         if failure is not None:
-            raise RuntimeError(f"update_ep_member: the fast path cannot continue: {failure}")
+            raise PathUnavailable(f"update_ep_member: the fast path cannot continue: {failure}")
         local_error = None
         try:
             local_error = reachability(self._lib, self.device.index, infos)
@@ -799,7 +799,7 @@ class CudaP2PPath:
             local_error = f"{type(exc).__name__}: {exc}"
         failure = exchange_and_map(self._lib, ctx, self.group, local_error)
         if failure is not None:
-            raise RuntimeError(f"update_ep_member: the fast path cannot continue: {failure}")
+            raise PathUnavailable(f"update_ep_member: the fast path cannot continue: {failure}")
         self.grid = min(i["num_sms"] for i in infos)
         self.num_ops = 0
         self._clear_caches()

@@ -49,7 +49,7 @@ def gather(group: Any, obj: Any) -> list[Any]:
     _all_gather_single(sizes, torch.tensor([len(payload)], dtype=torch.int64, device=device), group)
     lengths = sizes.cpu().tolist()
     width = max(lengths)
-    mine = torch.zeros(width, dtype=torch.uint8)
+    mine = torch.zeros(width, dtype=torch.uint8, device="cpu")
     mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     everyone = torch.zeros(size * width, dtype=torch.uint8, device=device)
     _all_gather_single(everyone, mine.to(device), group)

@@ -28,6 +28,12 @@ PATH_CHOICES = ("auto", "portable", "fast")
 _PATH_CODES = {"portable": 1}  # any other path name -> 2 (a fast path); 0 = no answer (failed rank)
 
 
+class PathUnavailable(RuntimeError):
+    """A path's ``update_ep_member`` found that it cannot continue, with the same verdict on every
+    rank after the same collectives as its selection (``Buffer`` then falls back to the portable
+    path, as a new ``Buffer``'s selection does)."""
+
+
 @runtime_checkable
 class EPPath(Protocol):
     """One implementation of dispatch/combine. ``Buffer`` has validated every argument before a
@@ -36,7 +42,9 @@ class EPPath(Protocol):
 
     Optionally, ``dispatch_runner`` / ``combine_runner`` (see ``CudaP2PPath``): the op specialised
     on an argument signature ``Buffer`` validated, which ``Buffer`` keeps with the signature and
-    calls instead of ``dispatch`` / ``combine`` while the signature repeats."""
+    calls instead of ``dispatch`` / ``combine`` while the signature repeats. A path whose ops
+    only read the first ``R`` entries of ``active_ranks`` (its address) sets ``reads_active_prefix
+    = True``; others get a view of exactly ``R`` entries when the caller passes a longer tensor."""
 
     name: str  # "portable" | "cuda-p2p" | ...
     reason: str  # why this path was selected

@@ -180,7 +180,7 @@ class PortablePath:
         ranks found failed). Raises ValueError on every rank if the ranks' op parameters disagree.
         """
         num_ranks = self.num_ranks
-        message = torch.tensor(header, dtype=torch.int64).repeat(num_ranks, 1)
+        message = torch.tensor(header, dtype=torch.int64, device="cpu").repeat(num_ranks, 1)
         message[:, -1] = rows_per_dest
         received = torch.empty_like(message)
         if comm.type != "cpu":
@@ -204,7 +204,7 @@ class PortablePath:
             for r in range(num_ranks)
             if active_entry[r] and (not bool(has_magic[r]) or (alive is not None and not alive[r]))
         }
-        mine = torch.tensor(header[1:-1], dtype=torch.int64)
+        mine = torch.tensor(header[1:-1], dtype=torch.int64, device="cpu")
         mismatched = [
             r
             for r in range(num_ranks)
@@ -268,8 +268,8 @@ class PortablePath:
             comm = torch.device("cpu") if "cpu" in self._devices else torch.device("cuda")
         header = [ERROR_MAGIC, kind, int(limit), value, 0, 0, 0, 0]
         try:
-            no_rows = torch.zeros(self.num_ranks, dtype=torch.int64)
-            everyone = torch.ones(self.num_ranks, dtype=torch.bool)
+            no_rows = torch.zeros(self.num_ranks, dtype=torch.int64, device="cpu")
+            everyone = torch.ones(self.num_ranks, dtype=torch.bool, device="cpu")
             self._exchange_counts(header, no_rows, everyone, clock, comm)
         except PeerArgumentError:
             pass  # others rejected theirs too; this rank raises its own error

@@ -121,7 +121,8 @@ def unpack_dispatch_records(
     """Write received rows into ``data`` (and ``scales``, the ``[L, G, R*T]`` allocation); returns
     the plan (counts, layout) for the caller to fill the handle."""
     rec_src = torch.repeat_interleave(
-        torch.arange(num_ranks), torch.tensor(rows_in, dtype=torch.int64)
+        torch.arange(num_ranks, device="cpu"),
+        torch.tensor(rows_in, dtype=torch.int64, device="cpu"),
     )
     keep = usable[rec_src].nonzero().squeeze(1)
     meta = received.cpu() if received.device.type != "cpu" else received
@@ -177,14 +178,14 @@ def reduce_combine_rows(
     """``combined[n] = sum_k w[n,k] * row(n,k)`` in fp32, k increasing; unusable owners: nothing."""
     device = combined.device
     num_tokens = combined.shape[0]
-    rows_in_t = torch.tensor(rows_in, dtype=torch.int64)
+    rows_in_t = torch.tensor(rows_in, dtype=torch.int64, device="cpu")
     first_in = rows_in_t.cumsum(0) - rows_in_t
     expected = plan.expected_per_dest
     first_expected = expected.cumsum(0) - expected
-    pair_index = torch.arange(plan.token.numel(), dtype=torch.int64)
+    pair_index = torch.arange(plan.token.numel(), dtype=torch.int64, device=plan.token.device)
     keep = usable[plan.dest]
     row_of_pair = (first_in[plan.dest] + pair_index - first_expected[plan.dest])[keep]
-    position = torch.full((num_tokens, topk), -1, dtype=torch.int64)
+    position = torch.full((num_tokens, topk), -1, dtype=torch.int64, device=plan.token.device)
     position[plan.token[keep], plan.slot[keep]] = row_of_pair
     rows = received.view(torch.bfloat16).view(-1, hidden)
     w = weights.to(rows.device)

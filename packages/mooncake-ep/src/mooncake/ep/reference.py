@@ -77,7 +77,7 @@ def reference_dispatch(
             hits = (
                 (topks[src] == expert).any(dim=1).nonzero().squeeze(1)
                 if alive[src]
-                else torch.zeros(0, dtype=torch.int64)
+                else torch.zeros(0, dtype=torch.int64, device=topks[src].device)
             )
             sources.append(torch.full_like(hits, src))
             tokens.append(hits)
@@ -87,7 +87,7 @@ def reference_dispatch(
         values = (
             torch.stack([views[s][t] for s, t in zip(src_t.tolist(), tok_t.tolist())])
             if tok_t.numel()
-            else torch.zeros(0, hidden, dtype=torch.bfloat16)
+            else torch.zeros(0, hidden, dtype=torch.bfloat16, device=xs[0].device)
         )
         data_rows = [casts[s][0][t] for s, t in zip(src_t.tolist(), tok_t.tolist())]
         scale_rows = (
@@ -97,7 +97,12 @@ def reference_dispatch(
         scales = (torch.stack(scale_rows) if scale_rows else casts[0][1][:0]) if use_fp8 else None
         result.append(
             ExpertRows(
-                src_t, tok_t, values, data, scales, torch.tensor(per_source, dtype=torch.int64)
+                src_t,
+                tok_t,
+                values,
+                data,
+                scales,
+                torch.tensor(per_source, dtype=torch.int64, device=src_t.device),
             )
         )
     return result
@@ -119,7 +124,7 @@ def reference_combine(
     (identity when None), applied to bf16 rows exactly as the test applies it on the owner.
     """
     num_tokens, hidden = expert_rows.shape
-    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=expert_rows.device)
     for k in range(topk_idx.shape[1]):
         for n in range(num_tokens):
             expert = int(topk_idx[n, k])
@@ -167,12 +172,12 @@ class GatherEverythingEP:
         num_tokens, hidden = x.shape
         topk = topk_idx.shape[1]
         num_local = num_experts // num_ranks
-        padded_x = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
+        padded_x = torch.zeros((tokens, hidden), dtype=torch.bfloat16, device=x.device)
         padded_x[:num_tokens] = x
-        padded_topk = torch.full((tokens, topk), -1, dtype=torch.int64)
+        padded_topk = torch.full((tokens, topk), -1, dtype=torch.int64, device=x.device)
         padded_topk[:num_tokens] = topk_idx
-        all_x = torch.empty((num_ranks * tokens, hidden), dtype=torch.bfloat16)
-        all_topk = torch.empty((num_ranks * tokens, topk), dtype=torch.int64)
+        all_x = torch.empty((num_ranks * tokens, hidden), dtype=torch.bfloat16, device=x.device)
+        all_topk = torch.empty((num_ranks * tokens, topk), dtype=torch.int64, device=x.device)
         _all_gather_single(all_x.view(torch.uint8), padded_x.view(torch.uint8), group=self.group)
         _all_gather_single(all_topk, padded_topk, group=self.group)
         self.wire_bytes += (num_ranks - 1) * (padded_x.numel() * 2 + padded_topk.numel() * 8)
@@ -187,10 +192,13 @@ class GatherEverythingEP:
         )
         counts = counts.view(num_local, num_ranks)
         recv_count = counts.sum(1)
-        row = torch.arange(expert.numel()) - (recv_count.cumsum(0) - recv_count)[expert]
+        row = (
+            torch.arange(expert.numel(), device=x.device)
+            - (recv_count.cumsum(0) - recv_count)[expert]
+        )
         rows = num_ranks * tokens
         dest = expert * rows + row
-        src_info = torch.full((num_local, rows), -1, dtype=torch.int32)
+        src_info = torch.full((num_local, rows), -1, dtype=torch.int32, device=x.device)
         src_info.view(-1)[dest] = (flat_token % tokens).to(torch.int32)
         layout_range = ((counts.cumsum(1) - counts) << 32) | counts
         if use_fp8:
@@ -198,13 +206,17 @@ class GatherEverythingEP:
             wanted = torch.unique(flat_token)
             cast_data, cast_scales = per_token_cast_to_fp8(all_x.index_select(0, wanted))
             slot = torch.searchsorted(wanted, flat_token)
-            recv_data = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn)
+            recv_data = torch.empty(
+                (num_local, rows, hidden), dtype=torch.float8_e4m3fn, device=x.device
+            )
             recv_data.view(torch.uint8).view(-1, hidden)[dest] = cast_data.view(torch.uint8)[slot]
-            scale_alloc = torch.empty((num_local, hidden // 128, rows), dtype=torch.float32)
+            scale_alloc = torch.empty(
+                (num_local, hidden // 128, rows), dtype=torch.float32, device=x.device
+            )
             scale_alloc.transpose(1, 2)[expert, row] = cast_scales[slot]
             recv_x: Any = (recv_data, scale_alloc.transpose(1, 2))
         else:
-            recv_x = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16)
+            recv_x = torch.empty((num_local, rows, hidden), dtype=torch.bfloat16, device=x.device)
             recv_x.view(-1, hidden)[dest] = all_x.index_select(0, flat_token)
         self._last = (all_topk, tokens, num_experts)
         return (
@@ -221,19 +233,19 @@ class GatherEverythingEP:
         src_info, layout_range = handle[0], handle[1]
         hidden = x.shape[2]
         num_tokens, topk = topk_weights.shape
-        padded_w = torch.zeros((tokens, topk), dtype=torch.float32)
+        padded_w = torch.zeros((tokens, topk), dtype=torch.float32, device=x.device)
         padded_w[:num_tokens] = topk_weights
-        all_w = torch.empty((num_ranks * tokens, topk), dtype=torch.float32)
+        all_w = torch.empty((num_ranks * tokens, topk), dtype=torch.float32, device=x.device)
         _all_gather_single(all_w, padded_w, group=self.group)
-        partial = torch.zeros((num_ranks * tokens, hidden), dtype=torch.float32)
+        partial = torch.zeros((num_ranks * tokens, hidden), dtype=torch.float32, device=x.device)
         counts = layout_range & 0xFFFFFFFF  # [L, R]
         per_expert = counts.sum(dim=1)
-        local = torch.repeat_interleave(torch.arange(num_local), per_expert)
-        row = torch.arange(local.numel()) - torch.repeat_interleave(
+        local = torch.repeat_interleave(torch.arange(num_local, device=x.device), per_expert)
+        row = torch.arange(local.numel(), device=x.device) - torch.repeat_interleave(
             per_expert.cumsum(0) - per_expert, per_expert
         )
         source = torch.repeat_interleave(
-            torch.arange(num_ranks).repeat(num_local), counts.reshape(-1)
+            torch.arange(num_ranks, device=x.device).repeat(num_local), counts.reshape(-1)
         )
         flat_token = source * tokens + src_info[local, row].to(torch.int64)
         expert = (rank * num_local + local).unsqueeze(1)

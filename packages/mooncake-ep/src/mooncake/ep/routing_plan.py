@@ -64,8 +64,10 @@ def plan_dispatch_send(
         pair_dest * max(num_tokens, 1) + token, return_inverse=True, return_counts=True
     )
     first = per_record.cumsum(0) - per_record
-    within = torch.arange(token.numel(), dtype=torch.int64) - first[inverse]
-    rec_experts = torch.full((record_key.numel(), topk), -1, dtype=expert_dtype)
+    within = torch.arange(token.numel(), dtype=torch.int64, device=token.device) - first[inverse]
+    rec_experts = torch.full(
+        (record_key.numel(), topk), -1, dtype=expert_dtype, device=record_key.device
+    )
     rec_experts[inverse, within] = pair_local.to(expert_dtype)
     rec_dest = record_key // max(num_tokens, 1)
     return DispatchSendPlan(
@@ -130,7 +132,7 @@ def plan_dispatch_recv(
         )
     recv_count = counts.sum(dim=1)
     expert_first = recv_count.cumsum(0) - recv_count
-    row = torch.arange(local.numel(), dtype=torch.int64) - expert_first[local]
+    row = torch.arange(local.numel(), dtype=torch.int64, device=local.device) - expert_first[local]
     begin = counts.cumsum(dim=1) - counts
     return DispatchRecvPlan(
         record=record,
@@ -158,7 +160,7 @@ def plan_combine_send(
     counts = (layout_range & INT32_MASK) * src_alive.to(torch.int64).unsqueeze(0)
     begins = layout_range >> 32
     base = (
-        torch.arange(num_local_experts, dtype=torch.int64).unsqueeze(1)
+        torch.arange(num_local_experts, dtype=torch.int64, device=layout_range.device).unsqueeze(1)
         * (num_ranks * tokens_per_rank)
         + begins
     )
@@ -166,9 +168,9 @@ def plan_combine_send(
     block_base = base.t().reshape(-1)
     total = int(per_block.sum())
     block_first = per_block.cumsum(0) - per_block
-    offset = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(
-        block_first, per_block
-    )
+    offset = torch.arange(
+        total, dtype=torch.int64, device=layout_range.device
+    ) - torch.repeat_interleave(block_first, per_block)
     rows = torch.repeat_interleave(block_base, per_block) + offset
     return CombineSendPlan(rows=rows, rows_per_dest=counts.sum(dim=0))
 

@@ -131,7 +131,7 @@ def _rank_pass(items: list[str], ranks: int) -> dict[int, int]:
 def _tokens(cfg: MoEConfig, rank: int, pass_idx: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(7919 * pass_idx + rank)
     n = cfg.tokens_per_rank - (rank + pass_idx) % 5  # ranks send different token counts
-    return torch.randn(n, cfg.hidden, generator=g).to(device, torch.bfloat16)
+    return torch.randn(n, cfg.hidden, generator=g, device="cpu").to(device, torch.bfloat16)
 
 
 def _pass_stats(
@@ -159,6 +159,7 @@ def _pass_stats(
             reduced + (0.0 if ok else 1e9),
         ],
         dtype=torch.float64,
+        device="cpu",
     )
 
 

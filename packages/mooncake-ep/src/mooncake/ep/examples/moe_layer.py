@@ -94,15 +94,15 @@ class ExpertCheckpoint:
         """``[w13 bf16 [2I, H], w2 bf16 [H, I]]`` of logical ``expert``."""
         c = self.config
         g = torch.Generator().manual_seed(c.seed * 100_003 + 17 + expert)
-        w13 = torch.randn(2 * c.intermediate, c.hidden, generator=g) * c.hidden**-0.5
-        w2 = torch.randn(c.hidden, c.intermediate, generator=g) * c.intermediate**-0.5
+        w13 = torch.randn(2 * c.intermediate, c.hidden, generator=g, device="cpu") * c.hidden**-0.5
+        w2 = torch.randn(c.hidden, c.intermediate, generator=g, device="cpu") * c.intermediate**-0.5
         return [w13.to(self.device, torch.bfloat16), w2.to(self.device, torch.bfloat16)]
 
     def router(self) -> torch.Tensor:
         """fp32 ``[E, H]`` router weight."""
         c = self.config
         g = torch.Generator().manual_seed(c.seed * 100_003 + 1)
-        return torch.randn(c.num_experts, c.hidden, generator=g).to(self.device)
+        return torch.randn(c.num_experts, c.hidden, generator=g, device="cpu").to(self.device)
 
 
 def _row_exact_matmul(x: torch.Tensor, w: torch.Tensor, block: int = 16) -> torch.Tensor:
@@ -293,8 +293,8 @@ class FaultTolerantMoELayer:
         self.w2 = torch.zeros(s, c.hidden, c.intermediate, dtype=torch.bfloat16, device=self.device)
         self.recv_stats = torch.zeros(s, dtype=torch.int32, device=self.device)
         # logical choices made on this rank, summed over ranks when rebalancing
-        self.routed_load = torch.zeros(c.num_experts, dtype=torch.int64)
-        self._seen_active = torch.ones(self.num_ranks, dtype=torch.int32)
+        self.routed_load = torch.zeros(c.num_experts, dtype=torch.int64, device="cpu")
+        self._seen_active = torch.ones(self.num_ranks, dtype=torch.int32, device="cpu")
         self.held = [-1] * s  # logical expert whose weights each local slot holds
         self.placement: ExpertPlacement | None = None  # routing placement (slots with weights)
         self.placement_active: list[int] | None = None
@@ -303,7 +303,10 @@ class FaultTolerantMoELayer:
         if has_weights:
             # Initial placement: the same on every rank without communication (uniform load).
             initial = rebalance_experts(
-                torch.ones(c.num_experts), self.num_ranks, s, min_replicas=c.min_replicas
+                torch.ones(c.num_experts, device="cpu"),
+                self.num_ranks,
+                s,
+                min_replicas=c.min_replicas,
             )
             source = checkpoint or ExpertCheckpoint(c, self.device)
             for slot, expert in enumerate(initial.local_experts(self.rank)):
@@ -344,7 +347,7 @@ class FaultTolerantMoELayer:
     def reset_membership(self) -> None:
         """After ``pg.recover_ranks`` and ``buffer.update_ep_member()``: EP ops never set a rank
         back to 1, so the caller does (the next forward rebalances onto the new members)."""
-        self._seen_active = torch.ones(self.num_ranks, dtype=torch.int32)
+        self._seen_active = torch.ones(self.num_ranks, dtype=torch.int32, device="cpu")
 
     # ---------------------------------------------------------------- rebalancing
 
