@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "engine.h"
+#include "reduce.h"
 
 namespace py = pybind11;
 using namespace mooncake::transfer;
@@ -106,51 +107,20 @@ std::pair<const void*, size_t> join_message(const void* head, size_t hlen, uint6
   return {buf.data(), buf.size()};
 }
 
-// exchange_round's optional reduction over the landed rows (see its docstring). Element-wise left
-// folds in member order, exactly as torch's binary ops compute them (no reassociation, no FMA;
-// integers wrap as two's complement): floats SUM and PRODUCT, integers also MIN and MAX.
-enum ReduceDtype : int { kRF32 = 1, kRF64 = 2, kRI32 = 3, kRI64 = 4 };
-enum ReduceOp : int { kRSum = 1, kRProd = 2, kRMin = 3, kRMax = 4 };
-
-template <class T, class U>
-void fold(T* out, const std::vector<const T*>& parts, size_t count, int op) {
-  // U: the type the arithmetic runs in (unsigned for integers: wrapping, no UB).
-  for (size_t i = 0; i < count; ++i) {
-    T acc = parts[0][i];
-    for (size_t k = 1; k < parts.size(); ++k) {
-      const T v = parts[k][i];
-      switch (op) {
-        case kRSum: acc = static_cast<T>(static_cast<U>(acc) + static_cast<U>(v)); break;
-        case kRProd: acc = static_cast<T>(static_cast<U>(acc) * static_cast<U>(v)); break;
-        case kRMin: acc = v < acc ? v : acc; break;
-        default: acc = v > acc ? v : acc; break;
-      }
-    }
-    out[i] = acc;
+// Pointer-list argument of reduce(): addresses, none null.
+std::vector<const void*> addr_list(const std::vector<int64_t>& v, const char* name) {
+  std::vector<const void*> out;
+  out.reserve(v.size());
+  for (int64_t a : v) {
+    if (a <= 0) throw std::invalid_argument(std::string(name) + " holds a null or negative address");
+    out.push_back(reinterpret_cast<const void*>(a));
   }
+  return out;
 }
 
-size_t reduce_elem_size(int dtype) {
-  switch (dtype) {
-    case kRF32: case kRI32: return 4;
-    case kRF64: case kRI64: return 8;
-    default: return 0;
-  }
-}
-
-void reduce_rows(int dtype, int op, size_t count, const std::vector<const void*>& parts, void* out) {
-  auto cast = [&](auto tag) {
-    using T = decltype(tag);
-    std::vector<const T*> p;
-    for (const void* q : parts) p.push_back(static_cast<const T*>(q));
-    return p;
-  };
-  switch (dtype) {
-    case kRF32: fold<float, float>(static_cast<float*>(out), cast(float{}), count, op); break;
-    case kRF64: fold<double, double>(static_cast<double*>(out), cast(double{}), count, op); break;
-    case kRI32: fold<int32_t, uint32_t>(static_cast<int32_t*>(out), cast(int32_t{}), count, op); break;
-    default: fold<int64_t, uint64_t>(static_cast<int64_t*>(out), cast(int64_t{}), count, op); break;
-  }
+int threads_arg(int64_t t) {
+  if (t < 1 || t > 1024) throw std::invalid_argument("threads must be in [1, 1024], got " + std::to_string(t));
+  return static_cast<int>(t);
 }
 
 }  // namespace
@@ -187,6 +157,34 @@ PYBIND11_MODULE(_engine, m) {
     std::string why = VerbsTransport::probe(&devs);
     return why.empty() ? std::string("available: ") + devs : why;
   }, "Why RDMA verbs can (not) be used here, as a sentence.");
+
+  m.def("reduce", [](int64_t dtype, int64_t op, int64_t count, const std::vector<int64_t>& parts, int64_t out,
+                     int64_t threads) {
+    const std::string why = reduce_unsupported(static_cast<int>(dtype), static_cast<int>(op));
+    if (!why.empty())
+      throw std::invalid_argument("dtype " + std::to_string(dtype) + " / op " + std::to_string(op) + " " + why);
+    const uint64_t n = nonneg(count, "count");
+    if (parts.empty()) throw std::invalid_argument("parts must hold at least one address");
+    std::vector<const void*> p = addr_list(parts, "parts");
+    if (out <= 0) throw std::invalid_argument("out must be a non-null address, got " + std::to_string(out));
+    const int t = threads_arg(threads);
+    GilRelease r;
+    reduce_rows(static_cast<int>(dtype), static_cast<int>(op), static_cast<size_t>(n), p,
+                reinterpret_cast<void*>(out), t);
+  }, py::arg("dtype"), py::arg("op"), py::arg("count"), py::arg("parts"), py::arg("out"), py::arg("threads") = 1,
+  "out[i] = parts[0][i] op parts[1][i] op ... (left fold in part order, bit-identical to torch's "
+  "binary ops) over `count` elements, without the GIL, on this thread plus at most threads - 1 "
+  "helpers for large buffers. dtype: 1 f32, 2 f64, 3 i32, 4 i64, 5 bf16, 6 f16, 7 i8, 8 u8, 9 i16; "
+  "op: 1 SUM, 2 PRODUCT, 3 MIN, 4 MAX, 5 BAND, 6 BOR, 7 BXOR (floats: 1-2). `out` may equal a part.");
+
+  m.def("copy", [](int64_t dst, int64_t src, int64_t n, int64_t threads) {
+    const uint64_t len = nonneg(n, "n");
+    if (len && (dst <= 0 || src <= 0)) throw std::invalid_argument("dst and src must be non-null addresses");
+    const int t = threads_arg(threads);
+    GilRelease r;
+    copy_bytes(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), static_cast<size_t>(len), t);
+  }, py::arg("dst"), py::arg("src"), py::arg("n"), py::arg("threads") = 1,
+  "memmove of n bytes without the GIL; large non-overlapping copies on up to `threads` threads.");
 
   m.def("_memcpy", [](int64_t dst, int64_t src, int64_t n) {
     std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), static_cast<size_t>(n));
@@ -480,12 +478,14 @@ PYBIND11_MODULE(_engine, m) {
                                         std::to_string(reduce.size()) + " values");
           r_dtype = static_cast<int>(reduce[0]);
           r_op = static_cast<int>(reduce[1]);
+          // The fold in the round takes the 32/64-bit types (module-level reduce() takes all).
+          if (r_dtype < kRF32 || r_dtype > kRI64)
+            throw std::invalid_argument("reduce dtype " + std::to_string(reduce[0]) + " is not 1-4");
           const size_t es = reduce_elem_size(r_dtype);
-          if (es == 0) throw std::invalid_argument("reduce dtype " + std::to_string(reduce[0]) + " is not 1-4");
-          const bool is_float = r_dtype == kRF32 || r_dtype == kRF64;
-          if (r_op < kRSum || r_op > kRMax || (is_float && r_op > kRProd))
-            throw std::invalid_argument("reduce op " + std::to_string(reduce[1]) +
-                                        " is not supported for this dtype (floats: 1-2, integers: 1-4)");
+          const std::string why = reduce_unsupported(r_dtype, r_op);
+          if (!why.empty())
+            throw std::invalid_argument("reduce dtype " + std::to_string(reduce[0]) + " / op " +
+                                        std::to_string(reduce[1]) + " " + why);
           r_count = static_cast<size_t>(nonneg(reduce[2], "reduce count"));
           r_self = reduce[3];
           r_out = reduce[4];
@@ -565,7 +565,7 @@ PYBIND11_MODULE(_engine, m) {
               if (i == r_pos) parts.push_back(reinterpret_cast<const void*>(r_self));
               if (i < n) parts.push_back(reinterpret_cast<const void*>(dests[i]));
             }
-            reduce_rows(r_dtype, r_op, r_count, parts, reinterpret_cast<void*>(r_out));
+            reduce_rows(r_dtype, r_op, r_count, parts, reinterpret_cast<void*>(r_out), 1);
           }
           if (n > 0 && matched == n && !after.empty()) {
             for (const auto& p : peers) {

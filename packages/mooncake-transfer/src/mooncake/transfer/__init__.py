@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._engine import copy as copy_buffers
 from ._engine import rdma_status
+from ._engine import reduce as reduce_buffers
 from .engine import Notification, RemoteSegment, Segment, TransferEngine, TransferHandle
 from .enums import PeerState, TransferStatus
 from .errors import PeerDeadError, TransferError, TransferTimeout
@@ -27,8 +29,10 @@ __all__ = [
     "TransferStatus",
     "TransferTimeout",
     "__version__",
+    "copy_buffers",
     "get_include",
     "rdma_status",
+    "reduce_buffers",
 ]
 
 
