@@ -39,7 +39,6 @@ the protocol.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import struct
@@ -49,7 +48,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import faults
+from . import faults, native
 from .exchange import Exchange, ScratchPool, even_chunks, no_commit
 from .reduce_ops import reduce_into
 
@@ -86,15 +85,11 @@ _MAX_MAPS_PER_PEER = 4
 _REDUCE_BLOCK = 1 << 20  # bytes per block when reducing 3+ inputs (partial sums stay in cache)
 
 
-_memmove = ctypes.memmove
-
-
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[:] = src for contiguous tensors of one dtype and size: glibc memcpy (non-temporal
-    stores for large sizes), about 1.5x torch's copy_ on these machines."""
-    n = src.numel() * src.element_size()
-    if n:
-        _memmove(dst.data_ptr(), src.data_ptr(), n)
+    """dst[:] = src for contiguous tensors of one byte size: the engine's GIL-free memcpy
+    (``native.copy``; glibc's non-temporal stores for large sizes, about 1.5x torch's copy_ on
+    these machines, on threads the backend controls)."""
+    native.copy(dst, src)
 
 
 def _frombuffer(view: memoryview) -> torch.Tensor:
@@ -261,7 +256,7 @@ def _read(
 ) -> Optional[torch.Tensor]:
     """Bytes [byte_off, +len) of peer r's region as a ``dtype`` tensor: a view of the mapping, or
     pulled into scratch ``name``. None (and r failed) when the pull fails."""
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     numel = out_or_len // esize
     start = src.off + byte_off
     if src.buf is not None:
@@ -337,6 +332,8 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
             if t is None:
                 return False
             parts.append(t)
+        if native.reduce(out, parts, op):  # blocked in cache natively
+            return True
         numel = out.numel()
         step = _REDUCE_BLOCK // esize
         if len(parts) <= 2 or numel <= step:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import bulk
+from . import bulk, native
 from .exchange import Exchange, even_chunks, no_commit, tensor_bytes
 from .reduce_ops import native_fold, reduce_fresh, reduce_into
 
@@ -58,7 +58,7 @@ def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str, last: bool) -> C
         return no_commit
     me = x.me
     reduce_fresh(result, [flat if r == me else rows[r] for r in x.members], op)
-    return lambda: flat.copy_(result)
+    return lambda: native.copy(flat, result, len(x.members))
 
 
 def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
@@ -86,7 +86,7 @@ def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
     )
     if len(got) != len(x.peers) or x.failed:
         return no_commit
-    return lambda: flat.copy_(result)
+    return lambda: native.copy(flat, result, len(x.members))
 
 
 def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
@@ -104,7 +104,7 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     tmp = x.scratch.get(x.scratch_scope() + "bcast", flat.numel(), flat.dtype)
     if not x.recv(root, 0, tmp):
         return no_commit
-    return lambda: flat.copy_(tmp)
+    return lambda: native.copy(flat, tmp, len(x.members))
 
 
 def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
@@ -123,7 +123,7 @@ def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
         return no_commit
     parts = [flat if r == x.me else bufs[r] for r in x.members]
     result = reduce_into(x.scratch.get(f"{scope}out", flat.numel(), flat.dtype), parts, op)
-    return lambda: flat.copy_(result)
+    return lambda: native.copy(flat, result, len(x.members))
 
 
 def _collect(x: Exchange, outs: Sequence[torch.Tensor], own: torch.Tensor) -> Commit:
@@ -135,11 +135,11 @@ def _collect(x: Exchange, outs: Sequence[torch.Tensor], own: torch.Tensor) -> Co
     def commit() -> None:
         mine = outs[x.me]
         if mine.numel():
-            _flat(mine).copy_(_flat(own))
+            native.copy(_flat(mine), _flat(own), len(members))
         if len(members) != len(outs):
             for r, o in enumerate(outs):
                 if r not in members:
-                    o.zero_()
+                    native.zero(o)
 
     return commit
 
@@ -174,11 +174,11 @@ def scatter(
         assert ins is not None
         for p in x.peers:
             x.send(p, 0, ins[p].reshape(-1))
-        return lambda: flat.copy_(ins[x.me].reshape(-1))
+        return lambda: native.copy(flat, ins[x.me].reshape(-1), len(x.members))
     tmp = x.scratch.get(x.scratch_scope() + "scatter", flat.numel(), flat.dtype)
     if not x.recv(root, 0, tmp):
         return no_commit
-    return lambda: flat.copy_(tmp)
+    return lambda: native.copy(flat, tmp, len(x.members))
 
 
 def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], op: str) -> Commit:
@@ -200,7 +200,7 @@ def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], 
         return no_commit
     me = x.me
     reduce_fresh(result, [_flat(ins[me]) if r == me else bufs[r] for r in x.members], op)
-    return lambda: flat.copy_(result)
+    return lambda: native.copy(flat, result, len(x.members))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -463,7 +463,7 @@ class ScratchPool:
         if got is None:
             if len(self._small) > 256:
                 self._small.clear()
-            space = torch.empty((len(peers) + 1, like.numel()), dtype=like.dtype)
+            space = torch.empty((len(peers) + 1, like.numel()), dtype=like.dtype, device="cpu")
             rows = list(space[: len(peers)])
             got = self._small[key] = (
                 dict(zip(peers, rows)),
@@ -473,12 +473,12 @@ class ScratchPool:
         return got
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if nbytes < self.min_bytes:
-            return torch.empty(numel, dtype=dtype)
+            return torch.empty(numel, dtype=dtype, device="cpu")
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
+            buf = self._bufs[name] = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
         return buf[:nbytes].view(dtype)
 
 

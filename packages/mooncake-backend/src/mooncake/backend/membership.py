@@ -10,6 +10,14 @@ States of a rank as this process sees it:
 
 A joiner (``is_extension=True``) starts with ``members = {self}`` (local-only mode) and turns into a
 member when it reads an ADMIT (``poll_admission`` before each op, or ``wait_admission``).
+
+Growth: ``extend_group_size_to(n)`` is an agreed op that only records ranks ``[extent, n)`` as
+``pending``; the group's next collective first admits them (``recovery.admit_pending``: agreed
+readiness rounds until every pending rank is ready or the join window, ``join_timeout``, ends;
+ranks still missing then count as failed). A rank started *without* ``is_extension`` whose group
+rank is at or beyond the running group's extent (``EXTENT_KEY``, written by group rank 0 at start
+and by the admitters after each growth) is such a new rank (``auto_join``): its init returns at
+once and its first collective waits for the ADMIT, so that op is already a full-group op.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Optional
 
 from . import wire
@@ -31,6 +40,10 @@ log = logging.getLogger("mooncake.backend")
 
 ADDR_KEY = "mcb/addr/{}"
 JOIN_KEY = "mooncake/join/{}/{}"  # group id, global rank; on the root store (see _root_store)
+# The lowest group rank that has not been a member yet: ranks from there on that start without
+# is_extension are new ranks (auto_join). On the group's own (prefixed) store, like the addresses:
+# a store that outlives a job (torchelastic's agent store) gives each attempt its own prefix.
+EXTENT_KEY = "mcb/extent"
 
 
 def _root_store(store):
@@ -63,17 +76,47 @@ class Membership:
         self.global_ranks = list(global_ranks) or list(range(capacity))
         self.world = pg._world
         self.admit_tag = wire.make_tag(pg._gid, wire.CH_ADMIT)
+        self.sync_tag = wire.make_tag(pg._gid, wire.CH_SYNC)
+        self.synced: set[str] = set()  # engine names of peers that announced their connections
         self.names: dict[int, str] = {rank: self.world.engine.name}
         self.addrs: dict[int, str] = {rank: self.world.address}
         self.members: set[int] = {rank}
         self.admitted = True
+        self.auto_join = False  # a new rank started without is_extension: ops wait for the ADMIT
+        self.growable = pg._opts.max_world_size is None
+        self.pending: list[int] = []  # ranks extend_group_size_to admits at the next collective
+        self.pending_window = 0.0
+        self.admitting = False
+        self.never_joined: set[int] = set()  # new ranks whose join window closed without them
+        self.admitted_at: dict[int, int] = {}  # rank -> the op number its admission preceded
         if pg._opts.is_extension or (self.world.joiner and self._admission_waiting()):
-            self.world.joiner = True
-            self.admitted = False
-            self.root_store.set(self._join_key(rank), self.world.address)
+            self._become_joiner()
             self.poll_admission(timeout=0.0)
+        elif self._joins_running_group():
+            self.auto_join = True
+            self._become_joiner()
+            log.info("group %s: rank %d joins the running group as a new rank", group_id, rank)
         else:
             self._rendezvous(size)
+
+    def _become_joiner(self) -> None:
+        self.world.joiner = True
+        self.admitted = False
+        self.root_store.set(self._join_key(self.rank), self.world.address)
+
+    def _joins_running_group(self) -> bool:
+        """Whether this rank (started without is_extension) is beyond a group that already runs:
+        group rank 0 publishes the group's extent before its address, so waiting for the key
+        costs nothing the rendezvous would not wait for anyway."""
+        if self.rank == 0:
+            return False
+        try:
+            self.store.wait([EXTENT_KEY], timedelta(seconds=max(1.0, self.pg._timeout)))
+            extent = int(self.store.get(EXTENT_KEY).decode())
+        except Exception as e:  # no such key in time: the rendezvous reports what is missing
+            log.debug("group %s: no extent key (%s); plain rendezvous", self.group_id, e)
+            return False
+        return self.rank >= extent
 
     def _join_key(self, r: int) -> str:
         return JOIN_KEY.format(self.group_id, self._global(r))
@@ -84,6 +127,8 @@ class Membership:
     # ------------------------------------------------------------- rendezvous
     def _rendezvous(self, size: int) -> None:
         me = self.world.address
+        if self.rank == 0:  # before the address: a rank that sees the address sees the extent
+            self.store.set(EXTENT_KEY, str(size))
         self.store.set(ADDR_KEY.format(self._global(self.rank)), me)
         deadline = time.monotonic() + self.pg._timeout
         for r in range(size):
@@ -100,6 +145,7 @@ class Membership:
                     "group rank %d unreachable at start-up (%s); it starts out failed", r, e
                 )
         self.members = set(range(size))
+        self._announce(self.members)
 
     # ------------------------------------------------------------- changes at commit points
     def remove(self, ranks) -> None:
@@ -130,23 +176,30 @@ class Membership:
                 return False
             data, sender = n.data, n.peer
         msg = json.loads(data.decode())
-        deadline = time.monotonic() + max(5.0, self.pg._timeout)
+        deadline = time.monotonic() + max(5.0, min(self.pg._timeout, 60.0))
         names = {}
         for r_str, addr in msg["addrs"].items():
             r = int(r_str)
-            names[r] = (
-                self.world.engine.name
-                if r == self.rank
-                else self.world.connect(addr, timeout=max(1.0, deadline - time.monotonic()))
-            )
+            names[r] = self.world.engine.name if r == self.rank else addr.split("|", 1)[0]
+            if r == self.rank:
+                continue
+            try:
+                self.world.connect(addr, timeout=max(1.0, deadline - time.monotonic()))
+            except Exception as e:
+                # Not fatal: the first op's data phase fails on it and the agreement excludes it.
+                log.warning("group rank %d unreachable at admission (%s)", r, e)
         self.names = names
         self.addrs = {int(r): a for r, a in msg["addrs"].items()}
         self.members = set(msg["members"])
         self.extent = int(msg["extent"])
+        self.capacity = max(self.capacity, int(msg.get("capacity", self.extent)), self.extent)
+        self.never_joined = set(msg.get("never_joined", []))
+        self.pg._active.grow(self.capacity)
         self.pg._seq = int(msg["seq"])
         self.admitted = True
         self.pg._publish(force=True)
-        if self.pg._opts.is_extension:
+        self._announce(self.members)
+        if self.pg._opts.is_extension or self.auto_join:
             self._drain_admits(sender, msg.get("admitters", []))
         log.info("group %s: admitted as rank %d at op %d", self.pg._gid, self.rank, self.pg._seq)
         return True
@@ -174,6 +227,54 @@ class Membership:
                     "call pg.recover_ranks (or extend_group_size_to) for it"
                 )
 
+    def _announce(self, ranks) -> None:
+        """Tell ``ranks`` that this rank is connected to every rank it knows (SYNC channel)."""
+        names = [self.names[r] for r in ranks if r != self.rank and r in self.names]
+        if names:
+            self.world.mailbox.send_joined(names, self.sync_tag, b"S")  # unreachable: ignored
+
+    def synced_count(self) -> int:
+        """This rank plus the ranks (of the current incarnations) that announced they are
+        connected to every rank (local: no communication). So it reaches the world size only
+        once every rank is connected to every other one, as the reference's collective MIN;
+        and it never decreases: a rank that announced and then died still counts, so every rank
+        polling for the world size gets there even if one of them leaves right afterwards."""
+        engine = self.world.engine
+        while True:
+            try:
+                n = engine.recv_notify(None, self.sync_tag, 0.0)
+            except Exception:  # a dead peer's queue: its earlier announcement was read already
+                break
+            if n is None:
+                break
+            self.synced.add(n.peer)
+        if not self.admitted:
+            return 1
+        return 1 + sum(
+            1
+            for r, name in self.names.items()
+            if r != self.rank and r < self.extent and name in self.synced
+        )
+
+    # ------------------------------------------------------------- growth
+    def grow(self, n: int) -> None:
+        """Commit point of ``extend_group_size_to``: ranks ``[extent, n)`` exist from now on
+        (inactive until admitted); the next collective admits them."""
+        old = self.extent
+        self.extent = max(self.extent, n)
+        self.capacity = max(self.capacity, self.extent)
+        self.pg._active.grow(self.capacity)
+        self.pending = sorted(set(self.pending) | set(range(old, self.extent)))
+
+    def publish_extent(self) -> None:
+        """After an admission: ranks from the lowest one never admitted on join as new ranks."""
+        low = min(self.never_joined | {self.extent})
+        try:
+            if not self.store.check([EXTENT_KEY]) or int(self.store.get(EXTENT_KEY)) != low:
+                self.store.set(EXTENT_KEY, str(low))
+        except Exception as e:  # store gone: nobody can join anyway
+            log.debug("group %s: cannot publish the extent: %s", self.group_id, e)
+
     # ------------------------------------------------------------- survivor side
     def peer_ready(self, r: int) -> Optional[str]:
         """Address of a new incarnation of group rank ``r`` that is reachable now, else None."""
@@ -197,6 +298,11 @@ class Membership:
     def admit(self, ranks: Sequence[int], addrs: dict[int, str], extent: int) -> None:
         """Commit point of ``recover``: add ``ranks`` and tell them the group's state."""
         admitters = sorted(self.members - set(ranks))  # every one of them sends this ADMIT
+        grown = (
+            max(ranks, default=-1) + 1 > self.extent
+            or extent > self.extent
+            or bool(self.never_joined & set(ranks))
+        )
         for r in ranks:
             old = self.names.get(r)
             new = addrs[r].split("|", 1)[0]
@@ -205,10 +311,16 @@ class Membership:
             self.names[r] = new
             self.addrs[r] = addrs[r]
             self.members.add(r)
-        self.extent = max(self.extent, extent)
+            self.admitted_at[r] = self.pg._seq
+        self.extent = max(self.extent, extent, max(ranks, default=-1) + 1)
+        self.capacity = max(self.capacity, self.extent)
+        self.pg._active.grow(self.capacity)
+        self.never_joined -= set(ranks)
         state = {
             "seq": self.pg._seq,
             "extent": self.extent,
+            "capacity": self.capacity,
+            "never_joined": sorted(self.never_joined),
             "members": sorted(self.members),
             "admitters": admitters,
             "addrs": {str(r): self._address_of(r, addrs) for r in sorted(self.members)},
@@ -219,6 +331,9 @@ class Membership:
                 self.world.mailbox.send(self.names[r], self.admit_tag, payload)
             except PeerGone:
                 log.warning("joiner %d died before its admission", r)
+        self._announce(ranks)
+        if grown:
+            self.publish_extent()
 
     def _address_of(self, r: int, new: dict[int, str]) -> str:
         return new[r] if r in new else self.addrs[r]

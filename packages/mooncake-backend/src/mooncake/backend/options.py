@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from datetime import timedelta
 from typing import Optional, Union
@@ -43,27 +44,34 @@ class MooncakeBackendOptions:
     """Options passed as ``pg_options`` to ``init_process_group`` / ``new_group``.
 
     Args:
-        active_ranks: int32 tensor ``[world_size]`` (or ``[max_world_size]``): 1 = active, 0 = failed.
-            On CPU for ``"mooncake-cpu"``, on CUDA for ``"mooncake"``. The backend writes the
-            membership into it after every op. ``None``: an internal tensor is used
-            (``pg.get_active_ranks(group)`` reads it).
+        active_ranks: int32 tensor ``[world_size]`` or longer (e.g. ``[max_world_size]``, slots
+            beyond the group written 0 until ranks join): 1 = active, 0 = failed. On CPU for
+            ``"mooncake-cpu"``, on CUDA for ``"mooncake"``. The backend writes the membership
+            into it, in place, whenever it changes (views of it stay valid). ``None``: an
+            internal tensor is used (``pg.get_active_ranks(group)`` reads it).
         is_extension: this process replaces a failed rank or grows the group: it starts in
             local-only mode and becomes a member once the survivors call ``recover_ranks`` /
-            ``extend_group_size_to``.
-        max_world_size: reserve group slots beyond ``world_size`` for later growth.
+            ``extend_group_size_to``. (A rank started *without* it, with ``world_size`` larger
+            than the running group and a rank beyond it, is detected through the store and joins
+            as a new member: its first op waits for the admission.)
+        max_world_size: reserve group slots beyond ``world_size`` for later growth; the group then
+            never grows past it. Without it the group grows as far as ``extend_group_size_to``
+            asks. Positional (third) as in the reference: ``MooncakeBackendOptions(active_ranks,
+            is_extension, max_world_size)``.
         timeout: per-op deadline in seconds (or a ``timedelta``); default: the group's timeout.
         raise_on_failure: raise ``RankFailureError`` instead of completing among survivors.
         heartbeat_interval, heartbeat_timeout: failure-detector settings in seconds.
         host: the address this rank's transfer engine listens on.
-        join_timeout: seconds ``join_group`` / ``extend_group_size_to`` wait before raising.
+        join_timeout: seconds ``join_group`` waits before raising, and how long the first op
+            after ``extend_group_size_to`` waits for the new ranks (then they count as failed).
     """
 
     def __init__(
         self,
         active_ranks: Optional[torch.Tensor] = None,
         is_extension: bool = False,
-        *,
         max_world_size: Optional[int] = None,
+        *,
         timeout: Union[float, timedelta, None] = None,
         raise_on_failure: Optional[bool] = None,
         heartbeat_interval: Optional[float] = None,
@@ -81,8 +89,18 @@ class MooncakeBackendOptions:
                     "active_ranks must be a 1-D int32 tensor, got "
                     f"dtype={active_ranks.dtype} shape={tuple(active_ranks.shape)}"
                 )
-        if max_world_size is not None and int(max_world_size) < 1:
-            raise ValueError(f"max_world_size must be >= 1, got {max_world_size}")
+        if max_world_size is not None:
+            try:
+                if isinstance(max_world_size, bool):
+                    raise TypeError
+                max_world_size = operator.index(max_world_size)  # numpy / tensor ints too
+            except TypeError:
+                raise TypeError(
+                    f"max_world_size must be an int, got {max_world_size!r} "
+                    f"({type(max_world_size).__name__})"
+                ) from None
+            if max_world_size < 1:
+                raise ValueError(f"max_world_size must be >= 1, got {max_world_size}")
         if isinstance(timeout, timedelta):
             timeout = timeout.total_seconds()
         if timeout is not None and timeout <= 0:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from . import collectives as algo
 from . import faults, wire
+from .active import ActiveMask
 from .agreement import agree
 from .errors import EvictedError, OpMismatchError, RankFailureError
 from .exchange import Exchange, ScratchPool
@@ -94,19 +95,23 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._sigs: dict = {}
         self._scratch = ScratchPool()
         self._evicted = False
-        cap = self._opts.max_world_size or size
-        if cap < size:
-            raise ValueError(f"max_world_size={cap} is smaller than world_size={size}")
+        max_ws = self._opts.max_world_size
+        if max_ws is not None and max_ws < size:
+            raise ValueError(f"max_world_size={max_ws} is smaller than world_size={size}")
         active = self._opts.active_ranks
-        if active is not None and active.numel() not in (size, cap):
+        if active is not None and active.numel() < size:
             raise ValueError(
-                f"active_ranks has {active.numel()} entries; expected world_size={size}"
-                + (f" or max_world_size={cap}" if cap != size else "")
+                f"active_ranks has {active.numel()} entries; it needs at least world_size={size}"
+                + (f" (or max_world_size={max_ws})" if max_ws else "")
             )
-        if active is None:
-            dev = "cpu" if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}"
-            active = torch.ones(cap, dtype=torch.int32, device=dev)
-        self.active_ranks = active
+        # Slots reserved for growth: max_world_size, else as many as active_ranks has room for
+        # (SGLang passes [max_world_size] entries, 0 beyond the group); growth past it is
+        # allowed only without max_world_size (``extend_group_size_to``).
+        cap = max_ws or max(size, active.numel() if active is not None else 0)
+        dev = None
+        if active is None and device_type != "cpu":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self._active = ActiveMask(active, cap, dev)
         self.membership = Membership(
             self, store, rank, size, cap, list(global_ranks), str(group_id)
         )
@@ -157,21 +162,39 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         finally:
             self._timeout_override.value = prev
 
+    @property
+    def active_ranks(self) -> torch.Tensor:
+        """The tensor the membership is written into (the caller's, or an internal one)."""
+        return self._active.tensor
+
     def _publish(self, force: bool = False) -> None:
         """Write the membership into ``active_ranks`` when it changed (``force``: always)."""
-        members = frozenset(self.members)
-        if force or members != getattr(self, "_mask_members", None):
-            mask = torch.zeros(self.active_ranks.numel(), dtype=torch.int32)
-            for r in members:
-                if r < mask.numel():
-                    mask[r] = 1
-            self._mask = (
-                mask
-                if self.active_ranks.device.type == "cpu"
-                else mask.to(self.active_ranks.device)
-            )
-            self._mask_members = members
-            self.active_ranks.copy_(self._mask)
+        self._active.publish(self.members, force)
+
+    def _ensure_member(self) -> None:
+        """Before a collective: a rank that is not admitted yet runs ``_ensure_p2p``; members
+        first admit the ranks ``extend_group_size_to`` added (``recovery.admit_pending``)."""
+        m = self.membership
+        if not m.admitted:
+            self._ensure_p2p()
+        elif m.pending and not m.admitting:
+            from .recovery import admit_pending
+
+            admit_pending(self)
+
+    def _ensure_p2p(self) -> None:
+        """A new rank started without is_extension waits for its admission (its first op is a
+        full-group op); a replacement (is_extension) adopts an ADMIT that arrived, else stays
+        local-only."""
+        m = self.membership
+        if not m.admitted:
+            if m.auto_join:
+                m.wait_admission(max(self._op_timeout(), self._opts.join_timeout))
+            else:
+                m.poll_admission()
+
+    def num_synced_ranks(self) -> int:
+        return self.membership.synced_count()
 
     # ------------------------------------------------------------ op engine
     def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):
@@ -180,8 +203,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise EvictedError(
                 "this rank was excluded by the group's survivors; re-join to continue"
             )
-        if not self.membership.admitted:
-            self.membership.poll_admission()
+        m = self.membership
+        if not m.admitted or m.pending:
+            self._ensure_member()
         seq = self._seq
         self._seq += 1
         key = (kind, sig_parts)
@@ -499,6 +523,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def send(self, tensors, dstRank, tag=0):
         from .p2p import send
 
+        self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         send(self, tensors, dstRank, tag)
         return _done(tensors)
@@ -506,12 +531,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def recv(self, tensors, srcRank, tag=0):
         from .p2p import recv
 
+        self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         return recv(self, tensors, srcRank, tag)
 
     def recv_anysource(self, tensors, tag=0):
         from .p2p import recv
 
+        self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         return recv(self, tensors, None, tag)
 

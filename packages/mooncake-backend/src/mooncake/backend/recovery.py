@@ -3,36 +3,58 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import collectives as algo
-from .errors import JoinTimeoutError
+from .errors import JoinTimeoutError, RankFailureError
 
 if TYPE_CHECKING:
     from .process_group import MooncakeProcessGroup
 
+log = logging.getLogger("mooncake.backend")
+
 
 def _check_ranks(pg: MooncakeProcessGroup, ranks: Sequence[int], limit: int) -> list[int]:
+    """``ranks`` as ints in [0, limit), in the caller's order (this rank itself counts as a
+    member: ready, nothing to admit)."""
+    if isinstance(ranks, int):
+        raise TypeError(f"ranks must be a sequence of ints, got the int {ranks}")
     out = []
     for r in ranks:
         r = int(r)
         if not 0 <= r < limit:
-            raise ValueError(f"rank {r} is out of range [0, {limit})")
-        if r == pg.rank():
-            raise ValueError(f"rank {r} is this process itself")
+            raise ValueError(
+                f"rank {r} is out of range [0, {limit}) (the group's "
+                + ("max_world_size" if not pg.membership.growable else "size")
+                + f" is {limit})"
+            )
         out.append(r)
-    return sorted(set(out))
+    return out
 
 
 def peer_state(pg: MooncakeProcessGroup, ranks: Sequence[int]) -> list[bool]:
-    """Agreed readiness of joiners: True for r when every survivor can reach r's new incarnation."""
-    ranks = _check_ranks(pg, ranks, pg.membership.capacity)
+    """Agreed readiness of joiners: True for r when every survivor can reach r's new incarnation,
+    or r is an active member (it took part in this op: as the reference's "connected").
+
+    One case needs no communication: every rank asked about was admitted into this group by a
+    recovery and the group ran no op since (SGLang recovers WORLD, which admits the joiner into
+    every subgroup too, then asks each subgroup, without the joiner taking part). That state is
+    agreed, the same on every member, so the local answer is the agreed one."""
+    asked = _check_ranks(pg, ranks, pg.membership.capacity)
+    m = pg.membership
+    members = m.members
+    if m.admitted and all(
+        r == pg.rank() or (r in members and m.admitted_at.get(r) == pg._seq) for r in asked
+    ):
+        return [True] * len(asked)
+    ranks = sorted(set(asked))  # the op's signature does not depend on the order asked in
     result: list[bool] = []
 
     def body(x):
-        local = [pg.membership.peer_ready(r) is not None for r in ranks]
+        local = [r in members or pg.membership.peer_ready(r) is not None for r in ranks]
         votes = algo.allgather_bytes(x, json.dumps(local).encode())
 
         def commit() -> None:
@@ -42,12 +64,25 @@ def peer_state(pg: MooncakeProcessGroup, ranks: Sequence[int]) -> list[bool]:
         return commit
 
     pg.run_op("peer_state", tuple(ranks), body)
-    return result
+    by_rank = dict(zip(ranks, result))
+    return [by_rank[r] for r in asked]
 
 
-def recover(pg: MooncakeProcessGroup, ranks: Sequence[int], extent: int, timeout: float) -> None:
-    """Admit ``ranks`` (replacements or new ranks) at one agreed op; raises if not ready in time."""
-    ranks = _check_ranks(pg, ranks, pg.membership.capacity)
+def recover(
+    pg: MooncakeProcessGroup,
+    ranks: Sequence[int],
+    extent: int,
+    timeout: float,
+    partial: bool = False,
+) -> set[int]:
+    """Admit ``ranks`` (replacements or new ranks) at one agreed op; raises ``JoinTimeoutError``
+    if they are not all ready in time, or (``partial``) admits those that are and returns them.
+    Ranks that are members already are skipped (no communication when all are: the membership
+    is agreed, so every member skips the same ones)."""
+    ranks = sorted(set(_check_ranks(pg, ranks, pg.membership.capacity)))
+    ranks = [r for r in ranks if r not in pg.membership.members]
+    if not ranks or not pg.membership.admitted:
+        return set()
     deadline = time.monotonic() + timeout
     while True:
         addrs: dict[int, str] = {}
@@ -61,30 +96,76 @@ def recover(pg: MooncakeProcessGroup, ranks: Sequence[int], extent: int, timeout
             def commit() -> None:
                 decoded = [json.loads(v.decode()) for v in votes.values()]
                 first = decoded[0]["addrs"]
-                ready = all(
-                    all(
+                ready = [
+                    r
+                    for r in ranks
+                    if all(
                         d["addrs"].get(str(r)) and d["addrs"][str(r)] == first.get(str(r))
-                        for r in ranks
+                        for d in decoded
                     )
-                    for d in decoded
-                )
-                ok[:] = [ready, any(d["late"] for d in decoded)]
-                if ready:
-                    addrs.update({r: first[str(r)] for r in ranks})
+                ]
+                late = any(d["late"] for d in decoded)
+                ok[:] = [len(ready) == len(ranks), late]
+                if ok[0] or (partial and late and ready):
+                    addrs.update({r: first[str(r)] for r in ready})
                     # Subgroup ADMITs first: on each connection they then precede this rank's
                     # WORLD ADMIT, and the joiner waits for every survivor's WORLD ADMIT.
-                    _admit_subgroups(pg, ranks, addrs)
-                    pg.membership.admit(ranks, addrs, extent)
+                    _admit_subgroups(pg, ready, addrs)
+                    pg.membership.admit(ready, addrs, extent)
 
             return commit
 
         pg.run_op("recover", tuple(ranks), body)
-        if ok and ok[0]:
+        if ok and (ok[0] or (partial and ok[1])):
             pg._publish(force=True)
-            return
+            return set(addrs)
         if ok and ok[1]:
             raise JoinTimeoutError(f"ranks {ranks} did not become ready within {timeout:.1f} s")
         time.sleep(0.01)
+
+
+def extend(pg: MooncakeProcessGroup, new_size: int, window: float) -> None:
+    """``extend_group_size_to``: an agreed op (same ``new_size`` on every member, else
+    ``OpMismatchError``) whose commit makes ranks ``[size, new_size)`` part of the group,
+    inactive until the next collective admits them (``admit_pending``). Does not wait for them."""
+    m = pg.membership
+
+    def body(x):
+        algo.barrier(x)
+
+        def commit() -> None:
+            m.grow(new_size)
+            m.pending_window = window
+
+        return commit
+
+    pg.run_op("extend", (int(new_size),), body)
+    pg._publish(force=True)
+
+
+def admit_pending(pg: MooncakeProcessGroup) -> None:
+    """First collective after ``extend_group_size_to`` (every member runs it at the same op):
+    agreed readiness rounds until every pending rank is ready or the join window ends; those
+    ready then are admitted, the others count as failed (0 in ``active_ranks``; they can come
+    back as replacements, see ``recover_ranks``)."""
+    m = pg.membership
+    ranks, m.pending = list(m.pending), []
+    m.admitting = True
+    try:
+        got = recover(pg, ranks, m.extent, m.pending_window, partial=True)
+    finally:
+        m.admitting = False
+    missing = sorted(set(ranks) - got - m.members)
+    if missing:
+        m.never_joined |= set(missing)
+        log.warning(
+            "mooncake: new ranks %s did not join within %.1f s; they count as failed",
+            missing,
+            m.pending_window,
+        )
+    m.publish_extent()
+    if missing and pg._opts.raise_on_failure:
+        raise RankFailureError(f"new ranks {missing} did not join in time", missing)
 
 
 def _admit_subgroups(pg: MooncakeProcessGroup, ranks: Sequence[int], addrs: dict[int, str]) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from . import native
+
 _INT_TYPES = {
     torch.uint8,
     torch.int8,
@@ -78,6 +80,8 @@ _FAST = {
 def reduce_fresh(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     """``reduce_into`` for an ``acc`` that aliases none of ``parts`` (the small-op hot path:
     the common ops go straight to one torch call per extra part; the result is identical)."""
+    if native.reduce(acc, parts, name):
+        return acc
     fn = _FAST.get(name)
     if fn is None or len(parts) < 2 or acc.dtype in _SLOW:
         return reduce_into(acc, parts, name)
@@ -88,7 +92,10 @@ def reduce_fresh(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) ->
 
 
 def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
-    """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values."""
+    """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values.
+    Natively (``native.reduce``) where the engine covers the dtype and op, else torch ops."""
+    if native.reduce(acc, parts, name):
+        return acc
     fp8 = acc.dtype in _FP8
     rest = parts[1:]
     if (
@@ -145,15 +152,16 @@ _SLOW = _FP8 | {torch.bool}
 
 # (dtype, op) -> (dtype code, op code) of the transfer engine's native fold
 # (``TransferEngine.exchange_round(reduce=...)``), which computes exactly what ``reduce_fresh``
-# does for these: element-wise left folds in rank order, floats without reassociation, integers
-# wrapping. Other dtypes (bf16/fp16 rounding, NaN-aware float MIN/MAX) stay in torch.
+# does for these: element-wise left folds in rank order, floats without reassociation, bf16/f16
+# rounded after every step, integers wrapping (``native.CODES``). Other dtypes and ops (AVG,
+# NaN-aware float MIN/MAX, bool, fp8, complex) stay in torch.
+# The fold inside the small all_reduce's native round covers the 32/64-bit types (other types
+# are folded by ``reduce_fresh``, natively too, right after that call).
 _NATIVE_FOLD = {
-    (torch.float32, "SUM"): (1, 1),
-    (torch.float32, "PRODUCT"): (1, 2),
-    (torch.float64, "SUM"): (2, 1),
-    (torch.float64, "PRODUCT"): (2, 2),
-    **{(torch.int32, n): (3, k) for n, k in (("SUM", 1), ("PRODUCT", 2), ("MIN", 3), ("MAX", 4))},
-    **{(torch.int64, n): (4, k) for n, k in (("SUM", 1), ("PRODUCT", 2), ("MIN", 3), ("MAX", 4))},
+    (dt, name): code
+    for (dt, name), code in native.CODES.items()
+    if dt in (torch.float32, torch.float64, torch.int32, torch.int64)
+    and name in ("SUM", "PRODUCT", "MIN", "MAX")
 }
 
 

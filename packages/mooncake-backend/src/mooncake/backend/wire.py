@@ -41,6 +41,7 @@ PULL_MIN = 512 * 1024  # payloads from this size on are pulled; smaller ones tra
 CH_OP = 0
 CH_P2P = 1
 CH_ADMIT = 2
+CH_SYNC = 3  # "connected to every rank": see Membership.synced_count
 
 
 def group_hash(group_id: str) -> int:

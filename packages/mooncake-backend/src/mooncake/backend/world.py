@@ -24,6 +24,7 @@ class World:
         self, host: str, heartbeat_interval: Optional[float], heartbeat_timeout: Optional[float]
     ):
         self.incarnation = uuid.uuid4().hex[:12]
+        self.host = host
         self.engine = TransferEngine(
             name=f"mc-{os.getpid()}-{self.incarnation}",
             host=host,
@@ -51,7 +52,8 @@ def get_world(host: Optional[str], heartbeat_interval=None, heartbeat_timeout=No
     global _world
     with _lock:
         if _world is None:
-            _world = World(host or _default_host(), heartbeat_interval, heartbeat_timeout)
+            host = host or os.environ.get("MOONCAKE_HOST") or _default_host()
+            _world = World(host, heartbeat_interval, heartbeat_timeout)
             atexit.register(_close_at_exit)
         return _world
 

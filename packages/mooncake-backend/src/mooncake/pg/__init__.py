@@ -41,11 +41,13 @@ __all__ = [
     "RankFailureError",
     "extend_group_size_to",
     "get_active_ranks",
+    "get_num_synced_ranks",
     "get_peer_state",
     "is_mooncake_group",
     "join_group",
     "op_timeout",
     "recover_ranks",
+    "set_host_ip",
 ]
 
 
@@ -114,12 +116,37 @@ def is_mooncake_group(group) -> bool:
 
 
 def get_active_ranks(group=None) -> torch.Tensor:
-    """Membership after the group's last op: int32 ``[world]`` (``[max_world_size]``), 1 = active.
+    """Membership after the group's last op: int32 ``[world]`` (``[max_world_size]``, or the
+    grown size), 1 = active.
 
     Returns a CPU copy; the tensor given in ``MooncakeBackendOptions`` is updated in place too.
     """
     pg = _resolve(group)
-    return pg.active_ranks.detach().to("cpu", copy=True)
+    return pg._active.host.clone()
+
+
+def get_num_synced_ranks(group=None) -> int:
+    """How many members of the group this rank is connected to, itself included (local, no
+    communication). Equals the world size once every rank's connection is up; 1 for a joiner
+    that has not been admitted yet."""
+    return _resolve(group).num_synced_ranks()
+
+
+def set_host_ip(host: str) -> None:
+    """The address this process's transfer engine listens on (as ``MOONCAKE_HOST``); call it
+    before the first Mooncake group is created. ``MooncakeBackendOptions(host=)`` wins over it."""
+    import os
+
+    from mooncake.backend import world
+
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"host must be a non-empty string, got {host!r}")
+    if world._world is not None and host != world._world.host:
+        raise RuntimeError(
+            f"set_host_ip({host!r}): the transfer engine already listens on "
+            f"{world._world.host!r}; call it before init_process_group"
+        )
+    os.environ["MOONCAKE_HOST"] = host
 
 
 @contextlib.contextmanager
@@ -157,20 +184,30 @@ def join_group(group=None, timeout: Optional[float] = None) -> None:
 
 
 def extend_group_size_to(group, new_size: int, timeout: Optional[float] = None) -> None:
-    """Collective among the active ranks: grow the group to ``new_size`` ranks (at most
-    ``max_world_size``), admitting ranks ``[size, new_size)`` once they started with
-    ``is_extension=True``. Afterwards ``dist.get_world_size()`` returns ``new_size``."""
-    from mooncake.backend.recovery import recover
+    """Collective among the active ranks: grow the group to ``new_size`` ranks. Non-blocking as
+    in the reference: it returns without waiting for the new ranks; the group's next
+    collective waits for them (up to ``timeout`` s, default
+    ``MooncakeBackendOptions.join_timeout``, 60 s) and admits them at one agreed op, so that
+    collective is a full-group op. New ranks start with ``world_size >= new_size`` and
+    ``rank`` in ``[size, new_size)``, plainly or with ``is_extension=True``. A new rank still
+    missing when the wait ends counts as failed (0 in ``active_ranks``; it may come back later
+    as a replacement, see ``recover_ranks``). Afterwards ``dist.get_world_size()`` returns
+    ``new_size``. The group grows without limit unless it was created with
+    ``max_world_size``, which then caps ``new_size``."""
+    from mooncake.backend.recovery import extend
 
     pg = _resolve(group)
-    cap = pg.membership.capacity
-    if not pg.size() <= new_size <= cap:
-        raise ValueError(f"new_size={new_size} must be in [{pg.size()}, max_world_size={cap}]")
-    if new_size == pg.size():
+    m = pg.membership
+    if isinstance(new_size, bool) or not isinstance(new_size, int):
+        raise TypeError(f"new_size must be an int, got {new_size!r}")
+    if new_size < m.extent:
+        raise ValueError(
+            f"new_size={new_size} is smaller than the group's size {m.extent} (groups only grow)"
+        )
+    if not m.growable and new_size > m.capacity:
+        raise ValueError(f"new_size={new_size} exceeds the group's max_world_size={m.capacity}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+    if new_size == m.extent:
         return
-    recover(
-        pg,
-        range(pg.size(), new_size),
-        new_size,
-        pg._opts.join_timeout if timeout is None else timeout,
-    )
+    extend(pg, new_size, pg._opts.join_timeout if timeout is None else float(timeout))

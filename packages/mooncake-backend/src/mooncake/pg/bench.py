@@ -1,16 +1,27 @@
 """``python -m mooncake.pg.bench``: collectives of the Mooncake backend against a reference
-backend in the same processes (interleaved per size), nccl-tests style, plus fault timing.
+backend in the same processes (interleaved per op), nccl-tests style, plus fault timing.
 
 Examples::
 
     python -m mooncake.pg.bench --world 2 -c all_reduce -b 1K -e 64M
     python -m mooncake.pg.bench --world 4 -c all --backends mooncake-cpu,gloo --json out.json
+    python -m mooncake.pg.bench --world 4 -c all_reduce --gap-us 20000 --mpi
     python -m mooncake.pg.bench --world 4 --fault kill --trials 20
     python -m mooncake.pg.bench --world 4 --fault stop --trials 3
 
-Columns: time per op (median of ``-r`` repetitions of ``-n`` back-to-back ops, after ``-w``
-warm-up ops), algbw = bytes / time, busbw = algbw x factor (all_reduce 2(n-1)/n; all_gather,
-reduce_scatter, all_to_all (n-1)/n; broadcast 1), and ratio = mooncake time / reference time.
+By default the bench measures what users get: torch's default intra-op threads in every rank
+(what ``mp.spawn`` leaves; ``--threads N`` sets N for both backends alike) and each op timed
+alone: a ``barrier()`` of the same backend before each op, then only the op is timed
+(``--gap-us N``: the barrier, then N us of idle time, then the op). ``--back-to-back`` times
+``-n`` ops in a row instead (the old mode; ``-r`` repetitions).
+
+Columns: time per op (median over the timed ops; each op from the moment the last rank entered
+it to the moment the last rank left it, on the host's shared monotonic clock; after ``-w``
+warm-up ops), algbw = bytes / time, busbw = algbw x factor (all_reduce 2(n-1)/n;
+all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast 1), and ratio = mooncake time /
+reference time. ``--mpi`` adds MPICH's ``MPI_Allreduce`` (pip ``mpich`` + ``mpi4py``, run with
+``mpiexec`` right after, same sizes and timing mode; all_reduce only) as a third column, and is
+skipped with a note when those packages are absent.
 
 ``--pin auto`` (the default) pins rank ``r`` to the ``r``-th allowed CPU (round robin) when there
 are more ranks than CPUs, for both backends alike: there, busy-polling ranks otherwise stay where
@@ -31,6 +42,7 @@ import statistics
 import sys
 import time
 from datetime import timedelta
+from typing import Optional
 
 COLLECTIVES = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"]
 
@@ -84,14 +96,17 @@ def _init(rank: int, world: int, port: int, backend: str, **opts):
     # this bench measures.
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    # Several ranks share the machine's cores: one intra-op thread each, as torchrun sets it.
-    torch.set_num_threads(1)
+    # Users' processes keep torch's default intra-op threads (mp.spawn does not change them);
+    # ``--threads N`` sets them for every rank, for both backends alike.
+    threads = opts.pop("threads", None)
+    if threads:
+        torch.set_num_threads(threads)
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     kw = {}
     if backend.startswith("mooncake"):
         kw["pg_options"] = pg.MooncakeBackendOptions(
-            torch.ones(opts.pop("cap", world), dtype=torch.int32), **opts
+            torch.ones(opts.pop("cap", world), dtype=torch.int32, device="cpu"), **opts
         )
     dist.init_process_group(
         backend=backend,
@@ -131,6 +146,29 @@ def _op(coll: str, nbytes: int, world: int, group, device: str):
     raise ValueError(f"unknown collective {coll!r}")
 
 
+def _time_ops(op, barrier, args) -> list[tuple[float, float, int]]:
+    """One timed sample per call: (start, end, ops) on the host's monotonic clock, which all
+    ranks share. Per-op mode: barrier, optional idle gap, one op; back-to-back: ``iters`` ops."""
+    barrier()
+    if args["back_to_back"]:
+        t0 = time.perf_counter()
+        for _ in range(args["iters"]):
+            op()
+        return [(t0, time.perf_counter(), args["iters"])]
+    if args["gap_s"]:
+        time.sleep(args["gap_s"])
+    t0 = time.perf_counter()
+    op()
+    return [(t0, time.perf_counter(), 1)]
+
+
+def op_time(col) -> float:
+    """Time per op of one sample over all ranks: from the moment the last rank entered to the
+    moment the last rank left (ranks leave a barrier at different times; that skew is not the
+    op's), divided by the ops in the sample."""
+    return (max(e for _, e, _ in col) - max(s for s, _, _ in col)) / col[0][2]
+
+
 def _perf_worker(rank, world, port, args, q):
     try:
         import torch.distributed as dist
@@ -138,42 +176,46 @@ def _perf_worker(rank, world, port, args, q):
         backends = args["backends"]
         if args["pin"]:
             _pin(rank)
-        _init(rank, world, port, backends[0])
+        _init(rank, world, port, backends[0], threads=args["threads"])
         groups = {backends[0]: None}
         for b in backends[1:]:
             groups[b] = dist.new_group(backend=b)
         rows = []
+        rounds = args["reps"] if args["back_to_back"] else args["iters"]
         for coll in args["collectives"]:
             for size in args["sizes"]:
                 ops = {b: _op(coll, size, world, g, args["device"]) for b, g in groups.items()}
+                bars = {b: (lambda g=g: dist.barrier(group=g)) for b, g in groups.items()}
                 for b in backends:
                     for _ in range(args["warmup"]):
                         ops[b]()
                 samples = {b: [] for b in backends}
-                for _ in range(args["reps"]):
+                for _ in range(rounds):
                     for b in backends:  # interleaved A B A B
-                        dist.barrier(group=groups[b])
-                        t0 = time.perf_counter()
-                        for _ in range(args["iters"]):
-                            ops[b]()
-                        samples[b].append((time.perf_counter() - t0) / args["iters"])
+                        samples[b] += _time_ops(ops[b], bars[b], args)
+                rows.append({"collective": coll, "bytes": size, "samples": samples})
                 if rank == 0:
-                    rows.append(
-                        {
-                            "collective": coll,
-                            "bytes": size,
-                            "time_s": {b: statistics.median(v) for b, v in samples.items()},
-                        }
-                    )
                     q.put(("progress", f"{coll} {human(size)} done"))
         dist.barrier()
-        if rank == 0:
-            q.put(("rows", rows))
+        q.put(("rows", rank, rows))
         dist.destroy_process_group()
     except BaseException as e:
         import traceback
 
         q.put(("error", f"rank {rank}: {e}\n{traceback.format_exc()}"))
+
+
+def merge_rows(per_rank: list[list[dict]]) -> list[dict]:
+    """Rows with ``time_s`` per backend: the median over samples of ``op_time``."""
+    out = []
+    for rows in zip(*per_rank):
+        first = rows[0]
+        times = {}
+        for b in first["samples"]:
+            per_op = [op_time(col) for col in zip(*(r["samples"][b] for r in rows))]
+            times[b] = statistics.median(per_op)
+        out.append({"collective": first["collective"], "bytes": first["bytes"], "time_s": times})
+    return out
 
 
 def _fault_member(rank, world, port, q, hb_timeout):
@@ -185,7 +227,7 @@ def _fault_member(rank, world, port, q, hb_timeout):
         import mooncake.pg as pg
 
         _init(rank, world, port, "mooncake-cpu", heartbeat_timeout=hb_timeout)
-        t = torch.ones(256)
+        t = torch.ones(256, device="cpu")
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
         dist.barrier()
         q.put(("ready", rank))
@@ -240,13 +282,13 @@ def _fault_joiner(rank, world, port, q, hb_timeout):
             world_size=world,
             timeout=timedelta(seconds=60),
             pg_options=pg.MooncakeBackendOptions(
-                torch.ones(world, dtype=torch.int32),
+                torch.ones(world, dtype=torch.int32, device="cpu"),
                 is_extension=True,
                 heartbeat_timeout=hb_timeout,
             ),
         )
         pg.join_group(timeout=60)
-        t = torch.ones(256)
+        t = torch.ones(256, device="cpu")
         dist.all_reduce(t)
         q.put(("joined", rank, t_start, time.time()))
         t.fill_(1.0)
@@ -287,6 +329,9 @@ def run_perf(args) -> list[dict]:
         "reps": args.reps,
         "device": args.device,
         "pin": _should_pin(args),
+        "threads": args.threads,
+        "gap_s": args.gap_us / 1e6,
+        "back_to_back": args.back_to_back,
     }
     procs = [
         ctx.Process(target=_perf_worker, args=(r, args.world, port, cfg, q), daemon=True)
@@ -294,23 +339,103 @@ def run_perf(args) -> list[dict]:
     ]
     for p in procs:
         p.start()
-    rows = None
+    per_rank: dict[int, list] = {}
     deadline = time.monotonic() + args.timeout
-    while rows is None:
-        kind, payload = q.get(timeout=max(1, deadline - time.monotonic()))
-        if kind == "error":
-            raise RuntimeError(payload)
-        if kind == "progress":
-            print(f"  .. {payload}", file=sys.stderr, flush=True)
-        if kind == "rows":
-            rows = payload
+    while len(per_rank) < args.world:
+        msg = q.get(timeout=max(1, deadline - time.monotonic()))
+        if msg[0] == "error":
+            raise RuntimeError(msg[1])
+        if msg[0] == "progress":
+            print(f"  .. {msg[1]}", file=sys.stderr, flush=True)
+        if msg[0] == "rows":
+            per_rank[msg[1]] = msg[2]
     for p in procs:
         p.join(timeout=30)
+    rows = merge_rows([per_rank[r] for r in range(args.world)])
+    if args.mpi:
+        mpi = run_mpi(args, sizes) if "all_reduce" in colls else None
+        if mpi:
+            for row in rows:
+                if row["collective"] == "all_reduce" and row["bytes"] in mpi:
+                    row["time_s"]["mpi"] = mpi[row["bytes"]]
     return rows
+
+
+# ----------------------------------------------------------------------------- MPICH column
+def _mpiexec() -> Optional[str]:
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.path.exists(here) else shutil.which("mpiexec")
+
+
+def run_mpi(args, sizes: list[int]) -> Optional[dict[int, float]]:
+    """MPICH's MPI_Allreduce (float32, SUM) at ``sizes``, timed like the main run: size ->
+    median seconds (slowest rank per op). None, with a note, when mpi4py/mpiexec are absent."""
+    import subprocess
+
+    exe = _mpiexec()
+    if exe is None:
+        print(
+            "--mpi: mpi4py / mpiexec not installed (pip install mpich mpi4py); skipped",
+            file=sys.stderr,
+        )
+        return None
+    cfg = {
+        "sizes": sizes, "warmup": args.warmup, "iters": args.iters, "reps": args.reps,
+        "gap_s": args.gap_us / 1e6, "back_to_back": args.back_to_back, "pin": _should_pin(args),
+    }  # fmt: skip
+    cmd = [exe, "-n", str(args.world), sys.executable, "-m", "mooncake.pg.bench",
+           "--mpi-worker", json.dumps(cfg)]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=True)
+    except (subprocess.SubprocessError, OSError) as e:
+        print(f"--mpi: {' '.join(cmd[:3])} failed: {e}; skipped", file=sys.stderr)
+        return None
+    for line in out.stdout.splitlines():
+        if line.startswith("MPIRESULT "):
+            return {int(k): v for k, v in json.loads(line[10:]).items()}
+    print(f"--mpi: no result from mpiexec; skipped ({out.stderr[-300:]})", file=sys.stderr)
+    return None
+
+
+def _mpi_worker(cfg: dict) -> None:
+    import array
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    if cfg["pin"]:
+        _pin(rank)
+    res = {}
+    for size in cfg["sizes"]:
+        n = max(world, max(1, size // 4) - max(1, size // 4) % world)
+        src = array.array("f", bytes(4 * n))
+        dst = array.array("f", bytes(4 * n))
+
+        def op(src=src, dst=dst):
+            comm.Allreduce([src, MPI.FLOAT], [dst, MPI.FLOAT], op=MPI.SUM)
+
+        for _ in range(cfg["warmup"]):
+            op()
+        mine = []
+        for _ in range(cfg["reps"] if cfg["back_to_back"] else cfg["iters"]):
+            mine += _time_ops(op, comm.Barrier, cfg)
+        allr = comm.gather(mine, root=0)
+        if rank == 0:
+            res[size] = statistics.median(op_time(col) for col in zip(*allr))
+    if rank == 0:
+        print("MPIRESULT " + json.dumps(res), flush=True)
 
 
 def print_perf(rows, backends, world) -> None:
     ref = backends[1] if len(backends) > 1 else None
+    if any("mpi" in r["time_s"] for r in rows):
+        backends = [*backends, "mpi"]
     head = f"{'collective':<15}{'size':>8}" + "".join(
         f"{b + ' us':>18}{'algbw GB/s':>12}{'busbw GB/s':>12}" for b in backends
     )
@@ -320,7 +445,10 @@ def print_perf(rows, backends, world) -> None:
     for row in rows:
         line = f"{row['collective']:<15}{human(row['bytes']):>8}"
         for b in backends:
-            t = row["time_s"][b]
+            t = row["time_s"].get(b)
+            if t is None:
+                line += f"{'-':>18}{'-':>12}{'-':>12}"
+                continue
             alg = row["bytes"] / t / 1e9
             line += (
                 f"{t * 1e6:>18.1f}{alg:>12.3f}{alg * bus_factor(row['collective'], world):>12.3f}"
@@ -406,7 +534,7 @@ def run_fault(args) -> dict:
         os.unlink(_STOP_FILE.format(os.getpid()))
     det = sorted(t["detect_s"] for t in results["trials"])
     joins = sorted(t["join_first_op_s"] for t in results["trials"])
-    pick = lambda v, p: v[min(len(v) - 1, int(round(p * (len(v) - 1))))]  # noqa: E731
+    pick = lambda v, p: v[min(len(v) - 1, round(p * (len(v) - 1)))]  # noqa: E731
     results["summary"] = {
         "survivor_latency_ms_median": statistics.median(det) * 1e3,
         "survivor_latency_ms_p99": pick(det, 0.99) * 1e3,
@@ -425,9 +553,40 @@ def main(argv=None) -> int:
     ap.add_argument("-b", "--begin", type=parse_size, default=parse_size("1K"))
     ap.add_argument("-e", "--end", type=parse_size, default=parse_size("64M"))
     ap.add_argument("-f", "--factor", type=int, default=2)
-    ap.add_argument("-n", "--iters", type=int, default=50)
+    ap.add_argument(
+        "-n",
+        "--iters",
+        type=int,
+        default=None,
+        help="timed ops per backend (default 20; with --back-to-back: ops per repetition, 50)",
+    )
     ap.add_argument("-w", "--warmup", type=int, default=5)
-    ap.add_argument("-r", "--reps", type=int, default=3, help="interleaved repetitions per backend")
+    ap.add_argument(
+        "-r",
+        "--reps",
+        type=int,
+        default=3,
+        help="with --back-to-back: interleaved repetitions per backend",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) in every rank, both backends alike (default: torch's own)",
+    )
+    ap.add_argument(
+        "--gap-us",
+        type=float,
+        default=0.0,
+        help="idle microseconds between the barrier and each timed op (per-op mode)",
+    )
+    ap.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="time -n ops in a row per sample (the old mode) instead of each op alone",
+    )
+    ap.add_argument("--mpi", action="store_true", help="add MPICH MPI_Allreduce as a column")
+    ap.add_argument("--mpi-worker", help=argparse.SUPPRESS)
     ap.add_argument(
         "-c", "--collective", default="all_reduce", help=f"one of {COLLECTIVES}, comma list, or all"
     )
@@ -451,6 +610,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args(argv)
+    if args.mpi_worker:
+        _mpi_worker(json.loads(args.mpi_worker))
+        return 0
+    if args.iters is None:
+        args.iters = 50 if args.back_to_back else 20
+    for name in ("iters", "reps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.gap_us < 0:
+        ap.error(f"--gap-us must be >= 0, got {args.gap_us}")
     if args.world < 2:
         ap.error(f"--world must be >= 2, got {args.world}")
     if args.fault:
@@ -471,7 +642,9 @@ def main(argv=None) -> int:
         print(
             f"# world={args.world} device={args.device} backends={args.backends} "
             f"iters={args.iters} warmup={args.warmup} reps={args.reps} "
-            f"pinned={'yes' if _should_pin(args) else 'no'}"
+            f"pinned={'yes' if _should_pin(args) else 'no'} "
+            f"threads={args.threads or 'default'} "
+            + ("back-to-back" if args.back_to_back else f"per-op gap_us={args.gap_us:g}")
         )
         print_perf(rows, args.backends.split(","), args.world)
         out = {"world": args.world, "backends": args.backends.split(","), "rows": rows}
