@@ -165,6 +165,33 @@ def deferred_member(rank: int, world: int, port: int, broken: int):
     return "ok"
 
 
+def peer_state_of_dead_member(rank: int, world: int, port: int, victim: int):
+    """``victim`` dies right after everyone is connected; the survivors' very next call is
+    get_peer_state([victim]) (no op in between, as SGLang's recovery poll): it must answer False
+    (the dead incarnation is not "connected"), and exclude the victim."""
+    import os
+
+    _init(rank, world, port)
+    backend = dist.group.WORLD._get_backend(CPU)
+    deadline = time.monotonic() + 60
+    while pg.get_num_synced_ranks(backend) < world:
+        assert time.monotonic() < deadline, "get_num_synced_ranks never reached the world size"
+        time.sleep(0.05)
+    if rank == victim:
+        _flag(port, "dying")
+        os._exit(0)
+    _flag(port, "dying", wait=True)
+    time.sleep(0.5)
+    (ready,) = pg.get_peer_state(backend, [victim])
+    assert ready is False, "get_peer_state reported a dead member as ready"
+    active = pg.get_active_ranks(dist.group.WORLD).tolist()
+    assert active == [int(r != victim) for r in range(world)], active
+    t = torch.full((4,), 1 << rank, dtype=torch.int64, device=CPU)
+    dist.all_reduce(t)
+    assert torch.all(t == ((1 << world) - 1) & ~(1 << victim)), f"{int(t[0]):#x}"
+    return "ok"
+
+
 def deferred_joiner(rank: int, world: int, port: int):
     _flag(port, "recover", wait=True)
     ones = torch.ones((world,), dtype=torch.int32, device=CPU)

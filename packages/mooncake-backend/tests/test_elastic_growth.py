@@ -9,6 +9,7 @@ from elastic_cases import (
     default_device_meta,
     deferred_joiner,
     deferred_member,
+    peer_state_of_dead_member,
     grow_new,
     grow_old,
     sglang_new_rank,
@@ -78,6 +79,18 @@ def test_deferred_join_after_a_rank_simply_exits():
     # (both incarnations report as rank 1: the harness cannot tell which result is whose)
     assert sorted([res[(broken, 0)][1], res[(broken, 1)][1]]) == ["left", "ok"]
     assert all(res[(r, 0)][1] == "ok" for r in range(world) if r != broken)
+
+
+@pytest.mark.timeout(120)
+def test_peer_state_of_a_member_that_just_died_is_false():
+    """A member dies and the survivors' next call is get_peer_state for it: False, and it is
+    excluded (before the fix the dead incarnation counted as a connected member)."""
+    world, victim = 3, 2
+    with Ranks(timeout=100) as rk:
+        for r in range(world):
+            rk.start(peer_state_of_dead_member, r, world, victim)
+        res = rk.collect([r for r in range(world) if r != victim])
+    _ok(res)
 
 
 @pytest.mark.timeout(200)

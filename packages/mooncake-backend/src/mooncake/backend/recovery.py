@@ -54,7 +54,11 @@ def peer_state(pg: MooncakeProcessGroup, ranks: Sequence[int]) -> list[bool]:
     result: list[bool] = []
 
     def body(x):
-        local = [r in members or pg.membership.peer_ready(r) is not None for r in ranks]
+        # The membership of this attempt, not of the call: an attempt commits only when every
+        # member took part, so a member that died is excluded and the re-run asks about its
+        # replacement instead of reporting the dead incarnation as connected.
+        current = pg.membership.members
+        local = [r in current or pg.membership.peer_ready(r) is not None for r in ranks]
         votes = algo.allgather_bytes(x, json.dumps(local).encode())
 
         def commit() -> None:
