@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from ep_harness import assert_all_ok, run_world, start_world
+from test_cuda_fast_path import _unusable_reason as fast_path_unusable_reason
 
 import mooncake.ep
 from mooncake.ep import deep_ep_compat
@@ -255,24 +256,11 @@ def _count_steady_state(bench: Any) -> None:
     assert buffer.num_ops == 20  # 10 pairs
 
 
-def _fast_path_unusable() -> str:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        from mooncake.ep import _cuda
-
-        _cuda.load()
-    except OSError as exc:
-        return str(exc)
-    major, _ = torch.cuda.get_device_capability(0)
-    return "" if major >= 9 else "the kernels need sm_90+"
-
-
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_fast_path_as_clients_drive_it(world_size: int) -> None:
-    reason = _fast_path_unusable()
+    reason = fast_path_unusable_reason()
     if reason:
         pytest.skip(f"CUDA fast path not runnable here: {reason}")
     values = assert_all_ok(
