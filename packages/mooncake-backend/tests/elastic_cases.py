@@ -346,6 +346,15 @@ def _sglang_groups(rank: int, world: int, port: int, recovered: bool):
     return active, sub, sub_active
 
 
+def _full_world_after_recovery(world: int, active, sub, sub_active) -> bool:
+    """Both WORLD and the subgroup run full-world ops, and both active_ranks tensors say so."""
+    _sum_check(world, 4)
+    _sum_check(world, 5, group=sub)
+    assert active.tolist() == [1] * world
+    assert sub_active.tolist() == [1] * world
+    return True
+
+
 def sglang_recover_member(rank: int, world: int, port: int, victim: int):
     import os
 
@@ -371,22 +380,14 @@ def sglang_recover_member(rank: int, world: int, port: int, victim: int):
         assert time.monotonic() < deadline, "subgroup peer state never became ready"
         time.sleep(0.01)
     pg.recover_ranks(sub, [victim])
-    _sum_check(world, 4)
-    _sum_check(world, 5, group=sub)
-    assert active.tolist() == [1] * world
-    assert sub_active.tolist() == [1] * world
-    return True
+    return _full_world_after_recovery(world, active, sub, sub_active)
 
 
 def sglang_recover_joiner(rank: int, world: int, port: int, victim: int):
     active, sub, sub_active = _sglang_groups(rank, world, port, True)
     pg.join_group(dist.group.WORLD, timeout=60)  # elastic_ep.join_process_groups
     pg.join_group(sub, timeout=60)
-    _sum_check(world, 4)
-    _sum_check(world, 5, group=sub)
-    assert active.tolist() == [1] * world
-    assert sub_active.tolist() == [1] * world
-    return True
+    return _full_world_after_recovery(world, active, sub, sub_active)
 
 
 # ----------------------------------------------------------------------------- CUDA ("mooncake")
