@@ -8,8 +8,8 @@ import time
 import pytest
 
 from mooncake.backend import wire
-from mooncake.backend.agreement import agree
 from mooncake.backend.exchange import Exchange
+from mooncake.backend.protocol import agree, probe_dead, quorum
 
 SEQ, ATTEMPT, SIG = 7, 0, 0xABCD
 
@@ -65,9 +65,16 @@ class _ScriptedMailbox:
         raise AssertionError("no per-peer reads expected in these scripts")
 
 
-def _vote(kind: int, rnd: int, excluded=(), errors=()) -> bytes:
+def _vote(kind: int, rnd: int, excluded=(), errors=(), proven=()) -> bytes:
     return wire.pack_agree(
-        kind, SEQ, ATTEMPT, SIG, rnd, wire.mask_of(excluded), wire.mask_of(errors)
+        kind,
+        SEQ,
+        ATTEMPT,
+        SIG,
+        rnd,
+        wire.mask_of(excluded),
+        wire.mask_of(errors),
+        wire.mask_of(proven),
     )
 
 
@@ -90,7 +97,7 @@ def test_rank_that_lost_a_peer_in_its_data_phase_waits_for_a_decided():
             {"r1": _vote(wire.DECIDED, 1, excluded=(2, 3)), "r2": _vote(wire.AGREE, 1)},
         ]
     )
-    excluded, errors = agree(_exchange(mb, failed={3}), grace=1.0)
+    excluded, errors, _ = agree(_exchange(mb, failed={3}), grace=1.0)
     assert (excluded, errors) == ({2, 3}, set())
     assert mb.read_rounds == 2
 
@@ -104,7 +111,7 @@ def test_death_during_round_zero_costs_one_more_round_then_decides():
             {"r1": _vote(wire.AGREE, 1, excluded=(3,)), "r2": _vote(wire.AGREE, 1, excluded=(3,))},
         ]
     )
-    assert agree(_exchange(mb), grace=1.0) == ({3}, set())
+    assert agree(_exchange(mb), grace=1.0)[:2] == ({3}, set())
     assert mb.read_rounds == 2
 
 
@@ -119,7 +126,7 @@ def test_mismatch_reported_by_a_peer_reaches_every_rank():
             },
         ]
     )
-    assert agree(_exchange(mb), grace=1.0) == (set(), {2})
+    assert agree(_exchange(mb), grace=1.0)[:2] == (set(), {2})
 
 
 @pytest.mark.timeout(30)
@@ -132,7 +139,7 @@ def test_round_zero_run_by_the_data_phase_is_used_not_resent():
     )
     x = _exchange(mb)
     x.voted = [(3, None), (3, None), (1, "dead")]
-    assert agree(x, grace=1.0) == ({3}, set())
+    assert agree(x, grace=1.0)[:2] == ({3}, set())
     assert mb.read_rounds == 1
     sent = [wire.Header.unpack(m) for _, m in mb.sent]
     assert [(h.kind, wire.unpack_agree(m)[0]) for h, (_, m) in zip(sent, mb.sent)] == [
@@ -143,12 +150,12 @@ def test_round_zero_run_by_the_data_phase_is_used_not_resent():
     mb = _ScriptedMailbox([])
     x = _exchange(mb)
     x.voted = [(3, None)] * 3
-    assert agree(x, grace=1.0) == (set(), set())
+    assert agree(x, grace=1.0)[:2] == (set(), set())
     assert mb.sent == []
     assert mb.read_rounds == 0
     x = _exchange(mb)
     x.voted = ()  # Exchange.exchange's mark for "every vote landed clean"
-    assert agree(x, grace=1.0) == (set(), set())
+    assert agree(x, grace=1.0)[:2] == (set(), set())
     assert mb.sent == []
     assert mb.read_rounds == 0
 
@@ -175,8 +182,75 @@ def test_clean_round_zero_decides_at_once_with_one_read(mailbox):
     # With pushed-back messages the votes are read one by one; this rank's vote still goes out.
     own = _vote(wire.AGREE, 0)
     mb = mailbox([{"r1": own, "r2": own, "r3": own}])
-    assert agree(_exchange(mb), grace=1.0) == (set(), set())
+    assert agree(_exchange(mb), grace=1.0)[:2] == (set(), set())
     assert mb.read_rounds == 1
     # This rank's AGREE went to every peer, then the DECIDED (nothing excluded).
     assert [names for names, _ in mb.sent] == [["r1", "r2", "r3"], ["r1", "r2", "r3"]]
     assert [wire.Header.unpack(m).kind for _, m in mb.sent] == [wire.AGREE, wire.DECIDED]
+
+
+@pytest.mark.timeout(30)
+def test_proofs_of_death_flood_with_the_exclusions():
+    # This rank lost rank 3 and cannot prove it dead itself; rank 1 proved it (its connect was
+    # refused) and says so in its vote: the decision carries the proof to every survivor.
+    asked = []
+
+    def prove(ranks):
+        asked.append(set(ranks))
+        return set()
+
+    mb = _ScriptedMailbox(
+        [
+            {"r1": _vote(wire.AGREE, 0, excluded=(3,), proven=(3,)), "r2": _vote(wire.AGREE, 0)},
+            {
+                "r1": _vote(wire.AGREE, 1, excluded=(3,), proven=(3,)),
+                "r2": _vote(wire.AGREE, 1, excluded=(3,), proven=(3,)),
+            },
+        ]
+    )
+    d = agree(_exchange(mb, failed={3}), grace=1.0, prove=prove)
+    assert d == ({3}, set(), {3})
+    assert asked == [{3}]  # asked once, about the peer it lost; the proof then came from rank 1
+    # The DECIDED this rank sent carries the proof.
+    last = mb.sent[-1][1]
+    assert wire.Header.unpack(last).kind == wire.DECIDED
+    assert wire.unpack_agree(last)[1:] == (wire.mask_of({3}), 0, wire.mask_of({3}))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "members, excluded, proven, ok",
+    [
+        ([0, 1, 2], {2}, set(), True),  # 2 of 3: a majority
+        ([0, 1], {1}, set(), False),  # world 2, silent peer: 1 of 2 is not a majority
+        ([0, 1], {1}, {1}, True),  # world 2, the peer's process exited
+        ([0, 1, 2, 3], {2, 3}, set(), False),  # 2|2 partition: neither side
+        ([0, 1, 2, 3], {2, 3}, {3}, True),  # 2 of the 3 not proven dead
+        ([0, 1, 2, 3], {3}, set(), True),  # 3|1
+        ([0, 1, 2, 3, 4], {2, 3, 4}, {4}, False),  # 2 of the 4 not proven dead: half
+    ],
+)
+def test_membership_safety_rule(members, excluded, proven, ok):
+    assert quorum(members, excluded, proven) is ok
+
+
+@pytest.mark.timeout(30)
+def test_probe_proves_only_refused_endpoints():
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)  # alive (as a stopped process's socket: the kernel still accepts)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # exited: nothing listens on the port
+    addrs = {
+        1: f"mc-1-a|127.0.0.1:{listening.getsockname()[1]}",
+        2: f"mc-2-b|127.0.0.1:{closed_port}",
+        3: "mc-3-c|not-an-address:1",  # unresolvable: nothing proven
+    }
+    t0 = time.monotonic()
+    assert probe_dead(addrs, 0.05) == {2}
+    assert time.monotonic() - t0 < 1.0
+    listening.close()

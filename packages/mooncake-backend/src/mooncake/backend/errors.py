@@ -19,7 +19,10 @@ class RankFailureError(MooncakeBackendError):
 
 
 class EvictedError(MooncakeBackendError):
-    """This rank was excluded by the survivors (it missed an op's deadline) and may not continue."""
+    """This rank is out of the group: the survivors excluded it (it missed an op's deadline), or
+    it could not reach a majority of the group's last membership with every silent peer unproven
+    dead (it may be the minority side of a partition). Raised by that op and by every later op of
+    the group, which never writes a result; ``mooncake.pg.rejoin`` brings the rank back."""
 
 
 class OpMismatchError(ValueError):

@@ -56,12 +56,14 @@ class Exchange:
         "failed",
         "grace",
         "mailbox",
+        "max_gap",
         "me",
         "members",
         "mismatch",
         "names",
         "peers",
         "scratch",
+        "sent_at",
         "seq",
         "sig",
         "tag",
@@ -100,6 +102,11 @@ class Exchange:
         self.scratch: ScratchPool = _NO_POOL
         self._scopes = 0
         self.grace = 0.0  # the agreement's minimum wait (the group's grace), see ``exchange``
+        # When this rank last sent data, and the longest gap after it within which a peer surely
+        # still waits for this rank's vote (``protocol.agree``: a rank that stalled longer may
+        # not decide round 0 on its own).
+        self.sent_at = 0.0
+        self.max_gap = float("inf")
         # Round 0 of the agreement when ``exchange(..., last=True)`` already ran it: the native
         # per-peer results of the votes (see ``agreement._round0``), or () when every vote was
         # clean (decided, the DECIDED sent); None otherwise.
@@ -157,8 +164,10 @@ class Exchange:
                 else:
                     self.bytes_sent += size
                     faults.hit("data_send")
+            self.sent_at = time.monotonic()
             return
         lost = self.mailbox.send_joined(targets, self.tag, head, addr, n)
+        self.sent_at = time.monotonic()
         self.bytes_sent += size * (len(targets) - len(lost))
         for name, _ in lost:
             failed.add(self._rank_of(name))
@@ -342,6 +351,7 @@ class Exchange:
         if last and self.mismatch is None and not faults.armed("agree_send"):
             vote = wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0)
             final = wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0)
+        self.sent_at = time.monotonic()
         rounds, res = mailbox.exchange(
             targets, self.tag, head, self.deadline - time.monotonic(), self._key,
             addr=t.data_ptr(), length=size, expect=head, dests=dests, dest_len=size,

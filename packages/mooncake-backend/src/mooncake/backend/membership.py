@@ -89,6 +89,7 @@ class Membership:
         self.admitting = False
         self.never_joined: set[int] = set()  # new ranks whose join window closed without them
         self.admitted_at: dict[int, int] = {}  # rank -> the op number its admission preceded
+        self.rejoining = False  # an evicted rank re-entering (``recovery.rejoin``)
         if pg._opts.is_extension or (self.world.joiner and self._admission_waiting()):
             self._become_joiner()
             self.poll_admission(timeout=0.0)
@@ -123,6 +124,19 @@ class Membership:
 
     def _global(self, r: int) -> int:
         return self.global_ranks[r] if r < len(self.global_ranks) else r
+
+    def reset_as_joiner(self) -> None:
+        """An evicted rank re-enters on its process's new engine (``recovery.rejoin``): it knows
+        only itself, and publishes its new address for the survivors' ``peer_ready``."""
+        self.world = self.pg._world
+        self.names = {self.rank: self.world.engine.name}
+        self.addrs = {self.rank: self.world.address}
+        self.members = {self.rank}
+        self.synced = set()
+        self.pending = []
+        self.rejoining = True
+        self._pending_peer = None
+        self._become_joiner()
 
     # ------------------------------------------------------------- rendezvous
     def _rendezvous(self, size: int) -> None:
@@ -199,8 +213,9 @@ class Membership:
         self.admitted = True
         self.pg._publish(force=True)
         self._announce(self.members)
-        if self.pg._opts.is_extension or self.auto_join:
+        if self.pg._opts.is_extension or self.auto_join or self.rejoining:
             self._drain_admits(sender, msg.get("admitters", []))
+        self.rejoining = False
         log.info("group %s: admitted as rank %d at op %d", self.pg._gid, self.rank, self.pg._seq)
         return True
 

@@ -1,9 +1,10 @@
 """``MooncakeProcessGroup``: a torch ``ProcessGroup`` whose collectives survive rank failures.
 
-Every op runs as: data phase (``collectives``) -> agreement (``agreement``) -> commit, or a re-run
-among the survivors when a member failed. Membership changes (failures, admissions) take effect
-only at commit points, so every rank sees them at the same op. Recovery and extension live in
-``membership.py``; this file is the torch surface.
+Every op runs through the op protocol (``protocol``: data phase -> agreement -> the membership
+safety rule -> commit, re-run among the survivors, or eviction). Membership changes (failures,
+admissions) take effect only at commit points, so every rank sees them at the same op. Membership
+state lives in ``membership.py``, recovery and extension in ``recovery.py``; this file is the
+torch surface.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import torch
 import torch.distributed as dist
 
 from . import collectives as algo
-from . import faults, wire
+from . import wire
 from .active import ActiveMask
-from .agreement import agree
-from .errors import EvictedError, OpMismatchError, RankFailureError
 from .exchange import Exchange, ScratchPool
 from .membership import Membership
 from .options import MooncakeBackendOptions
+from .protocol import run_op
 from .reduce_ops import check_op, op_name
 from .staging import Staged
 from .work import MooncakeWork
@@ -87,6 +87,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._world = get_world(
             self._opts.host, self._opts.heartbeat_interval, self._opts.heartbeat_timeout
         )
+        # Peers wait at least ``grace`` after this rank's data for its vote, and declare it dead
+        # after a heartbeat timeout of silence: a stall of half the smaller one is "late".
+        self._max_gap = min(self._grace, self._world.engine.heartbeat_timeout) / 2
         self._gid = wire.group_hash(str(group_id))
         self._tag = wire.make_tag(self._gid, wire.CH_OP)
         self._p2p_lock = threading.Lock()
@@ -94,7 +97,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._seq = 0
         self._sigs: dict = {}
         self._scratch = ScratchPool()
-        self._evicted = False
+        # Why this rank is out of the group (``protocol``): every op raises EvictedError with it.
+        self._evicted: Optional[str] = None
+        self._proven_dead: set[str] = set()  # engine names of peers proven to have exited
+        self._debug = _debug
         max_ws = self._opts.max_world_size
         if max_ws is not None and max_ws < size:
             raise ValueError(f"max_world_size={max_ws} is smaller than world_size={size}")
@@ -196,93 +202,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def num_synced_ranks(self) -> int:
         return self.membership.synced_count()
 
-    # ------------------------------------------------------------ op engine
+    # ------------------------------------------------------------ op protocol
     def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):
-        """Run one collective with agreement; returns when committed on this rank."""
-        if self._evicted:
-            raise EvictedError(
-                "this rank was excluded by the group's survivors; re-join to continue"
-            )
-        m = self.membership
-        if not m.admitted or m.pending:
-            self._ensure_member()
-        seq = self._seq
-        self._seq += 1
-        key = (kind, sig_parts)
-        sig = self._sigs.get(key)
-        if sig is None:
-            if len(self._sigs) > 4096:  # many distinct shapes: keep the cache bounded
-                self._sigs.clear()
-            sig = self._sigs[key] = wire.signature(kind, *sig_parts)
-        faults.hit("op_start")
-        attempt = 0
-        while True:
-            members = sorted(self.members)
-            x = Exchange(
-                self._world.mailbox,
-                self.membership.names,
-                self._tag,
-                seq,
-                attempt,
-                members,
-                self._rank,
-                time.monotonic() + self._op_timeout(),
-                sig,
-            )
-            x.scratch = self._scratch
-            x.grace = self._grace
-            try:
-                commit = body(x)
-                if len(members) > 1:
-                    excluded, errors = agree(x, self._grace)
-                else:
-                    excluded, errors = set(), set()
-            finally:
-                x.release()
-            if _debug:
-                log.warning(
-                    "rank %d %s seq %d attempt %d members %s failed %s -> excluded %s errors %s",
-                    self._rank,
-                    kind,
-                    seq,
-                    attempt,
-                    members,
-                    sorted(x.failed),
-                    sorted(excluded),
-                    sorted(errors),
-                )
-            if errors:
-                self.membership.remove(excluded - {self._rank})
-                self._publish()
-                raise OpMismatchError(
-                    f"mooncake {kind}: ranks disagree on the op (reported by ranks {sorted(errors)}): "
-                    + (x.mismatch or "another rank saw a different op, shape, dtype or reduce op")
-                )
-            if self._rank in excluded:
-                self._evicted = True
-                raise EvictedError(
-                    f"mooncake {kind}: this rank (group rank {self._rank}) missed the op deadline and "
-                    "was excluded by the survivors"
-                )
-            if not excluded:
-                faults.hit("pre_commit")
-                commit()
-                self._publish()
-                faults.hit("post_commit")
-                return
-            log.warning(
-                "mooncake %s seq %d: ranks %s failed; continuing with survivors",
-                kind,
-                seq,
-                sorted(excluded),
-            )
-            self.membership.remove(excluded)
-            self._publish()
-            if self._opts.raise_on_failure:
-                raise RankFailureError(
-                    f"mooncake {kind}: ranks {sorted(excluded)} failed", sorted(excluded)
-                )
-            attempt += 1
+        """Run one op with agreement (``protocol.run_op``); returns when committed here."""
+        run_op(self, kind, sig_parts, body)
+
+    @property
+    def evicted(self) -> bool:
+        """Whether this rank was put out of the group (see ``protocol``; ``rejoin``)."""
+        return self._evicted is not None
 
     def _staged(
         self,

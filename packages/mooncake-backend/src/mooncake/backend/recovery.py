@@ -172,6 +172,43 @@ def admit_pending(pg: MooncakeProcessGroup) -> None:
         raise RankFailureError(f"new ranks {missing} did not join in time", missing)
 
 
+def rejoin(pg: MooncakeProcessGroup, timeout: float) -> None:
+    """An evicted rank comes back in the same process: the process gets a new engine (the
+    survivors consider the old incarnation gone), every Mooncake group of the process re-enters
+    as a joiner, and this call blocks until the survivors admit ``pg``'s rank with
+    ``recover_ranks`` (``JoinTimeoutError`` after ``timeout`` s: the rank stays evicted and may
+    call ``rejoin`` again). Groups admitted by the same recovery (subgroups the survivors
+    admitted along) are back too; any other group stays evicted until its own admission."""
+    from .process_group import _groups
+    from .world import renew_world
+
+    if pg._evicted is None:
+        raise ValueError(
+            f"rejoin: group rank {pg.rank()} is a member of the group (not evicted); rejoin is "
+            "for a rank whose ops raised EvictedError"
+        )
+    if not pg.membership.rejoining:  # a second call after a timeout keeps the new engine
+        old = pg._world
+        new = renew_world(old)
+        for g in list(_groups):
+            if g._world is not old:
+                continue
+            g._world = new
+            if g._evicted is None:
+                g._evicted = (
+                    f"group rank {g.rank()}: its process was evicted from another group and "
+                    "re-enters; this group admits it with recover_ranks"
+                )
+            g.membership.reset_as_joiner()
+    groups = [g for g in list(_groups) if g.membership.rejoining]
+    pg.membership.wait_admission(timeout)
+    pg._evicted = None
+    for g in groups:
+        if g is not pg and g.membership.poll_admission(timeout=0.0):
+            g._evicted = None
+    log.info("group rank %d rejoined at op %d", pg.rank(), pg._seq)
+
+
 def _admit_subgroups(pg: MooncakeProcessGroup, ranks: Sequence[int], addrs: dict[int, str]) -> None:
     """Subgroups of this process that contain a recovered global rank admit it too."""
     from .process_group import _groups

@@ -13,7 +13,8 @@ the engine's ``recv_round`` can drop stale messages by a byte comparison:
   straight from the sender's registered memory (one-sided READ: cross-memory attach on one host,
   TCP across hosts). The sender keeps the memory registered until the op's agreement is done,
   which every receiver reaches only after its reads.
-* ``AGREE`` / ``DECIDED``: agreement rounds; payload = round u32 + two rank bitmasks.
+* ``AGREE`` / ``DECIDED``: agreement rounds; payload = round u32 + three rank bitmasks (excluded,
+  mismatched, proven dead), see ``protocol``.
 * ``sig``: a hash of what the sender's op is (op code, dtype, reduce op, shape class). A receiver
   whose own signature differs reports a mismatch; every rank then raises the same error.
 """
@@ -96,27 +97,43 @@ def ranks_of(mask: int) -> set[int]:
     return out
 
 
-_ROUND = struct.Struct("<IHH")
+_ROUND = struct.Struct("<IHHH")
 
 
-_CLEAN_BODY = [_ROUND.pack(r, 0, 0) for r in range(4)]
+_CLEAN_BODY = [_ROUND.pack(r, 0, 0, 0) for r in range(4)]
+
+
+def _mask_bytes(mask: int) -> bytes:
+    return mask.to_bytes((mask.bit_length() + 7) // 8, "little")
 
 
 def pack_agree(
-    kind: int, seq: int, attempt: int, sig: int, rnd: int, excluded: int, errors: int
+    kind: int,
+    seq: int,
+    attempt: int,
+    sig: int,
+    rnd: int,
+    excluded: int,
+    errors: int,
+    proven: int = 0,
 ) -> bytes:
-    if not excluded and not errors and rnd < 4:  # the common case, prebuilt body
+    """An AGREE/DECIDED message: round ``rnd`` and the masks of excluded ranks, ranks that saw a
+    mismatch, and excluded ranks proven dead."""
+    if not excluded and not errors and not proven and rnd < 4:  # the common case, prebuilt body
         body = _CLEAN_BODY[rnd]
         return HEADER.pack(seq, attempt, kind, 0, sig, len(body)) + body
-    ex = excluded.to_bytes((excluded.bit_length() + 7) // 8, "little")
-    er = errors.to_bytes((errors.bit_length() + 7) // 8, "little")
-    body = _ROUND.pack(rnd, len(ex), len(er)) + ex + er
+    ex, er, pv = _mask_bytes(excluded), _mask_bytes(errors), _mask_bytes(proven)
+    body = _ROUND.pack(rnd, len(ex), len(er), len(pv)) + ex + er + pv
     return HEADER.pack(seq, attempt, kind, 0, sig, len(body)) + body
 
 
-def unpack_agree(data: bytes) -> tuple[int, int, int]:
-    rnd, lex, ler = _ROUND.unpack_from(data, HEADER_SIZE)
+def unpack_agree(data: bytes) -> tuple[int, int, int, int]:
+    """(round, excluded mask, errors mask, proven-dead mask) of an AGREE/DECIDED message."""
+    rnd, lex, ler, lpv = _ROUND.unpack_from(data, HEADER_SIZE)
     off = HEADER_SIZE + _ROUND.size
     ex = int.from_bytes(data[off : off + lex], "little")
-    er = int.from_bytes(data[off + lex : off + lex + ler], "little")
-    return rnd, ex, er
+    off += lex
+    er = int.from_bytes(data[off : off + ler], "little")
+    off += ler
+    pv = int.from_bytes(data[off : off + lpv], "little")
+    return rnd, ex, er, pv

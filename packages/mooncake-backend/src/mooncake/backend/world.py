@@ -25,6 +25,7 @@ class World:
     ):
         self.incarnation = uuid.uuid4().hex[:12]
         self.host = host
+        self.heartbeat = (heartbeat_interval, heartbeat_timeout)
         self.engine = TransferEngine(
             name=f"mc-{os.getpid()}-{self.incarnation}",
             host=host,
@@ -55,6 +56,22 @@ def get_world(host: Optional[str], heartbeat_interval=None, heartbeat_timeout=No
             host = host or os.environ.get("MOONCAKE_HOST") or _default_host()
             _world = World(host, heartbeat_interval, heartbeat_timeout)
             atexit.register(_close_at_exit)
+        return _world
+
+
+def renew_world(old: World) -> World:
+    """A new engine incarnation for this process (``rejoin``): the old engine is closed (its
+    peers see it leave) and every group created afterwards, or re-entering, uses the new one."""
+    global _world
+    with _lock:
+        if _world is old:
+            try:
+                old.engine.close()
+            except Exception as e:
+                log.debug("closing the old engine: %s", e)
+            _world = World(old.host, *old.heartbeat)
+            _world.joiner = True
+        assert _world is not None
         return _world
 
 

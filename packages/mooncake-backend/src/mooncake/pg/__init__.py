@@ -47,6 +47,7 @@ __all__ = [
     "join_group",
     "op_timeout",
     "recover_ranks",
+    "rejoin",
     "set_host_ip",
 ]
 
@@ -181,6 +182,24 @@ def join_group(group=None, timeout: Optional[float] = None) -> None:
     ``timeout`` s, default ``MooncakeBackendOptions.join_timeout``)."""
     pg = _resolve(group)
     pg.membership.wait_admission(pg._opts.join_timeout if timeout is None else timeout)
+
+
+def rejoin(group=None, timeout: Optional[float] = None) -> None:
+    """Evicted side: come back into the group in this process, without restarting Python.
+
+    After an op raised ``EvictedError`` (the survivors went on without this rank, or it could not
+    reach a majority), this gives the process a new transfer-engine incarnation, re-enters every
+    Mooncake group of the process as a joiner and blocks until the survivors admit this rank:
+    they see it ready in ``get_peer_state`` and call ``recover_ranks``, and the op after that
+    includes it again. ``JoinTimeoutError`` after ``timeout`` s (default
+    ``MooncakeBackendOptions.join_timeout``); the rank then stays evicted and may call ``rejoin``
+    again. ``ValueError`` if this rank was not evicted."""
+    from mooncake.backend.recovery import rejoin as _rejoin
+
+    pg = _resolve(group)
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+    _rejoin(pg, pg._opts.join_timeout if timeout is None else float(timeout))
 
 
 def extend_group_size_to(group, new_size: int, timeout: Optional[float] = None) -> None:
