@@ -187,7 +187,9 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
     # async ops, futures, barrier, coalesced, p2p
     t = data(rank, 100, torch.float32)
     w = dist.all_reduce(t, async_op=True)
-    assert w.wait(), "wait() returned False"
+    w.wait()
+    assert w.is_completed(), "is_completed() is False after wait()"
+    assert torch.equal(w.result()[0], t), "Work.result() is not the reduced tensor"
     fut = w.get_future()
     fut.wait()
     same(t, reference(world, 100, torch.float32, "SUM"), "async all_reduce")

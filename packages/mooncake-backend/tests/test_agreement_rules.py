@@ -8,10 +8,12 @@ import time
 import pytest
 
 from mooncake.backend import wire
+from mooncake.transfer import RoundStatus
 from mooncake.backend.exchange import Exchange
 from mooncake.backend.protocol import agree, probe_dead, quorum
 
 SEQ, ATTEMPT, SIG = 7, 0, 0xABCD
+LANDED, MESSAGE, DEAD = RoundStatus.LANDED, RoundStatus.MESSAGE, RoundStatus.DEAD
 
 
 class _Note:
@@ -46,7 +48,7 @@ class _ScriptedMailbox:
         out = []
         for n in names:
             msg = script.get(n)
-            out.append((1, "dead") if msg is None else (0, _Note(msg)))
+            out.append((DEAD, "dead") if msg is None else (MESSAGE, _Note(msg)))
         return out
 
     def exchange(self, names, tag, head, timeout, key, *, expect=b"", then=b"", **_):
@@ -54,7 +56,7 @@ class _ScriptedMailbox:
         when all landed), in the engine's order."""
         self.send_joined(names, tag, head)
         out = [
-            (3, None) if status == 0 and note.data == expect else (status, note)
+            (LANDED, None) if status is MESSAGE and note.data == expect else (status, note)
             for status, note in self.round(names, tag, timeout, key)
         ]
         if then and all(status == 3 for status, _ in out):
@@ -138,7 +140,7 @@ def test_round_zero_run_by_the_data_phase_is_used_not_resent():
         [{"r1": _vote(wire.AGREE, 1, excluded=(3,)), "r2": _vote(wire.AGREE, 1, excluded=(3,))}]
     )
     x = _exchange(mb)
-    x.voted = [(3, None), (3, None), (1, "dead")]
+    x.voted = [(LANDED, None), (LANDED, None), (DEAD, "dead")]
     assert agree(x, grace=1.0)[:2] == ({3}, set())
     assert mb.read_rounds == 1
     sent = [wire.Header.unpack(m) for _, m in mb.sent]
@@ -149,7 +151,7 @@ def test_round_zero_run_by_the_data_phase_is_used_not_resent():
     # All clean: decided at once, nothing sent or read here (the native call sent the DECIDED).
     mb = _ScriptedMailbox([])
     x = _exchange(mb)
-    x.voted = [(3, None)] * 3
+    x.voted = [(LANDED, None)] * 3
     assert agree(x, grace=1.0)[:2] == (set(), set())
     assert mb.sent == []
     assert mb.read_rounds == 0

@@ -8,7 +8,7 @@ import pytest
 from fault_cases import allreduce_loop
 from harness import Ranks
 
-POINTS = ["op_start", "data_send", "data_recv", "agree_send", "pre_commit", "post_commit"]
+from mooncake.backend.faults import POINTS  # step points and the native wire_* points
 TRIALS = int(os.environ.get("MOONCAKE_FAULT_TRIALS", "2"))
 
 
@@ -61,6 +61,15 @@ def test_kill_at_random_points_every_victim(world):
             )
             sizes = rng.choice([(4,), (200000,), (4, 200000)])
             run_trial(world, victim, point, nth, ops, sizes)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("point", ["wire_send", "wire_land", "wire_then"])
+def test_kill_inside_the_fused_native_round(point):
+    # Small all_reduces take the fused native round (data, vote, DECIDED and fold in one call);
+    # the wire_* points kill the victim between two peers' messages inside that call.
+    for world, victim, nth in ((3, 0, 5), (3, 2, 7), (4, 1, 10)):
+        run_trial(world, victim, point, nth, ("all_reduce",), (4,))
 
 
 @pytest.mark.timeout(300)

@@ -1,17 +1,18 @@
 // pybind11 bindings: mooncake.transfer._engine. Every call that can wait releases the GIL.
 // Argument errors raise ValueError naming the argument; transfer failures raise the Python
 // exception types registered by mooncake.transfer (TransferError, PeerDeadError, TransferTimeout).
+#include <pybind11/native_enum.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <optional>
 
 #include "engine.h"
+#include "faults.h"
 #include "reduce.h"
+#include "rounds.h"
 
 namespace py = pybind11;
 using namespace mooncake::transfer;
@@ -96,15 +97,26 @@ py::object to_notification(MessagePtr m) {
   return py::cast(NotificationObj{std::move(m), py::none()});
 }
 
-// One outgoing message: `hlen` bytes at `head`, then `len` bytes at raw address `addr`, joined
-// once into `buf` (no copy when `len` is 0). Returns the message's address and size.
-std::pair<const void*, size_t> join_message(const void* head, size_t hlen, uint64_t addr, uint64_t len,
-                                            std::string& buf) {
-  if (!len) return {head, hlen};
-  buf.resize(hlen + len);
-  if (hlen) std::memcpy(&buf[0], head, hlen);
-  std::memcpy(&buf[hlen], reinterpret_cast<const void*>(addr), len);
-  return {buf.data(), buf.size()};
+// The RoundStatus members (mooncake.transfer.RoundStatus), looked up once: results reuse them.
+PyObject* g_round_status[kRoundStatusCount] = {};
+
+py::tuple round_result(RoundResult& r) {
+  py::handle status(g_round_status[static_cast<int>(r.status)]);
+  switch (r.status) {
+    case RoundStatus::kMessage:
+      return py::make_tuple(status, to_notification(std::move(r.msg)));
+    case RoundStatus::kDead:
+    case RoundStatus::kSendFailed:
+      return py::make_tuple(status, py::str(r.reason));
+    default:
+      return py::make_tuple(status, py::none());
+  }
+}
+
+py::list round_results(std::vector<RoundResult>& v) {
+  py::list res(v.size());
+  for (size_t i = 0; i < v.size(); ++i) res[i] = round_result(v[i]);
+  return res;
 }
 
 // Pointer-list argument of reduce(): addresses, none null.
@@ -127,6 +139,45 @@ int threads_arg(int64_t t) {
 
 PYBIND11_MODULE(_engine, m) {
   m.doc() = "mooncake transfer engine native core (torch-free)";
+
+  py::native_enum<RoundStatus>(m, "RoundStatus", "enum.IntEnum",
+                               "Per-peer outcome of a message round (recv_round, exchange_round).")
+      .value("MESSAGE", RoundStatus::kMessage, "a message that did not land, returned as a Notification")
+      .value("DEAD", RoundStatus::kDead, "the peer is DEAD with nothing queued (the reason is returned)")
+      .value("TIMEOUT", RoundStatus::kTimeout, "nothing from the peer before the deadline")
+      .value("LANDED", RoundStatus::kLanded, "the message equalled the expectation; its payload was copied")
+      .value("SEND_FAILED", RoundStatus::kSendFailed, "this side's message could not be sent (the reason is returned)")
+      .finalize();
+  {
+    py::object cls = m.attr("RoundStatus");
+    for (int i = 0; i < kRoundStatusCount; ++i) g_round_status[i] = cls(i).release().ptr();  // kept for good
+  }
+
+  m.attr("DEFAULT_HEARTBEAT_INTERVAL") = kDefaultHeartbeatIntervalS;
+  m.attr("DEFAULT_HEARTBEAT_TIMEOUT") = kDefaultHeartbeatTimeoutS;
+
+  auto point_arg = [](const std::string& point) {
+    FaultPoint p;
+    if (!fault_point_of(point, p))
+      throw std::invalid_argument("point must be 'send', 'land' or 'then', got '" + point + "'");
+    return p;
+  };
+  m.def("arm_fault", [point_arg](const std::string& point, int64_t nth) {
+    const FaultPoint p = point_arg(point);
+    if (nth < 1) throw std::invalid_argument("nth must be >= 1, got " + std::to_string(nth));
+    arm_fault(p, static_cast<uint64_t>(nth));
+  }, py::arg("point"), py::arg("nth") = 1,
+  "Test hook: this process kills itself with SIGKILL at the nth hit of a native fault point, "
+  "counted from now, in every engine of the process. 'send': after each notification sent "
+  "(notify, notify_ptr, notify_many, exchange_round's messages including `then`); 'land': after "
+  "each message a round landed or returned (exchange_round, recv_round); 'then': after each "
+  "`then` message of exchange_round. Disarmed, a point costs one relaxed atomic load.");
+  m.def("disarm_fault", [point_arg](std::optional<std::string> point) {
+    if (point) arm_fault(point_arg(*point), 0);
+    else disarm_faults();
+  }, py::arg("point") = py::none(), "Disarms one native fault point (None: all of them).");
+  m.def("fault_hits", [point_arg](const std::string& point) { return fault_hits(point_arg(point)); },
+        py::arg("point"), "Hits of a native fault point since it was last armed (or disarmed).");
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -407,7 +458,8 @@ PYBIND11_MODULE(_engine, m) {
         {
           GilRelease r;
           std::string joined;
-          const auto [msg, mlen] = join_message(info.ptr, hlen, a, len, joined);
+          const auto [msg, mlen] =
+              join_message(info.ptr, hlen, reinterpret_cast<const void*>(a), static_cast<size_t>(len), joined);
           for (const auto& p : peers) {
             try {
               e.notify(p, msg, mlen, tg);
@@ -430,171 +482,72 @@ PYBIND11_MODULE(_engine, m) {
         double t = timeout_arg(timeout);
         uint64_t tg = nonneg(tag, "tag"), off = nonneg(key_offset, "key_offset");
         std::string k = key;
-        std::vector<MessagePtr> out;
-        std::vector<std::string> dead;
+        std::vector<RoundResult> out;
         {
           GilRelease r;
-          e.recv_round(peers, tg, t, off, k, out, dead);
+          recv_round(e, peers, tg, t, off, k, out);
         }
-        py::list res;
-        for (size_t i = 0; i < peers.size(); ++i) {
-          if (out[i])
-            res.append(py::make_tuple(0, to_notification(std::move(out[i]))));
-          else if (!dead[i].empty())
-            res.append(py::make_tuple(1, py::str(dead[i])));
-          else
-            res.append(py::make_tuple(2, py::none()));
-        }
-        return res;
+        return round_results(out);
       }, py::arg("peers"), py::arg("tag"), py::arg("timeout"), py::arg("key_offset"), py::arg("key"))
-      .def("exchange_round", [](Engine& e, const std::vector<std::string>& peers, int64_t tag, py::buffer data,
+      .def("exchange_round", [](Engine& e, std::vector<std::string> peers, int64_t tag, py::buffer data,
                                 int64_t addr, int64_t length, std::optional<double> timeout, int64_t key_offset,
-                                py::bytes key, py::bytes expect, const std::vector<int64_t>& dests,
-                                int64_t dest_len, py::bytes then, py::bytes second, double second_min_timeout,
-                                const std::vector<int64_t>& reduce) {
-        // One or two message rounds in one GIL-free call. Round 1: send `data` (+ `length` bytes at
-        // `addr`) to every peer, take one message from each (stale ones dropped by key, as
-        // recv_round), and land the messages that are exactly `expect` + `dest_len` payload bytes
-        // (payload copied to dests[i]). Round 2, only when every message of round 1 landed and
-        // `second` is not empty: the same with `second` as message and as expectation (no
-        // payload), waiting at least `second_min_timeout`. When every message of the last round
-        // run landed, `then` (if not empty) is sent to every peer.
-        double t = timeout_arg(timeout);
-        uint64_t tg = nonneg(tag, "tag"), off = nonneg(key_offset, "key_offset");
-        uint64_t a = nonneg(addr, "addr"), len = nonneg(length, "length");
-        uint64_t dlen = nonneg(dest_len, "dest_len");
-        if (len > 0 && a == 0) throw std::invalid_argument("addr is a null address");
-        if (dlen > 0 && dests.size() != peers.size())
-          throw std::invalid_argument("dests must have one address per peer (got " + std::to_string(dests.size()) +
-                                      " for " + std::to_string(peers.size()) + " peers)");
-        for (int64_t d : dests)
-          if (dlen > 0 && d <= 0) throw std::invalid_argument("dests holds a null or negative address");
-        int r_dtype = 0, r_op = 0;
-        size_t r_count = 0, r_pos = 0;
-        int64_t r_self = 0, r_out = 0;
+                                py::bytes key, const py::bytes& expect, std::vector<int64_t> dests,
+                                int64_t dest_len, const py::bytes& then, const py::bytes& second,
+                                double second_min_timeout, const std::vector<int64_t>& reduce,
+                                double second_max_delay) {
+        // The round logic lives in rounds.cc (exchange_round); this converts the arguments.
+        RoundSpec s;
+        s.timeout_s = timeout_arg(timeout);
+        s.tag = nonneg(tag, "tag");
+        s.key_offset = nonneg(key_offset, "key_offset");
+        s.payload = reinterpret_cast<const void*>(nonneg(addr, "addr"));
+        s.payload_len = nonneg(length, "length");
+        s.dest_len = nonneg(dest_len, "dest_len");
         if (!reduce.empty()) {
           if (reduce.size() != 6)
             throw std::invalid_argument("reduce must be (dtype, op, count, self_addr, out_addr, self_pos), got " +
                                         std::to_string(reduce.size()) + " values");
-          r_dtype = static_cast<int>(reduce[0]);
-          r_op = static_cast<int>(reduce[1]);
-          // The fold in the round takes the 32/64-bit types (module-level reduce() takes all).
-          if (r_dtype < kRF32 || r_dtype > kRI64)
-            throw std::invalid_argument("reduce dtype " + std::to_string(reduce[0]) + " is not 1-4");
-          const size_t es = reduce_elem_size(r_dtype);
-          const std::string why = reduce_unsupported(r_dtype, r_op);
-          if (!why.empty())
-            throw std::invalid_argument("reduce dtype " + std::to_string(reduce[0]) + " / op " +
-                                        std::to_string(reduce[1]) + " " + why);
-          r_count = static_cast<size_t>(nonneg(reduce[2], "reduce count"));
-          r_self = reduce[3];
-          r_out = reduce[4];
-          r_pos = static_cast<size_t>(nonneg(reduce[5], "reduce self_pos"));
-          if (r_count * es != dlen)
-            throw std::invalid_argument("reduce count * element size (" + std::to_string(r_count * es) +
-                                        ") must equal dest_len (" + std::to_string(dlen) + ")");
-          if (r_pos > peers.size()) throw std::invalid_argument("reduce self_pos is past the member list");
-          if (r_count > 0 && (r_self <= 0 || r_out <= 0))
-            throw std::invalid_argument("reduce needs non-null self and out addresses");
+          RoundReduce& rd = s.reduce;
+          rd.dtype = static_cast<int>(reduce[0]);
+          rd.op = static_cast<int>(reduce[1]);
+          if (rd.dtype == 0) throw std::invalid_argument("reduce dtype 0 is not 1-4");
+          rd.count = static_cast<size_t>(nonneg(reduce[2], "reduce count"));
+          rd.self = reinterpret_cast<const void*>(nonneg(reduce[3], "reduce self_addr"));
+          rd.out = reinterpret_cast<void*>(nonneg(reduce[4], "reduce out_addr"));
+          rd.self_pos = static_cast<size_t>(nonneg(reduce[5], "reduce self_pos"));
         }
-        if (!(second_min_timeout >= 0))
-          throw std::invalid_argument("second_min_timeout must be >= 0, got " + std::to_string(second_min_timeout));
+        // bytes are immutable and the arguments live until the call returns: views, no copies.
+        auto view = [](const py::bytes& b) {
+          char* p = nullptr;
+          Py_ssize_t n = 0;
+          PyBytes_AsStringAndSize(b.ptr(), &p, &n);
+          return std::string_view(p, static_cast<size_t>(n));
+        };
+        s.key = key;
+        s.expect = view(expect);
+        s.then = view(then);
+        s.second = view(second);
+        s.second_min_timeout_s = second_min_timeout;
+        s.second_max_delay_s = second_max_delay;
+        s.peers = std::move(peers);
+        s.dests = std::move(dests);
+        check_round_spec(s);
         py::buffer_info info = data.request();
         if (info.ndim > 1 && info.strides.back() != info.itemsize)
           throw std::invalid_argument("data must be a C-contiguous bytes-like object");
-        const size_t hlen = static_cast<size_t>(info.size * info.itemsize);
-        const std::string k = key, ex = expect, after = then, round2 = second;
-        const size_t n = peers.size();
-        std::vector<std::string> send_err(n), dead(n);
-        std::vector<MessagePtr> out(n);
-        std::vector<char> landed(n, 0);
-        int rounds = 0;
+        s.head = info.ptr;
+        s.head_len = static_cast<size_t>(info.size * info.itemsize);
+        std::vector<RoundResult> out;
+        int rounds;
         {
           GilRelease r;
-          const auto t0 = std::chrono::steady_clock::now();
-          // One round: send msg to every peer, read one message each, land the ones equal to
-          // want + dlen bytes. Returns how many landed.
-          auto run = [&](const void* msg, size_t mlen, double wait_s, const std::string& want, size_t plen) {
-            std::vector<std::string> live;
-            std::vector<size_t> live_idx;
-            for (size_t i = 0; i < n; ++i) {
-              send_err[i].clear();
-              dead[i].clear();
-              out[i].reset();
-              landed[i] = 0;
-              try {
-                e.notify(peers[i], msg, mlen, tg);
-                live.push_back(peers[i]);
-                live_idx.push_back(i);
-              } catch (const TransferErr& err) {
-                send_err[i] = err.what();
-              }
-            }
-            std::vector<MessagePtr> got;
-            std::vector<std::string> gone;
-            if (!live.empty()) e.recv_round(live, tg, wait_s, off, k, got, gone);
-            size_t matched = 0;
-            for (size_t j = 0; j < live.size(); ++j) {
-              const size_t i = live_idx[j];
-              dead[i] = std::move(gone[j]);
-              MessagePtr& m = got[j];
-              if (m && m->data.size() == want.size() + plen &&
-                  std::memcmp(m->data.data(), want.data(), want.size()) == 0) {
-                if (plen) std::memcpy(reinterpret_cast<void*>(dests[i]), m->data.data() + want.size(), plen);
-                landed[i] = 1;
-                ++matched;
-              } else {
-                out[i] = std::move(m);
-              }
-            }
-            return matched;
-          };
-          std::string joined;
-          const auto [msg, mlen] = join_message(info.ptr, hlen, a, len, joined);
-          size_t matched = run(msg, mlen, t, ex, dlen);
-          rounds = 1;
-          if (n > 0 && matched == n && !round2.empty()) {
-            const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            const double wait2 = t < 0 ? t : std::max(t - spent, second_min_timeout);  // t < 0: forever
-            matched = run(round2.data(), round2.size(), wait2, round2, 0);
-            rounds = 2;
-          }
-          if (n > 0 && matched == n && r_dtype != 0 && r_count > 0) {
-            std::vector<const void*> parts;
-            for (size_t i = 0; i <= n; ++i) {
-              if (i == r_pos) parts.push_back(reinterpret_cast<const void*>(r_self));
-              if (i < n) parts.push_back(reinterpret_cast<const void*>(dests[i]));
-            }
-            reduce_rows(r_dtype, r_op, r_count, parts, reinterpret_cast<void*>(r_out), 1);
-          }
-          if (n > 0 && matched == n && !after.empty()) {
-            for (const auto& p : peers) {
-              try {
-                e.notify(p, after.data(), after.size(), tg);
-              } catch (const TransferErr&) {
-                // a peer that died after its message: the next op finds it dead
-              }
-            }
-          }
+          rounds = exchange_round(e, s, out);
         }
-        py::list res;
-        for (size_t i = 0; i < n; ++i) {
-          if (landed[i])
-            res.append(py::make_tuple(3, py::none()));
-          else if (!send_err[i].empty())
-            res.append(py::make_tuple(4, py::str(send_err[i])));
-          else if (out[i])
-            res.append(py::make_tuple(0, to_notification(std::move(out[i]))));
-          else if (!dead[i].empty())
-            res.append(py::make_tuple(1, py::str(dead[i])));
-          else
-            res.append(py::make_tuple(2, py::none()));
-        }
-        return py::make_tuple(rounds, res);
+        return py::make_tuple(rounds, round_results(out));
       }, py::arg("peers"), py::arg("tag"), py::arg("data"), py::arg("addr"), py::arg("length"),
          py::arg("timeout"), py::arg("key_offset"), py::arg("key"), py::arg("expect"), py::arg("dests"),
          py::arg("dest_len"), py::arg("then"), py::arg("second"), py::arg("second_min_timeout"),
-         py::arg("reduce"))
+         py::arg("reduce"), py::arg("second_max_delay") = -1.0)
       .def("recv_notify", [](Engine& e, std::optional<std::string> peer, std::optional<int64_t> tag,
                              std::optional<double> timeout) {
         double t = timeout_arg(timeout);
@@ -618,6 +571,7 @@ PYBIND11_MODULE(_engine, m) {
         return to_notification(std::move(msg));
       })
       .def("peer_state", [](Engine& e, const std::string& p) { return static_cast<int>(e.peer_state(p)); })
+      .def("peer_exited", &Engine::peer_exited, py::arg("peer"))
       .def("peers", [](Engine& e) {
         py::dict d;
         for (auto& kv : e.peers()) d[py::str(kv.first)] = kv.second;

@@ -433,10 +433,11 @@ void Engine::publish_state(const std::shared_ptr<Peer>& p, PeerState s) {
   if (callbacks_on_.load()) bg_events_.push(Event{false, p->name, static_cast<int>(s)});
 }
 
-void Engine::mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason) {
+void Engine::mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason, bool exited) {
   std::shared_ptr<Connection> c;
   {
     std::lock_guard<std::mutex> g(p->mu);
+    if (exited) p->exited = true;  // also when already dead: a later, stronger reason
     if (p->state.exchange(static_cast<int>(PeerState::kDead)) == static_cast<int>(PeerState::kDead)) return;
     p->reason = reason;
     c = p->conn;
@@ -450,6 +451,13 @@ void Engine::mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason
     wake_io();
   }
   log(kLogWarning, "peer '" + p->name + "' is DEAD: " + reason);
+}
+
+bool Engine::peer_exited(const std::string& name) {
+  auto p = find_peer(name);
+  if (!p) return false;
+  std::lock_guard<std::mutex> g(p->mu);
+  return p->exited;
 }
 
 PeerState Engine::peer_state(const std::string& name) {

@@ -29,13 +29,21 @@
 
 namespace mooncake::transfer {
 
+// The failure detector's defaults: the one place they are defined (the Python wrapper and the
+// backend read them through mooncake.transfer.DEFAULT_HEARTBEAT_*). 3 s: a killed process is
+// detected at once through its connections either way; the heartbeat only catches hung or
+// unreachable peers, and a short timeout turns a starved-but-alive process (seen at load
+// average > 8 with 1 s) into a false failure.
+constexpr double kDefaultHeartbeatIntervalS = 0.1;
+constexpr double kDefaultHeartbeatTimeoutS = 3.0;
+
 struct EngineConfig {
   std::string name;
   std::string host = "127.0.0.1";
   int port = 0;
   std::string secret;
-  double heartbeat_interval_s = 0.1;
-  double heartbeat_timeout_s = 1.0;
+  double heartbeat_interval_s = kDefaultHeartbeatIntervalS;
+  double heartbeat_timeout_s = kDefaultHeartbeatTimeoutS;
   std::string transport = "auto";  // auto | tcp | cma | shm | rdma
   std::string host_id;             // empty: derived from boot id, hostname and pid namespace
   double handshake_timeout_s = 5.0;
@@ -92,7 +100,10 @@ class Engine : private FrameHandler {
   void log(int level, const std::string& msg);
   uint64_t next_req() { return next_req_.fetch_add(1, std::memory_order_relaxed); }
   // From any thread: marks the peer DEAD now; its connection is closed by the I/O thread.
-  void mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason);
+  // `exited`: the peer's process was seen to exit (same host), not just fall silent or disconnect.
+  void mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason, bool exited = false);
+  // True once `name` was marked dead with `exited` (a proof that its process is gone).
+  bool peer_exited(const std::string& name);
   void local_op_done(Peer& p);
 
   // Established peer connections (tests and the bench).

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "engine.h"
+#include "faults.h"
 
 namespace mooncake::transfer {
 
@@ -134,6 +135,7 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
       c->writes_inflight() == 0 && p->ring->push(seq, tag, data, len)) {
     ring_doorbell(reinterpret_cast<DoorbellWord*>(p->their_doorbell->base()));
     notify_ring_sent.fetch_add(1, std::memory_order_relaxed);
+    fault_hit(FaultPoint::kSend);
     return;
   }
   if (p->ring_state.load(std::memory_order_acquire) == Peer::kRingNone) offer_ring(p, *c);
@@ -143,6 +145,7 @@ void Engine::notify(const std::string& peer_name, const void* data, size_t len, 
   it.len = len;
   if (!c->send(&it, 1, /*copy_rest=*/true)) throw TransferErr(p->dead_error());
   notify_tcp_sent.fetch_add(1, std::memory_order_relaxed);
+  fault_hit(FaultPoint::kSend);
 }
 
 bool liveness_lock_enabled();  // MOONCAKE_TRANSFER_LIVENESS_LOCK=0 turns the watchers off
@@ -220,7 +223,7 @@ void Engine::watch_liveness(const std::shared_ptr<Peer>& p, std::shared_ptr<Shar
       if (rc != EOWNERDEAD && rc != 0) return;  // unusable lock: leave it to the other signals
       std::lock_guard<std::mutex> g(link->mu);
       auto sp = weak.lock();
-      if (link->engine && sp) link->engine->mark_dead(sp, "process exited (its liveness lock was released)");
+      if (link->engine && sp) link->engine->mark_dead(sp, "process exited (its liveness lock was released)", true);
       return;
     }
   }).detach();

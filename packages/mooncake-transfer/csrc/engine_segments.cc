@@ -96,7 +96,7 @@ std::shared_ptr<RemoteSeg> Engine::open_segment(const std::string& bytes, double
     return rs;
   }
   if (e == ESRCH) {
-    mark_dead(peer, "process " + std::to_string(d.pid) + " does not exist (ESRCH)");
+    mark_dead(peer, "process " + std::to_string(d.pid) + " does not exist (ESRCH)", true);
     throw TransferErr(peer->dead_error());
   }
   if (!cma_eperm_logged_.exchange(true))

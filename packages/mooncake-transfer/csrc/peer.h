@@ -52,6 +52,7 @@ struct Peer {
   std::condition_variable cv;  // local_inflight reached 0, or death
   std::shared_ptr<Connection> conn;
   std::string reason;  // why it died
+  bool exited = false;  // it died because its process exited (seen on this host): a proof of death
 };
 
 }  // namespace mooncake::transfer

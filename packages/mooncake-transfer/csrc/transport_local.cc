@@ -39,7 +39,7 @@ void LocalCopyTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
       if (n <= 0) {
         int e = n < 0 ? errno : EIO;
         if (e == ESRCH) {
-          engine_.mark_dead(op.seg->peer, "process " + std::to_string(p.pid) + " is gone (ESRCH)");
+          engine_.mark_dead(op.seg->peer, "process " + std::to_string(p.pid) + " is gone (ESRCH)", true);
           b->complete_err(p.dead_error());
           return;
         }

@@ -19,6 +19,7 @@ import mooncake.transfer as mt
 from mooncake.transfer import (
     PeerDeadError,
     PeerState,
+    RoundStatus,
     TransferEngine,
     TransferError,
     TransferStatus,
@@ -280,6 +281,9 @@ def test_secret_env_and_config(engine_factory, monkeypatch):
         TransferEngine()
     monkeypatch.delenv("MOONCAKE_HEARTBEAT_TIMEOUT_MS")
     auto = engine_factory()
+    # The one heartbeat default, defined in the native core (the backend reads it from here).
+    assert auto.heartbeat_timeout == mt.DEFAULT_HEARTBEAT_TIMEOUT == 3.0
+    assert mt.DEFAULT_HEARTBEAT_INTERVAL == 0.1
     assert auto.name.count("-") >= 2
     assert auto.name != engine_factory().name
     assert ":" in auto.endpoint
@@ -438,6 +442,7 @@ def test_notify_many_and_recv_round(engine_factory, peer_factory):
     t0 = time.monotonic()
     res = a.recv_round(["rb", "rc"], 1, 0.2, 0, key)
     assert res == [(2, None), (2, None)]
+    assert res[0][0] is RoundStatus.TIMEOUT
     assert 0.15 <= time.monotonic() - t0 < 1.0
     # A waiting round resolves as soon as the last peer's message lands.
     threading.Timer(0.2, lambda: c.notify("ra", key + b"late", 2)).start()
@@ -452,7 +457,7 @@ def test_notify_many_and_recv_round(engine_factory, peer_factory):
     os.kill(peer.pid, signal.SIGKILL)
     t0 = time.monotonic()
     res = a.recv_round([peer.name], 3, 10.0, 0, b"")
-    assert res[0][0] == 1
+    assert res[0][0] is RoundStatus.DEAD
     assert isinstance(res[0][1], str)
     assert time.monotonic() - t0 < 2.0
     # The receiver's polling budget is per engine and checked.
@@ -487,6 +492,10 @@ def test_exchange_round(engine_factory, peer_factory):
     )  # fmt: skip
     assert rounds == 1  # not every payload landed: no second round, no `then`
     assert res[0] == (3, None)
+    # Statuses are RoundStatus members (an IntEnum: the integers compare equal too).
+    assert [s for s, _ in res] == [RoundStatus.LANDED, RoundStatus.MESSAGE]
+    assert type(res[0][0]) is RoundStatus
+    assert res[0][0].name == "LANDED"
     assert dst[0].raw == b"bbbb"
     assert res[1][0] == 0
     assert res[1][1].data == key + b"Xcccc"
@@ -541,7 +550,7 @@ def test_exchange_round(engine_factory, peer_factory):
     t0 = time.monotonic()
     rounds, res = a.exchange_round([peer.name], 5, b"v", 10.0, expect=b"v")
     assert rounds == 1
-    assert res[0][0] in (1, 4)
+    assert res[0][0] in (RoundStatus.DEAD, RoundStatus.SEND_FAILED)
     assert isinstance(res[0][1], str)
     assert time.monotonic() - t0 < 3.0
     with pytest.raises(ValueError, match="dests"):

@@ -12,7 +12,7 @@ All-reduce of ``n`` bytes among ``m`` members (rank ``i`` owns chunk ``i``):
 3. each rank reduces its chunk over every member's input, reading peers' arenas straight from the
    mappings, and writes the result into its own arena (over its own input chunk, which no peer
    reads);
-4. the agreement runs (``agreement.agree``): a peer sends its AGREE only after its reduction, so a
+4. the agreement runs (``protocol.agree``): a peer sends its AGREE only after its reduction, so a
    commit never needs another message;
 5. the commit copies every chunk from the arenas into the caller's tensor.
 

@@ -3,7 +3,7 @@
 ``Exchange`` is one attempt of one op among a known member set. Algorithms call ``send``,
 ``recv`` and ``recv_each``; a peer that dies, or misses the attempt's deadline, is recorded in
 ``failed`` instead of raising, so an algorithm simply runs to its end and the agreement step
-(``agreement.py``) decides what the op means. Nothing here knows about sockets: bytes move
+(``protocol.py``) decides what the op means. Nothing here knows about sockets: bytes move
 through the transfer engine (``mailbox.Mailbox``).
 """
 
@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from mooncake.transfer import RoundStatus
+
 from . import faults, wire
 from .mailbox import Mailbox, Message, PeerGone, bytes_of, copy_payload, head_of
 from .wire import H_ATTEMPT, H_KIND, H_NBYTES, H_PHASE, H_SEQ, H_SIG
@@ -24,6 +26,8 @@ log = logging.getLogger("mooncake.backend")
 
 _pack = wire.HEADER.pack
 _unpack = wire.HEADER.unpack_from
+
+LANDED, MESSAGE, SEND_FAILED = RoundStatus.LANDED, RoundStatus.MESSAGE, RoundStatus.SEND_FAILED
 
 DataSink = Callable[[int, int], Optional[torch.Tensor]]
 
@@ -303,7 +307,7 @@ class Exchange:
             res = mailbox.round(waiting, self.tag, self.remaining(), self._key)
             retry = []
             for name, (status, msg) in zip(waiting, res):
-                if status:
+                if status is not MESSAGE:
                     failed.add(pending[name])
                 elif not self._take(name, pending[name], msg, phase, sink, raw, got):
                     retry.append(name)
@@ -323,8 +327,9 @@ class Exchange:
         fold: Optional[tuple] = None,
     ) -> set[int]:
         """``send_many(peers, phase, t)`` then ``recv_each(peers, phase, sink)``, as one native
-        round when nothing needs the step-by-step path (a pull-sized payload, an armed fault
-        point, pushed-back messages, a peer already failed): payloads that match this rank's own
+        round when nothing needs the step-by-step path (a pull-sized payload, an armed step fault
+        point (``faults``: the ``wire_*`` points fire inside the native round instead),
+        pushed-back messages, a peer already failed): payloads that match this rank's own
         header land at ``dests`` (one address per peer, ``t``'s size each, where ``sink`` puts
         them too). Returns the set of sources whose payload arrived.
 
@@ -333,7 +338,9 @@ class Exchange:
         0 (this rank's clean vote; ``voted`` keeps the peers' votes for ``agree``) and, when
         every vote is clean too, sends the DECIDED and, with ``fold`` (the engine's ``reduce``
         spec), folds the landed rows with this rank's input into the op's result: ``voted == ()``
-        afterwards says that happened."""
+        afterwards says that happened. A rank that stalls between its payload and its vote for
+        longer than ``max_gap`` gets only the payloads back and votes step by step (see
+        ``protocol.agree``: it may have been excluded meanwhile)."""
         size = t.numel() * t.element_size()
         names, failed, mailbox = self.names, self.failed, self.mailbox
         targets = [names[p] for p in peers]
@@ -356,24 +363,24 @@ class Exchange:
             targets, self.tag, head, self.deadline - time.monotonic(), self._key,
             addr=t.data_ptr(), length=size, expect=head, dests=dests, dest_len=size,
             second=vote, second_min_timeout=self.grace, then=final,
-            reduce=fold if vote and fold is not None else (),
+            reduce=fold if vote and fold is not None else (), second_max_delay=self.max_gap,
         )  # fmt: skip
         if rounds == 2:  # every payload landed; res holds the votes
             self.bytes_sent += size * len(peers)
-            self.voted = () if all(status == 3 for status, _ in res) else res
+            self.voted = () if all(status is LANDED for status, _ in res) else res
             return set(peers)
         got: set[int] = set()
         pending: dict[str, int] = {}
         reached = 0
         for p, name, (status, msg) in zip(peers, targets, res):
-            if status == 3:
+            if status is LANDED:
                 got.add(p)
-            elif status == 0:
+            elif status is MESSAGE:
                 if not self._take(name, p, msg, phase, sink, None, got):
                     pending[name] = p
             else:
                 failed.add(p)
-            reached += status != 4
+            reached += status is not SEND_FAILED
         self.bytes_sent += size * reached
         if pending:
             self._drain(pending, phase, sink, None, got)

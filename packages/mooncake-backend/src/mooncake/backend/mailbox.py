@@ -13,7 +13,7 @@ import ctypes
 from collections import defaultdict, deque
 from typing import Any, Optional, Union
 
-from mooncake.transfer import PeerDeadError, TransferEngine, TransferError
+from mooncake.transfer import PeerDeadError, RoundStatus, TransferEngine, TransferError
 
 # A received message: the engine's notification, or bytes for one that was pushed back.
 Message = Union[bytes, Any]
@@ -125,9 +125,9 @@ class Mailbox:
 
     def round(
         self, peers: list[str], tag: int, timeout: Optional[float], key: bytes
-    ) -> list[tuple[int, Any]]:
+    ) -> list[tuple[RoundStatus, Any]]:
         """One message from each of ``peers`` (messages whose leading bytes sort below ``key``
-        are dropped): per peer (0, notification) | (1, reason: dead) | (2, None: timed out).
+        are dropped): per peer (MESSAGE, notification) | (DEAD, reason) | (TIMEOUT, None).
         Callers check ``has_back`` first (pushed-back messages are not seen here)."""
         return self.engine.recv_round(
             peers, tag, None if timeout is None else max(0.0, timeout), 0, key
@@ -150,18 +150,21 @@ class Mailbox:
         second: bytes = b"",
         second_min_timeout: float = 0.0,
         reduce: Any = (),
-    ) -> tuple[int, list[tuple[int, Any]]]:
+        second_max_delay: Optional[float] = None,
+    ) -> tuple[int, list[tuple[RoundStatus, Any]]]:
         """Whole rounds in one native call (``TransferEngine.exchange_round``): ``head`` +
         ``length`` bytes at ``addr`` to every peer, then one message from each (stale ones
         dropped by ``key``); messages equal to ``expect`` + ``dest_len`` bytes land at ``dests``;
-        when all landed, a ``second`` round (if given), then ``then`` and the ``reduce`` fold
-        (see the engine's docstring). Returns (rounds run, per
-        peer of the last: (3, None) landed | (0, notification) | (1, dead) | (2, timed out) |
-        (4, the send failed)). Callers check ``has_back`` first."""
+        when all landed, a ``second`` round (if given, and if it can start within
+        ``second_max_delay`` s), then ``then`` and the ``reduce`` fold (see the engine's
+        docstring). Returns (rounds run, per peer of the last: (LANDED, None) | (MESSAGE,
+        notification) | (DEAD, reason) | (TIMEOUT, None) | (SEND_FAILED, reason), the
+        ``RoundStatus`` names). Callers check ``has_back`` first."""
         return self.engine.exchange_round(
             peers, tag, head, None if timeout is None else max(0.0, timeout),
             addr=addr, length=length, key=key, expect=expect, dests=dests, dest_len=dest_len,
             then=then, second=second, second_min_timeout=second_min_timeout, reduce=reduce,
+            second_max_delay=second_max_delay,
         )  # fmt: skip
 
     def forget(self, peer: str) -> None:

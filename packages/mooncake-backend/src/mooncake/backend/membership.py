@@ -90,6 +90,7 @@ class Membership:
         self.never_joined: set[int] = set()  # new ranks whose join window closed without them
         self.admitted_at: dict[int, int] = {}  # rank -> the op number its admission preceded
         self.rejoining = False  # an evicted rank re-entering (``recovery.rejoin``)
+        self.gone: set[str] = set()  # engine names of excluded incarnations (never re-admitted)
         if pg._opts.is_extension or (self.world.joiner and self._admission_waiting()):
             self._become_joiner()
             self.poll_admission(timeout=0.0)
@@ -163,7 +164,11 @@ class Membership:
 
     # ------------------------------------------------------------- changes at commit points
     def remove(self, ranks) -> None:
-        self.members -= set(ranks)
+        """Commit point of an exclusion: the excluded incarnations never come back (a rank
+        returns only as a new incarnation: a replacement, or ``rejoin``)."""
+        ranks = set(ranks)
+        self.members -= ranks
+        self.gone |= {self.names[r] for r in ranks if r in self.names}
 
     # ------------------------------------------------------------- joiner side
     def _admission_waiting(self) -> bool:
@@ -301,8 +306,8 @@ class Membership:
         except Exception:  # store gone: nobody can join
             return None
         name = addr.split("|", 1)[0]
-        if r in self.members and self.names.get(r) == name:
-            return None  # already a member under this incarnation
+        if (r in self.members and self.names.get(r) == name) or name in self.gone:
+            return None  # already a member under this incarnation, or an excluded one
         try:
             self.world.connect(addr, timeout=0.5)
         except Exception as e:

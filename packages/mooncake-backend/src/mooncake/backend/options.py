@@ -4,7 +4,7 @@
 |---------------------|---------------------|------------------------------------|-----------------------------|
 | op timeout          | ``timeout``         | ``MOONCAKE_OP_TIMEOUT_S``          | ``init_process_group(timeout=)`` |
 | heartbeat interval  | ``heartbeat_interval`` | ``MOONCAKE_HEARTBEAT_INTERVAL_MS`` | 100 ms                   |
-| heartbeat timeout   | ``heartbeat_timeout`` | ``MOONCAKE_HEARTBEAT_TIMEOUT_MS``  | 3000 ms                    |
+| heartbeat timeout   | ``heartbeat_timeout`` | ``MOONCAKE_HEARTBEAT_TIMEOUT_MS``  | 3000 ms (engine default)    |
 | raise on failure    | ``raise_on_failure`` | ``MOONCAKE_RAISE_ON_FAILURE``      | off                         |
 | host / interface IP | ``host``            | ``MOONCAKE_HOST``                  | 127.0.0.1 (or MASTER_ADDR's interface) |
 | join timeout        | ``join_timeout``    | ``MOONCAKE_JOIN_TIMEOUT_S``        | 60 s                        |
@@ -18,6 +18,8 @@ from datetime import timedelta
 from typing import Optional, Union
 
 import torch
+
+from mooncake.transfer import DEFAULT_HEARTBEAT_TIMEOUT
 
 
 def _env_float(name: str, scale: float = 1.0) -> Optional[float]:
@@ -37,7 +39,8 @@ def _env_bool(name: str) -> Optional[bool]:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
-DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
+# The engine's default (3 s, defined once in mooncake.transfer); kept under the old name.
+DEFAULT_HEARTBEAT_TIMEOUT_S = DEFAULT_HEARTBEAT_TIMEOUT
 
 
 class MooncakeBackendOptions:
@@ -125,10 +128,11 @@ class MooncakeBackendOptions:
             if heartbeat_timeout is not None
             else _env_float("MOONCAKE_HEARTBEAT_TIMEOUT_MS", 1e-3)
         )
-        # 3 s by default: a killed process is detected at once through its connections either
-        # way; the heartbeat only catches hung or unreachable ranks, and a short timeout turns
-        # a starved-but-alive rank (seen at load average > 8 with 1 s) into a false failure.
-        self.heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT_S if hb_timeout is None else hb_timeout
+        # The engine's default, 3 s: a killed process is detected at once through its
+        # connections either way; the heartbeat only catches hung or unreachable ranks, and a
+        # short timeout turns a starved-but-alive rank (seen at load average > 8 with 1 s) into
+        # a false failure.
+        self.heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT if hb_timeout is None else hb_timeout
         self.host = host or os.environ.get("MOONCAKE_HOST")
         jt = join_timeout if join_timeout is not None else _env_float("MOONCAKE_JOIN_TIMEOUT_S")
         self.join_timeout = 60.0 if jt is None else jt

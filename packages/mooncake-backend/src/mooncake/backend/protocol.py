@@ -27,10 +27,13 @@ member alike. An op runs as one or more *attempts*, each among the membership ag
    process comes back through ``mooncake.pg.rejoin`` (a joiner the survivors admit with
    ``recover_ranks``). An evicted rank never writes a result.
 
-Proof of death (``probe_dead``): a TCP connection to the peer's engine endpoint is *refused*: the
-peer's host answers, and nothing listens on the port any more, so the process has exited (a
-stopped, hung or partitioned process is not refused: its socket still accepts, or nothing
-answers). Proofs travel in the votes, so every survivor applies the rule to the same set.
+Proof of death (``prove_dead``): the transfer engine saw the peer's process exit (same host: its
+liveness lock was released, or its pid is gone), or a TCP connection to the peer's engine endpoint
+is *refused*: the peer's host answers and nothing listens on the port any more. A stopped, hung or
+partitioned process is never proven dead: its lock stays held, its socket still accepts, or
+nothing answers. (A firewall that rejects with a TCP reset would look like a refusal: cut networks
+by dropping packets.) Proofs travel in the votes, so every survivor applies the rule to the same
+set.
 
 Why no split brain: two disjoint sets of ranks cannot both hold a strict majority of the same
 membership, and proofs only name processes that have exited, which can serve on no side. A rank
@@ -54,6 +57,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
+from mooncake.transfer import PeerState, RoundStatus
+
 from . import faults, wire
 from .errors import EvictedError, OpMismatchError, RankFailureError
 from .exchange import Exchange, _FutureMessage
@@ -67,7 +72,9 @@ log = logging.getLogger("mooncake.backend")
 
 Body = Callable[[Exchange], Callable[[], None]]
 Prover = Callable[[set[int]], set[int]]
-PROBE_TIMEOUT_S = 0.05  # a refused connect answers within a round trip; silence proves nothing
+LANDED, MESSAGE, SEND_FAILED = RoundStatus.LANDED, RoundStatus.MESSAGE, RoundStatus.SEND_FAILED
+PROBE_TIMEOUT_S = 0.05
+PROBE_RETRY_S = 0.02  # a refused connect answers within a round trip; silence proves nothing
 
 
 class Decision(NamedTuple):
@@ -164,7 +171,7 @@ def _decide(
             "on as the group",
         )
     if d.excluded:
-        pg.membership.remove(d.excluded)
+        pg.membership.remove(d.excluded)  # their incarnations never come back (peer_ready)
         pg._publish()
     if d.errors:
         raise OpMismatchError(
@@ -208,13 +215,36 @@ def _evict(pg: MooncakeProcessGroup, kind: str, seq: int, why: str) -> None:
 # -------------------------------------------------------------------------- proof of death
 def prove_dead(pg: MooncakeProcessGroup, ranks: set[int]) -> set[int]:
     """The ranks of ``ranks`` whose current incarnation is proven to have exited (cached: an
-    exited process stays exited)."""
+    exited process stays exited): the engine saw the process exit (same host), or its endpoint
+    refuses connections. A process that is still exiting may hold its listening socket for a
+    moment after its connections dropped, so a peer the engine already reports DEAD is probed
+    once more after ``PROBE_RETRY_S``."""
     m = pg.membership
+    engine = pg._world.engine
     cache = pg._proven_dead
-    out = {r for r in ranks if m.names.get(r) in cache}
-    todo = {r: m.addrs[r] for r in ranks - out if r in m.addrs}
+    out = set()
+    todo = {}
+    for r in ranks:
+        name = m.names.get(r)
+        if name is None:
+            continue
+        if name in cache or engine.peer_exited(name):
+            cache.add(name)
+            out.add(r)
+        elif r in m.addrs:
+            todo[r] = m.addrs[r]
     if todo:
-        for r in probe_dead(todo, PROBE_TIMEOUT_S):
+        dead = probe_dead(todo, PROBE_TIMEOUT_S)
+        again = {
+            r: a
+            for r, a in todo.items()
+            if r not in dead and engine.peer_state(m.names[r]) == PeerState.DEAD
+        }
+        if again:
+            time.sleep(PROBE_RETRY_S)
+            dead |= {r for r in again if engine.peer_exited(m.names[r])}
+            dead |= probe_dead({r: a for r, a in again.items() if r not in dead}, PROBE_TIMEOUT_S)
+        for r in dead:
             cache.add(m.names[r])
             out.add(r)
     return out
@@ -402,7 +432,8 @@ def _votes(x: Exchange, ranks: list[int], deadline: float) -> list[Optional[Vote
         return [_read_vote(x, p, deadline) for p in ranks]
     res = x.mailbox.round(names, x.tag, deadline - time.monotonic(), x._key)
     return [
-        None if status else _vote_of(x, p, msg, deadline) for p, (status, msg) in zip(ranks, res)
+        _vote_of(x, p, msg, deadline) if status is MESSAGE else None
+        for p, (status, msg) in zip(ranks, res)
     ]
 
 
@@ -427,15 +458,15 @@ def _round0(
     votes: list[Optional[Vote]] = []
     clean = True
     for p, (status, msg) in zip(alive, res):
-        if status == 3:
+        if status is LANDED:
             readers.append(p)
             votes.append(_MINE0)
             continue
         clean = False
-        if status == 4:
+        if status is SEND_FAILED:
             continue  # not reached: excluded by the caller
         readers.append(p)
-        votes.append(_vote_of(x, p, msg, deadline) if status == 0 else None)
+        votes.append(_vote_of(x, p, msg, deadline) if status is MESSAGE else None)
     return (None, []) if clean else (readers, votes)
 
 
@@ -449,8 +480,9 @@ def _clean_votes(
         return [_read_vote(x, p, deadline) for p in readers]
     res = x.mailbox.round(names, x.tag, deadline - time.monotonic(), x._key)
     size = len(mine)
-    if all(status == 0 and msg.nbytes == size and msg.data == mine for status, msg in res):
+    if all(status is MESSAGE and msg.nbytes == size and msg.data == mine for status, msg in res):
         return None
     return [
-        None if status else _vote_of(x, p, msg, deadline) for p, (status, msg) in zip(readers, res)
+        _vote_of(x, p, msg, deadline) if status is MESSAGE else None
+        for p, (status, msg) in zip(readers, res)
     ]

@@ -628,6 +628,12 @@ def main(argv=None) -> int:
         args.victim = args.world // 2 if args.victim is None else args.victim
         if not 0 <= args.victim < args.world:
             ap.error(f"--victim {args.victim} out of range")
+        if args.fault == "stop" and args.world < 3:
+            ap.error(
+                f"--fault stop needs --world >= 3, got {args.world}: a stopped peer is not proven "
+                "dead, and one survivor of two is not a majority, so it raises EvictedError "
+                "(the backend README's membership safety rule)"
+            )
         res = run_fault(args)
         s = res["summary"]
         print(

@@ -11,17 +11,28 @@ from pathlib import Path
 from ._engine import copy as copy_buffers
 from ._engine import rdma_status
 from ._engine import reduce as reduce_buffers
-from .engine import Notification, RemoteSegment, Segment, TransferEngine, TransferHandle
-from .enums import PeerState, TransferStatus
+from .engine import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    Notification,
+    RemoteSegment,
+    Segment,
+    TransferEngine,
+    TransferHandle,
+)
+from .enums import PeerState, RoundStatus, TransferStatus
 from .errors import PeerDeadError, TransferError, TransferTimeout
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
     "Notification",
     "PeerDeadError",
     "PeerState",
     "RemoteSegment",
+    "RoundStatus",
     "Segment",
     "TransferEngine",
     "TransferError",

@@ -20,10 +20,15 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
 from . import _engine
-from .enums import PeerState, TransferStatus
+from .enums import PeerState, RoundStatus, TransferStatus
 from .errors import PeerDeadError, TransferError, TransferTimeout
 
-__all__ = ["TransferEngine", "TransferHandle"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "TransferEngine",
+    "TransferHandle",
+]
 
 logger = logging.getLogger("mooncake.transfer")
 
@@ -48,8 +53,10 @@ def _close_all_at_exit() -> None:
             eng.close()
 
 
-DEFAULT_HEARTBEAT_INTERVAL = 0.1
-DEFAULT_HEARTBEAT_TIMEOUT = 1.0
+# The failure detector's defaults in seconds, defined once in the native core (csrc/engine.h:
+# kDefaultHeartbeatIntervalS / kDefaultHeartbeatTimeoutS): 0.1 and 3.0.
+DEFAULT_HEARTBEAT_INTERVAL: float = _engine.DEFAULT_HEARTBEAT_INTERVAL
+DEFAULT_HEARTBEAT_TIMEOUT: float = _engine.DEFAULT_HEARTBEAT_TIMEOUT
 
 
 def _env_seconds_from_ms(var: str) -> Optional[float]:
@@ -161,10 +168,10 @@ class TransferEngine:
         host: address to listen on ("0.0.0.0" for all; the endpoint then names the hostname).
         port: TCP port, 0 = any free port.
         secret: group secret every peer must share (bytes or str); env MOONCAKE_SECRET.
-        heartbeat_interval: seconds between heartbeats (default 0.1;
-            env MOONCAKE_HEARTBEAT_INTERVAL_MS).
+        heartbeat_interval: seconds between heartbeats (default DEFAULT_HEARTBEAT_INTERVAL =
+            0.1; env MOONCAKE_HEARTBEAT_INTERVAL_MS).
         heartbeat_timeout: seconds of silence before a peer is DEAD, SUSPECT after half
-            (default 1.0; env MOONCAKE_HEARTBEAT_TIMEOUT_MS).
+            (default DEFAULT_HEARTBEAT_TIMEOUT = 3.0; env MOONCAKE_HEARTBEAT_TIMEOUT_MS).
         transport: "auto" | "tcp" | "cma" | "shm" (env MOONCAKE_TRANSPORT); "rdma" raises
             TransferError unless an RDMA device exists.
     """
@@ -280,6 +287,13 @@ class TransferEngine:
 
     def peer_state(self, peer: str) -> PeerState:
         return PeerState(self._core.peer_state(_check_str(peer, "peer")))
+
+    def peer_exited(self, peer: str) -> bool:
+        """True once this engine saw ``peer``'s process exit (same host: its liveness lock was
+        released, or its pid is gone): a proof of death, unlike a dropped connection or
+        heartbeat silence (a stopped or cut-off process looks the same as a dead one there).
+        False for unknown peers and for peers dead for any other reason."""
+        return self._core.peer_exited(_check_str(peer, "peer"))
 
     def peers(self) -> dict[str, PeerState]:
         return {k: PeerState(v) for k, v in self._core.peers().items()}
@@ -414,12 +428,14 @@ class TransferEngine:
         timeout: Optional[float],
         key_offset: int = 0,
         key: bytes = b"",
-    ) -> list[tuple[int, Any]]:
+    ) -> list[tuple[RoundStatus, Any]]:
         """One message with `tag` from each of `peers` (a message round), waiting until every
         peer is resolved or `timeout` passes. Messages whose bytes [key_offset, key_offset +
         len(key)) compare below `key` byte-wise are stale and dropped (use big-endian counters).
-        Per peer, in order: (0, Notification), (1, reason) when the peer is DEAD with nothing
-        queued, or (2, None) when the timeout passed first."""
+        Per peer, in order, a (RoundStatus, value) pair: (MESSAGE, Notification), (DEAD, reason)
+        when the peer is DEAD with nothing queued, or (TIMEOUT, None) when the timeout passed
+        first. RoundStatus is an IntEnum (MESSAGE 0, DEAD 1, TIMEOUT 2): comparing with the
+        integers works too."""
         return self._core.recv_round(list(peers), tag, timeout, key_offset, key)
 
     def exchange_round(
@@ -440,8 +456,10 @@ class TransferEngine:
         second: bytes = b"",
         second_min_timeout: float = 0.0,
         reduce: Sequence[int] = (),
-    ) -> tuple[int, list[tuple[int, Any]]]:
-        """One or two message rounds in one call, the GIL released throughout.
+        second_max_delay: Optional[float] = None,
+    ) -> tuple[int, list[tuple[RoundStatus, Any]]]:
+        """One or two message rounds in one call, the GIL released throughout (the generic
+        round primitive of csrc/rounds.cc; it knows nothing of what the messages mean).
 
         Round 1 sends `data` (followed by `length` bytes at `addr`) to every peer as
         `notify_many` does, then takes one message from each peer that was reached as
@@ -450,7 +468,10 @@ class TransferEngine:
         nothing is returned for it. Round 2 runs only when every message of round 1 landed and
         `second` is not empty: `second` is sent to every peer and a peer's message lands when it
         equals `second`; it waits until `timeout` (counted from the call) or at least
-        `second_min_timeout` seconds. When every message of the last round run landed and `then`
+        `second_min_timeout` seconds; with `second_max_delay` (seconds) round 2 runs only if it
+        can start within that time after round 1's messages were sent (a caller that stalled
+        in between, e.g. stopped, gets back 1 round with every peer landed, nothing more sent
+        or folded). When every message of the last round run landed and `then`
         is not empty, `then` is sent to every peer (failures ignored), and first, when `reduce` =
         (dtype, op, count, self_addr, out_addr, self_pos) is given, the landed rows and this
         rank's own `count` elements at `self_addr` (at position `self_pos` of the member order:
@@ -459,14 +480,20 @@ class TransferEngine:
         3 int32, 4 int64; op 1 sum, 2 product (floats and integers), 3 min, 4 max (integers
         only; integers wrap). The result is what torch's binary ops give in the same order.
 
-        Returns (rounds run, per peer of the last round, in order): (3, None) landed,
-        (0, Notification) any other message, (1, reason) dead with nothing queued, (2, None)
-        timed out, (4, reason) the send failed (nothing was received from it)."""
+        Returns (rounds run, per peer of the last round, in order, a (RoundStatus, value) pair):
+        (LANDED, None) landed, (MESSAGE, Notification) any other message, (DEAD, reason) dead
+        with nothing queued, (TIMEOUT, None) timed out, (SEND_FAILED, reason) the send failed
+        (nothing was received from it). The integer values (LANDED 3, MESSAGE 0, DEAD 1,
+        TIMEOUT 2, SEND_FAILED 4) compare equal too.
+
+        Fault injection (tests): ``_engine.arm_fault("send" | "land" | "then", nth)`` kills
+        this process with SIGKILL at the nth message sent / landed or returned / `then` sent."""
         if isinstance(data, str):
             raise TypeError("data must be bytes-like, got str (encode it first)")
         return self._core.exchange_round(
             list(peers), tag, data, addr, length, timeout, key_offset, key, expect,
             list(dests), dest_len, then, second, second_min_timeout, list(reduce),
+            -1.0 if second_max_delay is None else float(second_max_delay),
         )  # fmt: skip
 
     def recv_notify(
