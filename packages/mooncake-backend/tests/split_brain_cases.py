@@ -189,6 +189,13 @@ def stop_resume_body(
 
 
 # ------------------------------------------------------------------------------- partition
+def _wait_all(sync: str, what: str, world: int, deadline: float) -> None:
+    while not all(os.path.exists(f"{sync}/{what}.{r}") for r in range(world)):
+        if time.monotonic() > deadline:
+            return  # the driver reports what is missing
+        time.sleep(0.02)
+
+
 def partition_body(
     rank: int,
     world: int,
@@ -219,6 +226,7 @@ def partition_body(
         else:
             window = op_timeout + 2 * hb + 3.0
             if not _loop_until_evicted(log, active, healed, window, PACE):
+                touch(f"{sync}/done.{rank}")
                 return log.out()
             expect_evicted_again(log, "cut")
             deadline = time.monotonic() + 60.0
@@ -228,6 +236,10 @@ def partition_body(
                 time.sleep(0.02)
             expect_evicted_again(log, "healed")
             if role != "minority-rejoin":
+                # Stay alive (evicted, engine open) until every rank has finished its checks: a
+                # rank whose peers all exited may rightly go on alone (they are proven dead).
+                touch(f"{sync}/done.{rank}")
+                _wait_all(sync, "done", world, time.monotonic() + 30.0)
                 return log.out()
             _rejoin(log, 30.0)
         log.new_phase(1)

@@ -92,8 +92,6 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._max_gap = min(self._grace, self._world.engine.heartbeat_timeout) / 2
         self._gid = wire.group_hash(str(group_id))
         self._tag = wire.make_tag(self._gid, wire.CH_OP)
-        self._p2p_lock = threading.Lock()
-        self._recv_pool: Optional[object] = None
         self._seq = 0
         self._sigs: dict = {}
         self._scratch = ScratchPool()
@@ -469,6 +467,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         return recv(self, tensors, None, tag)
+
+    def shutdown(self) -> None:
+        """``destroy_process_group``: pending receives fail and the group's p2p thread ends."""
+        from .p2p import shutdown
+
+        shutdown(self)
 
     # ------------------------------------------------------------ checks
     def _check_root(self, root: int) -> None:
