@@ -128,19 +128,20 @@ def _serve_until_recovered(log: Log, active, deadline: float, pace: float) -> li
     gone = [r for r, a in enumerate(active.tolist()) if not a]
     log.event("excluded", ranks=gone)
     group = dist.group.WORLD
-    polls, poll_max = 0, 0.0
+    polls, poll_max, poll_sum = 0, 0.0, 0.0
     while True:
         if time.monotonic() > deadline:
             raise TimeoutError(f"excluded ranks {gone} never became ready to rejoin")
         t0 = time.monotonic()
         ready = pg.get_peer_state(group, gone)
-        polls, poll_max = polls + 1, max(poll_max, time.monotonic() - t0)
+        dt = time.monotonic() - t0
+        polls, poll_max, poll_sum = polls + 1, max(poll_max, dt), poll_sum + dt
         if all(ready):
             pg.recover_ranks(group, gone)
             break
         log.allreduce(active)
         time.sleep(pace)
-    log.event("recovered", ranks=gone, polls=polls, poll_max=poll_max)
+    log.event("recovered", ranks=gone, polls=polls, poll_max=poll_max, poll_mean=poll_sum / polls)
     return gone
 
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from mooncake.backend import wire
-from mooncake.transfer import RoundStatus
 from mooncake.backend.exchange import Exchange
 from mooncake.backend.protocol import agree, probe_dead, quorum
+from mooncake.transfer import RoundStatus
 
 SEQ, ATTEMPT, SIG = 7, 0, 0xABCD
 LANDED, MESSAGE, DEAD = RoundStatus.LANDED, RoundStatus.MESSAGE, RoundStatus.DEAD

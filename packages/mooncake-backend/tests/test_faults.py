@@ -9,6 +9,7 @@ from fault_cases import allreduce_loop
 from harness import Ranks
 
 from mooncake.backend.faults import POINTS  # step points and the native wire_* points
+
 TRIALS = int(os.environ.get("MOONCAKE_FAULT_TRIALS", "2"))
 
 
