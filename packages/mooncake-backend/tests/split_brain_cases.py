@@ -322,3 +322,52 @@ def main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+# ------------------------------------------------------------------------ deadline exclusion
+def late_rank_body(rank: int, world: int, port: int, late: int, op_timeout: float):
+    """Rank ``late`` (alive, its engine heartbeating) enters an op ``op_timeout`` + 1 s after the
+    others: they exclude it at the deadline (2 of 3) and go on; it must raise EvictedError on
+    that op, on a later collective and on p2p, and its old engine name is refused by the
+    survivors."""
+    guard(60.0)
+    from harness import init
+
+    from mooncake import pg
+
+    active = init(rank, world, port, timeout_s=30.0, timeout=op_timeout, heartbeat_timeout=3.0)
+    t = torch.ones(8)
+    dist.all_reduce(t)
+    assert int(t[0]) == world
+    out: dict = {"rank": rank}
+    if rank == late:
+        time.sleep(op_timeout + 1.0)  # Python busy elsewhere; the engine's threads answer heartbeats
+        errors = []
+        for what, op in (
+            ("all_reduce", lambda: dist.all_reduce(torch.ones(8))),
+            ("barrier", lambda: dist.barrier()),
+            ("recv", lambda: dist.recv(torch.ones(4), src=0)),
+            ("send", lambda: dist.send(torch.ones(4), dst=0)),
+        ):
+            t0 = time.monotonic()
+            try:
+                op()
+                errors.append((what, "completed", time.monotonic() - t0))
+            except pg.EvictedError as e:
+                errors.append((what, str(e), time.monotonic() - t0))
+        out["late"] = errors
+    else:
+        t = torch.ones(8)
+        dist.all_reduce(t)  # waits op_timeout for the late rank, then goes on without it
+        out["first"] = (int(t[0]), active.tolist())
+        t = torch.ones(8)
+        dist.all_reduce(t)
+        out["second"] = (int(t[0]), active.tolist())
+        name = None
+        from mooncake.backend.process_group import _groups
+
+        g = next(iter(_groups))
+        name = g.membership.names.get(late)
+        out["late_name_gone"] = name in g.membership.gone
+        time.sleep(op_timeout + 3.0)  # stay alive while the late rank checks
+    return out

@@ -509,3 +509,26 @@ def test_no_false_exclusion_of_a_10x_slower_rank():
         assert out["active"] == [1] * world, f"rank {r}: active_ranks at the end {out['active']}"
     worst = max(o["worst"] for o in res.values())
     print(f"{iters} ops with a 10x slower rank: {took:.1f} s, worst op {worst:.3f} s")
+
+
+@pytest.mark.timeout(120)
+def test_rank_excluded_at_the_deadline_is_told_on_every_channel():
+    """A live rank that misses the op deadline is excluded by the majority; it learns it on the
+    op it was late for and on every later op (collective and p2p), without waiting for a
+    timeout of its own."""
+    from split_brain_cases import late_rank_body
+
+    world, late, op_timeout = 3, 2, 2.0
+    res = run_world(late_rank_body, world, late, op_timeout, timeout=100)
+    for r in range(world):
+        if r == late:
+            continue
+        assert res[r]["first"] == (2, [1, 1, 0]), res[r]
+        assert res[r]["second"] == (2, [1, 1, 0]), res[r]
+        assert res[r]["late_name_gone"]
+    seen = res[late]["late"]
+    assert [w for w, _, _ in seen] == ["all_reduce", "barrier", "recv", "send"]
+    for what, msg, dt in seen:
+        assert msg != "completed", f"the excluded rank completed {what}"
+        assert "rejoin" in msg, msg
+        assert dt < op_timeout, f"{what} took {dt:.2f} s to raise (it waited instead of being told)"

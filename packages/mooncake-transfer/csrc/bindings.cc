@@ -572,6 +572,7 @@ PYBIND11_MODULE(_engine, m) {
       })
       .def("peer_state", [](Engine& e, const std::string& p) { return static_cast<int>(e.peer_state(p)); })
       .def("peer_exited", &Engine::peer_exited, py::arg("peer"))
+      .def("refuse_name", &Engine::refuse_name, py::arg("peer"), py::arg("reason"), py::arg("disconnect"))
       .def("peers", [](Engine& e) {
         py::dict d;
         for (auto& kv : e.peers()) d[py::str(kv.first)] = kv.second;

@@ -369,7 +369,8 @@ std::string Engine::connect(const std::string& endpoint, double timeout_s) {
       throw TransferErr(ErrKind::kGeneric, peer_name, "connection refused by peer: bad secret");
     case kHelloDeadName:
       throw TransferErr(ErrKind::kGeneric, peer_name,
-                        "connection refused: the peer considers this engine's name dead (use a new engine)");
+                        "connection refused: the peer considers this engine's name dead (use a new engine): " +
+                            ack.message);
     default:
       throw TransferErr(ErrKind::kGeneric, peer_name, "connection refused by peer: " + ack.message);
   }
@@ -451,6 +452,17 @@ void Engine::mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason
     wake_io();
   }
   log(kLogWarning, "peer '" + p->name + "' is DEAD: " + reason);
+}
+
+void Engine::refuse_name(const std::string& name, const std::string& reason, bool disconnect) {
+  std::shared_ptr<Peer> p;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    refused_[name] = reason;
+    auto it = peers_.find(name);
+    if (it != peers_.end()) p = it->second;
+  }
+  if (disconnect && p) mark_dead(p, "refused here: " + reason);
 }
 
 bool Engine::peer_exited(const std::string& name) {

@@ -104,6 +104,10 @@ class Engine : private FrameHandler {
   void mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason, bool exited = false);
   // True once `name` was marked dead with `exited` (a proof that its process is gone).
   bool peer_exited(const std::string& name);
+  // Refuses every later connection from `name` with `reason` (its HELLO is answered "dead here:
+  // <reason>"); with `disconnect`, also marks the connected peer of that name DEAD (its
+  // connection closes, so the other side sees this engine gone on every channel).
+  void refuse_name(const std::string& name, const std::string& reason, bool disconnect);
   void local_op_done(Peer& p);
 
   // Established peer connections (tests and the bench).
@@ -163,6 +167,7 @@ class Engine : private FrameHandler {
   std::unordered_map<std::string, std::shared_ptr<Peer>> peers_;
   std::unordered_map<Connection*, std::shared_ptr<Connection>> conns_;
   std::set<std::string> dialing_;  // names we sent a HELLO to and await the answer from
+  std::unordered_map<std::string, std::string> refused_;  // name -> reason (refuse_name)
   size_t handshaking_ = 0;
 
   SegmentRegistry segments_;

@@ -173,6 +173,8 @@ bool Engine::handle_hello(Connection& c, const std::string& payload, std::string
   {
     std::lock_guard<std::mutex> g(mu_);
     if (m.name == cfg_.name) return refuse(kHelloBadRequest, "peer uses this engine's own name");
+    auto rit = refused_.find(m.name);
+    if (rit != refused_.end()) return refuse(kHelloDeadName, "name '" + m.name + "' is refused here: " + rit->second);
     auto it = peers_.find(m.name);
     if (it != peers_.end()) {
       if (it->second->dead()) return refuse(kHelloDeadName, "name '" + m.name + "' is dead here");

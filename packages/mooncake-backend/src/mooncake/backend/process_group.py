@@ -22,6 +22,7 @@ import torch.distributed as dist
 from . import collectives as algo
 from . import wire
 from .active import ActiveMask
+from .errors import EvictedError
 from .exchange import Exchange, ScratchPool
 from .membership import Membership
 from .options import MooncakeBackendOptions
@@ -203,6 +204,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def run_op(self, kind: str, sig_parts: tuple, body: Callable[[Exchange], Callable[[], None]]):
         """Run one op with agreement (``protocol.run_op``); returns when committed here."""
         run_op(self, kind, sig_parts, body)
+
+    def _check_evicted(self) -> None:
+        if self._evicted is not None:
+            raise EvictedError(self._evicted)
 
     @property
     def evicted(self) -> bool:
@@ -448,6 +453,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def send(self, tensors, dstRank, tag=0):
         from .p2p import send
 
+        self._check_evicted()
         self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         send(self, tensors, dstRank, tag)
@@ -456,6 +462,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def recv(self, tensors, srcRank, tag=0):
         from .p2p import recv
 
+        self._check_evicted()
         self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         return recv(self, tensors, srcRank, tag)
@@ -463,6 +470,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def recv_anysource(self, tensors, tag=0):
         from .p2p import recv
 
+        self._check_evicted()
         self._ensure_p2p()
         _check_tensors("tensors", tensors, self._device_type)
         return recv(self, tensors, None, tag)

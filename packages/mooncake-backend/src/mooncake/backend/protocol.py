@@ -171,6 +171,7 @@ def _decide(
             "on as the group",
         )
     if d.excluded:
+        _notify_evicted(pg, kind, seq, d.excluded - d.proven, sorted(set(members) - d.excluded))
         pg.membership.remove(d.excluded)  # their incarnations never come back (peer_ready)
         pg._publish()
     if d.errors:
@@ -210,6 +211,32 @@ def _evict(pg: MooncakeProcessGroup, kind: str, seq: int, why: str) -> None:
     )
     log.error("%s", pg._evicted)
     raise EvictedError(pg._evicted)
+
+
+def _notify_evicted(
+    pg: MooncakeProcessGroup, kind: str, seq: int, ranks: set[int], survivors: list[int]
+) -> None:
+    """Tell excluded ranks that may still be alive: this engine refuses their incarnation's
+    reconnects with the reason (remembered), and closes its connection to each one that is in no
+    other group of this process, so it sees the survivors gone on every channel at once (the
+    DECIDED on the op channel already said so if it could still read)."""
+    from .process_group import _groups
+
+    engine = pg._world.engine
+    name = pg._group_name or pg.membership.group_id
+    reason = f"evicted from group {name!r} at op {seq} ({kind}) by ranks {survivors}"
+    for r in ranks:
+        peer = pg.membership.names.get(r)
+        if peer is None:
+            continue
+        elsewhere = any(
+            g is not pg and peer in {g.membership.names.get(m) for m in g.membership.members}
+            for g in list(_groups)
+        )
+        try:
+            engine.refuse(peer, reason, disconnect=not elsewhere)
+        except Exception as e:  # the notice is best effort; the rule does not depend on it
+            log.debug("eviction notice to %s failed: %s", peer, e)
 
 
 # -------------------------------------------------------------------------- proof of death

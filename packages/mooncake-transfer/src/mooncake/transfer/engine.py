@@ -288,6 +288,14 @@ class TransferEngine:
     def peer_state(self, peer: str) -> PeerState:
         return PeerState(self._core.peer_state(_check_str(peer, "peer")))
 
+    def refuse(self, peer: str, reason: str, disconnect: bool = False) -> None:
+        """Refuse every later connection from the engine named ``peer``: its handshake is
+        answered "refused here: ``reason``" (remembered for this engine's lifetime). With
+        ``disconnect``, the connected peer of that name is also marked DEAD here, which closes
+        its connection (it sees this engine gone on every channel). A replacement must use a new
+        engine name."""
+        self._core.refuse_name(_check_str(peer, "peer"), _check_str(reason, "reason"), bool(disconnect))
+
     def peer_exited(self, peer: str) -> bool:
         """True once this engine saw ``peer``'s process exit (same host: its liveness lock was
         released, or its pid is gone): a proof of death, unlike a dropped connection or
