@@ -23,6 +23,7 @@ from .reduce_ops import native_fold, reduce_fresh, reduce_into
 
 Commit = Callable[[], None]
 SMALL_ALLREDUCE_BYTES = 64 * 1024
+SMALL_BROADCAST_BYTES = 64 * 1024  # up to this size a broadcast is one symmetric fused round
 
 
 def allreduce(x: Exchange, t: torch.Tensor, op: str, last: bool = False) -> Commit:
@@ -98,6 +99,8 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
         c = bulk.broadcast(x, flat, root)  # shared-memory arenas (bulk.py)
         if c is not None:
             return c
+    if nbytes <= SMALL_BROADCAST_BYTES and len(x.members) > 1:
+        return _broadcast_direct(x, flat, root)
     if x.me == root:
         x.send_many(x.peers, 0, flat)
         return no_commit
@@ -105,6 +108,20 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     if not x.recv(root, 0, tmp):
         return no_commit
     return lambda: native.copy(flat, tmp, len(x.members))
+
+
+def _broadcast_direct(x: Exchange, flat: torch.Tensor, root: int) -> Commit:
+    """A small broadcast as one symmetric round: every rank sends its buffer to every peer (the
+    non-roots' bytes are ignored), so the data, the agreement's first round and the DECIDED run
+    in one native call (``Exchange.exchange(last=True)``), as a small all_reduce does; a root
+    that only sent would take two calls and a Python step between them. The extra bytes cost
+    nothing at this size."""
+    rows, _, addrs = x.scratch.small(x.scratch_scope(), flat, x.peers)
+    got = x.exchange(x.peers, 0, flat, addrs, lambda src, n: rows[src], True)
+    if x.me == root or root not in got:
+        return no_commit
+    src = rows[root]
+    return lambda: native.copy(flat, src, len(x.members))
 
 
 def reduce(x: Exchange, t: torch.Tensor, root: int, op: str) -> Commit:
