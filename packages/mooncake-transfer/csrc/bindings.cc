@@ -11,6 +11,7 @@
 
 #include "engine.h"
 #include "faults.h"
+#include "proxy.h"  // host proxy ring (issue 15); bindings in the block at the end
 #include "reduce.h"
 #include "rounds.h"
 
@@ -612,4 +613,235 @@ PYBIND11_MODULE(_engine, m) {
         GilRelease r;
         e.close();
       });
+  // ==== Host proxy ring (issue 15): ProxyRing, HostProxy, ProxySignalApplier ====================
+  // Torch-free test hooks and host setup of the proxy device transport (csrc/proxy.h,
+  // include/mooncake/device/proxy_ring.h). Everything below this line belongs to that feature.
+  {
+    namespace dv = mooncake::device;
+    m.attr("PROXY_PUT") = static_cast<int>(dv::kProxyPut);
+    m.attr("PROXY_PUT_VALUE") = static_cast<int>(dv::kProxyPutValue);
+    m.attr("PROXY_SIGNAL") = static_cast<int>(dv::kProxySignal);
+    m.attr("PROXY_SIGNAL_ADD") = static_cast<int>(dv::kProxySignalAdd);
+    m.attr("PROXY_SIGNAL_TAG") = kProxySignalTag;
+
+    m.def("_proxy_layout", []() {
+      py::dict d;
+      d["desc_size"] = sizeof(dv::ProxyDesc);
+      d["desc_align"] = alignof(dv::ProxyDesc);
+      d["desc_offsets"] = py::dict(py::arg("dst_offset") = offsetof(dv::ProxyDesc, dst_offset),
+                                   py::arg("src") = offsetof(dv::ProxyDesc, src),
+                                   py::arg("len") = offsetof(dv::ProxyDesc, len),
+                                   py::arg("peer") = offsetof(dv::ProxyDesc, peer),
+                                   py::arg("op") = offsetof(dv::ProxyDesc, op),
+                                   py::arg("flags") = offsetof(dv::ProxyDesc, flags),
+                                   py::arg("seq") = offsetof(dv::ProxyDesc, seq));
+      d["header_size"] = sizeof(dv::ProxyRingHeader);
+      d["header_offsets"] = py::dict(py::arg("head") = offsetof(dv::ProxyRingHeader, head),
+                                     py::arg("tail") = offsetof(dv::ProxyRingHeader, tail),
+                                     py::arg("retired") = offsetof(dv::ProxyRingHeader, retired),
+                                     py::arg("closed") = offsetof(dv::ProxyRingHeader, closed));
+      d["signal_msg_size"] = sizeof(ProxySignalMsg);
+      d["magic"] = dv::kProxyRingMagic;
+      d["version"] = dv::kProxyRingVersion;
+      return d;
+    }, "Sizes and offsets of the proxy ring's structures (layout tests; a kernel build checks "
+       "the same numbers).");
+
+    m.def("_proxy_ring_bytes", [](int64_t capacity, int64_t num_peers) {
+      return dv::proxy_ring_bytes(static_cast<uint32_t>(nonneg(capacity, "capacity")),
+                                  static_cast<uint32_t>(nonneg(num_peers, "num_peers")));
+    }, py::arg("capacity"), py::arg("num_peers"));
+
+    m.def("_proxy_load_u64", [](int64_t addr) {
+      if (addr <= 0 || addr % 8) throw std::invalid_argument("addr must be a non-null 8-byte aligned address");
+      return __atomic_load_n(reinterpret_cast<const uint64_t*>(addr), __ATOMIC_ACQUIRE);
+    }, py::arg("addr"), "Acquire load of the 64-bit word at addr.");
+
+    m.def("_proxy_wait_u64", [](int64_t addr, uint64_t minimum, double timeout) -> py::object {
+      if (addr <= 0 || addr % 8) throw std::invalid_argument("addr must be a non-null 8-byte aligned address");
+      const double t = timeout_arg(timeout);
+      const auto* w = reinterpret_cast<const uint64_t*>(addr);
+      uint64_t v = 0;
+      bool ok = false;
+      {
+        GilRelease r;
+        const int64_t deadline = deadline_after(t);
+        for (uint32_t spins = 0;; ++spins) {
+          v = __atomic_load_n(w, __ATOMIC_ACQUIRE);
+          if (v >= minimum) {
+            ok = true;
+            break;
+          }
+          if ((spins & 31u) == 0 && now_ns() > deadline) break;
+          if (spins > 64) {
+            timespec ts{0, spins > 2048 ? 100000 : 5000};
+            nanosleep(&ts, nullptr);
+          }
+        }
+      }
+      if (!ok) return py::none();
+      return py::int_(v);
+    }, py::arg("addr"), py::arg("minimum"), py::arg("timeout"),
+    "Polls the 64-bit word at addr (acquire loads, GIL released) until it is >= minimum: returns "
+    "the value seen, or None at the deadline.");
+
+    auto desc_from = [](int64_t op, int64_t peer, int64_t dst_offset, int64_t src, int64_t length,
+                        const std::string& where) {
+      if (op < dv::kProxyPut || op > dv::kProxySignalAdd)
+        throw std::invalid_argument(where + "op must be PROXY_PUT (1), PROXY_PUT_VALUE (2), PROXY_SIGNAL (3) "
+                                    "or PROXY_SIGNAL_ADD (4), got " + std::to_string(op));
+      if (peer < 0 || peer > static_cast<int64_t>(dv::kProxyRingMaxPeers))
+        throw std::invalid_argument(where + "peer must be in [0, " + std::to_string(dv::kProxyRingMaxPeers) +
+                                    "], got " + std::to_string(peer));
+      if (length < 0 || length > static_cast<int64_t>(UINT32_MAX))
+        throw std::invalid_argument(where + "length must be in [0, 2**32 - 1], got " + std::to_string(length));
+      dv::ProxyDesc d{};
+      d.op = static_cast<uint8_t>(op);
+      d.peer = static_cast<uint16_t>(peer);
+      d.dst_offset = nonneg(dst_offset, (where + "dst_offset").c_str());
+      d.src = static_cast<uint64_t>(src);  // an immediate value may be any 64-bit pattern
+      d.len = static_cast<uint32_t>(length);
+      return d;
+    };
+    auto raise_post = [](dv::ProxyPostResult r, double timeout) {
+      if (r == dv::kProxyFull)
+        throw TransferErr(ErrKind::kTimeout, "", "proxy ring stayed full for " + std::to_string(timeout) + " s");
+      if (r == dv::kProxyClosed) throw TransferErr(ErrKind::kGeneric, "", "proxy ring is closed (proxy stopped)");
+    };
+
+    py::class_<ProxyRing, std::shared_ptr<ProxyRing>>(m, "ProxyRing",
+        "A proxy command ring in host memory (include/mooncake/device/proxy_ring.h).")
+        .def(py::init([](int64_t capacity, int64_t num_peers) {
+               if (capacity < 0 || capacity > UINT32_MAX)
+                 throw std::invalid_argument("capacity must be a power of two in [2, 2**24], got " +
+                                             std::to_string(capacity));
+               if (num_peers < 0 || num_peers > UINT32_MAX)
+                 throw std::invalid_argument("num_peers must be in [1, 65535], got " + std::to_string(num_peers));
+               return std::make_shared<ProxyRing>(static_cast<uint32_t>(capacity), static_cast<uint32_t>(num_peers));
+             }),
+             py::arg("capacity"), py::arg("num_peers"))
+        .def_property_readonly("addr", [](const ProxyRing& r) { return reinterpret_cast<uint64_t>(r.hdr()); })
+        .def_property_readonly("nbytes", &ProxyRing::bytes)
+        .def_property_readonly("capacity", [](const ProxyRing& r) { return r.hdr()->capacity; })
+        .def_property_readonly("num_peers", [](const ProxyRing& r) { return r.hdr()->num_peers; })
+        .def_property_readonly("head", [](const ProxyRing& r) { return dv::proxy_load_acquire(&r.hdr()->head); })
+        .def_property_readonly("tail", [](const ProxyRing& r) { return dv::proxy_load_acquire(&r.hdr()->tail); })
+        .def_property_readonly("retired", [](const ProxyRing& r) { return dv::proxy_load_acquire(&r.hdr()->retired); })
+        .def_property_readonly("closed", [](const ProxyRing& r) { return dv::proxy_load_acquire(&r.hdr()->closed) != 0; })
+        .def("completed", [](const ProxyRing& r) {
+          std::vector<uint64_t> v(r.hdr()->num_peers);
+          for (uint32_t i = 0; i < v.size(); ++i) v[i] = dv::proxy_load_acquire(dv::proxy_completed(r.hdr()) + i);
+          return v;
+        }, "Per-peer count of descriptors complete at their destination.")
+        .def("dropped", [](const ProxyRing& r) {
+          std::vector<uint64_t> v(r.hdr()->num_peers);
+          for (uint32_t i = 0; i < v.size(); ++i) v[i] = dv::proxy_load_acquire(dv::proxy_dropped(r.hdr()) + i);
+          return v;
+        }, "Per-peer count of dropped descriptors (dead peer, failed or unfinished earlier put, bad).")
+        .def("post", [desc_from, raise_post](ProxyRing& r, int64_t op, int64_t peer, int64_t dst_offset, int64_t src,
+                                             int64_t length, std::optional<double> timeout) {
+          dv::ProxyDesc d = desc_from(op, peer, dst_offset, src, length, "");
+          const double t = timeout_arg(timeout);
+          uint64_t ticket = 0;
+          dv::ProxyPostResult res;
+          {
+            GilRelease g;
+            res = proxy_post(r, d, t, &ticket);
+          }
+          raise_post(res, t);
+          return ticket;
+        }, py::arg("op"), py::arg("peer"), py::arg("dst_offset"), py::arg("src") = 0, py::arg("length") = 0,
+        py::arg("timeout") = 1.0,
+        "Host producer: posts one descriptor (src: PUT source offset, else the immediate value); "
+        "returns its ticket. TransferTimeout when the ring stays full past `timeout`, TransferError "
+        "when the ring is closed.")
+        .def("post_many", [desc_from](ProxyRing& r, const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t,
+                                                                            int64_t>>& descs,
+                                      std::optional<double> timeout) {
+          std::vector<dv::ProxyDesc> v;
+          v.reserve(descs.size());
+          for (size_t i = 0; i < descs.size(); ++i) {
+            const auto& t = descs[i];
+            v.push_back(desc_from(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t),
+                                  "descs[" + std::to_string(i) + "]: "));
+          }
+          const double t = timeout_arg(timeout);
+          dv::ProxyPostResult res;
+          size_t n;
+          int64_t t0, t1;
+          {
+            GilRelease g;
+            t0 = now_ns();
+            n = proxy_post_many(r, v.data(), v.size(), t, &res);
+            t1 = now_ns();
+          }
+          const char* why = res == dv::kProxyPosted ? "posted" : res == dv::kProxyFull ? "full" : "closed";
+          return py::make_tuple(n, why, static_cast<double>(t1 - t0) / 1e9);
+        }, py::arg("descs"), py::arg("timeout") = 1.0,
+        "Native host producer: posts (op, peer, dst_offset, src, length) descriptors in order from "
+        "this thread with the GIL released. Returns (posted, 'posted'|'full'|'closed', seconds).")
+        .def("quiet", [](ProxyRing& r, uint64_t ticket, std::optional<double> timeout) {
+          const double t = timeout_arg(timeout);
+          GilRelease g;
+          const int64_t deadline = t < 0 ? INT64_MAX : dv::proxy_host_now_ns() + static_cast<int64_t>(t * 1e9);
+          return dv::proxy_ring_quiet_host(r.hdr(), ticket, deadline);
+        }, py::arg("ticket"), py::arg("timeout"),
+        "Waits until every descriptor up to `ticket` is complete or dropped; False at the deadline.");
+
+    py::class_<HostProxy, std::shared_ptr<HostProxy>>(m, "HostProxy",
+        "The native thread that carries a ProxyRing's descriptors over an engine.")
+        .def(py::init([](std::shared_ptr<Engine> engine, std::shared_ptr<ProxyRing> ring, const SegmentObj& local,
+                         std::vector<std::shared_ptr<RemoteSeg>> peers, double op_timeout, double idle_sleep_us,
+                         int64_t max_inflight) {
+               ProxyConfig c;
+               c.op_timeout_s = op_timeout;
+               if (!(idle_sleep_us >= 1 && idle_sleep_us <= 100000))
+                 throw std::invalid_argument("idle_sleep_us must be in [1, 100000], got " +
+                                             std::to_string(idle_sleep_us));
+               c.idle_sleep_max_ns = static_cast<int64_t>(idle_sleep_us * 1000.0);
+               if (max_inflight < 1 || max_inflight > (1 << 20))
+                 throw std::invalid_argument("max_inflight must be in [1, 1048576], got " +
+                                             std::to_string(max_inflight));
+               c.max_inflight = static_cast<uint32_t>(max_inflight);
+               return std::make_shared<HostProxy>(std::move(engine), std::move(ring), local.seg, std::move(peers), c);
+             }),
+             py::arg("engine"), py::arg("ring"), py::arg("local"), py::arg("peers"), py::arg("op_timeout") = 10.0,
+             py::arg("idle_sleep_us") = 200.0, py::arg("max_inflight") = 4096)
+        .def("start", &HostProxy::start)
+        .def("stop", [](HostProxy& p, double drain_timeout) {
+          if (!(drain_timeout >= 0) || drain_timeout > 3600)
+            throw std::invalid_argument("drain_timeout must be in [0, 3600] seconds, got " +
+                                        std::to_string(drain_timeout));
+          GilRelease g;
+          p.stop(drain_timeout);
+        }, py::arg("drain_timeout") = 1.0)
+        .def_property_readonly("running", &HostProxy::running)
+        .def("set_peer", [](HostProxy& p, int64_t i, std::shared_ptr<RemoteSeg> seg) {
+          if (i < 0 || i > UINT32_MAX) throw std::invalid_argument("peer must be >= 0, got " + std::to_string(i));
+          p.set_peer(static_cast<uint32_t>(i), std::move(seg));
+        }, py::arg("peer"), py::arg("seg"))
+        .def("stats", [](HostProxy& p) {
+          py::dict d;
+          d["consumed"] = p.consumed.load();
+          d["invalid"] = p.invalid.load();
+          d["signals_shm"] = p.signals_shm.load();
+          d["signals_notify"] = p.signals_notify.load();
+          d["last_drop"] = p.last_drop();
+          return d;
+        });
+
+    py::class_<ProxySignalApplier, std::shared_ptr<ProxySignalApplier>>(m, "ProxySignalApplier",
+        "Applies proxy signals that arrive as notifications to local segments (receiving side).")
+        .def(py::init([](std::shared_ptr<Engine> engine, const std::vector<SegmentObj*>& segs) {
+               std::vector<std::shared_ptr<LocalSegment>> v;
+               for (auto* s : segs) v.push_back(s ? s->seg : nullptr);
+               return std::make_shared<ProxySignalApplier>(std::move(engine), std::move(v));
+             }),
+             py::arg("engine"), py::arg("segments"))
+        .def("start", &ProxySignalApplier::start)
+        .def("stop", &ProxySignalApplier::stop, py::call_guard<GilRelease>())
+        .def_property_readonly("applied", [](const ProxySignalApplier& a) { return a.applied.load(); })
+        .def_property_readonly("rejected", [](const ProxySignalApplier& a) { return a.rejected.load(); });
+  }
+  // ==== end of the host proxy ring block ==========================================================
 }

@@ -49,8 +49,13 @@
 // Implementations:
 //   p2p.cuh         P2PTransport: peers' buffers mapped through CUDA IPC (same host, same or peer
 //                   GPU); puts are plain stores over NVLink/PCIe. Host setup: p2p_host.h.
-//   (planned)       HostProxyTransport: put/signal append commands to a pinned host ring that an
-//                   engine thread carries over TCP/RDMA, writing completion words back.
+//   host_proxy.cuh  HostProxyTransport (compile-only, not yet run on a GPU): put/signal post
+//                   32-byte descriptors into a pinned host ring that a native engine thread
+//                   carries over shm/TCP (RDMA later). The ring protocol (descriptor format,
+//                   producer/consumer ordering, `retired` for quiet(), drop on a dead peer) and
+//                   the device producer (proxy_ring_post, proxy_ring_quiet) are in proxy_ring.h;
+//                   the host consumer is the transfer package's HostProxy (csrc/proxy.h), tested
+//                   on the CPU with a host thread as the producer.
 //   (planned)       NvshmemTransport: nvshmem put/signal (IBGDA), kDirectStore where
 //                   nvshmem_ptr() maps the peer.
 #pragma once
