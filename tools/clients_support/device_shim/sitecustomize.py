@@ -42,6 +42,15 @@ def _install() -> None:
     if count:
         fake = int(count)
         torch.cuda.device_count = lambda: fake
+        # torch's lazy CUDA init checks the capability of every device it counts: devices past
+        # the real one are the real one.
+        real_props = torch.cuda.get_device_properties
+
+        def get_device_properties(device=None):
+            idx = torch.cuda._utils._get_device_index(device, optional=True)
+            return real_props(0 if idx is not None and idx > 0 else device)
+
+        torch.cuda.get_device_properties = get_device_properties
 
 
 def _chain() -> None:
