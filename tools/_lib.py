@@ -41,7 +41,8 @@ TOOL_PINS = (
     "pybind11==3.1.0",
     "hatchling==1.33.0",
     "build==1.6.1",
-    "numpy==2.3.5",  # real clients (SGLang, torch all_gather_object) need it; torch does not pull it in
+    # real clients (SGLang, torch all_gather_object) need it; torch does not pull it in
+    "numpy==2.3.5",
 )
 
 # Install order follows the dependency arrows: transfer <- backend <- ep.

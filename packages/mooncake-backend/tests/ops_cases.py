@@ -79,9 +79,9 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
 
     def same(a, b, what):
         nonlocal checks
-        assert a.dtype == b.dtype and a.shape == b.shape, (
-            f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        )
+        mismatch = f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype, mismatch
+        assert a.shape == b.shape, mismatch
         if a.dtype.is_floating_point and a.dtype.itemsize == 1:
             a, b = a.float(), b.float()
         assert torch.equal(a, b), f"{what}: mismatch\n{a[:8]}\n{b[:8]}"
@@ -219,7 +219,8 @@ def ops_body(rank: int, world: int, port: int, sizes=(1, 7, 1000, 40000)) -> int
     from datetime import timedelta
 
     w = dist.all_reduce(data(rank, 10, torch.float32), async_op=True)
-    assert w.wait(timeout=timedelta(seconds=5)) and w.is_completed()
+    assert w.wait(timeout=timedelta(seconds=5))
+    assert w.is_completed()
     lonely = dist.irecv(torch.empty(3), src=prv, tag=12345)
     try:
         lonely.wait(timeout=timedelta(seconds=0.2))
@@ -272,7 +273,7 @@ def ddp_body(rank, world, port):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(4, 8) * (rank + 1)
         loss = ddp(x).pow(2).sum()
         opt.zero_grad()

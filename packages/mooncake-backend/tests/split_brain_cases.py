@@ -341,7 +341,8 @@ def late_rank_body(rank: int, world: int, port: int, late: int, op_timeout: floa
     assert int(t[0]) == world
     out: dict = {"rank": rank}
     if rank == late:
-        time.sleep(op_timeout + 1.0)  # Python busy elsewhere; the engine's threads answer heartbeats
+        # Python busy elsewhere; the engine's threads answer heartbeats
+        time.sleep(op_timeout + 1.0)
         errors = []
         for what, op in (
             ("all_reduce", lambda: dist.all_reduce(torch.ones(8))),

@@ -221,7 +221,7 @@ def test_proofs_of_death_flood_with_the_exclusions():
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
-    "members, excluded, proven, ok",
+    ("members", "excluded", "proven", "ok"),
     [
         ([0, 1, 2], {2}, set(), True),  # 2 of 3: a majority
         ([0, 1], {1}, set(), False),  # world 2, silent peer: 1 of 2 is not a majority

@@ -89,7 +89,7 @@ def test_external_kill_during_loop_latency(tmp_path):
         rk.kill(victim)
         res = rk.collect(range(world))
     check_survivors(res, victim, world, None)
-    for r, (status, log) in res.items():
+    for r, (_status, log) in res.items():
         if r == victim:
             continue
         worst = max(dt for (_, _, _, _, dt) in log)

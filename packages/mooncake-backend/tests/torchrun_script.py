@@ -1,4 +1,5 @@
-"""Launched by torchrun (env://): a few ops on "mooncake-cpu" compared with gloo, and mp.spawn-free."""
+"""Launched by torchrun (env://): a few ops on "mooncake-cpu" compared with gloo, and
+mp.spawn-free."""
 
 import os
 import sys

@@ -57,7 +57,8 @@ def test_refuse_without_disconnect_keeps_the_live_connection():
         a.refuse("member-elsewhere", "evicted from a subgroup", disconnect=False)
         b.notify("keeper", b"still here", 5)
         got = a.recv_notify("member-elsewhere", 5, timeout=5)
-        assert got is not None and got.data == b"still here"
+        assert got is not None
+        assert got.data == b"still here"
         assert a.peer_state("member-elsewhere") == PeerState.ALIVE
     finally:
         a.close()

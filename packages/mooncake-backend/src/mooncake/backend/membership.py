@@ -180,7 +180,9 @@ class Membership:
         return True
 
     def poll_admission(self, timeout: float = 0.0) -> bool:
-        """Joiner: adopt an ADMIT if one arrived (waiting up to ``timeout`` s). True once admitted."""
+        """Joiner: adopt an ADMIT if one arrived (waiting up to ``timeout`` s).
+
+        True once admitted."""
         if self.admitted:
             return True
         pending = getattr(self, "_pending_peer", None)

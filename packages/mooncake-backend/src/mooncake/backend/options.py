@@ -1,13 +1,14 @@
 """Backend options: constructor arguments first, ``MOONCAKE_*`` environment variables second.
 
-| option              | argument            | environment variable               | default                     |
-|---------------------|---------------------|------------------------------------|-----------------------------|
-| op timeout          | ``timeout``         | ``MOONCAKE_OP_TIMEOUT_S``          | ``init_process_group(timeout=)`` |
-| heartbeat interval  | ``heartbeat_interval`` | ``MOONCAKE_HEARTBEAT_INTERVAL_MS`` | 100 ms                   |
-| heartbeat timeout   | ``heartbeat_timeout`` | ``MOONCAKE_HEARTBEAT_TIMEOUT_MS``  | 3000 ms (engine default)    |
-| raise on failure    | ``raise_on_failure`` | ``MOONCAKE_RAISE_ON_FAILURE``      | off                         |
-| host / interface IP | ``host``            | ``MOONCAKE_HOST``                  | 127.0.0.1 (or MASTER_ADDR's interface) |
-| join timeout        | ``join_timeout``    | ``MOONCAKE_JOIN_TIMEOUT_S``        | 60 s                        |
+Each option as: argument / environment variable / default.
+
+- op timeout: ``timeout`` / ``MOONCAKE_OP_TIMEOUT_S`` / ``init_process_group(timeout=)``
+- heartbeat interval: ``heartbeat_interval`` / ``MOONCAKE_HEARTBEAT_INTERVAL_MS`` / 100 ms
+- heartbeat timeout: ``heartbeat_timeout`` / ``MOONCAKE_HEARTBEAT_TIMEOUT_MS`` / 3000 ms
+  (engine default)
+- raise on failure: ``raise_on_failure`` / ``MOONCAKE_RAISE_ON_FAILURE`` / off
+- host / interface IP: ``host`` / ``MOONCAKE_HOST`` / 127.0.0.1 (or MASTER_ADDR's interface)
+- join timeout: ``join_timeout`` / ``MOONCAKE_JOIN_TIMEOUT_S`` / 60 s
 """
 
 from __future__ import annotations

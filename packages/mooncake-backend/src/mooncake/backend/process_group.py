@@ -54,9 +54,10 @@ def _check_tensors(name: str, tensors: Sequence[torch.Tensor], device_type: str)
                 f"{name}[{i}] must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})"
             )
         if t.device.type != device_type:
+            other = "mooncake" if device_type == "cpu" else "mooncake-cpu"
             raise ValueError(
-                f"{name}[{i}] is on {t.device}, but this mooncake group moves {device_type} tensors "
-                f"(use backend={'mooncake' if device_type == 'cpu' else 'mooncake-cpu'!r} for {t.device.type})"
+                f"{name}[{i}] is on {t.device}, but this mooncake group moves {device_type} "
+                f"tensors (use backend={other!r} for {t.device.type})"
             )
         if t.is_sparse:
             raise ValueError(f"{name}[{i}] is sparse; mooncake moves dense tensors only")
@@ -420,7 +421,6 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        n = self.size()
         _check_tensors("output", [output], self._device_type)
         _check_tensors("input", [input], self._device_type)
         if output.dtype != input.dtype:
@@ -493,14 +493,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         for i, t in enumerate(lst):
             if t.numel() != like.numel() or t.dtype != like.dtype:
                 raise ValueError(
-                    f"{name}[{i}] has {t.numel()} elements of {t.dtype}; expected {like.numel()} of {like.dtype}"
+                    f"{name}[{i}] has {t.numel()} elements of {t.dtype}; "
+                    f"expected {like.numel()} of {like.dtype}"
                 )
 
     def _check_split(self, big: torch.Tensor, small: torch.Tensor, bname: str, sname: str) -> None:
         if big.numel() != small.numel() * self.size() or big.dtype != small.dtype:
             raise ValueError(
-                f"{bname} must hold world_size ({self.size()}) x {sname}: got {big.numel()} {big.dtype} "
-                f"elements vs {small.numel()} {small.dtype}"
+                f"{bname} must hold world_size ({self.size()}) x {sname}: "
+                f"got {big.numel()} {big.dtype} elements vs {small.numel()} {small.dtype}"
             )
 
     def _split(self, t: torch.Tensor, sizes, name: str) -> list[torch.Tensor]:

@@ -92,7 +92,9 @@ def recover(
         addrs: dict[int, str] = {}
         ok: list[bool] = []
 
-        def body(x):
+        # run_op returns once committed, so body and commit run within this iteration; the
+        # defaults bind this iteration's ``ok`` and ``addrs`` explicitly.
+        def body(x, ok=ok, addrs=addrs):
             local = {r: pg.membership.peer_ready(r) for r in ranks}
             late = time.monotonic() > deadline
             votes = algo.allgather_bytes(x, json.dumps({"addrs": local, "late": late}).encode())

@@ -76,7 +76,8 @@ def renew_world(old: World) -> World:
 
 
 def _close_at_exit() -> None:
-    # Peers see a clean close (DEAD at once) and the engine's threads end before interpreter teardown.
+    # Peers see a clean close (DEAD at once) and the engine's threads end before interpreter
+    # teardown.
     w = _world
     if w is not None:
         try:

@@ -58,7 +58,8 @@ def _creator(device_type: str):
         timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
         if pg_options is not None and not isinstance(pg_options, MooncakeBackendOptions):
             raise TypeError(
-                f"pg_options must be mooncake.pg.MooncakeBackendOptions, got {type(pg_options).__name__}"
+                "pg_options must be mooncake.pg.MooncakeBackendOptions, "
+                f"got {type(pg_options).__name__}"
             )
         return MooncakeProcessGroup(
             dist_opts.store,

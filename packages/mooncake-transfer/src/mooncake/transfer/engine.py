@@ -294,7 +294,9 @@ class TransferEngine:
         ``disconnect``, the connected peer of that name is also marked DEAD here, which closes
         its connection (it sees this engine gone on every channel). A replacement must use a new
         engine name."""
-        self._core.refuse_name(_check_str(peer, "peer"), _check_str(reason, "reason"), bool(disconnect))
+        self._core.refuse_name(
+            _check_str(peer, "peer"), _check_str(reason, "reason"), bool(disconnect)
+        )
 
     def peer_exited(self, peer: str) -> bool:
         """True once this engine saw ``peer``'s process exit (same host: its liveness lock was
