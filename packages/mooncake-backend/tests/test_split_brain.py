@@ -27,7 +27,13 @@ import time
 
 import pytest
 from harness import HERE, Ranks, free_port, run_world
-from split_brain_cases import partition_body, slow_rank_body, stop_resume_body, touch
+from split_brain_cases import (
+    SLACK,
+    partition_body,
+    slow_rank_body,
+    stop_resume_body,
+    touch,
+)
 
 HB = 1.0  # heartbeat timeout, s
 OP_TIMEOUT = 3.0  # op deadline for stop/resume, s
@@ -287,7 +293,7 @@ def run_stop_resume(world: int, victim: int, cycles: int, sync: str, seed: int) 
             world,
             k,
             t_stop,
-            t_cont + OP_TIMEOUT + 2 * HB + 3.0,
+            t_cont + OP_TIMEOUT + 2 * HB + SLACK,
             survivors,
             f"{label}, cycle {k}",
             later_labels=1,
@@ -345,7 +351,7 @@ def test_world2_silent_peer_neither_side_continues(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     outs = {r: _ok(res, r) for r in range(world)}
-    bound = {0: t_stop + OP_TIMEOUT + 2 * HB + 3.0, 1: t_cont + OP_TIMEOUT + 2 * HB + 3.0}
+    bound = {0: t_stop + OP_TIMEOUT + 2 * HB + SLACK, 1: t_cont + OP_TIMEOUT + 2 * HB + SLACK}
     for r in range(world):
         check_evicted(
             outs[r],
@@ -463,7 +469,7 @@ def test_partition_3_1_majority_continues_minority_rejoins(fabric, tmp_path):
         world,
         0,
         t_cut,
-        t_cut + PART_OP_TIMEOUT + 2 * HB + 3.0,
+        t_cut + PART_OP_TIMEOUT + 2 * HB + SLACK,
         majority,
         "partition 3|1",
         later_labels=2,
@@ -486,7 +492,7 @@ def test_partition_2_2_neither_side_continues(fabric, tmp_path):
             world,
             0,
             t_cut,
-            t_cut + PART_OP_TIMEOUT + 2 * HB + 3.0,
+            t_cut + PART_OP_TIMEOUT + 2 * HB + SLACK,
             {s: o for s, o in outs.items() if s != r},
             "partition 2|2",
             later_labels=2,

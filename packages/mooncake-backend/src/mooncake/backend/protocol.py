@@ -340,6 +340,7 @@ def agree(x: Exchange, grace: float, prove: Optional[Prover] = None) -> Decision
     deadline = max(x.deadline, time.monotonic() + grace)
     excluded = wire.mask_of(x.failed)
     proven = wire.mask_of(prove(set(x.failed))) if prove and x.failed else 0
+    probed = excluded  # ranks this rank asked ``prove`` about (once per agreement)
     errors = (1 << x.me) if x.mismatch else 0
     # A rank that stalled between its last data and its round-0 vote (stopped, descheduled) may
     # have been excluded meanwhile by peers whose clean round-0 votes it now reads: it does not
@@ -390,8 +391,9 @@ def agree(x: Exchange, grace: float, prove: Optional[Prover] = None) -> Decision
             proven |= pv
         if decided is None:
             if prove is not None:  # this rank's own proofs for the peers it newly excluded
-                new = wire.ranks_of(excluded & ~proven) - {x.me}
+                new = wire.ranks_of(excluded & ~probed) - {x.me}
                 if new:
+                    probed |= wire.mask_of(new)
                     proven |= wire.mask_of(prove(new))
             if heard == prev and not (rnd == 0 and late):
                 decided = (excluded, errors, proven)  # a clean round: nobody went missing
