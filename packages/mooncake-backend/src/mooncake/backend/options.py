@@ -40,10 +40,6 @@ def _env_bool(name: str) -> Optional[bool]:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
-# The engine's default (3 s, defined once in mooncake.transfer); kept under the old name.
-DEFAULT_HEARTBEAT_TIMEOUT_S = DEFAULT_HEARTBEAT_TIMEOUT
-
-
 class MooncakeBackendOptions:
     """Options passed as ``pg_options`` to ``init_process_group`` / ``new_group``.
 

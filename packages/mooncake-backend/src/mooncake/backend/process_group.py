@@ -210,11 +210,6 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if self._evicted is not None:
             raise EvictedError(self._evicted)
 
-    @property
-    def evicted(self) -> bool:
-        """Whether this rank was put out of the group (see ``protocol``; ``rejoin``)."""
-        return self._evicted is not None
-
     def _staged(
         self,
         kind: str,
