@@ -30,8 +30,11 @@ void check_round_spec(const RoundSpec& s) {
     throw std::invalid_argument("dests must have one address per peer (got " + std::to_string(s.dests.size()) +
                                 " for " + std::to_string(n) + " peers)");
   if (s.dest_len > 0)
-    for (int64_t d : s.dests)
-      if (d <= 0) throw std::invalid_argument("dests holds a null or negative address");
+    for (int64_t d : s.dests) {
+      if (d < 0) throw std::invalid_argument("dests holds a negative address");
+      if (d == 0 && s.reduce.dtype != 0)
+        throw std::invalid_argument("dests holds 0 (a header-only peer), which the reduce fold cannot take");
+    }
   if (!(s.second_min_timeout_s >= 0))
     throw std::invalid_argument("second_min_timeout must be >= 0, got " + std::to_string(s.second_min_timeout_s));
   const RoundReduce& r = s.reduce;
@@ -130,9 +133,11 @@ int exchange_round(Engine& e, const RoundSpec& s, std::vector<RoundResult>& out)
       const size_t i = all_sent ? j : live_idx[j];
       RoundResult& r = out[i];
       MessagePtr& msg_j = got[j];
-      if (msg_j && msg_j->data.size() == want.size() + plen &&
+      // dests[i] == 0: peer i sends the header alone (a broadcast's non-root).
+      const size_t pl = plen && s.dests[i] == 0 ? 0 : plen;
+      if (msg_j && msg_j->data.size() == want.size() + pl &&
           std::memcmp(msg_j->data.data(), want.data(), want.size()) == 0) {
-        if (plen) std::memcpy(reinterpret_cast<void*>(s.dests[i]), msg_j->data.data() + want.size(), plen);
+        if (pl) std::memcpy(reinterpret_cast<void*>(s.dests[i]), msg_j->data.data() + want.size(), pl);
         msg_j.reset();
         r.status = RoundStatus::kLanded;
         ++matched;

@@ -60,7 +60,8 @@ struct RoundSpec {
   size_t key_offset = 0;
   std::string key;
   // A round-1 message lands when it is exactly `expect` followed by dest_len bytes; the bytes go
-  // to dests[i] (raw addresses, one per peer; needed when dest_len > 0).
+  // to dests[i] (raw addresses, one per peer; needed when dest_len > 0). dests[i] == 0: peer i's
+  // message lands when it is exactly `expect` (a header without payload; not with a fold).
   std::string_view expect;
   std::vector<int64_t> dests;
   size_t dest_len = 0;

@@ -111,13 +111,17 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
 
 
 def _broadcast_direct(x: Exchange, flat: torch.Tensor, root: int) -> Commit:
-    """A small broadcast as one symmetric round: every rank sends its buffer to every peer (the
-    non-roots' bytes are ignored), so the data, the agreement's first round and the DECIDED run
-    in one native call (``Exchange.exchange(last=True)``), as a small all_reduce does; a root
-    that only sent would take two calls and a Python step between them. The extra bytes cost
-    nothing at this size."""
+    """A small broadcast as one symmetric round: the root sends its buffer to every peer, the
+    others send the same header without payload, so the data, the agreement's first round and
+    the DECIDED run in one native call (``Exchange.exchange(last=True)``), as a small all_reduce
+    does; a root that only sent would take two calls and a Python step between them."""
     rows, _, addrs = x.scratch.small(x.scratch_scope(), flat, x.peers)
-    got = x.exchange(x.peers, 0, flat, addrs, lambda src, n: rows[src], True)
+    # Only the root's row is landed: every other peer's message is the header alone (dest 0).
+    dests = [a if p == root else 0 for p, a in zip(x.peers, addrs)]
+    got = x.exchange(
+        x.peers, 0, flat, dests, lambda src, n: rows[src] if src == root else None, True,
+        send=x.me == root,
+    )  # fmt: skip
     if x.me == root or root not in got:
         return no_commit
     src = rows[root]

@@ -325,6 +325,7 @@ class Exchange:
         sink: DataSink,
         last: bool = False,
         fold: Optional[tuple] = None,
+        send: bool = True,
     ) -> set[int]:
         """``send_many(peers, phase, t)`` then ``recv_each(peers, phase, sink)``, as one native
         round when nothing needs the step-by-step path (a pull-sized payload, an armed step fault
@@ -340,7 +341,11 @@ class Exchange:
         spec), folds the landed rows with this rank's input into the op's result: ``voted == ()``
         afterwards says that happened. A rank that stalls between its payload and its vote for
         longer than ``max_gap`` gets only the payloads back and votes step by step (see
-        ``protocol.agree``: it may have been excluded meanwhile)."""
+        ``protocol.agree``: it may have been excluded meanwhile).
+
+        ``send=False`` (a broadcast's non-root): the native round sends the header alone, and
+        ``dests`` holds 0 for every peer that does the same; the step-by-step path still sends
+        the payload, which receivers whose ``sink`` returns None for that peer ignore."""
         size = t.numel() * t.element_size()
         names, failed, mailbox = self.names, self.failed, self.mailbox
         targets = [names[p] for p in peers]
@@ -361,7 +366,8 @@ class Exchange:
         self.sent_at = time.monotonic()
         rounds, res = mailbox.exchange(
             targets, self.tag, head, self.deadline - time.monotonic(), self._key,
-            addr=t.data_ptr(), length=size, expect=head, dests=dests, dest_len=size,
+            addr=t.data_ptr(), length=size if send else 0, expect=head, dests=dests,
+            dest_len=size,
             second=vote, second_min_timeout=self.grace, then=final,
             reduce=fold if vote and fold is not None else (), second_max_delay=self.max_gap,
         )  # fmt: skip
