@@ -543,6 +543,31 @@ def test_exchange_round(engine_factory, peer_factory):
     for e in (b, c):
         assert e.recv_notify("xa", 4, timeout=5).data == b"vote"
         assert e.recv_notify("xa", 4, timeout=5).data == b"DONE"
+    # dests[i] = 0: peer i sends the header alone (a broadcast's non-root). c's header-only
+    # message lands; the same from b (whose dest wants the payload) does not, nor does a
+    # payload from c.
+    b.notify("xa", head + b"bb", 7)
+    c.notify("xa", head, 7)
+    dst[0].raw = b"\0" * 4
+    rounds, res = a.exchange_round(
+        ["xb", "xc"], 7, head, 5.0, key=key, expect=head, dests=[dests[0], 0], dest_len=2,
+    )  # fmt: skip
+    assert (rounds, res) == (1, [(3, None), (3, None)])
+    assert dst[0].raw[:2] == b"bb"
+    b.notify("xa", head, 8)
+    c.notify("xa", head + b"cc", 8)
+    rounds, res = a.exchange_round(
+        ["xb", "xc"], 8, head, 5.0, key=key, expect=head, dests=[dests[0], 0], dest_len=2,
+    )  # fmt: skip
+    assert [s for s, _ in res] == [RoundStatus.MESSAGE, RoundStatus.MESSAGE]
+    for e in (b, c):
+        for tag in (7, 8):
+            assert e.recv_notify("xa", tag, timeout=5).data == head
+    with pytest.raises(ValueError, match="header-only"):
+        a.exchange_round(
+            ["xb", "xc"], 9, head, 1.0, expect=head, dests=[dests[0], 0], dest_len=4,
+            reduce=(1, 1, 1, dests[1], dests[1], 0),
+        )  # fmt: skip
     # A killed peer: the send fails (4) or it reads as dead (1), within the timeout, never a hang.
     peer = peer_factory("xdead")
     assert a.connect(peer.endpoint) == peer.name
