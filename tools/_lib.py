@@ -43,6 +43,9 @@ TOOL_PINS = (
     "build==1.6.1",
     # real clients (SGLang, torch all_gather_object) need it; torch does not pull it in
     "numpy==2.3.5",
+    # the transfer engine's ucx transport dlopen()s it (43 MB, no dependencies); its tests skip
+    # without it
+    "libucx-cu12==1.22.0",
 )
 
 # Install order follows the dependency arrows: transfer <- backend <- ep.

@@ -210,6 +210,16 @@ PYBIND11_MODULE(_engine, m) {
     return why.empty() ? std::string("available: ") + devs : why;
   }, "Why RDMA verbs can (not) be used here, as a sentence.");
 
+  m.def("ucx_status", [](const std::string& lib_dir) {
+    std::string desc;
+    std::string why;
+    {
+      GilRelease r;
+      why = UcxTransport::probe(lib_dir, nullptr, nullptr, &desc);
+    }
+    return why.empty() ? "available: " + desc : why;
+  }, py::arg("lib_dir") = "", "Whether UCX can be used here and what it offers, as a sentence.");
+
   m.def("reduce", [](int64_t dtype, int64_t op, int64_t count, const std::vector<int64_t>& parts, int64_t out,
                      int64_t threads) {
     const std::string why = reduce_unsupported(static_cast<int>(dtype), static_cast<int>(op));
@@ -346,7 +356,7 @@ PYBIND11_MODULE(_engine, m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](std::string name, std::string host, int port, py::bytes secret, double hb_interval,
                        double hb_timeout, std::string transport, std::string host_id, double hs_timeout,
-                       bool notify_ring) {
+                       bool notify_ring, std::string ucx_lib_dir) {
              EngineConfig c;
              c.name = std::move(name);
              c.host = std::move(host);
@@ -358,12 +368,13 @@ PYBIND11_MODULE(_engine, m) {
              c.host_id = std::move(host_id);
              c.handshake_timeout_s = hs_timeout;
              c.notify_ring = notify_ring;
+             c.ucx_lib_dir = std::move(ucx_lib_dir);
              GilRelease r;
              return std::make_shared<Engine>(std::move(c));
            }),
            py::arg("name"), py::arg("host"), py::arg("port"), py::arg("secret"), py::arg("heartbeat_interval"),
            py::arg("heartbeat_timeout"), py::arg("transport"), py::arg("host_id"),
-           py::arg("handshake_timeout") = 5.0, py::arg("notify_ring") = true)
+           py::arg("handshake_timeout") = 5.0, py::arg("notify_ring") = true, py::arg("ucx_lib_dir") = "")
       .def_property_readonly("name", &Engine::name)
       .def_property_readonly("endpoint", &Engine::endpoint)
       .def_property_readonly("host_id", &Engine::host_id)
@@ -372,6 +383,10 @@ PYBIND11_MODULE(_engine, m) {
       .def_property_readonly("heartbeat_timeout", &Engine::heartbeat_timeout)
       .def_property_readonly("closed", &Engine::is_closed)
       .def("connection_count", &Engine::connection_count)
+      .def("ucx_cuda_status", [](Engine& e) {
+        GilRelease r;
+        return e.ucx_cuda_status();
+      }, "'' when register(..., 'cuda:N') can work (UCX with CUDA memory support), else why not.")
       .def("_stats", [](Engine& e) {
         py::dict d;
         d["notify_ring_sent"] = e.notify_ring_sent.load();

@@ -23,8 +23,9 @@ struct Peer;
 
 // A request waiting for the peer's answer.
 struct Pending {
-  enum Kind : uint8_t { kWrite, kRead, kPing } kind = kWrite;
+  enum Kind : uint8_t { kWrite, kRead, kPing, kUcxInfo } kind = kWrite;
   std::shared_ptr<Batch> batch;
+  std::shared_ptr<std::string> reply;  // kUcxInfo: the owner's answer
   uint8_t* dst = nullptr;  // kRead: where the data goes
   uint64_t len = 0;
   int64_t t0 = 0;  // kPing: send time

@@ -156,11 +156,18 @@ Engine::Engine(EngineConfig cfg)
       cma_(*this, TransportKind::kCma),
       tcp_(*this) {
   const std::string& t = cfg_.transport;
-  if (t != "auto" && t != "tcp" && t != "cma" && t != "shm" && t != "rdma")
-    throw std::invalid_argument("transport must be one of 'auto', 'tcp', 'cma', 'shm', 'rdma', got '" + t + "'");
+  if (t != "auto" && t != "tcp" && t != "cma" && t != "shm" && t != "rdma" && t != "ucx")
+    throw std::invalid_argument("transport must be one of 'auto', 'tcp', 'cma', 'shm', 'rdma', 'ucx', got '" + t +
+                                "'");
   if (t == "rdma") {
     std::string why = VerbsTransport::probe();
     if (!why.empty()) throw TransferErr(ErrKind::kGeneric, "", "transport='rdma' is not usable: " + why);
+  }
+  if (t == "ucx") {
+    std::string why;
+    ucx_ = UcxTransport::create(*this, cfg_.ucx_lib_dir, why);
+    if (!ucx_) throw TransferErr(ErrKind::kGeneric, "", "transport='ucx' is not usable: " + why);
+    ucx_ptr_.store(ucx_.get());
   }
   token_ = hex(random_bytes(8));
   if (cfg_.name.empty()) cfg_.name = "engine-" + std::to_string(getpid()) + "-" + token_;
@@ -446,6 +453,8 @@ void Engine::mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason
   }
   publish_state(p, PeerState::kDead);
   if (!p->forgotten.load()) inbox_.mark_dead(p->name, reason);
+  // UCX ops to it fail now: its endpoint is force-closed by the UCX progress thread.
+  if (UcxTransport* u = ucx_ptr_.load(std::memory_order_acquire)) u->peer_dead(p->name);
   // Pending requests are failed by the I/O thread when it closes the connection.
   if (c) {
     c->request_close();
@@ -556,11 +565,22 @@ void Engine::close() {
   wake_io();
   if (io_thread_.joinable()) io_thread_.join();
   {
+    std::lock_guard<std::mutex> g(ucxq_mu_);
+    ucxq_stop_ = true;
+    ucxq_.clear();
+  }
+  ucxq_cv_.notify_all();
+  if (ucxq_thread_.joinable()) ucxq_thread_.join();
+  {
     std::lock_guard<std::mutex> g(copier_mu_);
     copier_stop_ = true;
   }
   copier_cv_.notify_all();
   if (copier_.joinable()) copier_.join();
+  {
+    std::lock_guard<std::mutex> g(ucx_mu_);
+    if (ucx_) ucx_->shutdown();  // fails what is left in flight over UCX ("engine closed")
+  }
   inbox_.close();
   poll_events_.close();
   bg_events_.close();

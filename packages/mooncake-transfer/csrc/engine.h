@@ -26,6 +26,7 @@
 #include "peer.h"
 #include "segment.h"
 #include "transport.h"
+#include "transport_ucx.h"
 
 namespace mooncake::transfer {
 
@@ -44,10 +45,11 @@ struct EngineConfig {
   std::string secret;
   double heartbeat_interval_s = kDefaultHeartbeatIntervalS;
   double heartbeat_timeout_s = kDefaultHeartbeatTimeoutS;
-  std::string transport = "auto";  // auto | tcp | cma | shm | rdma
+  std::string transport = "auto";  // auto | tcp | cma | shm | rdma | ucx
   std::string host_id;             // empty: derived from boot id, hostname and pid namespace
   double handshake_timeout_s = 5.0;
   bool notify_ring = true;  // same-host notifications through a shared-memory ring
+  std::string ucx_lib_dir;  // folder of libucp.so.0 (the libucx wheel's lib/); empty: loader search path
 };
 
 class Engine : private FrameHandler {
@@ -110,6 +112,12 @@ class Engine : private FrameHandler {
   void refuse_name(const std::string& name, const std::string& reason, bool disconnect);
   void local_op_done(Peer& p);
 
+  // The UCX transport, started on first use (owner: a peer asks for a segment over UCX; initiator:
+  // transport 'ucx', or 'auto' across hosts when UCX has RDMA). Null + `why` when UCX is unusable.
+  UcxTransport* ucx(std::string* why);
+  // "" when register(..., "cuda:N") can work here (UCX with CUDA memory support), else why not.
+  std::string ucx_cuda_status();
+
   // Established peer connections (tests and the bench).
   size_t connection_count();
   // Counters for tests and the bench: notifications sent through the same-host ring / over TCP.
@@ -137,6 +145,8 @@ class Engine : private FrameHandler {
   void send_error(Connection& c, uint64_t req, uint32_t code, const std::string& msg);
   void send_control(Connection& c, uint8_t type, uint64_t req = 0, uint64_t a = 0);
   void handle_ring_offer(Connection& c, const FrameHeader& h, const std::string& payload);
+  void handle_ucx_info(Connection& c, const FrameHeader& h);
+  void ucx_service_loop();
   std::string mac_hello(const std::string& nonce, const std::string& name) const;
   std::string mac_ack(const std::string& nonce, const std::string& name) const;
 
@@ -147,6 +157,12 @@ class Engine : private FrameHandler {
   // lock is released (see DoorbellWord::alive).
   void watch_liveness(const std::shared_ptr<Peer>& p, std::shared_ptr<SharedRegion> bell);
   void run_local(const Op& op, const std::shared_ptr<Batch>& b);
+
+  // engine_segments.cc
+  // Binds `rs` to the owner's segment over UCX (asks the owner on the control connection).
+  void open_ucx(const std::shared_ptr<RemoteSeg>& rs, double timeout_s);
+  // auto mode, other host: is UCX loadable here with an RDMA transport? (asked once, logged)
+  bool ucx_for_remote();
 
   EngineConfig cfg_;
   std::string endpoint_;
@@ -189,6 +205,26 @@ class Engine : private FrameHandler {
   LocalCopyTransport shm_;
   LocalCopyTransport cma_;
   TcpTransport tcp_;
+
+  // UCX (transport_ucx.h): created once under ucx_mu_, published in ucx_ptr_ for lock-free
+  // readers (mark_dead), destroyed with the engine.
+  std::mutex ucx_mu_;
+  std::unique_ptr<UcxTransport> ucx_;
+  std::atomic<UcxTransport*> ucx_ptr_{nullptr};
+  std::string ucx_why_;     // why the last attempt to start it failed
+  int ucx_remote_ = -1;     // ucx_for_remote(): -1 not asked yet, 0 no, 1 yes (under ucx_mu_)
+  // Peers' UCX_INFO_REQs are answered by this thread (started on the first one), never by the I/O
+  // thread: loading UCX (~0.4 s once per process) and pinning memory (RDMA) take time.
+  struct UcxInfoJob {
+    std::shared_ptr<Connection> conn;
+    uint64_t req = 0;
+    uint64_t seg_id = 0;
+  };
+  std::mutex ucxq_mu_;
+  std::condition_variable ucxq_cv_;
+  std::deque<UcxInfoJob> ucxq_;
+  std::thread ucxq_thread_;
+  bool ucxq_stop_ = false;
 
   // Large same-host async copies.
   std::mutex copier_mu_;

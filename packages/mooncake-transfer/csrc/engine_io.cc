@@ -229,6 +229,9 @@ bool Engine::on_header(Connection& c, const FrameHeader& h, RecvTarget& t, std::
     } else if (h.b > seg->length || h.length > seg->length - h.b) {
       t.discard = true;
       c.cur_err = kErrOutOfBounds;
+    } else if (seg->location != "cpu") {
+      t.discard = true;  // GPU memory: never touched by this thread (reachable over ucx only)
+      c.cur_err = kErrBadRequest;
     } else {
       t.ptr = seg->addr + h.b;
       t.keep = std::make_shared<SegUse>(seg);
@@ -284,10 +287,12 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
       if (c.cur_err != 0) {
         if (c.last_err_req != h.req) {
           send_error(c, h.req, c.cur_err,
-                     c.cur_err == kErrBadSegment ? "WRITE to unknown segment " + std::to_string(h.a)
-                                                 : "WRITE out of bounds (segment " + std::to_string(h.a) +
-                                                       ", offset " + std::to_string(h.b) + ", length " +
-                                                       std::to_string(h.length) + ")");
+                     c.cur_err == kErrBadSegment   ? "WRITE to unknown segment " + std::to_string(h.a)
+                     : c.cur_err == kErrBadRequest ? "WRITE over tcp to GPU segment " + std::to_string(h.a) +
+                                                         " (use transport 'ucx')"
+                                                   : "WRITE out of bounds (segment " + std::to_string(h.a) +
+                                                         ", offset " + std::to_string(h.b) + ", length " +
+                                                         std::to_string(h.length) + ")");
           c.last_err_req = h.req;
         }
         c.cur_err = 0;
@@ -314,6 +319,11 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
                        ", length " + std::to_string(len) + ", segment length " + std::to_string(seg->length) + ")");
         return true;
       }
+      if (seg->location != "cpu") {
+        send_error(c, h.req, kErrBadRequest,
+                   "READ over tcp of GPU segment " + std::to_string(h.a) + " (use transport 'ucx')");
+        return true;
+      }
       auto use = std::make_shared<SegUse>(seg);
       const size_t n = static_cast<size_t>((len + kChunkBytes - 1) / kChunkBytes);
       std::vector<SendItem> items(n);
@@ -334,6 +344,17 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
         if (c.take_pending(h.req, &p)) p.batch->complete_ok();
       }
       return true;
+    case kUcxInfoReq:
+      handle_ucx_info(c, h);
+      return true;
+    case kUcxInfoResp: {
+      Pending p;
+      if (c.take_pending(h.req, &p) && p.kind == Pending::kUcxInfo) {
+        *p.reply = std::move(payload);
+        p.batch->complete_ok();
+      }
+      return true;
+    }
     case kError: {
       Pending p;
       if (c.take_pending(h.req, &p))
@@ -366,6 +387,64 @@ void Engine::handle_ring_offer(Connection& c, const FrameHeader& h, const std::s
   if (accepted) inbox_.add_ring(c.peer->name_ptr, std::move(reader));
   else log(kLogDebug, "refused notify ring from '" + (c.peer ? c.peer->name : c.remote()) + "': " + why);
   send_control(c, kRingAccept, 0, accepted ? 0 : 1);
+}
+
+void Engine::handle_ucx_info(Connection& c, const FrameHeader& h) {
+  // A peer asks to reach segment `h.a` over UCX: answered by the UCX service thread.
+  UcxInfoJob job;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = conns_.find(&c);
+    if (it == conns_.end()) return;
+    job.conn = it->second;
+  }
+  job.req = h.req;
+  job.seg_id = h.a;
+  {
+    std::lock_guard<std::mutex> g(ucxq_mu_);
+    if (ucxq_stop_) return;
+    if (ucxq_.size() >= 4096) {  // a flood: refuse rather than queue without bound
+      send_error(c, h.req, kErrBadRequest, "too many UCX requests in flight");
+      return;
+    }
+    ucxq_.push_back(std::move(job));
+    if (!ucxq_thread_.joinable()) ucxq_thread_ = std::thread([this] { ucx_service_loop(); });
+  }
+  ucxq_cv_.notify_one();
+}
+
+void Engine::ucx_service_loop() {
+  for (;;) {
+    UcxInfoJob job;
+    {
+      std::unique_lock<std::mutex> lk(ucxq_mu_);
+      ucxq_cv_.wait(lk, [this] { return ucxq_stop_ || !ucxq_.empty(); });
+      if (ucxq_stop_) return;
+      job = std::move(ucxq_.front());
+      ucxq_.pop_front();
+    }
+    Connection& c = *job.conn;
+    if (c.closed()) continue;
+    // Answer with this worker's address and the segment's rkey (UCX is started, and the segment
+    // mapped, on the first such request).
+    auto seg = segments_.find(job.seg_id);
+    if (!seg) {
+      send_error(c, job.req, kErrBadSegment, "UCX request for unknown segment " + std::to_string(job.seg_id));
+      continue;
+    }
+    std::string why;
+    UcxTransport* u = ucx(&why);
+    std::string payload;
+    if (!u || !u->export_segment(*seg, payload, why)) {
+      send_error(c, job.req, kErrBadRequest, "the owner cannot serve this segment over UCX: " + why);
+      continue;
+    }
+    SendItem it;
+    it.owned = std::move(payload);
+    it.len = it.owned.size();
+    it.hdr = make_header(kUcxInfoResp, 0, static_cast<uint32_t>(it.len), job.req);
+    c.send(&it, 1, false);
+  }
 }
 
 void Engine::tick(int64_t now, int64_t* next_wake) {

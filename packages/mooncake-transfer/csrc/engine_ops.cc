@@ -30,6 +30,8 @@ const char* transport_name(TransportKind k) {
       return "cma";
     case TransportKind::kRdma:
       return "rdma";
+    case TransportKind::kUcx:
+      return "ucx";
   }
   return "?";
 }
@@ -66,6 +68,11 @@ std::shared_ptr<Batch> Engine::submit(std::vector<Op>& ops) {
       else deferred.push_back(&op);
     } else if (op.len == 0) {
       b->complete_ok();
+    } else if (op.seg->kind == TransportKind::kUcx) {
+      // Counted like same-host copies: notify() waits for them (a UCX write is complete when its
+      // data is in the owner's memory, so a later notify cannot overtake it).
+      op.seg->peer->local_inflight.fetch_add(1, std::memory_order_acq_rel);
+      op.seg->transport->post(op, b);
     } else {
       op.seg->transport->post(op, b);
     }

@@ -15,13 +15,102 @@ std::shared_ptr<LocalSegment> Engine::allocate(uint64_t length) {
 
 std::shared_ptr<LocalSegment> Engine::register_memory(uint64_t addr, uint64_t length, const std::string& location) {
   if (closing_.load()) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
-  return segments_.add_registered(reinterpret_cast<uint8_t*>(addr), length, location);
+  if (location == "cpu") return segments_.add_registered(reinterpret_cast<uint8_t*>(addr), length, location);
+  // GPU memory: reachable through UCX only (mapped now, so a bad pointer fails here).
+  const std::string why = ucx_cuda_status();
+  if (!why.empty()) throw TransferErr(ErrKind::kGeneric, "", "register(location='" + location + "'): " + why);
+  std::string mwhy;
+  auto reg = ucx(nullptr)->map(reinterpret_cast<void*>(addr), length, true, mwhy);
+  if (!reg) throw TransferErr(ErrKind::kGeneric, "", "register(location='" + location + "'): " + mwhy);
+  auto seg = segments_.add_registered(reinterpret_cast<uint8_t*>(addr), length, location);
+  std::lock_guard<std::mutex> g(seg->mu);
+  seg->ucx_reg = reg;
+  return seg;
+}
+
+UcxTransport* Engine::ucx(std::string* why) {
+  if (UcxTransport* u = ucx_ptr_.load(std::memory_order_acquire)) return u;
+  std::lock_guard<std::mutex> g(ucx_mu_);
+  if (ucx_) return ucx_.get();
+  if (closing_.load()) {
+    if (why) *why = "engine closed";
+    return nullptr;
+  }
+  std::string w;
+  ucx_ = UcxTransport::create(*this, cfg_.ucx_lib_dir, w);
+  if (!ucx_) {
+    ucx_why_ = w;
+    if (why) *why = w;
+    return nullptr;
+  }
+  ucx_ptr_.store(ucx_.get(), std::memory_order_release);
+  log(kLogInfo, "UCX transport started: " + ucx_->describe());
+  return ucx_.get();
+}
+
+std::string Engine::ucx_cuda_status() {
+  std::string why;
+  UcxTransport* u = ucx(&why);
+  if (!u) return "GPU memory needs UCX with CUDA support, and " + why;
+  if (!u->cuda())
+    return "GPU memory needs UCX with CUDA memory support (the libucx-cu12/-cu13 wheel plus a CUDA driver); "
+           "this UCX has none: " + u->describe();
+  return {};
+}
+
+bool Engine::ucx_for_remote() {
+  std::lock_guard<std::mutex> g(ucx_mu_);
+  if (ucx_remote_ < 0) {
+    bool rdma = false;
+    std::string desc;
+    std::string why = UcxTransport::probe(cfg_.ucx_lib_dir, &rdma, nullptr, &desc);
+    ucx_remote_ = why.empty() && rdma ? 1 : 0;
+    log(kLogInfo, ucx_remote_ ? "other hosts are reached over UCX: " + desc
+                              : "other hosts are reached over tcp (" +
+                                    (why.empty() ? "UCX has no RDMA transport: " + desc : why) + ")");
+  }
+  return ucx_remote_ == 1;
+}
+
+void Engine::open_ucx(const std::shared_ptr<RemoteSeg>& rs, double timeout_s) {
+  const std::string& owner = rs->desc.owner;
+  std::string why;
+  UcxTransport* u = ucx(&why);
+  if (!u) throw TransferErr(ErrKind::kGeneric, owner, "transport 'ucx' is not usable here: " + why);
+  auto& peer = rs->peer;
+  auto c = peer->get_conn();
+  if (!c || peer->dead()) throw TransferErr(peer->dead_error());
+  auto b = std::make_shared<Batch>(1);
+  Pending p;
+  p.kind = Pending::kUcxInfo;
+  p.batch = b;
+  p.reply = std::make_shared<std::string>();
+  auto reply = p.reply;
+  const uint64_t req = next_req();
+  if (!c->add_pending(req, std::move(p))) throw TransferErr(peer->dead_error());
+  send_control(*c, kUcxInfoReq, req, rs->desc.seg_id);
+  Status s = b->wait(deadline_after(timeout_s));
+  if (s == Status::kTimeout) {
+    Pending drop;
+    c->take_pending(req, &drop);
+    throw TransferErr(ErrKind::kTimeout, owner, "the owner did not answer the UCX segment request");
+  }
+  if (s == Status::kFailed) throw TransferErr(b->error());
+  u->attach(*rs, *reply);
+  rs->kind = TransportKind::kUcx;
+  rs->transport = u;
 }
 
 void Engine::unregister(uint64_t seg_id, double timeout_s) {
   auto seg = segments_.find(seg_id);
   if (!seg || !segments_.remove(seg_id))
     throw std::invalid_argument("seg: segment " + std::to_string(seg_id) + " is not registered with this engine");
+  {
+    // UCX: unmapped here unless a GPU segment's registration is still held elsewhere. One-sided
+    // accesses cannot be waited for (see the README: what UCX cannot check on the owner side).
+    std::lock_guard<std::mutex> g(seg->mu);
+    seg->ucx_reg.reset();
+  }
   if (!SegmentRegistry::wait_idle(*seg, deadline_after(timeout_s)))
     throw TransferErr(ErrKind::kTimeout, "", "unregister: transfers into segment " + std::to_string(seg_id) +
                                                  " still in flight");
@@ -50,8 +139,9 @@ std::shared_ptr<RemoteSeg> Engine::open_segment(const std::string& bytes, double
   if (!why.empty()) throw std::invalid_argument("desc: " + why);
   if (d.owner == cfg_.name) throw std::invalid_argument("desc: the segment belongs to this engine itself");
   const std::string mode = override_mode.empty() ? cfg_.transport : override_mode;
-  if (mode != "auto" && mode != "tcp" && mode != "cma" && mode != "shm" && mode != "rdma")
-    throw std::invalid_argument("transport must be one of 'auto', 'tcp', 'cma', 'shm', 'rdma', got '" + mode + "'");
+  if (mode != "auto" && mode != "tcp" && mode != "cma" && mode != "shm" && mode != "rdma" && mode != "ucx")
+    throw std::invalid_argument("transport must be one of 'auto', 'tcp', 'cma', 'shm', 'rdma', 'ucx', got '" + mode +
+                                "'");
   auto peer = find_peer(d.owner);
   if (peer && peer->dead()) throw TransferErr(peer->dead_error());
   if (!peer) {
@@ -68,7 +158,25 @@ std::shared_ptr<RemoteSeg> Engine::open_segment(const std::string& bytes, double
     std::string w = VerbsTransport::probe();
     throw TransferErr(ErrKind::kGeneric, d.owner, "transport='rdma' is not usable: " + (w.empty() ? "not implemented" : w));
   }
-  const bool same = peer->same_host && peer->pid == d.pid && d.location == "cpu";
+  const bool gpu = d.location != "cpu";
+  if (mode == "ucx" || (gpu && mode == "auto")) {
+    open_ucx(rs, timeout_s);
+    return rs;
+  }
+  if (gpu)
+    throw TransferErr(ErrKind::kGeneric, d.owner,
+                      "segment " + std::to_string(d.seg_id) + " is GPU memory (" + d.location +
+                          "): only transport 'ucx' reaches it, not '" + mode + "'");
+  const bool same = peer->same_host && peer->pid == d.pid;
+  if (!peer->same_host && mode == "auto" && ucx_for_remote()) {
+    try {
+      open_ucx(rs, timeout_s);
+      return rs;
+    } catch (const TransferErr& e) {
+      if (peer->dead()) throw;
+      log(kLogWarning, std::string("segment of '") + d.owner + "' over tcp: UCX failed: " + e.what());
+    }
+  }
   if (!same || mode == "tcp") {
     rs->kind = TransportKind::kTcp;
     rs->transport = &tcp_;

@@ -27,7 +27,8 @@ std::string errno_str(int err) {
 const char* frame_type_name(uint8_t type) {
   static const char* names[] = {"?",         "BANNER", "HELLO",   "HELLO_ACK", "HEARTBEAT",
                                 "BYE",       "PING",   "PONG",    "NOTIFY",    "WRITE",
-                                "WRITE_ACK", "READ_REQ", "READ_RESP", "ERROR", "RING_OFFER", "RING_ACCEPT"};
+                                "WRITE_ACK", "READ_REQ", "READ_RESP", "ERROR", "RING_OFFER", "RING_ACCEPT",
+                                "UCX_INFO_REQ", "UCX_INFO_RESP"};
   return type < kFrameTypeEnd ? names[type] : "?";
 }
 
@@ -69,6 +70,10 @@ const char* validate_header(const FrameHeader& h, bool established) {
       return (n == 0 || n > kMaxHandshakePayload) ? "bad RING_OFFER length" : nullptr;
     case kRingAccept:
       return n == 0 ? nullptr : "RING_ACCEPT with payload";
+    case kUcxInfoReq:
+      return n == 0 ? nullptr : "UCX_INFO_REQ with payload";
+    case kUcxInfoResp:
+      return (n == 0 || n > kMaxUcxInfoPayload) ? "bad UCX_INFO_RESP length" : nullptr;
     default:
       return "unexpected frame type";
   }

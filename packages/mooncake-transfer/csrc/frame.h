@@ -28,7 +28,9 @@ enum FrameType : uint8_t {
   kError = 13,     // req, a = error code, payload = message
   kRingOffer = 14,   // a = ring bytes, payload = u32 memfd number + memfd name (same-host notify ring)
   kRingAccept = 15,  // a = 0 accepted, 1 refused
-  kFrameTypeEnd = 16,
+  kUcxInfoReq = 16,   // req, a = segment id: asks for the owner's UCX worker address and the segment's rkey
+  kUcxInfoResp = 17,  // req, payload = transport_ucx.cc's segment information (or an ERROR frame instead)
+  kFrameTypeEnd = 18,
 };
 
 enum FrameFlags : uint16_t { kFlagLast = 1 };
@@ -56,6 +58,7 @@ constexpr uint32_t kMaxNotifyPayload = 64u << 20;  // 64 MiB per notify
 constexpr uint32_t kMaxChunkPayload = 16u << 20;   // largest data chunk accepted
 constexpr uint32_t kChunkBytes = 4u << 20;         // data chunk size we send
 constexpr uint32_t kMaxErrorPayload = 4096;
+constexpr uint32_t kMaxUcxInfoPayload = 64u << 10;
 
 inline FrameHeader make_header(uint8_t type, uint16_t flags, uint32_t length, uint64_t req = 0,
                                uint64_t a = 0, uint64_t b = 0) {

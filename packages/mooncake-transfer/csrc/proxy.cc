@@ -102,8 +102,8 @@ HostProxy::HostProxy(std::shared_ptr<Engine> engine, std::shared_ptr<ProxyRing> 
   if (peers_.size() != hdr_->num_peers)
     throw std::invalid_argument("peers: the ring has " + std::to_string(hdr_->num_peers) + " peer slots, got " +
                                 std::to_string(peers_.size()) + " segments");
-  for (size_t i = 0; i < peers_.size(); ++i)
-    if (!peers_[i]) throw std::invalid_argument("peers[" + std::to_string(i) + "] must be a RemoteSegment, got None");
+  // A None entry is a peer index that has no receive segment (the producer's own rank, whose
+  // traffic a GPU keeps on the device): descriptors naming it are dropped as invalid.
   if (!(cfg_.op_timeout_s > 0) || cfg_.op_timeout_s > 3600)
     throw std::invalid_argument("op_timeout must be in (0, 3600] seconds, got " + std::to_string(cfg_.op_timeout_s));
   if (cfg_.idle_sleep_max_ns < 1000 || cfg_.idle_sleep_max_ns > 100000000)
@@ -143,7 +143,6 @@ void HostProxy::set_peer(uint32_t i, std::shared_ptr<RemoteSeg> seg) {
   if (i >= peers_.size())
     throw std::invalid_argument("peer must be in [0, " + std::to_string(peers_.size()) + "), got " +
                                 std::to_string(i));
-  if (!seg) throw std::invalid_argument("seg must be a RemoteSegment, got None");
   {
     std::lock_guard<std::mutex> g(peers_mu_);
     peers_[i] = std::move(seg);
@@ -240,6 +239,12 @@ void HostProxy::handle(const ProxyDesc& d, uint64_t ticket) {
   }
   if (reset_[p].load(std::memory_order_relaxed) && reset_[p].exchange(0)) put_failed_[p] = 0;
   std::shared_ptr<RemoteSeg> seg = peer_seg(p);
+  if (!seg) {
+    invalid.fetch_add(1, std::memory_order_relaxed);
+    drop(p, "descriptor " + std::to_string(ticket) + " (" + op_name(d.op) + "): peer " + std::to_string(p) +
+                " has no receive segment");
+    return;
+  }
   const std::shared_ptr<Peer>& peer = seg->peer;
   const uint64_t rlen = seg->desc.length;
   auto bad = [&](const std::string& why) {

@@ -68,7 +68,8 @@ struct ProxyConfig {
 
 class HostProxy {
  public:
-  // `local`: the segment PUT sources are offsets into; `peers[i]`: peer i's receive segment.
+  // `local`: the segment PUT sources are offsets into; `peers[i]`: peer i's receive segment, or
+  // null for an index with none (a GPU producer's own rank): its descriptors are dropped.
   HostProxy(std::shared_ptr<Engine> engine, std::shared_ptr<ProxyRing> ring, std::shared_ptr<LocalSegment> local,
             std::vector<std::shared_ptr<RemoteSeg>> peers, ProxyConfig cfg);
   ~HostProxy();
@@ -80,7 +81,8 @@ class HostProxy {
   // after `drain_s` are counted as dropped. Idempotent.
   void stop(double drain_s);
   bool running() const { return running_.load(); }
-  // Replaces peer i's receive segment (a replacement process); clears its failed-put mark.
+  // Replaces peer i's receive segment (a replacement process; null: none); clears its
+  // failed-put mark.
   void set_peer(uint32_t i, std::shared_ptr<RemoteSeg> seg);
 
   // Counters (read any time).

@@ -29,6 +29,10 @@ struct LocalSegment {
   std::mutex mu;
   std::condition_variable cv;
 
+  // UcxMemReg (transport_ucx.h) once the segment was mapped for UCX (guarded by mu); reset by
+  // unregister, which unmaps it when no other holder is left.
+  std::shared_ptr<void> ucx_reg;
+
   ~LocalSegment();
 };
 

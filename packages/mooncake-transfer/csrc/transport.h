@@ -1,6 +1,7 @@
 // Transports move the bytes of one operation between this process and a peer's segment.
 // The engine picks one per opened remote segment (same host: shm or cma; else tcp; rdma when a
-// device exists). Completion is always reported on the operation's Batch, exactly once.
+// device exists; ucx when asked for, or across hosts when UCX has RDMA). Completion is always
+// reported on the operation's Batch, exactly once.
 #pragma once
 
 #include <cstdint>
@@ -15,10 +16,11 @@ namespace mooncake::transfer {
 
 class Engine;
 
-enum class TransportKind : int { kTcp = 0, kShm = 1, kCma = 2, kRdma = 3 };
+enum class TransportKind : int { kTcp = 0, kShm = 1, kCma = 2, kRdma = 3, kUcx = 4 };
 const char* transport_name(TransportKind k);
 
 class Transport;
+struct UcxRemote;  // transport_ucx.h
 
 // A peer's segment opened by this engine.
 struct RemoteSeg {
@@ -26,6 +28,7 @@ struct RemoteSeg {
   Descriptor desc;
   TransportKind kind = TransportKind::kTcp;
   std::shared_ptr<ShmMapping> map;  // kShm only
+  std::shared_ptr<UcxRemote> ucx;   // kUcx only: endpoint, rkey and the owner's address/length
   Transport* transport = nullptr;
 };
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import importlib.util
 import logging
 import math
 import os
@@ -38,7 +40,7 @@ Segment = _engine.Segment
 RemoteSegment = _engine.RemoteSegment
 Notification = _engine.Notification
 
-_TRANSPORTS = ("auto", "tcp", "cma", "shm", "rdma")
+_TRANSPORTS = ("auto", "tcp", "cma", "shm", "rdma", "ucx")
 _ERROR_TYPES = {0: TransferError, 1: PeerDeadError, 2: TransferTimeout}
 
 _live_engines: weakref.WeakSet[TransferEngine] = weakref.WeakSet()
@@ -101,6 +103,30 @@ def _check_int(value: object, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+@functools.cache
+def _ucx_lib_dir_cached(env_value: str) -> str:
+    if env_value:
+        return env_value
+    # The libucx-cu12 / libucx-cu13 wheel keeps libucp.so.0 in libucx/lib (found without
+    # importing it: importing the package loads nothing, but a lookup is all we need).
+    with contextlib.suppress(Exception):
+        spec = importlib.util.find_spec("libucx")
+        if spec is not None and spec.origin:
+            lib = os.path.join(os.path.dirname(spec.origin), "lib")
+            if os.path.isfile(os.path.join(lib, "libucp.so.0")):
+                return lib
+    return ""
+
+
+def _ucx_lib_dir() -> str:
+    """Folder the native core dlopen()s libucp.so.0 from: MOONCAKE_UCX_LIB_DIR, else the libucx
+    wheel's lib folder, else "" (the dynamic loader's search path)."""
+    # UCX prints its log to stdout unless told otherwise; an application's stdout is not ours to
+    # write to (UCX reads this when it is loaded, so it is set before; an explicit value wins).
+    os.environ.setdefault("UCX_LOG_FILE", "stderr")
+    return _ucx_lib_dir_cached(os.environ.get("MOONCAKE_UCX_LIB_DIR", "").strip())
 
 
 def _make_error(info: tuple[int, Optional[str], str, str]) -> TransferError:
@@ -172,8 +198,10 @@ class TransferEngine:
             0.1; env MOONCAKE_HEARTBEAT_INTERVAL_MS).
         heartbeat_timeout: seconds of silence before a peer is DEAD, SUSPECT after half
             (default DEFAULT_HEARTBEAT_TIMEOUT = 3.0; env MOONCAKE_HEARTBEAT_TIMEOUT_MS).
-        transport: "auto" | "tcp" | "cma" | "shm" (env MOONCAKE_TRANSPORT); "rdma" raises
-            TransferError unless an RDMA device exists.
+        transport: "auto" | "tcp" | "cma" | "shm" | "ucx" (env MOONCAKE_TRANSPORT); "rdma" raises
+            TransferError unless an RDMA device exists; "ucx" raises TransferError naming what is
+            missing when UCX cannot be loaded (libucx wheel or MOONCAKE_UCX_LIB_DIR). "auto" uses
+            UCX for other hosts only when it is loadable and has an RDMA transport.
     """
 
     def __init__(
@@ -240,7 +268,17 @@ class TransferEngine:
         )
 
         self._core = _engine.Engine(
-            name, host, port, bytes(secret), hb_i, hb_t, transport, host_id, hs_timeout, notify_ring
+            name,
+            host,
+            port,
+            bytes(secret),
+            hb_i,
+            hb_t,
+            transport,
+            host_id,
+            hs_timeout,
+            notify_ring,
+            _ucx_lib_dir(),
         )
         self._callbacks: list[Callable[[str, PeerState], None]] = []
         self._events = threading.Thread(
@@ -265,6 +303,12 @@ class TransferEngine:
     @property
     def transport(self) -> str:
         return self._core.transport
+
+    @staticmethod
+    def ucx_status() -> str:
+        """Whether the ucx transport can be used here, as a sentence: "available: UCX <version>
+        (<path>): transports ..." or why not (what is missing)."""
+        return _engine.ucx_status(_ucx_lib_dir())
 
     @property
     def host_id(self) -> str:
@@ -341,11 +385,16 @@ class TransferEngine:
         _check_int(length, "length", 1)
         _check_str(location, "location")
         if location.startswith("cuda"):
-            raise NotImplementedError(
-                f"location={location!r}: this build has no CUDA IPC support; register host memory "
-                "(GPU memory goes through the device transport)"
-            )
-        if location != "cpu":
+            idx = location[5:] if location.startswith("cuda:") else ""
+            if location != "cuda" and not idx.isdigit():
+                raise ValueError(f"location must be 'cpu' or 'cuda:N', got {location!r}")
+            why = self._core.ucx_cuda_status()
+            if why:
+                raise NotImplementedError(
+                    f"location={location!r}: registering GPU memory needs the ucx transport with "
+                    f"CUDA memory support: {why}"
+                )
+        elif location != "cpu":
             raise ValueError(f"location must be 'cpu' or 'cuda:N', got {location!r}")
         return self._core.register_memory(addr, length, location)
 
@@ -475,7 +524,8 @@ class TransferEngine:
         `notify_many` does, then takes one message from each peer that was reached as
         `recv_round` does. A message that is exactly `expect` followed by `dest_len` bytes
         *lands*: those bytes are copied to `dests[i]` (raw memory, one address per peer) and
-        nothing is returned for it. Round 2 runs only when every message of round 1 landed and
+        nothing is returned for it; `dests[i]` = 0 says peer i sends no payload (its message
+        lands when it is exactly `expect`; not allowed with `reduce`). Round 2 runs only when every message of round 1 landed and
         `second` is not empty: `second` is sent to every peer and a peer's message lands when it
         equals `second`; it waits until `timeout` (counted from the call) or at least
         `second_min_timeout` seconds; with `second_max_delay` (seconds) round 2 runs only if it

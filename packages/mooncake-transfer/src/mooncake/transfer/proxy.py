@@ -58,7 +58,9 @@ class HostProxy:
         engine: the TransferEngine the data moves through.
         ring: the ProxyRing it consumes (num_peers == len(peers)).
         local: the local Segment PUT sources are offsets into (the symmetric buffer).
-        peers: peers[i] is peer i's receive segment (RemoteSegment from open_segment).
+        peers: peers[i] is peer i's receive segment (RemoteSegment from open_segment), or None
+            for an index with no segment (a GPU producer's own rank, whose traffic stays on the
+            device): descriptors naming it are dropped and counted as invalid.
         op_timeout: seconds a signal waits for its peer's earlier puts before it is dropped.
         idle_sleep_us: longest sleep of the idle consumer between polls (latency vs CPU).
         max_inflight: puts in flight before the consumer waits for the oldest one.
@@ -81,8 +83,10 @@ class HostProxy:
             raise TypeError(f"local must be a Segment, got {type(local).__name__}")
         peers = list(peers)
         for i, p in enumerate(peers):
-            if not isinstance(p, RemoteSegment):
-                raise TypeError(f"peers[{i}] must be a RemoteSegment, got {type(p).__name__}")
+            if p is not None and not isinstance(p, RemoteSegment):
+                raise TypeError(
+                    f"peers[{i}] must be a RemoteSegment or None, got {type(p).__name__}"
+                )
         if not math.isfinite(op_timeout) or not 0 < op_timeout <= 3600:
             raise ValueError(f"op_timeout must be in (0, 3600] seconds, got {op_timeout!r}")
         self.ring = ring
@@ -102,8 +106,10 @@ class HostProxy:
     def running(self) -> bool:
         return self._p.running
 
-    def set_peer(self, peer: int, seg: RemoteSegment) -> None:
-        """Points peer index `peer` at a new receive segment (a replacement process)."""
+    def set_peer(self, peer: int, seg: Optional[RemoteSegment]) -> None:
+        """Points peer index `peer` at a new receive segment (a replacement process; None: none)."""
+        if seg is not None and not isinstance(seg, RemoteSegment):
+            raise TypeError(f"seg must be a RemoteSegment or None, got {type(seg).__name__}")
         self._p.set_peer(peer, seg)
 
     def stats(self) -> dict:

@@ -1,0 +1,581 @@
+// UCX transport (see transport_ucx.h).
+#include "transport_ucx.h"
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+
+#include "engine.h"
+#include "frame.h"
+
+namespace mooncake::transfer {
+
+using namespace ucx;  // NOLINT: the ucp_* / UCS_* names of ucx_api.h
+
+namespace {
+constexpr uint32_t kInfoVersion = 1;
+constexpr int64_t kCloseDeadlineNs = 2LL * 1000000000LL;  // a forced close that UCX does not finish
+constexpr int kIdleWaitMs = 100;                          // the progress thread re-checks this often
+// An op that failed because its endpoint failed, while the peer is not DEAD (yet), waits this long
+// for the failure detector: a killed peer's UCX connection often breaks a few ms before the
+// engine's own connection reports EOF, and the op should then fail with PeerDeadError.
+constexpr int64_t kDeadGraceNs = 500LL * 1000000LL;
+constexpr size_t kMaxAddressBytes = 16384;
+constexpr size_t kMaxRkeyBytes = 16384;
+}  // namespace
+
+// Context + worker, shared by the transport, the endpoints, rkeys and memory maps so that UCX
+// objects are released in order (rkeys and maps before the worker and context) whoever goes last.
+struct UcxCore {
+  const Lib* lib = nullptr;
+  ucp_context_h ctx = nullptr;
+  ucp_worker_h worker = nullptr;
+  std::mutex mu;  // every UCX call on this context/worker (the worker is SERIALIZED)
+  ~UcxCore() {
+    if (worker) lib->worker_destroy(worker);
+    if (ctx) lib->cleanup(ctx);
+  }
+};
+
+struct UcxEp {
+  std::string peer;
+  ucp_ep_h ep = nullptr;
+  UcxTransport* owner = nullptr;
+  bool failed = false;   // no new ops
+  bool closing = false;  // ucp_ep_close_nbx was called
+  std::string why;
+  std::unordered_set<UcxOp*> ops;  // started, not finished
+};
+
+// One op in flight. Guarded by the core lock; deleted when finished and UCX has returned every
+// request it holds for it.
+struct UcxOp {
+  UcxTransport* t = nullptr;
+  std::shared_ptr<Batch> batch;
+  std::shared_ptr<Peer> peer;
+  std::shared_ptr<UcxEp> ep;
+  bool write = true;
+  int outstanding = 0;  // UCX requests not called back yet
+  bool finished = false;
+  int status = UCS_OK;
+};
+
+UcxMemReg::~UcxMemReg() {
+  if (!core || !memh) return;
+  std::lock_guard<std::mutex> g(core->mu);
+  core->lib->mem_unmap(core->ctx, memh);
+}
+
+UcxRemote::~UcxRemote() {
+  if (!core || !rkey) return;
+  std::lock_guard<std::mutex> g(core->mu);
+  core->lib->rkey_destroy(rkey);
+}
+
+namespace {
+
+// Creates `core.ctx` and reads what UCX offers: CUDA memory, RDMA transports, a description.
+bool open_context(UcxCore& core, bool& cuda, bool& rdma, std::string& describe, std::string& why) {
+  const Lib* lib = core.lib;
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = lib->config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) {
+    why = "UCX configuration (UCX_* environment) is invalid: " + lib->err(st);
+    return false;
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.name = "mooncake-transfer";
+  st = lib->init_version(1, 12, &params, config, &core.ctx);
+  lib->config_release(config);
+  if (st != UCS_OK) {
+    core.ctx = nullptr;
+    why = "UCX " + lib->version + " (" + lib->path + ") could not start: ucp_init: " + lib->err(st) +
+          " (check UCX_TLS / UCX_NET_DEVICES)";
+    return false;
+  }
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  cuda = lib->context_query(core.ctx, &attr) == UCS_OK && ((attr.memory_types >> UCS_MEMORY_TYPE_CUDA) & 1);
+
+  // Which transports UCX will use: from its own report (ucp_context_print_info), whose resource
+  // lines end in "<transport>/<device>".
+  std::set<std::string> tls;
+  char* buf = nullptr;
+  size_t blen = 0;
+  if (FILE* f = open_memstream(&buf, &blen)) {
+    lib->context_print_info(core.ctx, f);
+    fclose(f);
+    std::string text(buf ? buf : "", blen);
+    free(buf);
+    size_t pos = 0;
+    while (pos < text.size()) {
+      size_t end = text.find('\n', pos);
+      if (end == std::string::npos) end = text.size();
+      const std::string line = text.substr(pos, end - pos);
+      pos = end + 1;
+      if (line.find("resource") == std::string::npos) continue;
+      size_t sp = line.find_last_of(" \t");
+      std::string tl = line.substr(sp == std::string::npos ? 0 : sp + 1);
+      size_t slash = tl.find('/');
+      if (slash == std::string::npos || slash == 0) continue;
+      tls.insert(tl.substr(0, slash));
+    }
+  }
+  std::string names;
+  rdma = false;
+  for (auto& n : tls) {
+    names += (names.empty() ? "" : ", ") + n;
+    // RDMA: the verbs families (rc*, dc*, ud*) and other fabrics' RMA transports.
+    if (n.rfind("rc", 0) == 0 || n.rfind("dc", 0) == 0 || n.rfind("ud", 0) == 0 || n.rfind("gga", 0) == 0 ||
+        n == "srd" || n == "ugni_rdma")
+      rdma = true;
+  }
+  describe = "UCX " + lib->version + " (" + lib->path + "): transports " + (names.empty() ? "?" : names) +
+             (cuda ? "; CUDA memory supported" : "; no CUDA memory support");
+  return true;
+}
+
+}  // namespace
+
+std::string UcxTransport::probe(const std::string& lib_dir, bool* rdma, bool* cuda, std::string* describe) {
+  std::string why;
+  const Lib* lib = ucx::load(lib_dir, why);
+  if (!lib) return why;
+  UcxCore core;
+  core.lib = lib;
+  bool c = false, r = false;
+  std::string d;
+  if (!open_context(core, c, r, d, why)) return why;
+  if (rdma) *rdma = r;
+  if (cuda) *cuda = c;
+  if (describe) *describe = d;
+  return {};
+}
+
+std::unique_ptr<UcxTransport> UcxTransport::create(Engine& e, const std::string& lib_dir, std::string& why) {
+  const Lib* lib = ucx::load(lib_dir, why);
+  if (!lib) return nullptr;
+  std::unique_ptr<UcxTransport> t(new UcxTransport(e));
+  auto core = std::make_shared<UcxCore>();
+  core->lib = lib;
+  if (!open_context(*core, t->cuda_, t->rdma_, t->describe_, why)) return nullptr;
+  ucs_status_t st;
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // serialized by UcxCore::mu
+  st = lib->worker_create(core->ctx, &wp, &core->worker);
+  if (st != UCS_OK) {
+    core->worker = nullptr;
+    why = "UCX worker could not be created: " + lib->err(st);
+    return nullptr;
+  }
+  ucp_address_t* addr = nullptr;
+  size_t alen = 0;
+  st = lib->worker_get_address(core->worker, &addr, &alen);
+  if (st != UCS_OK || alen == 0 || alen > kMaxAddressBytes) {
+    if (st == UCS_OK) lib->worker_release_address(core->worker, addr);
+    why = "UCX worker address unavailable: " + (st == UCS_OK ? "size " + std::to_string(alen) : lib->err(st));
+    return nullptr;
+  }
+  t->address_.assign(reinterpret_cast<const char*>(addr), alen);
+  lib->worker_release_address(core->worker, addr);
+  st = lib->worker_get_efd(core->worker, &t->worker_fd_);
+  if (st != UCS_OK) {
+    why = "UCX worker has no event fd (UCP_FEATURE_WAKEUP): " + lib->err(st);
+    return nullptr;
+  }
+  t->epfd_ = epoll_create1(EPOLL_CLOEXEC);
+  t->wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (t->epfd_ < 0 || t->wake_fd_ < 0) {
+    why = "epoll/eventfd for the UCX progress thread: " + errno_str(errno);
+    return nullptr;
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = t->worker_fd_;
+  epoll_ctl(t->epfd_, EPOLL_CTL_ADD, t->worker_fd_, &ev);
+  ev.data.fd = t->wake_fd_;
+  epoll_ctl(t->epfd_, EPOLL_CTL_ADD, t->wake_fd_, &ev);
+  t->core_ = std::move(core);
+  UcxTransport* raw = t.get();
+  t->thread_ = std::thread([raw] { raw->progress_loop(); });
+  return t;
+}
+
+UcxTransport::~UcxTransport() {
+  shutdown();
+  if (epfd_ >= 0) ::close(epfd_);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+void UcxTransport::kick() {
+  uint64_t one = 1;
+  ssize_t r = ::write(wake_fd_, &one, sizeof(one));
+  (void)r;
+}
+
+std::shared_ptr<UcxMemReg> UcxTransport::map(void* addr, uint64_t length, bool cuda, std::string& why) {
+  auto reg = std::make_shared<UcxMemReg>();
+  std::lock_guard<std::mutex> g(core_->mu);
+  const Lib* lib = core_->lib;
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  mp.address = addr;
+  mp.length = static_cast<size_t>(length);
+  if (cuda) {
+    mp.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+    mp.memory_type = UCS_MEMORY_TYPE_CUDA;
+  }
+  ucp_mem_h memh = nullptr;
+  ucs_status_t st = lib->mem_map(core_->ctx, &mp, &memh);
+  if (st != UCS_OK) {
+    why = "ucp_mem_map of " + std::to_string(length) + " bytes failed: " + lib->err(st);
+    return nullptr;
+  }
+  void* rk = nullptr;
+  size_t rlen = 0;
+  st = lib->rkey_pack(core_->ctx, memh, &rk, &rlen);
+  if (st != UCS_OK || rlen > kMaxRkeyBytes) {
+    if (st == UCS_OK) lib->rkey_buffer_release(rk);
+    lib->mem_unmap(core_->ctx, memh);
+    why = "ucp_rkey_pack failed: " + (st == UCS_OK ? "rkey of " + std::to_string(rlen) + " bytes" : lib->err(st));
+    return nullptr;
+  }
+  reg->rkey.assign(static_cast<const char*>(rk), rlen);
+  lib->rkey_buffer_release(rk);
+  reg->memh = memh;
+  reg->core = core_;
+  return reg;
+}
+
+bool UcxTransport::export_segment(LocalSegment& seg, std::string& payload, std::string& why) {
+  std::shared_ptr<UcxMemReg> reg;
+  {
+    std::lock_guard<std::mutex> g(seg.mu);
+    reg = std::static_pointer_cast<UcxMemReg>(seg.ucx_reg);
+  }
+  if (!reg) {
+    if (seg.location != "cpu") {
+      why = "segment " + std::to_string(seg.id) + " (" + seg.location + ") has no UCX mapping";
+      return false;
+    }
+    reg = map(seg.addr, seg.length, false, why);
+    if (!reg) return false;
+    std::lock_guard<std::mutex> g(seg.mu);
+    if (seg.ucx_reg) reg = std::static_pointer_cast<UcxMemReg>(seg.ucx_reg);  // a concurrent export won
+    else seg.ucx_reg = reg;
+  }
+  Writer w;
+  w.u32(kInfoVersion);
+  w.str(address_);
+  w.str(reg->rkey);
+  w.u64(reinterpret_cast<uint64_t>(seg.addr));
+  w.u64(seg.length);
+  payload = std::move(w.data());
+  return true;
+}
+
+void UcxTransport::attach(RemoteSeg& rs, const std::string& payload) {
+  const std::string& peer = rs.peer->name;
+  Reader r(payload.data(), payload.size());
+  const uint32_t ver = r.u32();
+  const std::string address = r.str(kMaxAddressBytes);
+  const std::string rkey = r.str(kMaxRkeyBytes);
+  const uint64_t addr = r.u64();
+  const uint64_t length = r.u64();
+  if (!r.ok() || !r.at_end() || ver != kInfoVersion || address.empty() || rkey.empty())
+    throw TransferErr(ErrKind::kGeneric, peer, "malformed UCX segment information from the owner");
+  if (length != rs.desc.length || addr != rs.desc.addr)
+    throw TransferErr(ErrKind::kGeneric, peer,
+                      "the owner's segment " + std::to_string(rs.desc.seg_id) + " is " + std::to_string(length) +
+                          " bytes at " + std::to_string(addr) + ", not what the descriptor says (" +
+                          std::to_string(rs.desc.length) + " bytes): forged or stale descriptor");
+  auto remote = std::make_shared<UcxRemote>();
+  {
+    std::lock_guard<std::mutex> g(core_->mu);
+    const Lib* lib = core_->lib;
+    std::shared_ptr<UcxEp> slot;
+    auto found = eps_.find(peer);
+    if (found != eps_.end()) slot = found->second;
+    if (!slot || slot->failed) {
+      auto ep = std::make_shared<UcxEp>();
+      ep->peer = peer;
+      ep->owner = this;
+      ucp_ep_params_t ep_params{};
+      ep_params.field_mask =
+          UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep_params.address = reinterpret_cast<const ucp_address_t*>(address.data());
+      ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep_params.err_handler.cb = &UcxTransport::on_ep_error;
+      ep_params.err_handler.arg = ep.get();  // lives in eps_ / closing_ until its close finished
+      ucs_status_t st = lib->ep_create(core_->worker, &ep_params, &ep->ep);
+      if (st != UCS_OK)
+        throw TransferErr(ErrKind::kGeneric, peer,
+                          "ucp_ep_create to the owner failed: " + lib->err(st) +
+                              (st == -6 /* UCS_ERR_UNREACHABLE */
+                                   ? " (the ucx transport needs peer failure handling: UCX_TLS must include a "
+                                     "transport that has it, such as tcp or an RDMA one; shared-memory-only "
+                                     "sets like 'sm' lack it)"
+                                   : ""));
+      if (slot) to_close_.push_back(slot);  // a failed one: closed by the progress thread
+      eps_[peer] = ep;
+      slot = ep;
+    }
+    ucp_rkey_h rk = nullptr;
+    ucs_status_t st = lib->ep_rkey_unpack(slot->ep, rkey.data(), &rk);
+    if (st != UCS_OK)
+      throw TransferErr(ErrKind::kGeneric, peer, "the owner's rkey was refused by UCX: " + lib->err(st));
+    remote->core = core_;
+    remote->ep = slot;
+    remote->rkey = rk;
+    remote->addr = addr;
+    remote->length = length;
+  }
+  kick();  // the new endpoint's wire-up needs progress
+  rs.ucx = std::move(remote);
+}
+
+void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
+  const auto& peer = op.seg->peer;
+  auto finish_now = [&](const ErrorInfo& e) {
+    b->complete_err(e);
+    engine_.local_op_done(*peer);
+  };
+  UcxRemote* rem = op.seg->ucx.get();
+  if (!rem) return finish_now(ErrorInfo{ErrKind::kGeneric, peer->name, "segment not opened over ucx"});
+  // Checked again here against what the owner said (the bindings check the descriptor).
+  if (op.offset > rem->length || op.len > rem->length - op.offset)
+    return finish_now(ErrorInfo{ErrKind::kGeneric, peer->name,
+                                "ucx: offset + length = " + std::to_string(op.offset + op.len) +
+                                    " exceeds the owner's segment length " + std::to_string(rem->length)});
+  if (peer->dead()) return finish_now(peer->dead_error());
+  if (stop_.load()) return finish_now(ErrorInfo{ErrKind::kGeneric, peer->name, "engine closed"});
+  bool pending;
+  {
+    std::lock_guard<std::mutex> g(core_->mu);
+    const Lib* lib = core_->lib;
+    auto& ep = rem->ep;
+    if (ep->failed) {
+      ErrorInfo e = peer->dead() ? peer->dead_error()
+                                 : ErrorInfo{ErrKind::kGeneric, peer->name, "ucx endpoint failed: " + ep->why};
+      b->complete_err(e);
+      engine_.local_op_done(*peer);
+      return;
+    }
+    auto* u = new UcxOp;
+    u->t = this;
+    u->batch = b;
+    u->peer = peer;
+    u->ep = ep;
+    u->write = op.write;
+    ep->ops.insert(u);
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.send_cb = reinterpret_cast<ucp_send_nbx_callback_t>(&UcxTransport::on_request);
+    rp.user_data = u;
+    auto track = [&](ucs_status_ptr_t r) {
+      if (r == nullptr) return true;
+      if (ptr_is_err(r)) {
+        if (u->status == UCS_OK) u->status = ptr_status(r);
+        return false;
+      }
+      ++u->outstanding;
+      return true;
+    };
+    const uint64_t raddr = rem->addr + op.offset;
+    if (op.write) {
+      if (track(lib->put_nbx(ep->ep, op.local, static_cast<size_t>(op.len), raddr, rem->rkey, &rp)))
+        track(lib->ep_flush_nbx(ep->ep, &rp));  // remote completion: the data is in the owner's memory
+    } else {
+      track(lib->get_nbx(ep->ep, op.local, static_cast<size_t>(op.len), raddr, rem->rkey, &rp));
+    }
+    pending = u->outstanding > 0;
+    settle_locked(u);
+  }
+  if (pending) kick();
+}
+
+void UcxTransport::on_request(void* req, int status, void* user) {
+  auto* u = static_cast<UcxOp*>(user);
+  const Lib* lib = u->t->core_->lib;  // core lock held: we are inside worker_progress
+  lib->request_free(req);
+  if (status != UCS_OK && u->status == UCS_OK) u->status = status;
+  --u->outstanding;
+  u->t->settle_locked(u);
+}
+
+void UcxTransport::settle_locked(UcxOp* u) {
+  if (u->outstanding > 0) return;
+  // Connection-type failures (reset, unreachable, timed out, canceled, I/O error).
+  const int s = u->status;
+  const bool conn_err = s == -25 || s == -6 || s == -20 || s == -80 || s == UCS_ERR_CANCELED || s == -3;
+  if (!u->finished && s != UCS_OK && (u->ep->failed || conn_err) && !u->peer->dead() && !stop_.load()) {
+    u->ep->ops.erase(u);  // the endpoint's reaper leaves it alone: finished by run_deferred_locked
+    deferred_.push_back({u, now_ns() + kDeadGraceNs});
+    return;
+  }
+  if (!u->finished) finish_locked(u, u->status);
+  delete u;
+}
+
+void UcxTransport::run_deferred_locked(bool all) {
+  const int64_t now = now_ns();
+  for (size_t i = 0; i < deferred_.size();) {
+    UcxOp* u = deferred_[i].first;
+    if (!all && !u->peer->dead() && now < deferred_[i].second) {
+      ++i;
+      continue;
+    }
+    finish_locked(u, u->status);
+    delete u;
+    deferred_[i] = deferred_.back();
+    deferred_.pop_back();
+  }
+}
+
+void UcxTransport::finish_locked(UcxOp* u, int status) {
+  if (u->finished) return;
+  u->finished = true;
+  u->ep->ops.erase(u);
+  if (status == UCS_OK) {
+    u->batch->complete_ok();
+  } else if (u->peer->dead()) {
+    u->batch->complete_err(u->peer->dead_error());
+  } else {
+    std::string why = u->ep->failed && !u->ep->why.empty() ? u->ep->why : core_->lib->err(status);
+    u->batch->complete_err(
+        ErrorInfo{ErrKind::kGeneric, u->peer->name, std::string("ucx ") + (u->write ? "write" : "read") + " failed: " + why});
+  }
+  engine_.local_op_done(*u->peer);
+}
+
+void UcxTransport::on_ep_error(void* arg, ucp_ep_h, int status) {
+  auto* ep = static_cast<UcxEp*>(arg);
+  UcxTransport* t = ep->owner;
+  // Core lock held (inside worker_progress): no new ops; the progress thread closes it after
+  // progress returns (not from inside UCX's callback).
+  if (ep->failed) return;
+  ep->failed = true;
+  ep->why = "connection to the peer failed: " + t->core_->lib->err(status);
+  auto it = t->eps_.find(ep->peer);
+  if (it != t->eps_.end() && it->second.get() == ep) t->to_close_.push_back(it->second);
+}
+
+void UcxTransport::close_ep_locked(const std::shared_ptr<UcxEp>& ep, const std::string& why) {
+  if (ep->closing) return;
+  ep->closing = true;
+  if (!ep->failed) {
+    ep->failed = true;
+    ep->why = why;
+  }
+  auto it = eps_.find(ep->peer);
+  if (it != eps_.end() && it->second == ep) eps_.erase(it);
+  Closing c;
+  c.ep = ep;
+  c.deadline = now_ns() + kCloseDeadlineNs;
+  ucp_request_param_t rp{};
+  rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  rp.flags = UCP_EP_CLOSE_FLAG_FORCE;  // cancels what is outstanding, no handshake with the peer
+  ucs_status_ptr_t r = core_->lib->ep_close_nbx(ep->ep, &rp);
+  c.req = (r == nullptr || ptr_is_err(r)) ? nullptr : r;
+  closing_.push_back(std::move(c));
+}
+
+void UcxTransport::reap_closing_locked(bool force_all) {
+  const Lib* lib = core_->lib;
+  const int64_t now = now_ns();
+  for (size_t i = 0; i < closing_.size();) {
+    Closing& c = closing_[i];
+    bool done = c.req == nullptr || lib->request_check_status(c.req) != UCS_INPROGRESS;
+    if (!done && !force_all && now < c.deadline) {
+      ++i;
+      continue;
+    }
+    if (c.req) lib->request_free(c.req);  // an unfinished one is released by UCX when it ends
+    // Ops UCX did not return by now are failed here (their requests stay UCX's to complete).
+    std::vector<UcxOp*> left(c.ep->ops.begin(), c.ep->ops.end());
+    for (UcxOp* u : left) finish_locked(u, UCS_ERR_CANCELED);
+    closing_.erase(closing_.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+}
+
+void UcxTransport::peer_dead(const std::string& peer) {
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    dead_q_.push_back(peer);
+  }
+  kick();
+}
+
+void UcxTransport::progress_loop() {
+  const Lib* lib = core_->lib;
+  epoll_event evs[4];
+  while (!stop_.load()) {
+    std::vector<std::string> dead;
+    {
+      std::lock_guard<std::mutex> g(q_mu_);
+      dead.swap(dead_q_);
+    }
+    ucs_status_t armed;
+    bool closing;
+    {
+      std::lock_guard<std::mutex> g(core_->mu);
+      for (auto& name : dead) {
+        auto it = eps_.find(name);
+        if (it != eps_.end()) {
+          auto ep = it->second;
+          close_ep_locked(ep, "the peer is dead");
+        }
+      }
+      for (int i = 0; i < 4096 && lib->worker_progress(core_->worker) != 0; ++i) {
+      }
+      std::vector<std::shared_ptr<UcxEp>> failed;
+      failed.swap(to_close_);
+      for (auto& ep : failed) close_ep_locked(ep, ep->why);
+      reap_closing_locked(false);
+      run_deferred_locked(false);
+      closing = !closing_.empty() || !deferred_.empty();
+      armed = lib->worker_arm(core_->worker);
+    }
+    if (armed == UCS_ERR_BUSY) continue;  // more events already: progress again
+    const int ms = closing ? 10 : kIdleWaitMs;
+    int n = epoll_wait(epfd_, evs, 4, ms);
+    for (int i = 0; i < n; ++i) {
+      if (evs[i].data.fd == wake_fd_) {
+        uint64_t v;
+        while (::read(wake_fd_, &v, sizeof(v)) > 0) {
+        }
+      }
+    }
+  }
+}
+
+void UcxTransport::shutdown() {
+  if (stop_.exchange(true)) return;
+  kick();
+  if (thread_.joinable()) thread_.join();
+  if (!core_) return;
+  std::lock_guard<std::mutex> g(core_->mu);
+  std::vector<std::shared_ptr<UcxEp>> all;
+  for (auto& kv : eps_) all.push_back(kv.second);
+  for (auto& ep : all) close_ep_locked(ep, "engine closed");
+  const int64_t deadline = now_ns() + kCloseDeadlineNs;
+  while (!closing_.empty() && now_ns() < deadline) {
+    if (core_->lib->worker_progress(core_->worker) == 0) usleep(1000);
+    reap_closing_locked(false);
+  }
+  reap_closing_locked(true);
+  run_deferred_locked(true);
+}
+
+}  // namespace mooncake::transfer
