@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   if (do_send)
     for (int q = tid; q < E; q += nthreads) s_work[q] = min(p.T, static_cast<int>(p.layout_range[q] & 0xffffffff));
   if (tid == nthreads - 1) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
-  load_peers(s_peer, tp.peer_base, p.R);
+  load_peers(s_peer, tp, p.R);
   load_active(s_active, p.active_ranks, p.R);
   __syncthreads();
   const uint32_t tag = static_cast<uint32_t>(s_misc[0]);
@@ -45,6 +45,8 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
   // the send phase copies them like any other row.
   const bool local_direct = do_send && do_recv;
   const int* self_rows = p.src_info + 2ull * p.L * RT;  // [T][kMaxTopk] row of (n, k) in x
+  // x is this half's combine_send region (get_next_combine_buffer): nothing to stage.
+  [[maybe_unused]] const bool zero_copy = p.x == peer_addr(s_peer, p.rank, p.off.combine_send);
   if (do_send) {
     if (!do_recv && b == 0 && tid == 0) st->start_ns[slot_idx] = start_ns;
     // Rows per (local expert l, token rank r), pair q = l*R + r, straight from layout_range so
@@ -86,7 +88,19 @@ __global__ void __launch_bounds__(1024, 1) combine_kernel(const CombineParams p,
         }
       } else {
         const int n_chunks = min(kCombinePieceChunks, chunks - first);
-        tp.put(r, dst_off + first * 16ull, src + first, n_chunks * 16ull, lane, 32);
+        const int4* from = src + first;
+        if constexpr (LocalSourceOnly<Tp>::value) {
+          // The transport copies from the local buffer only: stage the piece at the row's place in
+          // this half's combine_send (where a zero-copy caller already wrote it).
+          if (!zero_copy) {
+            int4* stage = reinterpret_cast<int4*>(peer_addr(s_peer, p.rank, p.off.combine_send)) +
+                          (static_cast<uint64_t>(l) * RT + j) * chunks + first;
+            for (int c = lane; c < n_chunks; c += 32) stage[c] = ld_stream_int4(from + c);
+            from = stage;
+          }
+          __syncwarp();
+        }
+        tp.put(r, dst_off + first * 16ull, from, n_chunks * 16ull, lane, 32);
       }
     }
     trace_point(p.trace, 3);

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(const DispatchParams 
   // Values this block needs as a whole go through shared memory; the op number is read by the
   // last thread and active_ranks by the first ones, so no thread waits for two loads in a row.
   if (tid == nthreads - 1) s_misc[0] = static_cast<int>(read_tag(st, slot_idx, do_send));
-  load_peers(s_peer, tp.peer_base, p.R);
+  load_peers(s_peer, tp, p.R);
   load_active(s_active, p.active_ranks, p.R);
   // Send-phase arrays: [m] message addresses (8-byte words first), then the histograms.
   const int m = do_send ? (n1 - n0) * p.K : 0;

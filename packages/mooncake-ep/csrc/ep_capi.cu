@@ -13,23 +13,20 @@
 #include <string>
 #include <vector>
 
-#include "ep_launch.h"
-#include "ep_params.h"
+#include "ep_context.h"
 #include "mooncake/device/p2p.cuh"
-#include "mooncake/device/p2p_host.h"
 
-namespace {
+namespace mooncake {
+namespace ep {
+namespace capi {
 
-using namespace mooncake::ep;
-namespace dev = mooncake::device;
+// 3: proxy mode (mep_ctx_create_host, mep_ctx_set_ring, kind 2); 4: mep_dispatch / mep_combine take
+// a MepOpArgs block (ep_args.h, layout checked by mep_args_layout_hash) instead of an int64 vector;
+// mep_bench_launch moved to _mooncake_ep_bench.so.
+constexpr int kAbiVersion = 4;
 
-constexpr int kAbiVersion = 2;
-constexpr int kInvalidArgument = 100000;
-// mep_dispatch / mep_combine with kFlagCachedOutputs on a stream that is being captured: nothing
-// was launched; the caller retries with outputs of its own for the graph (cached ones would be
-// shared between the graph and eager calls).
-constexpr int kCapturing = 100001;
-constexpr int64_t kFlagCachedOutputs = 8;
+static_assert(MEP_PHASE_SEND == kPhaseSend && MEP_PHASE_RECV == kPhaseRecv, "phase bits");
+static_assert(static_cast<int>(TransportKind::kProxy) + 1 == kTransportKinds, "transport kinds");
 
 thread_local std::string g_last_error;
 
@@ -49,68 +46,6 @@ int check_driver(CUresult err, const char* what) {
   if (driver_api().get_error_name == nullptr || driver_api().get_error_name(err, &name) != CUDA_SUCCESS) name = "?";
   return fail(static_cast<int>(err), std::string(what) + ": " + name);
 }
-
-#define MEP_CHECK(expr)                         \
-  do {                                          \
-    const int _rc = check((expr), #expr);       \
-    if (_rc != 0) return _rc;                   \
-  } while (0)
-
-struct Context {
-  int device = 0, rank = 0, num_ranks = 0, num_sms = 0, max_smem = 0;
-  void* buffer = nullptr;
-  uint64_t buffer_bytes = 0;
-  void* state = nullptr;
-  uint64_t* verdicts = nullptr;         // device [4][R]
-  bool cooperative = true;              // cooperative launches (all blocks co-resident)
-  uint64_t* trace[2] = {nullptr, nullptr};  // optional phase timestamps (dispatch, combine)
-  uint64_t* peer_table = nullptr;       // device [R]
-  std::vector<void*> peers;             // mapped base per rank; own rank = buffer
-  std::vector<unsigned char> handles;   // [R][64] handle each mapping was opened from
-  // Driver-API launches: the device's primary context and every kernel variant resolved in it
-  // once (the runtime's launch looks the kernel up on every call). False: runtime launches.
-  bool driver_launch = false;
-  CUcontext cu_ctx = nullptr;
-  CUfunction dispatch_fn[kTransportKinds][kHiddenCases] = {};
-  CUfunction combine_fn[kTransportKinds][kHiddenCases] = {};
-  CUfunction empty_fn[2] = {};  // calibration kernels (mep_bench_launch)
-};
-
-// Makes `device` current for the scope; restores the previous device only if it changed it.
-struct DeviceGuard {
-  int previous = -1;
-  bool changed = false;
-  explicit DeviceGuard(int device) {
-    changed = cudaGetDevice(&previous) == cudaSuccess && previous != device && cudaSetDevice(device) == cudaSuccess;
-  }
-  ~DeviceGuard() {
-    if (changed) cudaSetDevice(previous);
-  }
-};
-
-// The launch path's guard: with driver launches the context's CUcontext is made current (a
-// thread that never used CUDA has none, and a CUfunction launches only in its own context), else
-// the device. Nothing is set or restored when it already is current, the common case.
-struct LaunchScope {
-  CUcontext previous_ctx = nullptr;
-  bool restore_ctx = false;
-  int previous_device = -1;
-  bool restore_device = false;
-  explicit LaunchScope(const Context& c) {
-    if (c.driver_launch) {
-      const DriverApi& d = driver_api();
-      restore_ctx = d.ctx_get_current(&previous_ctx) == CUDA_SUCCESS && previous_ctx != c.cu_ctx &&
-                    d.ctx_set_current(c.cu_ctx) == CUDA_SUCCESS;
-    } else {
-      restore_device = cudaGetDevice(&previous_device) == cudaSuccess && previous_device != c.device &&
-                       cudaSetDevice(c.device) == cudaSuccess;
-    }
-  }
-  ~LaunchScope() {
-    if (restore_ctx) driver_api().ctx_set_current(previous_ctx);
-    if (restore_device) cudaSetDevice(previous_device);
-  }
-};
 
 // Resolves every kernel variant to a CUfunction of the device's primary context (the one the
 // runtime and torch use; cudaSetDevice makes it current). Leaves driver_launch false (runtime
@@ -133,14 +68,11 @@ void resolve_kernels(Context* c) {
       resolve(combine_symbol(static_cast<TransportKind>(k), h), &c->combine_fn[k][h]);
     }
   }
-  resolve(empty_symbol(false), &c->empty_fn[0]);
-  resolve(empty_symbol(true), &c->empty_fn[1]);
   (void)cudaGetLastError();
   d.ctx_set_current(previous);
   c->driver_launch = ok;
 }
 
-// 0 when `stream` is not being captured, kCapturing when it is, else the query's error code.
 int capture_state(const Context& c, cudaStream_t stream) {
   if (c.driver_launch) {
     CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
@@ -154,7 +86,6 @@ int capture_state(const Context& c, cudaStream_t stream) {
   return status == cudaStreamCaptureStatusNone ? 0 : kCapturing;
 }
 
-// One launch of a kernel variant with the context's launch API.
 int launch(const Context& c, const void* symbol, CUfunction fn, const LaunchShape& shape, cudaStream_t stream,
            void** args) {
   const char* what = "";
@@ -164,24 +95,6 @@ int launch(const Context& c, const void* symbol, CUfunction fn, const LaunchShap
   return check(static_cast<cudaError_t>(rc), what);
 }
 
-// Argument vectors (int64 words) of mep_dispatch / mep_combine; Python (fast_path.py) fills the
-// same order: the words that change with every call first (one struct.pack_into), then the ones
-// fixed by the outputs, the buffer half and the shape. Flags: bit 0 use_fp8, 1 round_scale,
-// 2 use_ue8m0 (dispatch only), 3 kFlagCachedOutputs.
-enum DispatchArg {
-  kDX, kDTopk, kDActive, kDCumStats, kDN, kDK, kDFlags, kDPhases, kDTimeout, kDStream,
-  kDRecvX, kDRecvScales, kDRecvCount, kDSrcInfo, kDLayoutRange,
-  kDT, kDH, kDE, kDHalf,
-  kDOffDispatchSend, kDOffDispatchRecv, kDOffDispatchSignals, kDOffCombineSend, kDOffCombineRecv,
-  kDOffCombineSignals, kDOffControl, kDMsgBytes, kDTransport, kDGrid, kDispatchArgs
-};
-enum CombineArg {
-  kCX, kCSrcInfo, kCLayoutRange, kCTopk, kCWeights, kCActive, kCOut, kCN, kCK, kCFlags, kCPhases, kCTimeout,
-  kCStream,
-  kCT, kCH, kCE, kCHalf,
-  kCOffDispatchSend, kCOffDispatchRecv, kCOffDispatchSignals, kCOffCombineSend, kCOffCombineRecv,
-  kCOffCombineSignals, kCOffControl, kCTransport, kCGrid, kCombineArgs
-};
 
 int check_shape(const Context& c, int64_t N, int64_t T, int64_t H, int64_t K, int64_t E) {
   char msg[256];
@@ -206,7 +119,7 @@ int check_shape(const Context& c, int64_t N, int64_t T, int64_t H, int64_t K, in
   return 0;
 }
 
-int check_transport(int64_t kind) {
+int check_transport(int kind) {
   if (kind < 0 || kind >= kTransportKinds) return fail(kInvalidArgument, "unknown transport kind");
   return 0;
 }
@@ -218,20 +131,91 @@ int grid_for(const Context& c, int64_t requested) {
   return static_cast<int>(requested);
 }
 
-HalfOffsets offsets_from(const int64_t* a, int first) {
+HalfOffsets offsets_from(const MepOpArgs& a) {
   HalfOffsets o;
-  o.dispatch_send = static_cast<uint64_t>(a[first]);
-  o.dispatch_recv = static_cast<uint64_t>(a[first + 1]);
-  o.dispatch_signals = static_cast<uint64_t>(a[first + 2]);
-  o.combine_send = static_cast<uint64_t>(a[first + 3]);
-  o.combine_recv = static_cast<uint64_t>(a[first + 4]);
-  o.combine_signals = static_cast<uint64_t>(a[first + 5]);
-  o.control = static_cast<uint64_t>(a[first + 6]);
+  o.dispatch_send = a.off_dispatch_send;
+  o.dispatch_recv = a.off_dispatch_recv;
+  o.dispatch_signals = a.off_dispatch_signals;
+  o.combine_send = a.off_combine_send;
+  o.combine_recv = a.off_combine_recv;
+  o.combine_signals = a.off_combine_signals;
+  o.control = a.off_control;
   return o;
 }
 
+template <class T>
+T* ptr(uint64_t address) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
 
-}  // namespace
+
+// One launch of a dispatch or combine kernel (`params` points at its parameters) with the
+// transport of `kind`: P2P ones over the peer table, the proxy one over the mapped ring (its posts
+// wait at most the op's timeout for room in a full ring).
+int launch_op(const Context& c, TransportKind kind, const void* symbol, CUfunction fn, const LaunchShape& shape,
+              cudaStream_t stream, void* params, int64_t timeout_us) {
+  if (kind == TransportKind::kProxy) {
+    if (c.ring_dev == nullptr || c.host_base == nullptr)
+      return fail(kInvalidArgument, "transport kind 2 (proxy) needs a host buffer and a ring (mep_ctx_set_ring)");
+    dev::HostProxyTransport tp{c.ring_dev, static_cast<char*>(c.buffer), timeout_us, c.rank, c.num_ranks};
+    void* args[] = {params, &tp};
+    return launch(c, symbol, fn, shape, stream, args);
+  }
+  dev::P2PTransport tp{c.peer_table, c.rank, c.num_ranks};
+  void* args[] = {params, &tp};
+  return launch(c, symbol, fn, shape, stream, args);
+}
+
+// Fills the dispatch kernel's parameters from an argument block (mep_dispatch, mep_bench_launch).
+int dispatch_params(const Context& c, const MepOpArgs& a, DispatchParams* out, LaunchShape* shape) {
+  const int rc = check_shape(c, a.num_tokens, a.max_tokens, a.hidden, a.topk, a.num_experts);
+  if (rc != 0) return rc;
+  if (check_transport(a.transport) != 0) return kInvalidArgument;
+  DispatchParams& p = *out;
+  p = DispatchParams{};
+  p.x = ptr<const void>(a.x);
+  p.topk_idx = ptr<const int64_t>(a.topk_idx);
+  p.active_ranks = ptr<int>(a.active_ranks);
+  p.recv_x = ptr<void>(a.recv_x);
+  p.recv_scales = ptr<void>(a.recv_scales);
+  p.recv_count = ptr<int>(a.recv_count);
+  p.src_info = ptr<int>(a.src_info);
+  p.layout_range = ptr<int64_t>(a.layout_range);
+  p.cum_stats = ptr<int>(a.cum_stats);
+  p.state = static_cast<EpState*>(c.state);
+  p.verdicts = c.verdicts;
+  p.trace = c.trace[0];
+  p.half = a.half & 1;
+  p.off = offsets_from(a);
+  p.msg_bytes = a.msg_bytes;
+  p.timeout_us = a.timeout_us;
+  p.N = a.num_tokens;
+  p.T = a.max_tokens;
+  p.H = a.hidden;
+  p.K = a.topk;
+  p.R = c.num_ranks;
+  p.L = a.num_experts / c.num_ranks;
+  p.rank = c.rank;
+  p.use_fp8 = (a.flags & MEP_FLAG_FP8) != 0;
+  p.round_scale = (a.flags & MEP_FLAG_ROUND_SCALE) != 0;
+  p.use_ue8m0 = (a.flags & MEP_FLAG_UE8M0) != 0;
+  p.phases = a.phases;
+  *shape = launch_shape(p.H, grid_for(c, a.grid));
+  p.tpt = shape->tpt;
+  p.grid = shape->blocks;
+  shape->smem_bytes = dispatch_smem_bytes(p, *shape);
+  shape->cooperative = c.cooperative;
+  if (shape->smem_bytes > static_cast<uint64_t>(c.max_smem))
+    return fail(kInvalidArgument, "mep_dispatch: num_experts too large for shared memory");
+  return 0;
+}
+
+}  // namespace capi
+}  // namespace ep
+}  // namespace mooncake
+
+using namespace mooncake::ep;
+using namespace mooncake::ep::capi;
 
 extern "C" {
 
@@ -254,8 +238,10 @@ int mep_can_reach(int device, const char* bus_id, int* out) {
   return 0;
 }
 
-// Allocates the symmetric buffer (zeroed), the local state and the peer table on `device`.
-int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, void** out) {
+// Allocates the symmetric buffer (zeroed), the local state and the peer table on `device`. With
+// `host_base` (proxy mode) the buffer is that host memory instead: registered, mapped into the
+// device (kernels use its device address), not owned.
+static int create_ctx(int device, int rank, int num_ranks, uint64_t buffer_bytes, void* host_base, void** out) {
   *out = nullptr;
   if (num_ranks < 1 || rank < 0 || rank >= num_ranks || buffer_bytes == 0)
     return fail(kInvalidArgument, "mep_ctx_create: bad rank/num_ranks/buffer_bytes");
@@ -270,25 +256,81 @@ int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, v
   int rc = check(cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, device), "sm count");
   if (rc == 0) rc = check(cudaDeviceGetAttribute(&c->max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "smem");
   if (rc == 0) rc = check(prepare_kernels(c->max_smem), "prepare kernels");
-  if (rc == 0) rc = check(cudaMalloc(&c->buffer, buffer_bytes), "cudaMalloc(buffer)");
+  if (host_base == nullptr) {
+    if (rc == 0) rc = check(cudaMalloc(&c->buffer, buffer_bytes), "cudaMalloc(buffer)");
+    if (rc == 0) rc = check(cudaMemset(c->buffer, 0, buffer_bytes), "cudaMemset(buffer)");
+  } else {
+    if (rc == 0)
+      rc = check(cudaHostRegister(host_base, buffer_bytes, cudaHostRegisterMapped | cudaHostRegisterPortable),
+                 "cudaHostRegister(buffer)");
+    if (rc == 0) c->host_base = host_base;
+    if (rc == 0) rc = check(cudaHostGetDevicePointer(&c->buffer, host_base, 0), "cudaHostGetDevicePointer(buffer)");
+    if (rc == 0) std::memset(host_base, 0, buffer_bytes);
+  }
   if (rc == 0) rc = check(cudaMalloc(&c->state, kStateBytes), "cudaMalloc(state)");
   if (rc == 0) rc = check(cudaMalloc(&c->peer_table, sizeof(uint64_t) * num_ranks), "cudaMalloc(peer table)");
   if (rc == 0) rc = check(cudaMalloc(&c->verdicts, sizeof(uint64_t) * 4 * num_ranks), "cudaMalloc(verdicts)");
   if (rc == 0) rc = check(cudaMemset(c->verdicts, 0, sizeof(uint64_t) * 4 * num_ranks), "cudaMemset(verdicts)");
-  if (rc == 0) rc = check(cudaMemset(c->buffer, 0, buffer_bytes), "cudaMemset(buffer)");
   if (rc == 0) rc = check(cudaMemset(c->state, 0, kStateBytes), "cudaMemset(state)");
   if (rc == 0) rc = check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   if (rc == 0) resolve_kernels(c);
   if (rc != 0) {
-    if (c->buffer) cudaFree(c->buffer);
+    if (c->host_base) cudaHostUnregister(c->host_base);
+    else if (c->buffer) cudaFree(c->buffer);
     if (c->state) cudaFree(c->state);
     if (c->peer_table) cudaFree(c->peer_table);
     if (c->verdicts) cudaFree(c->verdicts);
+    (void)cudaGetLastError();
     delete c;
     return rc;
   }
   c->peers[rank] = c->buffer;
   *out = c;
+  return 0;
+}
+
+int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, void** out) {
+  return create_ctx(device, rank, num_ranks, buffer_bytes, nullptr, out);
+}
+
+// Proxy mode: the symmetric buffer is `host_base` (page-aligned host memory of `buffer_bytes`,
+// e.g. a transfer-engine segment), registered and mapped; the caller keeps it alive until
+// mep_ctx_destroy.
+int mep_ctx_create_host(int device, int rank, int num_ranks, uint64_t host_base, uint64_t buffer_bytes, void** out) {
+  *out = nullptr;
+  if (host_base == 0 || host_base % 4096 != 0)
+    return fail(kInvalidArgument, "mep_ctx_create_host: host_base must be a non-null page-aligned address");
+  return create_ctx(device, rank, num_ranks, buffer_bytes, reinterpret_cast<void*>(host_base), out);
+}
+
+// Proxy mode: maps the proxy ring (host memory, `ring_bytes` from proxy_ring_bytes) into the
+// device; the kernels of transport kind 2 post into it. 0 unmaps the current ring. The caller
+// keeps the ring alive until it is replaced, unmapped, or the context destroyed.
+int mep_ctx_set_ring(void* ctx, uint64_t ring_host, uint64_t ring_bytes) {
+  auto* c = static_cast<Context*>(ctx);
+  DeviceGuard guard(c->device);
+  if (c->ring_host != nullptr) {
+    MEP_CHECK(cudaDeviceSynchronize());
+    cudaHostUnregister(c->ring_host);
+    (void)cudaGetLastError();
+    c->ring_host = nullptr;
+    c->ring_dev = nullptr;
+  }
+  if (ring_host == 0) return 0;
+  auto* hdr = reinterpret_cast<dev::ProxyRingHeader*>(ring_host);
+  if (ring_bytes < sizeof(dev::ProxyRingHeader) || hdr->magic != dev::kProxyRingMagic ||
+      hdr->total_bytes != ring_bytes || static_cast<int>(hdr->num_peers) != c->num_ranks)
+    return fail(kInvalidArgument, "mep_ctx_set_ring: not an initialized proxy ring with one peer slot per rank");
+  void* host = reinterpret_cast<void*>(ring_host);
+  MEP_CHECK(cudaHostRegister(host, ring_bytes, cudaHostRegisterMapped | cudaHostRegisterPortable));
+  void* mapped = nullptr;
+  const int rc = check(cudaHostGetDevicePointer(&mapped, host, 0), "cudaHostGetDevicePointer(ring)");
+  if (rc != 0) {
+    cudaHostUnregister(host);
+    return rc;
+  }
+  c->ring_host = host;
+  c->ring_dev = static_cast<dev::ProxyRingHeader*>(mapped);
   return 0;
 }
 
@@ -298,6 +340,7 @@ int mep_ctx_num_sms(void* ctx) { return static_cast<Context*>(ctx)->num_sms; }
 
 int mep_ctx_export(void* ctx, unsigned char* out) {
   auto* c = static_cast<Context*>(ctx);
+  if (c->host_base != nullptr) return fail(kInvalidArgument, "mep_ctx_export: a host buffer has no IPC handle");
   DeviceGuard guard(c->device);
   MEP_CHECK(dev::p2p_export(c->buffer, out));
   return 0;
@@ -372,7 +415,8 @@ int mep_ctx_reset(void* ctx) {
   auto* c = static_cast<Context*>(ctx);
   DeviceGuard guard(c->device);
   MEP_CHECK(cudaDeviceSynchronize());
-  MEP_CHECK(cudaMemset(c->buffer, 0, c->buffer_bytes));
+  if (c->host_base != nullptr) std::memset(c->host_base, 0, c->buffer_bytes);
+  else MEP_CHECK(cudaMemset(c->buffer, 0, c->buffer_bytes));
   MEP_CHECK(cudaMemset(c->state, 0, kStateBytes));
   MEP_CHECK(cudaMemset(c->verdicts, 0, sizeof(uint64_t) * 4 * c->num_ranks));
   MEP_CHECK(cudaDeviceSynchronize());
@@ -427,205 +471,79 @@ int mep_ctx_destroy(void* ctx) {
   cudaFree(c->peer_table);
   cudaFree(c->verdicts);
   cudaFree(c->state);
-  cudaFree(c->buffer);
+  if (c->ring_host != nullptr) cudaHostUnregister(c->ring_host);
+  if (c->host_base != nullptr) cudaHostUnregister(c->host_base);
+  else cudaFree(c->buffer);
   (void)cudaGetLastError();
   delete c;
   return 0;
 }
 
-// Fills the dispatch kernel's parameters from an argument vector (mep_dispatch, mep_bench_launch).
-int dispatch_params(const Context& c, const int64_t* a, DispatchParams* out, LaunchShape* shape) {
-  const int rc = check_shape(c, a[kDN], a[kDT], a[kDH], a[kDK], a[kDE]);
-  if (rc != 0) return rc;
-  if (check_transport(a[kDTransport]) != 0) return kInvalidArgument;
-  DispatchParams& p = *out;
-  p = DispatchParams{};
-  p.x = reinterpret_cast<const void*>(a[kDX]);
-  p.topk_idx = reinterpret_cast<const int64_t*>(a[kDTopk]);
-  p.active_ranks = reinterpret_cast<int*>(a[kDActive]);
-  p.recv_x = reinterpret_cast<void*>(a[kDRecvX]);
-  p.recv_scales = reinterpret_cast<void*>(a[kDRecvScales]);
-  p.recv_count = reinterpret_cast<int*>(a[kDRecvCount]);
-  p.src_info = reinterpret_cast<int*>(a[kDSrcInfo]);
-  p.layout_range = reinterpret_cast<int64_t*>(a[kDLayoutRange]);
-  p.cum_stats = reinterpret_cast<int*>(a[kDCumStats]);
-  p.state = static_cast<EpState*>(c.state);
-  p.verdicts = c.verdicts;
-  p.trace = c.trace[0];
-  p.half = static_cast<int>(a[kDHalf]) & 1;
-  p.off = offsets_from(a, kDOffDispatchSend);
-  p.msg_bytes = static_cast<uint64_t>(a[kDMsgBytes]);
-  p.timeout_us = a[kDTimeout];
-  p.N = static_cast<int>(a[kDN]);
-  p.T = static_cast<int>(a[kDT]);
-  p.H = static_cast<int>(a[kDH]);
-  p.K = static_cast<int>(a[kDK]);
-  p.R = c.num_ranks;
-  p.L = static_cast<int>(a[kDE] / c.num_ranks);
-  p.rank = c.rank;
-  p.use_fp8 = (a[kDFlags] & 1) != 0;
-  p.round_scale = (a[kDFlags] & 2) != 0;
-  p.use_ue8m0 = (a[kDFlags] & 4) != 0;
-  p.phases = static_cast<int>(a[kDPhases]);
-  *shape = launch_shape(p.H, grid_for(c, a[kDGrid]));
-  p.tpt = shape->tpt;
-  p.grid = shape->blocks;
-  shape->smem_bytes = dispatch_smem_bytes(p, *shape);
-  shape->cooperative = c.cooperative;
-  if (shape->smem_bytes > static_cast<uint64_t>(c.max_smem))
-    return fail(kInvalidArgument, "mep_dispatch: num_experts too large for shared memory");
-  return 0;
-}
 
-int mep_dispatch(void* ctx, const int64_t* a) {
+// One dispatch (`a`: ep_args.h; the fields of the combine only are ignored).
+int mep_dispatch(void* ctx, const MepOpArgs* a) {
   auto* c = static_cast<Context*>(ctx);
   DispatchParams p;
   LaunchShape shape;
-  const int rc = dispatch_params(*c, a, &p, &shape);
+  const int rc = dispatch_params(*c, *a, &p, &shape);
   if (rc != 0) return rc;
-  dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
-  const auto stream = reinterpret_cast<cudaStream_t>(a[kDStream]);
+  const auto stream = ptr<CUstream_st>(a->stream);
   LaunchScope scope(*c);
-  if ((a[kDFlags] & kFlagCachedOutputs) != 0) {
+  if ((a->flags & MEP_FLAG_CACHED_OUTPUTS) != 0) {
     const int state = capture_state(*c, stream);
     if (state != 0) return state;
   }
-  const auto kind = static_cast<TransportKind>(a[kDTransport]);
+  const auto kind = static_cast<TransportKind>(a->transport);
   const int hcase = hidden_case(p.H);
-  void* args[] = {&p, &tp};
-  return launch(*c, dispatch_symbol(kind, hcase), c->dispatch_fn[a[kDTransport]][hcase], shape, stream, args);
+  return launch_op(*c, kind, dispatch_symbol(kind, hcase), c->dispatch_fn[a->transport][hcase], shape, stream, &p,
+                   p.timeout_us);
 }
 
-int mep_combine(void* ctx, const int64_t* a) {
+// One combine (`a`: ep_args.h; the fields of the dispatch only are ignored).
+int mep_combine(void* ctx, const MepOpArgs* a) {
   auto* c = static_cast<Context*>(ctx);
-  const int rc = check_shape(*c, a[kCN], a[kCT], a[kCH], a[kCK], a[kCE]);
+  const int rc = check_shape(*c, a->num_tokens, a->max_tokens, a->hidden, a->topk, a->num_experts);
   if (rc != 0) return rc;
-  if (check_transport(a[kCTransport]) != 0) return kInvalidArgument;
+  if (check_transport(a->transport) != 0) return kInvalidArgument;
   CombineParams p = {};
-  p.x = reinterpret_cast<const void*>(a[kCX]);
-  p.src_info = reinterpret_cast<const int*>(a[kCSrcInfo]);
-  p.layout_range = reinterpret_cast<const int64_t*>(a[kCLayoutRange]);
-  p.topk_idx = reinterpret_cast<const int64_t*>(a[kCTopk]);
-  p.topk_weights = reinterpret_cast<const float*>(a[kCWeights]);
-  p.active_ranks = reinterpret_cast<int*>(a[kCActive]);
-  p.out = reinterpret_cast<void*>(a[kCOut]);
+  p.x = ptr<const void>(a->x);
+  p.src_info = ptr<const int>(a->src_info);
+  p.layout_range = ptr<const int64_t>(a->layout_range);
+  p.topk_idx = ptr<const int64_t>(a->topk_idx);
+  p.topk_weights = ptr<const float>(a->topk_weights);
+  p.active_ranks = ptr<int>(a->active_ranks);
+  p.out = ptr<void>(a->out);
   p.state = static_cast<EpState*>(c->state);
   p.verdicts = c->verdicts;
   p.trace = c->trace[1];
-  p.half = static_cast<int>(a[kCHalf]) & 1;
-  p.off = offsets_from(a, kCOffDispatchSend);
-  p.timeout_us = a[kCTimeout];
-  p.N = static_cast<int>(a[kCN]);
-  p.T = static_cast<int>(a[kCT]);
-  p.H = static_cast<int>(a[kCH]);
-  p.K = static_cast<int>(a[kCK]);
+  p.half = a->half & 1;
+  p.off = offsets_from(*a);
+  p.timeout_us = a->timeout_us;
+  p.N = a->num_tokens;
+  p.T = a->max_tokens;
+  p.H = a->hidden;
+  p.K = a->topk;
   p.R = c->num_ranks;
-  p.L = static_cast<int>(a[kCE] / c->num_ranks);
+  p.L = a->num_experts / c->num_ranks;
   p.rank = c->rank;
-  p.phases = static_cast<int>(a[kCPhases]);
-  LaunchShape shape = launch_shape(p.H, grid_for(*c, a[kCGrid]));
+  p.phases = a->phases;
+  LaunchShape shape = launch_shape(p.H, grid_for(*c, a->grid));
   p.tpt = shape.tpt;
   p.grid = shape.blocks;
   shape.smem_bytes = combine_smem_bytes(p, shape);
   shape.cooperative = c->cooperative;
   if (shape.smem_bytes > static_cast<uint64_t>(c->max_smem))
     return fail(kInvalidArgument, "mep_combine: num_experts too large for shared memory");
-  dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
-  const auto stream = reinterpret_cast<cudaStream_t>(a[kCStream]);
+  const auto stream = ptr<CUstream_st>(a->stream);
   LaunchScope scope(*c);
-  if ((a[kCFlags] & kFlagCachedOutputs) != 0) {
+  if ((a->flags & MEP_FLAG_CACHED_OUTPUTS) != 0) {
     const int state = capture_state(*c, stream);
     if (state != 0) return state;
   }
-  const auto kind = static_cast<TransportKind>(a[kCTransport]);
+  const auto kind = static_cast<TransportKind>(a->transport);
   const int hcase = hidden_case(p.H);
-  void* args[] = {&p, &tp};
-  return launch(*c, combine_symbol(kind, hcase), c->combine_fn[a[kCTransport]][hcase], shape, stream, args);
+  return launch_op(*c, kind, combine_symbol(kind, hcase), c->combine_fn[a->transport][hcase], shape, stream, &p,
+                   p.timeout_us);
 }
-
-// Calibration (benchmarks): mean host microseconds per iteration over `iters` iterations of
-// `mode`, the stream of `dispatch_args` synchronised before and after (not timed).
-//   0 nothing (the timer), 1 the guard of v1 (cudaGetDevice + an unconditional cudaSetDevice),
-//   2 the launch path's guard (LaunchScope), 3 the capture-state query of the stream,
-//   4 an empty kernel, 1 block of 32 threads, no parameters (cudaLaunchKernel),
-//   5 / 6 an empty kernel with the dispatch kernel's parameters, grid, block and shared memory,
-//     through the runtime (cudaLaunchKernelExC) / the driver (cuLaunchKernelEx),
-//   7 / 8 mep_dispatch(dispatch_args) with runtime / driver launches (the full C side),
-//   9 mep_dispatch with the context's launch API, each one after the stream went idle (only
-//     the launches timed).
-int mep_bench_launch(void* ctx, int mode, int iters, const int64_t* dispatch_args, double* out_us) {
-  auto* c = static_cast<Context*>(ctx);
-  *out_us = 0;
-  if (iters < 1 || mode < 0 || mode > 9) return fail(kInvalidArgument, "mep_bench_launch: bad mode or iters");
-  const bool driver = c->driver_launch;
-  if ((mode == 6 || mode == 8) && !driver) return fail(kInvalidArgument, "driver-API launches are not available");
-  DispatchParams p;
-  LaunchShape shape;
-  int rc = dispatch_params(*c, dispatch_args, &p, &shape);
-  if (rc != 0) return rc;
-  dev::P2PTransport tp{c->peer_table, c->rank, c->num_ranks};
-  void* args[] = {&p, &tp};
-  const auto stream = reinterpret_cast<cudaStream_t>(dispatch_args[kDStream]);
-  DeviceGuard outer(c->device);
-  MEP_CHECK(cudaStreamSynchronize(stream));
-  const LaunchShape tiny{1, 32, 1, 0, false};
-  const void* empty = empty_symbol(false);
-  c->driver_launch = mode == 8 || (mode != 7 && driver);
-  if (mode == 9) {
-    std::chrono::duration<double, std::micro> total{0};
-    for (int i = 0; i < iters && rc == 0; ++i) {
-      rc = check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-      const auto t0 = std::chrono::steady_clock::now();
-      if (rc == 0) rc = mep_dispatch(ctx, dispatch_args);
-      total += std::chrono::steady_clock::now() - t0;
-    }
-    if (rc != 0) return rc;
-    MEP_CHECK(cudaStreamSynchronize(stream));
-    *out_us = total.count() / iters;
-    return 0;
-  }
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters && rc == 0; ++i) {
-    switch (mode) {
-      case 1: {
-        int previous = -1;
-        if (cudaGetDevice(&previous) == cudaSuccess) cudaSetDevice(previous);
-        break;
-      }
-      case 2: {
-        LaunchScope scope(*c);
-        break;
-      }
-      case 3:
-        rc = capture_state(*c, stream);
-        break;
-      case 4:
-        rc = check(cudaLaunchKernel(empty, dim3(tiny.blocks), dim3(tiny.threads), nullptr, 0, stream), "cudaLaunchKernel");
-        break;
-      case 5:
-      case 6: {
-        const char* what = "";
-        const int err = launch_kernel(empty_symbol(true), mode == 6 ? c->empty_fn[1] : nullptr, shape, stream, args, &what);
-        rc = err == 0 ? 0 : fail(err, what);
-        break;
-      }
-      case 7:
-      case 8:
-        rc = mep_dispatch(ctx, dispatch_args);
-        break;
-      default:
-        break;
-    }
-  }
-  const auto end = std::chrono::steady_clock::now();
-  c->driver_launch = driver;
-  if (rc != 0) return rc;
-  MEP_CHECK(cudaStreamSynchronize(stream));
-  *out_us = std::chrono::duration<double, std::micro>(end - start).count() / iters;
-  return 0;
-}
-
-int mep_dispatch_num_args() { return kDispatchArgs; }
-int mep_combine_num_args() { return kCombineArgs; }
 
 }  // extern "C"

@@ -5,6 +5,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ep_params.h"
 #include "mooncake/device/primitives.cuh"
@@ -92,11 +93,30 @@ __device__ __forceinline__ void claim_tag(EpState* st, int slot, uint32_t tag) {
 
 // Peer base addresses, copied into shared memory in each block's prologue (one load per rank,
 // issued with the other prologue loads): later address computations need no global load (after
-// the benchmark's L2 flush, a first load of the peer table costs a DRAM round trip).
-__device__ __forceinline__ void load_peers(uint64_t* s_peer, const uint64_t* peer_base, int num_ranks) {
-  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
-    s_peer[r] = __ldg(reinterpret_cast<const unsigned long long*>(peer_base) + r);
+// the benchmark's L2 flush, a first load of the peer table costs a DRAM round trip). A transport
+// without direct stores (staged P2P, host proxy) only ever addresses its own buffer through the
+// table, so every entry is the local base there (a non-null address marks "send" in dispatch).
+template <class Tp>
+__device__ __forceinline__ void load_peers(uint64_t* s_peer, const Tp& tp, int num_ranks) {
+  if constexpr (Tp::kDirectStore) {
+    for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
+      s_peer[r] = __ldg(reinterpret_cast<const unsigned long long*>(tp.peer_base) + r);
+  } else {
+    const uint64_t local = reinterpret_cast<uint64_t>(tp.local_ptr(0));
+    for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) s_peer[r] = local;
+  }
 }
+
+// Whether the transport's put() can only copy from its local symmetric buffer (the host proxy:
+// the engine moves host segments); kernels then stage other sources there first.
+template <class Tp, class = void>
+struct LocalSourceOnly {
+  static constexpr bool value = false;
+};
+template <class Tp>
+struct LocalSourceOnly<Tp, std::void_t<decltype(Tp::kLocalSourceOnly)>> {
+  static constexpr bool value = Tp::kLocalSourceOnly;
+};
 
 __device__ __forceinline__ char* peer_addr(const uint64_t* s_peer, int peer, uint64_t offset) {
   return reinterpret_cast<char*>(s_peer[peer]) + offset;

@@ -11,6 +11,7 @@
 namespace mooncake {
 namespace ep {
 
+using mooncake::device::HostProxyTransport;
 using mooncake::device::P2PStagedTransport;
 using mooncake::device::P2PTransport;
 
@@ -64,10 +65,16 @@ CombineFn<P2PStagedTransport> pick_combine<P2PStagedTransport>(int) {
   return combine_kernel<P2PStagedTransport, 0>;
 }
 
-// Calibration kernels (mep_bench_launch): what a launch costs with no work and with the dispatch
-// kernel's parameter block.
-__global__ void empty_kernel() {}
-__global__ void empty_params_kernel(const DispatchParams, const P2PTransport) {}
+// The proxy transport is bound by the host proxy and PCIe, not by the hidden size: the generic
+// variant serves every H (one instantiation per kernel).
+template <>
+DispatchFn<HostProxyTransport> pick_dispatch<HostProxyTransport>(int) {
+  return dispatch_kernel<HostProxyTransport, 0>;
+}
+template <>
+CombineFn<HostProxyTransport> pick_combine<HostProxyTransport>(int) {
+  return combine_kernel<HostProxyTransport, 0>;
+}
 
 // Launches pass the transport by address: the staged transport adds no member.
 static_assert(sizeof(P2PStagedTransport) == sizeof(P2PTransport), "transports must share one layout");
@@ -154,10 +161,7 @@ cudaError_t prepare_kernels(int max_smem) {
   if (err != cudaSuccess) return err;
   err = prepare_transport<P2PStagedTransport>(max_smem);
   if (err != cudaSuccess) return err;
-  cudaFuncAttributes attrs;
-  err = cudaFuncGetAttributes(&attrs, empty_kernel);
-  if (err != cudaSuccess) return err;
-  return prepare(empty_params_kernel, max_smem);
+  return prepare_transport<HostProxyTransport>(max_smem);
 }
 
 int hidden_case(int hidden) {
@@ -175,17 +179,15 @@ int hidden_case(int hidden) {
 const void* dispatch_symbol(TransportKind kind, int hcase) {
   const int h = kCaseHidden[hcase];
   if (kind == TransportKind::kP2PStaged) return reinterpret_cast<const void*>(pick_dispatch<P2PStagedTransport>(h));
+  if (kind == TransportKind::kProxy) return reinterpret_cast<const void*>(pick_dispatch<HostProxyTransport>(h));
   return reinterpret_cast<const void*>(pick_dispatch<P2PTransport>(h));
 }
 
 const void* combine_symbol(TransportKind kind, int hcase) {
   const int h = kCaseHidden[hcase];
   if (kind == TransportKind::kP2PStaged) return reinterpret_cast<const void*>(pick_combine<P2PStagedTransport>(h));
+  if (kind == TransportKind::kProxy) return reinterpret_cast<const void*>(pick_combine<HostProxyTransport>(h));
   return reinterpret_cast<const void*>(pick_combine<P2PTransport>(h));
-}
-
-const void* empty_symbol(bool with_params) {
-  return with_params ? reinterpret_cast<const void*>(empty_params_kernel) : reinterpret_cast<const void*>(empty_kernel);
 }
 
 const DriverApi& driver_api() {

@@ -12,14 +12,19 @@
 
 #include <cstdint>
 
+#include "ep_args.h"
 #include "ep_params.h"
+#include "mooncake/device/host_proxy.cuh"
 #include "mooncake/device/p2p.cuh"
 
 namespace mooncake {
 namespace ep {
 
-enum class TransportKind : int { kP2P = 0, kP2PStaged = 1 };
-constexpr int kTransportKinds = 2;
+// kProxy: HostProxyTransport (the symmetric buffer is mapped host memory the transfer engine
+// moves; puts to other ranks go through the proxy ring).
+// The values are MepOpArgs::transport's (MEP_TRANSPORT_*).
+enum class TransportKind : int { kP2P = MEP_TRANSPORT_P2P, kP2PStaged = MEP_TRANSPORT_P2P_STAGED, kProxy = MEP_TRANSPORT_PROXY };
+constexpr int kTransportKinds = 3;
 // Compiled hidden sizes (DeepEP's) plus the generic variant (case 0, H read at run time).
 constexpr int kHiddenCases = 9;
 
@@ -41,9 +46,6 @@ cudaError_t prepare_kernels(int max_smem);
 int hidden_case(int hidden);
 const void* dispatch_symbol(TransportKind kind, int hcase);
 const void* combine_symbol(TransportKind kind, int hcase);
-// Calibration kernels (benchmarks): an empty kernel with no parameters, and one taking the
-// dispatch kernel's parameters.
-const void* empty_symbol(bool with_params);
 
 // Driver entry points used on the launch path (all null when they do not resolve).
 struct DriverApi {

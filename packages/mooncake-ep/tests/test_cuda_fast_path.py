@@ -12,6 +12,7 @@ processes on one GPU time-slice (about 2.5 ms per cross-process round trip).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -360,7 +361,8 @@ def rank_matrix(
         rank, world_size, port, backend, [(c["T"], c["H"], c["E"]) for c in cases]
     )
     errors: list[str] = []
-    if fast.path.name != "cuda-p2p":
+    expected = os.environ.get("MOONCAKE_EP_TEST_EXPECT_PATH", "cuda-p2p")  # test_cuda_proxy
+    if fast.path.name != expected:
         return {"errors": [f"path is {fast.path.name}: {fast.path.reason}"], "path": fast.path.name}
     timings = {}
     for case in cases:
@@ -389,7 +391,10 @@ def rank_matrix(
     if flags:
         errors.append(f"rank {rank}: kernel error flags {flags:#x}")
     dist.barrier()
-    return {"errors": errors, "path": fast.path.name, "timings": timings}
+    report = {"errors": errors, "path": fast.path.name, "timings": timings}
+    if hasattr(fast.path, "proxy_stats"):
+        report["proxy"] = {"stats": fast.path.proxy_stats(), "transports": fast.path.transports()}
+    return report
 
 
 def rank_kill(

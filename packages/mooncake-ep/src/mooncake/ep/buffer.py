@@ -17,7 +17,14 @@ import torch.distributed as dist
 from .event import EventOverlap
 from .layout import ep_buffer_size_hint
 from .limits import MAX_TIMEOUT_US, check_int, check_topk_values
-from .path import EPPath, PathUnavailable, agree_on_path, requested_path, select_path
+from .path import (
+    EPPath,
+    PathReplaced,
+    PathUnavailable,
+    agree_on_path,
+    requested_path,
+    select_path,
+)
 from .portable_path import PortablePath
 from .validation import validate_combine, validate_dispatch, validate_handle
 
@@ -470,6 +477,9 @@ class Buffer:
         else:
             try:  # the fast path runs the same collectives as its selection
                 path.update_ep_member()
+            except PathReplaced as exc:  # another transport now (set up by the same collectives)
+                path.destroy()
+                path = exc.path
             except PathUnavailable as exc:  # same verdict on every rank; a new Buffer falls back
                 path.destroy()
                 path = PortablePath(self.group, f"the fast path cannot continue: {exc}")

@@ -4,20 +4,20 @@ Torch glue only: the kernels live in ``_mooncake_ep_cuda.so`` (``csrc/``, torch-
 ctypes by ``mooncake.ep._cuda``); this module allocates outputs, picks streams, and exchanges the
 buffer's IPC handles through the group.
 
-``select(group, num_ep_buffer_bytes)`` is collective and returns a ``CudaP2PPath`` when every rank
-has the library, a GPU (sm_90+), a buffer, and can map every peer's GPU memory (one host); else
-``(None, reason)`` on every rank. ``select`` and ``CudaP2PPath.update_ep_member`` run the same four
-exchanges (``mooncake.ep.fast_path_setup``), so survivors updating and a replacement constructing
-meet.
+``select(group, num_ep_buffer_bytes)`` (``mooncake.ep.transport_select``) is collective and returns
+a ``CudaP2PPath`` when every rank has the library, a GPU (sm_90+), a buffer, and can map every
+peer's GPU memory (one host), a ``ProxyPath`` (``mooncake.ep.proxy_path``) when the proxy
+transport serves, else ``(None, reason)`` on every rank. ``select`` and ``update_ep_member`` run
+the same exchanges, so survivors updating and a replacement constructing meet.
 
 Buffer layout: ``mooncake.ep.layout`` (one definition for both paths). Signal words carry the
 per-half op sequence number (``(seq << 32) | count`` in dispatch, ``seq`` in combine), kept on the
 device, so stale words are never taken as new, no cleaning is needed between ops, and CUDA-graph
 replays stay correct.
 
-Environment (same on every rank): ``MOONCAKE_EP_TRANSPORT`` = ``p2p`` (default: kernels store
-straight into peers' memory) | ``p2p-staged`` (the staged put path a proxy/NVSHMEM transport uses,
-over the same mappings; for tests).
+Environment (same on every rank): ``MOONCAKE_EP_TRANSPORT`` = ``auto`` (default) | ``p2p``
+(kernels store straight into peers' memory) | ``p2p-staged`` (the staged put path a proxy/NVSHMEM
+transport uses, over the same mappings; for tests) | ``proxy`` | ``portable``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import struct
 import weakref
 from typing import Any, Callable, Optional
 
@@ -33,39 +32,32 @@ import torch
 
 from . import _cuda
 from .event import EventOverlap, current_cuda_stream
-from .fast_path_setup import (
-    TRANSPORTS,
-    exchange_and_map,
-    first_failure,
-    gather,
-    probe,
-    reachability,
-    transport_kind,
-)
+from .fast_path_setup import TRANSPORTS, exchange_and_map, transport_kind
 from .faults import _armed as _FAULTS_ARMED  # the armed points (a dict, mutated in place)
 from .faults import fault_point
 from .layout import ep_buffer_layout
 from .limits import MAX_TOPK
 from .path import PathUnavailable
+from .transport_select import reselect, select
 
 logger = logging.getLogger("mooncake.ep")
 
-PHASE_SEND = 1
-PHASE_RECV = 2
-# Argument vectors of mep_dispatch / mep_combine (csrc/ep_capi.cu, enums DispatchArg/CombineArg).
-_D_ARGS = 29
-_C_ARGS = 26
-# Their leading words, the ones that change with every call, written with one pack_into:
-# dispatch: x, topk_idx, active_ranks, stats, N, K, flags, phases, timeout_us, stream;
-# combine: x, src_info, layout_range, topk_idx, topk_weights, active_ranks, out, N, K, flags,
-# phases, timeout_us, stream.
-_D_CALL = struct.Struct("<10q")
-_C_CALL = struct.Struct("<13q")
-_D_FLAGS, _D_PHASES, _D_STREAM = 6, 7, 9
-_C_OUT, _C_FLAGS, _C_PHASES, _C_STREAM = 6, 9, 10, 12
+PHASE_SEND = _cuda.PHASE_SEND
+PHASE_RECV = _cuda.PHASE_RECV
+# mep_dispatch / mep_combine take one MepOpArgs block (csrc/ep_args.h, _cuda.MepOpArgs), made once
+# per (op, half, shape) with the fields that depend on nothing else filled in. The fields that
+# change with every call lead the struct; one pack_into writes them (``_cuda.packer`` checks at
+# import that they are consecutive and unpadded):
+# dispatch: cum_stats, then the common ones (stream, x, topk_idx, active_ranks, timeout_us, N, K,
+# flags, phases); combine: the common ones, then topk_weights, out, src_info, layout_range.
+_PER_CALL = ("stream", "x", "topk_idx", "active_ranks", "timeout_us", "num_tokens", "topk")
+_PER_CALL += ("flags", "phases")
+_D_CALL, _D_AT = _cuda.packer("cum_stats", *_PER_CALL)
+_C_CALL, _C_AT = _cuda.packer(*_PER_CALL, "topk_weights", "out", "src_info", "layout_range")
 # Flags bit: the outputs are the path's cached set; the library then launches nothing on a stream
 # under graph capture and answers _cuda.CAPTURING (the op is issued again with fresh outputs).
-_CACHED = 8
+_CACHED = _cuda.FLAG_CACHED_OUTPUTS
+_FP8, _ROUND_SCALE, _UE8M0 = _cuda.FLAG_FP8, _cuda.FLAG_ROUND_SCALE, _cuda.FLAG_UE8M0
 
 __all__ = ["TRANSPORTS", "CudaP2PPath", "select"]
 
@@ -106,41 +98,6 @@ _stream_capturing = getattr(
 _COMPLETE = EventOverlap()  # the event of an op issued without async_finish (stateless once done)
 
 
-# ---------------------------------------------------------------------------- selection
-
-
-def select(group: Any, num_ep_buffer_bytes: int) -> Any:
-    """Collective. ``CudaP2PPath`` on every rank, or ``(None, reason)`` on every rank."""
-    info = probe(num_ep_buffer_bytes)
-    infos = gather(group, info)  # collective 1
-    failure = first_failure(infos)
-    if failure is not None:
-        return None, failure
-    lib = _cuda.load()
-    device = info["device"]
-    ctx = None
-    local_error = None
-    try:
-        local_error = reachability(lib, device, infos)
-        if local_error is None:
-            out = ctypes.c_void_p()
-            rc = lib.mep_ctx_create(
-                device, group.rank(), group.size(), num_ep_buffer_bytes, ctypes.byref(out)
-            )
-            _cuda.check(lib, rc, f"allocating the {num_ep_buffer_bytes}-byte symmetric buffer")
-            ctx = out.value
-    except Exception as exc:
-        local_error = f"{type(exc).__name__}: {exc}"
-    failure = exchange_and_map(lib, ctx, group, local_error)  # collectives 2-4
-    if failure is not None:
-        if ctx is not None:
-            lib.mep_ctx_destroy(ctx)
-        return None, failure
-    return CudaP2PPath(
-        group, lib, ctx, device, num_ep_buffer_bytes, min(i["num_sms"] for i in infos)
-    )
-
-
 # ---------------------------------------------------------------------------- the path
 
 
@@ -167,6 +124,7 @@ class CudaP2PPath:
         self._ctx_arg: Optional[ctypes.c_void_p] = ctypes.c_void_p(ctx)  # for the untyped calls
         self._nbytes = num_bytes
         self._transport, transport_name = transport_kind()
+        self.mode = transport_name  # transport_select's name of this path's transport
         self.reason = (
             f"every peer is reachable through CUDA IPC (P2P device transport, {transport_name}); "
             f"{num_bytes} byte symmetric buffer"
@@ -179,22 +137,19 @@ class CudaP2PPath:
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._reuse_outputs = os.environ.get("MOONCAKE_EP_FRESH_OUTPUTS", "0") != "1"
         self._outputs: dict[tuple, torch.Tensor] = {}  # combine outputs [T, H] per half and shape
-        # Per half and shape: dispatch outputs + argument vector, combine argument vector, outputs.
+        # Per half and shape: dispatch outputs + argument block, combine argument block, outputs.
         self._dispatch_entries: dict[tuple, tuple] = {}
         self._combine_argvs: dict[tuple, tuple] = {}
         self._out_views: dict[tuple, torch.Tensor] = {}
         # src_info tensors this path made (id -> tensor): their allocation holds the top-k slots.
         self._slot_rows: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._own_src_info: dict[int, torch.Tensor] = {}  # the cached entries' (a plain dict)
-        if lib.mep_dispatch_num_args() != _D_ARGS or lib.mep_combine_num_args() != _C_ARGS:
-            raise RuntimeError(
-                "the CUDA library's argument layout differs from fast_path.py: stale build"
-            )
+        # (lib came from _cuda.load(), which checked its MepOpArgs layout against ours)
 
     # ------------------------------------------------------------------ plumbing
 
     def _clear_caches(self) -> None:
-        """Drop outputs and argument vectors (they hold buffer offsets, the grid and the rank)."""
+        """Drop outputs and argument blocks (they hold buffer offsets, the grid and the rank)."""
         self._outputs.clear()
         self._dispatch_entries.clear()
         self._own_src_info.clear()
@@ -253,36 +208,29 @@ class CudaP2PPath:
         return EventOverlap(event, tensors)
 
     def _receive_hook(
-        self,
-        fn: Any,
-        argv: Any,
-        phase_at: int,
-        stream_at: int,
-        flags_at: int,
-        what: str,
-        keep: tuple,
+        self, fn: Any, args: _cuda.MepOpArgs, what: str, keep: tuple
     ) -> Callable[[], None]:
         """``hook()`` launching the receive phase on the stream current at call time (at most once;
-        ``keep`` holds the inputs alive until then), from its own copy of ``argv`` (reused by the
+        ``keep`` holds the inputs alive until then), from its own copy of ``args`` (reused by the
         next ops) without the capture check of cached outputs (the send phase chose them)."""
-        args = type(argv).from_buffer_copy(argv)
-        args[flags_at] &= ~_CACHED
+        args = _cuda.MepOpArgs.from_buffer_copy(args)
+        args.flags &= ~_CACHED
         pending = [keep]
 
         def hook() -> None:
             if not pending:
                 return
             pending.clear()
-            args[phase_at] = PHASE_RECV
-            args[stream_at] = self._stream()
+            args.phases = PHASE_RECV
+            args.stream = self._stream()
             self._launch(fn, args, what)
 
         return hook
 
-    def _launch(self, fn: Any, args: Any, what: str) -> None:
+    def _launch(self, fn: Any, args: _cuda.MepOpArgs, what: str) -> None:
         if self._ctx_arg is None:
             raise RuntimeError("the fast path was destroyed")
-        rc = fn(self._ctx_arg, args)
+        rc = fn(self._ctx_arg, ctypes.byref(args))
         if rc != 0:
             _cuda.check(self._lib, rc, what)
 
@@ -291,9 +239,10 @@ class CudaP2PPath:
     def _make_dispatch_entry(
         self, half: int, tokens: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool
     ) -> tuple:
-        """(recv_x, recv_count, handle, tensors to keep alive, argument vector, cached flag): the
-        outputs of a dispatch and its argument vector with every field that depends only on them
-        (and on the half and shape) filled in; the op fills the rest. Flag 0: fresh outputs."""
+        """(recv_x, recv_count, handle, tensors to keep alive, argument block, cached flag, the
+        block's ``byref``): the outputs of a dispatch and its ``MepOpArgs`` with every field that
+        depends only on them (and on the half and shape) filled in; the op fills the rest. Flag 0:
+        fresh outputs."""
         halves, msg_bytes = self._layout(tokens, hidden, num_experts)
         num_local, rows, dev = num_experts // self.num_ranks, self.num_ranks * tokens, self.device
         if use_fp8:
@@ -314,18 +263,31 @@ class CudaP2PPath:
         src_info = info[: num_local * rows].view(num_local, rows)
         self._slot_rows[id(src_info)] = src_info
         handle = (src_info, layout_range, tokens, hidden, num_experts)
-        argv = (ctypes.c_int64 * _D_ARGS)()
-        argv[10:15] = [
-            data.data_ptr(),
-            0 if scales is None else scales.data_ptr(),
-            recv_count.data_ptr(),
-            info.data_ptr(),
-            layout_range.data_ptr(),
-        ]
-        argv[15], argv[16], argv[17], argv[18] = tokens, hidden, num_experts, half
-        argv[19:26] = list(halves[half])
-        argv[26], argv[27], argv[28] = msg_bytes, self._transport, self.grid
-        return recv_x, recv_count, handle, (*keep, recv_count, info, layout_range), argv, 0
+        args = self._shape_args(half, tokens, hidden, num_experts, halves)
+        args.recv_x = data.data_ptr()
+        args.recv_scales = 0 if scales is None else scales.data_ptr()
+        args.recv_count = recv_count.data_ptr()
+        args.src_info = info.data_ptr()
+        args.layout_range = layout_range.data_ptr()
+        args.msg_bytes = msg_bytes
+        keep = (*keep, recv_count, info, layout_range)
+        return recv_x, recv_count, handle, keep, args, 0, ctypes.byref(args)
+
+    def _shape_args(
+        self, half: int, tokens: int, hidden: int, num_experts: int, halves: tuple
+    ) -> _cuda.MepOpArgs:
+        """A ``MepOpArgs`` with the fields fixed by the shape, the half, the transport and the
+        grid."""
+        args = _cuda.MepOpArgs()
+        args.max_tokens, args.hidden, args.num_experts = tokens, hidden, num_experts
+        args.half = half
+        args.transport, args.grid = self._transport, self.grid
+        (
+            args.off_dispatch_send, args.off_dispatch_recv, args.off_dispatch_signals,
+            args.off_combine_send, args.off_combine_recv, args.off_combine_signals,
+            args.off_control,
+        ) = halves[half]  # fmt: skip
+        return args
 
     def _dispatch_entry(self, key: tuple) -> tuple:
         """A new ``_make_dispatch_entry(*key)``, kept for the next dispatches of the same half and
@@ -339,7 +301,7 @@ class CudaP2PPath:
         if len(self._dispatch_entries) >= 8:  # shapes changed: drop the old sets
             self._dispatch_entries.clear()
             self._own_src_info.clear()
-        entry = self._dispatch_entries[key] = (*entry[:5], _CACHED)
+        entry = self._dispatch_entries[key] = (*entry[:5], _CACHED, entry[6])
         src_info = entry[2][0]
         self._own_src_info[id(src_info)] = src_info
         return entry
@@ -364,7 +326,7 @@ class CudaP2PPath:
         """See ``Buffer.dispatch``. Outputs live on this GPU until the next dispatch on the same
         buffer half (see ``_dispatch_entry``); ``src_info`` heads an int32 allocation that also
         holds each received row's top-k slot (combine reads them there: pass the handle back
-        unchanged). Host work per call: no allocation in the steady state, one argument vector
+        unchanged). Host work per call: no allocation in the steady state, one argument block
         filled in place, one launch; no host synchronisation."""
         if self._ctx_arg is None:
             raise RuntimeError("the fast path was destroyed")
@@ -373,7 +335,7 @@ class CudaP2PPath:
         num_tokens, hidden = x.shape
         stats = cumulative_local_expert_recv_stats
         comm = self._begin_async() if async_finish else None
-        recv_x, recv_count, handle, keep, argv, _ = self._issue_dispatch(
+        recv_x, recv_count, handle, keep, args, _, _ = self._issue_dispatch(
             (self.num_ops & 1, num_max_dispatch_tokens_per_rank, hidden, num_experts, use_fp8,
              use_ue8m0),
             x.data_ptr(),
@@ -382,7 +344,7 @@ class CudaP2PPath:
             0 if stats is None else stats.data_ptr(),
             num_tokens,
             topk_idx.shape[1],
-            use_fp8 | round_scale << 1 | use_ue8m0 << 2,
+            use_fp8 * _FP8 | round_scale * _ROUND_SCALE | use_ue8m0 * _UE8M0,
             PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV,
             timeout_us,
             comm.cuda_stream if comm is not None else _current_raw_stream(self._device_index),
@@ -393,13 +355,7 @@ class CudaP2PPath:
         if not return_recv_hook:
             return recv_x, recv_count, handle, event, None
         hook = self._receive_hook(
-            self._dispatch_fn,
-            argv,
-            _D_PHASES,
-            _D_STREAM,
-            _D_FLAGS,
-            "dispatch receive",
-            (x, topk_idx, active_ranks, stats),
+            self._dispatch_fn, args, "dispatch receive", (x, topk_idx, active_ranks, stats)
         )
         return recv_x, recv_count, handle, event, hook
 
@@ -438,7 +394,7 @@ class CudaP2PPath:
         num_tokens, hidden = x.shape
         topk = topk_idx.shape[1]
         keys = tuple((half, T, hidden, E, use_fp8, use_ue8m0) for half in (0, 1))
-        flags = use_fp8 | round_scale << 1 | use_ue8m0 << 2
+        flags = use_fp8 * _FP8 | round_scale * _ROUND_SCALE | use_ue8m0 * _UE8M0
         issue, device_index = self._issue_dispatch, self._device_index
 
         def run(
@@ -481,7 +437,7 @@ class CudaP2PPath:
     ) -> tuple:
         """Launches one dispatch into the entry of ``key = (half, T, H, E, use_fp8, use_ue8m0)``
         (see ``_dispatch_entry``) and counts the op; the other arguments are the per-call words of
-        its argument vector (``_D_CALL``; ``flags`` without the cached bit). Returns the entry."""
+        its ``MepOpArgs`` (``_D_CALL``; ``flags`` without the cached bit). Returns the entry."""
         ctx = self._ctx_arg
         if ctx is None:
             raise RuntimeError("the fast path was destroyed")
@@ -489,27 +445,26 @@ class CudaP2PPath:
         self.num_ops += 1
         if _FAULTS_ARMED:
             fault_point("dispatch.start")
-        argv = entry[4]
         _D_CALL.pack_into(
-            argv, 0, x_ptr, topk_ptr, active_ptr, stats_ptr, num_tokens, topk, flags | entry[5],
-            phases, timeout_us, stream,
+            entry[4], _D_AT, stats_ptr, stream, x_ptr, topk_ptr, active_ptr, timeout_us, num_tokens,
+            topk, flags | entry[5], phases,
         )  # fmt: skip
-        rc = self._dispatch_fn(ctx, argv)
+        rc = self._dispatch_fn(ctx, entry[6])
         if rc != 0:
-            entry = self._dispatch_again(rc, key, argv)
+            entry = self._dispatch_again(rc, key, entry[4])
         if _FAULTS_ARMED:
             fault_point("dispatch.after_send")
         return entry
 
-    def _dispatch_again(self, rc: int, key: tuple, argv: Any) -> tuple:
+    def _dispatch_again(self, rc: int, key: tuple, args: _cuda.MepOpArgs) -> tuple:
         """After a failed launch: raise, or (the stream is under graph capture, the library refused
         the cached outputs) issue the op again with fresh outputs; returns their entry."""
         if rc != _cuda.CAPTURING:
             _cuda.check(self._lib, rc, "dispatch")
         entry = self._make_dispatch_entry(*key)
         fresh = entry[4]
-        fresh[: _D_CALL.size // 8] = argv[: _D_CALL.size // 8]
-        fresh[_D_FLAGS] &= ~_CACHED
+        _D_CALL.pack_into(fresh, _D_AT, *_D_CALL.unpack_from(args, _D_AT))
+        fresh.flags &= ~_CACHED
         self._launch(self._dispatch_fn, fresh, "dispatch")
         return entry
 
@@ -536,17 +491,15 @@ class CudaP2PPath:
             )
 
     def _combine_argv(self, key: tuple) -> tuple:
-        """(argument vector with the fields fixed by half and shape, zero-copy source address) of
-        ``key = (half, tokens, hidden, num_experts)``, kept for the next combines."""
+        """(``MepOpArgs`` with the fields fixed by half and shape, its ``byref``, zero-copy source
+        address) of ``key = (half, tokens, hidden, num_experts)``, kept for the next combines."""
         half, tokens, hidden, num_experts = key
         halves, _ = self._layout(tokens, hidden, num_experts)
-        argv = (ctypes.c_int64 * _C_ARGS)()
-        argv[13], argv[14], argv[15], argv[16] = tokens, hidden, num_experts, half
-        argv[17:24] = list(halves[half])
-        argv[24], argv[25] = self._transport, self.grid
+        args = self._shape_args(half, tokens, hidden, num_experts, halves)
         if len(self._combine_argvs) >= 16:
             self._combine_argvs.clear()
-        entry = self._combine_argvs[key] = (argv, self._buffer.data_ptr() + halves[half][3])
+        zero_copy_ptr = self._buffer.data_ptr() + halves[half][3]
+        entry = self._combine_argvs[key] = (args, ctypes.byref(args), zero_copy_ptr)
         return entry
 
     def _combine_out(self, key: tuple) -> tuple[torch.Tensor, int]:
@@ -599,7 +552,7 @@ class CudaP2PPath:
             self._check_device("x", x)
         half = self.num_ops & 1
         comm = self._begin_async() if async_finish else None
-        out, argv = self._issue_combine(
+        out, args = self._issue_combine(
             (half, tokens, hidden, num_experts),
             (half, tokens, hidden, num_tokens),
             out,
@@ -623,9 +576,7 @@ class CudaP2PPath:
         if not return_recv_hook:
             return out, event, None
         keep_alive = (x, topk_idx, topk_weights, active_ranks, src_info, layout_range)
-        hook = self._receive_hook(
-            self._combine_fn, argv, _C_PHASES, _C_STREAM, _C_FLAGS, "combine receive", keep_alive
-        )
+        hook = self._receive_hook(self._combine_fn, args, "combine receive", keep_alive)
         return out, event, hook
 
     def combine_runner(
@@ -664,7 +615,7 @@ class CudaP2PPath:
         if topk > MAX_TOPK:
             raise ValueError(f"top-k {topk} exceeds {MAX_TOPK}")
         num_local, rows = num_experts // self.num_ranks, self.num_ranks * tokens
-        argv_keys = tuple((half, tokens, hidden, num_experts) for half in (0, 1))
+        args_keys = tuple((half, tokens, hidden, num_experts) for half in (0, 1))
         out_keys = tuple((half, tokens, hidden, num_tokens) for half in (0, 1))
         own, issue, device_index = self._own_src_info, self._issue_combine, self._device_index
 
@@ -682,7 +633,7 @@ class CudaP2PPath:
                 self._check_slot_rows(src_info, num_local, rows)
             half = self.num_ops & 1
             out = issue(
-                argv_keys[half],
+                args_keys[half],
                 out_keys[half],
                 out,
                 None if zero_copy else x.data_ptr(),
@@ -718,15 +669,15 @@ class CudaP2PPath:
         timeout_us: int,
         stream: int,
     ) -> tuple[torch.Tensor, Any]:
-        """Launches one combine with the argument vector of ``key = (half, T, H, E)`` (see
+        """Launches one combine with the argument block of ``key = (half, T, H, E)`` (see
         ``_combine_argv``) and counts the op: expert outputs at ``x_ptr`` (None: this half's
         zero-copy region), into ``out`` (None: the cached output of ``out_key = (half, T, H, N)``,
-        see ``_combine_out``); the rest are the per-call words of ``_C_CALL``. Returns (output,
-        argument vector)."""
+        see ``_combine_out``); the rest are the per-call fields of ``_C_CALL``. Returns (output,
+        argument block)."""
         ctx = self._ctx_arg
         if ctx is None:
             raise RuntimeError("the fast path was destroyed")
-        argv, zero_copy_ptr = self._combine_argvs.get(key) or self._combine_argv(key)
+        args, ref, zero_copy_ptr = self._combine_argvs.get(key) or self._combine_argv(key)
         self.num_ops += 1
         if _FAULTS_ARMED:
             fault_point("combine.start")
@@ -737,25 +688,27 @@ class CudaP2PPath:
             if out is None:
                 out, cached = self._combine_out(out_key)
         _C_CALL.pack_into(
-            argv, 0, zero_copy_ptr if x_ptr is None else x_ptr, info_ptr, layout_ptr, topk_ptr,
-            weights_ptr, active_ptr, out.data_ptr(), num_tokens, topk, cached, phases, timeout_us,
-            stream,
+            args, _C_AT, stream, zero_copy_ptr if x_ptr is None else x_ptr, topk_ptr, active_ptr,
+            timeout_us, num_tokens, topk, cached, phases, weights_ptr, out.data_ptr(), info_ptr,
+            layout_ptr,
         )  # fmt: skip
-        rc = self._combine_fn(ctx, argv)
+        rc = self._combine_fn(ctx, ref)
         if rc != 0:
-            out = self._combine_again(rc, argv, num_tokens, key[2])
+            out = self._combine_again(rc, args, num_tokens, key[2])
         if _FAULTS_ARMED:
             fault_point("combine.after_send")
-        return out, argv
+        return out, args
 
-    def _combine_again(self, rc: int, argv: Any, num_tokens: int, hidden: int) -> torch.Tensor:
+    def _combine_again(
+        self, rc: int, args: _cuda.MepOpArgs, num_tokens: int, hidden: int
+    ) -> torch.Tensor:
         """As ``_dispatch_again``: raise, or issue the op again into a fresh output (returned)."""
         if rc != _cuda.CAPTURING:
             _cuda.check(self._lib, rc, "combine")
         out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
-        argv[_C_OUT] = out.data_ptr()
-        argv[_C_FLAGS] &= ~_CACHED
-        self._launch(self._combine_fn, argv, "combine")
+        args.out = out.data_ptr()
+        args.flags &= ~_CACHED
+        self._launch(self._combine_fn, args, "combine")
         return out
 
     def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
@@ -775,29 +728,24 @@ class CudaP2PPath:
     # ------------------------------------------------------------------ membership and lifetime
 
     def update_ep_member(self) -> None:
-        """Collective (the same four exchanges as ``select``): re-map every peer's buffer from its
+        """Collective (the same exchanges as ``select``): re-map every peer's buffer from its
         current handle (a replacement process has a new one), then zero the signal words and the op
         sequence numbers on every rank. Raises RuntimeError (on every rank) if a rank cannot take
         part."""
         ctx = self._check_usable()
         torch.cuda.synchronize(self.device)
-        info = probe(self._nbytes)
-        infos = gather(self.group, info)
-        failure = first_failure(infos)
-        if failure is not None:
-            raise PathUnavailable(f"update_ep_member: the fast path cannot continue: {failure}")
+        _, infos, _ = reselect(self, self._nbytes)  # collectives 1-2 (PathReplaced: another mode)
         local_error = None
         try:
-            local_error = reachability(self._lib, self.device.index, infos)
             rank, size = self.group.rank(), self.group.size()
-            if local_error is None and (rank != self.rank or size != self.num_ranks):
+            if rank != self.rank or size != self.num_ranks:
                 _cuda.check(self._lib, self._lib.mep_ctx_resize(ctx, rank, size), "mep_ctx_resize")
                 self.rank, self.num_ranks = rank, size
                 self._layouts.clear()
                 self._clear_caches()
         except Exception as exc:
             local_error = f"{type(exc).__name__}: {exc}"
-        failure = exchange_and_map(self._lib, ctx, self.group, local_error)
+        failure = exchange_and_map(self._lib, ctx, self.group, local_error)  # collectives 3-5
         if failure is not None:
             raise PathUnavailable(f"update_ep_member: the fast path cannot continue: {failure}")
         self.grid = min(i["num_sms"] for i in infos)

@@ -23,7 +23,19 @@ import torch.distributed as dist
 from . import _cuda
 from .path import control_device
 
-TRANSPORTS = {"p2p": 0, "p2p-staged": 1}
+# Kernel transport kinds (MepOpArgs.transport: csrc/ep_args.h MEP_TRANSPORT_*).
+TRANSPORTS = {
+    "p2p": _cuda.TRANSPORT_P2P,
+    "p2p-staged": _cuda.TRANSPORT_P2P_STAGED,
+    "proxy": _cuda.TRANSPORT_PROXY,
+}
+# MOONCAKE_EP_TRANSPORT values: auto (P2P inside a host, else NVSHMEM, else proxy, else
+# portable) or one forced; nvshmem is a mode of the design that this package does not build.
+TRANSPORT_CHOICES = ("auto", "p2p", "p2p-staged", "proxy", "portable")
+NOT_BUILT = {"nvshmem": "the NVSHMEM mode is not built in this package"}
+# MOONCAKE_EP_PROXY_TRANSPORT: how the proxy's engine reaches peers (auto: shm on one host, tcp
+# across hosts; tcp forces TCP even on one host).
+PROXY_ENGINE_TRANSPORTS = ("auto", "tcp", "shm", "cma")
 
 
 def host_identity() -> str:
@@ -69,10 +81,36 @@ def first_failure(answers: list[dict]) -> Optional[str]:
     return None
 
 
+def requested_transport() -> str:
+    """MOONCAKE_EP_TRANSPORT (default ``auto``), validated: ValueError naming the value and the
+    choices (``nvshmem`` too: not built here)."""
+    name = os.environ.get("MOONCAKE_EP_TRANSPORT", "auto") or "auto"
+    if name in NOT_BUILT:
+        raise ValueError(
+            f"MOONCAKE_EP_TRANSPORT={name!r}: {NOT_BUILT[name]}; "
+            f"available: {', '.join(TRANSPORT_CHOICES)}"
+        )
+    if name not in TRANSPORT_CHOICES:
+        raise ValueError(
+            f"MOONCAKE_EP_TRANSPORT={name!r} is not one of {', '.join(TRANSPORT_CHOICES)}"
+        )
+    return name
+
+
+def proxy_engine_transport() -> Optional[str]:
+    """MOONCAKE_EP_PROXY_TRANSPORT (default ``auto`` = None: the engine picks per peer)."""
+    name = os.environ.get("MOONCAKE_EP_PROXY_TRANSPORT", "auto") or "auto"
+    if name not in PROXY_ENGINE_TRANSPORTS:
+        raise ValueError(
+            f"MOONCAKE_EP_PROXY_TRANSPORT={name!r} is not one of "
+            f"{', '.join(PROXY_ENGINE_TRANSPORTS)}"
+        )
+    return None if name == "auto" else name
+
+
 def transport_kind() -> tuple[int, str]:
-    name = os.environ.get("MOONCAKE_EP_TRANSPORT", "p2p")
-    if name not in TRANSPORTS:
-        raise ValueError(f"MOONCAKE_EP_TRANSPORT={name!r} is not one of {sorted(TRANSPORTS)}")
+    """Kernel transport of the P2P path: ``p2p-staged`` when requested, else ``p2p``."""
+    name = "p2p-staged" if requested_transport() == "p2p-staged" else "p2p"
     return TRANSPORTS[name], name
 
 
@@ -108,7 +146,7 @@ def probe(num_ep_buffer_bytes: int) -> dict:
                 f"GPU {device} is sm_{major.value}{minor.value}; the kernels need sm_90 or newer"
             )
             return info
-        _, info["transport"] = transport_kind()
+        info["transport"] = requested_transport()
         info.update(ok=True, bus_id=bus.value.decode(), device=device, num_sms=sms.value)
     except Exception as exc:
         info.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
@@ -116,15 +154,10 @@ def probe(num_ep_buffer_bytes: int) -> dict:
 
 
 def reachability(lib: ctypes.CDLL, device: int, infos: list[dict]) -> Optional[str]:
-    """None when this rank can map every peer's GPU memory, else why not."""
+    """None when this rank can map every peer's GPU memory (P2P), else why not."""
     hosts = {i["host"] for i in infos}
     if len(hosts) > 1:
-        return (
-            f"ranks are on {len(hosts)} hosts; the P2P transport needs one host "
-            f"(no proxy transport built)"
-        )
-    if len({i["transport"] for i in infos}) > 1:
-        return "MOONCAKE_EP_TRANSPORT differs between ranks"
+        return f"ranks are on {len(hosts)} hosts; P2P needs one host"
     for rank, info in enumerate(infos):
         out = ctypes.c_int()
         _cuda.check(

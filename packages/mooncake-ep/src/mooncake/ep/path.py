@@ -7,7 +7,9 @@ choice the ranks compare choices (one tiny all_gather) and all fall back to the 
 any rank could not take the fast one.
 
 Environment: ``MOONCAKE_EP_PATH`` = ``auto`` (default) | ``portable`` | ``fast``; the ``path=``
-argument of ``Buffer`` wins over it. It must be the same on every rank.
+argument of ``Buffer`` wins over it. ``MOONCAKE_EP_TRANSPORT`` picks the fast path's transport
+(``mooncake.ep.transport_select``; ``portable`` forces the portable path). Both must be the same on
+every rank.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class PathUnavailable(RuntimeError):
     """A path's ``update_ep_member`` found that it cannot continue, with the same verdict on every
     rank after the same collectives as its selection (``Buffer`` then falls back to the portable
     path, as a new ``Buffer``'s selection does)."""
+
+
+class TransportUnavailable(RuntimeError):
+    """``MOONCAKE_EP_TRANSPORT`` forced a transport that cannot run here (raised on every rank,
+    after the same collectives)."""
+
+
+class PathReplaced(PathUnavailable):
+    """A fast path's ``update_ep_member`` chose another transport than its own (membership
+    changed what can reach what); ``.path`` is the new path, already set up with the same
+    collectives a new ``Buffer`` runs. ``Buffer`` switches to it."""
+
+    def __init__(self, path: Any) -> None:
+        super().__init__(f"the transport changed: now {path.name} ({path.reason})")
+        self.path = path
 
 
 @runtime_checkable
@@ -102,6 +119,8 @@ def _try_fast_path(group: Any, num_ep_buffer_bytes: int) -> tuple[Optional[EPPat
         return None, f"fast path not available ({exc})"
     try:
         result = fast_path.select(group, num_ep_buffer_bytes)
+    except TransportUnavailable:
+        raise  # a forced transport: the same verdict on every rank
     except Exception as exc:
         logger.warning(
             "fast path selection raised %s: %s; falling back to the portable path",
@@ -160,6 +179,15 @@ def select_path(group: Any, num_ep_buffer_bytes: int, path: Optional[str]) -> EP
     choice = requested_path(path)
     if choice == "portable":
         return PortablePath(group, "requested (path='portable' or MOONCAKE_EP_PATH=portable)")
+    from .fast_path_setup import proxy_engine_transport, requested_transport  # (import us)
+
+    proxy_engine_transport()  # validated before anything is exchanged, as the transport
+    if requested_transport() == "portable":
+        if choice == "fast":
+            raise ValueError(
+                "path='fast' (or MOONCAKE_EP_PATH=fast) contradicts MOONCAKE_EP_TRANSPORT=portable"
+            )
+        return PortablePath(group, "requested (MOONCAKE_EP_TRANSPORT=portable)")
     fast, reason = _try_fast_path(group, num_ep_buffer_bytes)
     if fast is not None:
         return fast
