@@ -460,7 +460,8 @@ void Engine::mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason
     c->request_close();
     wake_io();
   }
-  log(kLogWarning, "peer '" + p->name + "' is DEAD: " + reason);
+  // A peer that closed its engine (BYE) is the normal end of a job: not worth a warning.
+  log(reason == kReasonBye ? kLogInfo : kLogWarning, "peer '" + p->name + "' is DEAD: " + reason);
 }
 
 void Engine::refuse_name(const std::string& name, const std::string& reason, bool disconnect) {

@@ -104,6 +104,8 @@ class Engine : private FrameHandler {
   // From any thread: marks the peer DEAD now; its connection is closed by the I/O thread.
   // `exited`: the peer's process was seen to exit (same host), not just fall silent or disconnect.
   void mark_dead(const std::shared_ptr<Peer>& p, const std::string& reason, bool exited = false);
+  // mark_dead's reason for a peer that sent BYE (closed its engine): logged at info level.
+  static constexpr const char* kReasonBye = "peer closed the connection";
   // True once `name` was marked dead with `exited` (a proof that its process is gone).
   bool peer_exited(const std::string& name);
   // Refuses every later connection from `name` with `reason` (its HELLO is answered "dead here:

@@ -529,7 +529,7 @@ void Engine::close_conn(const std::shared_ptr<Connection>& c, const std::string&
       err = ErrorInfo{ErrKind::kGeneric, p->name, "engine closed"};
     } else {
       if (active) {
-        std::string reason = c->got_bye ? "peer closed the connection" : eof ? "connection lost (EOF)" : why;
+        std::string reason = c->got_bye ? kReasonBye : eof ? "connection lost (EOF)" : why;
         mark_dead(p, reason);
       }
       err = p->dead_error();
