@@ -9,6 +9,8 @@ Each option as: argument / environment variable / default.
 - raise on failure: ``raise_on_failure`` / ``MOONCAKE_RAISE_ON_FAILURE`` / off
 - host / interface IP: ``host`` / ``MOONCAKE_HOST`` / 127.0.0.1 (or MASTER_ADDR's interface)
 - join timeout: ``join_timeout`` / ``MOONCAKE_JOIN_TIMEOUT_S`` / 60 s
+- CUDA data path: ``cuda_path`` / ``MOONCAKE_BACKEND_CUDA_PATH`` / ``staged`` (``auto``: same-host
+  CUDA IPC when every member can, else staged; ``direct`` or ``staged`` force one)
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class MooncakeBackendOptions:
         host: the address this rank's transfer engine listens on.
         join_timeout: seconds ``join_group`` waits before raising, and how long the first op
             after ``extend_group_size_to`` waits for the new ranks (then they count as failed).
+        cuda_path: ``"auto"``, ``"direct"`` or ``"staged"`` (default): how the ``"mooncake"``
+            backend moves CUDA tensors (``backend/cuda_direct.py``). ``auto`` maps same-host
+            peers' device buffers through CUDA IPC when every member can, else stages through
+            host memory; ``direct`` raises when the group cannot; ``staged`` always stages.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class MooncakeBackendOptions:
         heartbeat_timeout: Optional[float] = None,
         host: Optional[str] = None,
         join_timeout: Optional[float] = None,
+        cuda_path: Optional[str] = None,
     ) -> None:
         if active_ranks is not None:
             if not isinstance(active_ranks, torch.Tensor):
@@ -133,6 +140,9 @@ class MooncakeBackendOptions:
         self.host = host or os.environ.get("MOONCAKE_HOST")
         jt = join_timeout if join_timeout is not None else _env_float("MOONCAKE_JOIN_TIMEOUT_S")
         self.join_timeout = 60.0 if jt is None else jt
+        from .cuda_direct import resolve_mode
+
+        self.cuda_path = resolve_mode(cuda_path)
 
     def __repr__(self) -> str:
         return (

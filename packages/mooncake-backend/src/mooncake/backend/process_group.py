@@ -22,6 +22,7 @@ import torch.distributed as dist
 from . import collectives as algo
 from . import wire
 from .active import ActiveMask
+from .cuda_direct import CudaPath, check_capture
 from .errors import EvictedError
 from .exchange import Exchange, ScratchPool
 from .membership import Membership
@@ -120,6 +121,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self.membership = Membership(
             self, store, rank, size, cap, list(global_ranks), str(group_id)
         )
+        self._cuda = None if device_type == "cpu" else CudaPath(self, self._opts.cuda_path)
         _groups.add(self)
         self._publish(force=True)
 
@@ -223,10 +225,17 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if self._device_type == "cpu":
             self.run_op(kind, sig, lambda x: body(x, ins, outs))
             return _done(result)
+        check_capture(kind)
         si, so = Staged(ins, False), Staged(outs, True)
         self.run_op(kind, sig, lambda x: body(x, si.host, so.host))
         so.finish()
         return _done(result)
+
+    def _direct(self, kind: str, tensors: Sequence[torch.Tensor]) -> Optional[CudaPath]:
+        """The same-host CUDA IPC path (``cuda_direct``) when this op takes it, else None."""
+        if self._cuda is not None and self._cuda.usable(kind, tensors):
+            return self._cuda
+        return None
 
     # ------------------------------------------------------------ collectives
     def allreduce(self, tensors, opts=None):
@@ -251,6 +260,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("tensors", tensors, self._device_type)
         for t in tensors:
             check_op(op, t.dtype)
+        if d := self._direct("allreduce", tensors):
+            return d.allreduce(tensors, op)
         sig = (op, tuple((t.dtype, t.numel()) for t in tensors))
 
         def body(x, ins, outs):
@@ -267,6 +278,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         root = opts.rootRank if opts is not None else 0
         self._check_root(root)
         _check_tensors("tensors", tensors, self._device_type)
+        if d := self._direct("broadcast", tensors):
+            return d.broadcast(tensors, root)
         sig = (root, tuple((str(t.dtype), t.numel()) for t in tensors))
 
         def body(x, ins, outs):
@@ -295,6 +308,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self._check_list("output_tensors", outs, t)
         _check_tensors("input_tensors", input_tensors, self._device_type)
         flat_outs = [o for outs in output_tensors for o in outs]
+        if len(input_tensors) == 1 and (d := self._direct("allgather", flat_outs)):
+            return d.allgather(output_tensors[0], input_tensors[0], output_tensors)
         sig = tuple((str(t.dtype), t.numel()) for t in input_tensors)
         n = self.size()
 
@@ -314,6 +329,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("output", [output], self._device_type)
         _check_tensors("input", [input], self._device_type)
         self._check_split(output, input, "output", "input")
+        if d := self._direct("allgather", [output, input]):
+            return d.allgather(list(output.view(self.size(), -1).unbind(0)), input, [output])
         sig = (str(input.dtype), input.numel())
 
         def body(x, ins, outs):
@@ -364,6 +381,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("output_tensors", [out], self._device_type)
         self._check_list("input_tensors", ins, out)
         check_op(op, out.dtype)
+        if d := self._direct("reduce_scatter", [out, *ins]):
+            return d.reduce_scatter(out, ins, op, output_tensors)
         sig = (op, str(out.dtype), out.numel())
 
         def body(x, i, o):
@@ -380,6 +399,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("input", [input], self._device_type)
         self._check_split(input, output, "input", "output")
         check_op(op, output.dtype)
+        if d := self._direct("reduce_scatter", [output, input]):
+            ins = list(input.view(self.size(), -1).unbind(0))
+            return d.reduce_scatter(output, ins, op, [output])
         sig = (op, str(output.dtype), output.numel())
 
         def body(x, i, o):

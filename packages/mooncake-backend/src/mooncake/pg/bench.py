@@ -8,6 +8,13 @@ Examples::
     python -m mooncake.pg.bench --world 4 -c all_reduce --gap-us 20000 --mpi
     python -m mooncake.pg.bench --world 4 --fault kill --trials 20
     python -m mooncake.pg.bench --world 4 --fault stop --trials 3
+    python -m mooncake.pg.bench --world 2 --device cuda --cuda-path direct,staged \
+        -c all_reduce,all_gather --dtype bfloat16 -b 4K -e 256M -f 4
+
+``--cuda-path direct,staged`` (with ``--device cuda``) compares the ``"mooncake"`` backend's
+CUDA paths in the same processes (one group per path, ``MooncakeBackendOptions(cuda_path=)``);
+ratio = direct / staged. CUDA ops are timed to completion (``torch.cuda.synchronize()`` after
+each op), and the device's own copy bandwidth (``copy_`` of 256 MiB) is printed next to them.
 
 By default the bench measures what users get: torch's default intra-op threads in every rank
 (what ``mp.spawn`` leaves; ``--threads N`` sets N for both backends alike) and each op timed
@@ -83,6 +90,12 @@ def _pin(rank: int) -> None:
     os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
 
 
+def backend_spec(name: str) -> tuple[str, dict]:
+    """``"mooncake:direct"`` -> ("mooncake", {"cuda_path": "direct"}) (``--cuda-path``)."""
+    base, _, path = name.partition(":")
+    return base, ({"cuda_path": path} if path else {})
+
+
 def _init(rank: int, world: int, port: int, backend: str, **opts):
     import warnings
 
@@ -104,6 +117,8 @@ def _init(rank: int, world: int, port: int, backend: str, **opts):
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     kw = {}
+    backend, extra = backend_spec(backend)
+    opts.update(extra)
     if backend.startswith("mooncake"):
         kw["pg_options"] = pg.MooncakeBackendOptions(
             torch.ones(opts.pop("cap", world), dtype=torch.int32, device="cpu"), **opts
@@ -118,11 +133,26 @@ def _init(rank: int, world: int, port: int, backend: str, **opts):
     )
 
 
-def _op(coll: str, nbytes: int, world: int, group, device: str):
+def _op(coll: str, nbytes: int, world: int, group, device: str, dtype: str = "float32"):
     import torch
+
+    op = _op_of(coll, nbytes, world, group, device, getattr(torch, dtype))
+    if not device.startswith("cuda"):
+        return op
+
+    def timed():  # stream-ordered ops: time them to completion
+        op()
+        torch.cuda.synchronize()
+
+    return timed
+
+
+def _op_of(coll: str, nbytes: int, world: int, group, device: str, dtype):
+    import torch as _t
     import torch.distributed as dist
 
-    n = max(1, nbytes // 4)
+    torch = _Torch(_t, dtype)  # ones / empty in ``dtype``
+    n = max(1, nbytes // dtype.itemsize)
     n -= n % world
     n = max(n, world)
     if coll == "all_reduce":
@@ -144,6 +174,19 @@ def _op(coll: str, nbytes: int, world: int, group, device: str):
         t = torch.ones(n, device=device)
         return lambda: dist.broadcast(t, src=0, group=group)
     raise ValueError(f"unknown collective {coll!r}")
+
+
+class _Torch:
+    """``torch.ones`` / ``torch.empty`` with a fixed dtype (for ``_op_of``)."""
+
+    def __init__(self, torch, dtype) -> None:
+        self.t, self.dtype = torch, dtype
+
+    def ones(self, n, device):
+        return self.t.ones(n, device=device, dtype=self.dtype)
+
+    def empty(self, n, device):
+        return self.t.empty(n, device=device, dtype=self.dtype)
 
 
 def _time_ops(op, barrier, args) -> list[tuple[float, float, int]]:
@@ -176,15 +219,28 @@ def _perf_worker(rank, world, port, args, q):
         backends = args["backends"]
         if args["pin"]:
             _pin(rank)
+        if args["device"].startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         _init(rank, world, port, backends[0], threads=args["threads"])
         groups = {backends[0]: None}
         for b in backends[1:]:
-            groups[b] = dist.new_group(backend=b)
+            base, extra = backend_spec(b)
+            kw = {}
+            if extra:
+                import mooncake.pg as pg
+
+                kw["pg_options"] = pg.MooncakeBackendOptions(**extra)
+            groups[b] = dist.new_group(backend=base, **kw)
         rows = []
         rounds = args["reps"] if args["back_to_back"] else args["iters"]
         for coll in args["collectives"]:
             for size in args["sizes"]:
-                ops = {b: _op(coll, size, world, g, args["device"]) for b, g in groups.items()}
+                ops = {
+                    b: _op(coll, size, world, g, args["device"], args["dtype"])
+                    for b, g in groups.items()
+                }
                 bars = {b: (lambda g=g: dist.barrier(group=g)) for b, g in groups.items()}
                 for b in backends:
                     for _ in range(args["warmup"]):
@@ -332,6 +388,7 @@ def run_perf(args) -> list[dict]:
         "threads": args.threads,
         "gap_s": args.gap_us / 1e6,
         "back_to_back": args.back_to_back,
+        "dtype": args.dtype,
     }
     procs = [
         ctx.Process(target=_perf_worker, args=(r, args.world, port, cfg, q), daemon=True)
@@ -359,6 +416,23 @@ def run_perf(args) -> list[dict]:
                 if row["collective"] == "all_reduce" and row["bytes"] in mpi:
                     row["time_s"]["mpi"] = mpi[row["bytes"]]
     return rows
+
+
+def device_copy_bw(nbytes: int = 256 << 20, iters: int = 10) -> Optional[float]:
+    """GB/s of a device-to-device ``copy_`` of ``nbytes`` (bytes copied / time)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return nbytes * iters / (time.perf_counter() - t0) / 1e9
 
 
 # ----------------------------------------------------------------------------- MPICH column
@@ -593,6 +667,13 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="mooncake-cpu,gloo")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="element type of the tensors (torch name)")
+    ap.add_argument(
+        "--cuda-path",
+        default=None,
+        help="with --device cuda: compare the mooncake backend's CUDA paths, e.g. direct,staged "
+        "(replaces --backends; ratio = first / second)",
+    )
     ap.add_argument(
         "--pin",
         choices=["auto", "on", "off"],
@@ -624,6 +705,20 @@ def main(argv=None) -> int:
         ap.error(f"--gap-us must be >= 0, got {args.gap_us}")
     if args.world < 2:
         ap.error(f"--world must be >= 2, got {args.world}")
+    import torch
+
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        ap.error(f"--dtype {args.dtype!r} is not a torch dtype")
+    if args.cuda_path:
+        from mooncake.backend.cuda_direct import MODES
+
+        paths = [p.strip() for p in args.cuda_path.split(",") if p.strip()]
+        bad = [p for p in paths if p not in MODES]
+        if bad or not paths:
+            ap.error(f"--cuda-path {args.cuda_path!r}: each entry must be one of {MODES}")
+        if not args.device.startswith("cuda"):
+            ap.error(f"--cuda-path needs --device cuda, got --device {args.device}")
+        args.backends = ",".join(f"mooncake:{p}" for p in paths)
     if args.fault:
         args.victim = args.world // 2 if args.victim is None else args.victim
         if not 0 <= args.victim < args.world:
@@ -652,8 +747,13 @@ def main(argv=None) -> int:
             f"threads={args.threads or 'default'} "
             + ("back-to-back" if args.back_to_back else f"per-op gap_us={args.gap_us:g}")
         )
+        copy_bw = device_copy_bw() if args.device.startswith("cuda") else None
+        if copy_bw:
+            print(f"# device copy bandwidth: {copy_bw:.1f} GB/s (copy_ of 256 MiB, bytes / time)")
         print_perf(rows, args.backends.split(","), args.world)
         out = {"world": args.world, "backends": args.backends.split(","), "rows": rows}
+        if copy_bw:
+            out["device_copy_GBps"] = copy_bw
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
