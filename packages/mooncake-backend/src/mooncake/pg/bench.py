@@ -8,8 +8,13 @@ Examples::
     python -m mooncake.pg.bench --world 4 -c all_reduce --gap-us 20000 --mpi
     python -m mooncake.pg.bench --world 4 --fault kill --trials 20
     python -m mooncake.pg.bench --world 4 --fault stop --trials 3
+    python -m mooncake.pg.bench --world 2 --device cuda --backends mooncake,nccl
     python -m mooncake.pg.bench --world 2 --device cuda --cuda-path direct,staged \
         -c all_reduce,all_gather --dtype bfloat16 -b 4K -e 256M -f 4
+
+``--backends mooncake,nccl`` (with ``--device cuda``) adds NCCL where it can run: one GPU per
+rank. Elsewhere (CPU tensors, fewer GPUs than ranks: NCCL refuses two ranks on one GPU) the
+column is skipped and the reason printed.
 
 ``--cuda-path direct,staged`` (with ``--device cuda``) compares the ``"mooncake"`` backend's
 CUDA paths in the same processes (one group per path, ``MooncakeBackendOptions(cuda_path=)``);
@@ -43,7 +48,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import signal
 import socket
 import statistics
 import sys
@@ -274,89 +278,6 @@ def merge_rows(per_rank: list[list[dict]]) -> list[dict]:
     return out
 
 
-def _fault_member(rank, world, port, q, hb_timeout):
-    """Loop 1 KiB all_reduces, recording (start, end, active mask); recover replacements."""
-    try:
-        import torch
-        import torch.distributed as dist
-
-        import mooncake.pg as pg
-
-        _init(rank, world, port, "mooncake-cpu", heartbeat_timeout=hb_timeout)
-        t = torch.ones(256, device="cpu")
-        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
-        dist.barrier()
-        q.put(("ready", rank))
-        _serve(rank, world, q, t, backend, pg, dist)
-    except BaseException as e:
-        import traceback
-
-        q.put(("error", f"rank {rank}: {e}\n{traceback.format_exc()}"))
-
-
-def _serve(rank, world, q, t, backend, pg, dist):
-
-    while True:
-        t0 = time.time()
-        dist.all_reduce(t)
-        t1 = time.time()
-        act = pg.get_active_ranks().tolist()
-        if t[0].item() < 0:  # stop signal: a negative value broadcast by the driver's command
-            break
-        t.fill_(1.0)
-        if not all(act):
-            dead = [r for r, a in enumerate(act) if not a]
-            q.put(("failure_seen", rank, t0, t1, dead))
-            while True:
-                (ready,) = pg.get_peer_state(backend, [dead[0]])
-                if ready:
-                    pg.recover_ranks(backend, [dead[0]])
-                    break
-                dist.all_reduce(t)
-                t.fill_(1.0)
-            q.put(("recovered", rank, time.time()))
-        if rank == 0 and os.path.exists(_STOP_FILE.format(os.getppid())):
-            t.fill_(-1e9)
-
-
-_STOP_FILE = "/tmp/mooncake-pg-bench-stop-{}"
-
-
-def _fault_joiner(rank, world, port, q, hb_timeout):
-    try:
-        import torch
-        import torch.distributed as dist
-
-        import mooncake.pg as pg
-
-        t_start = time.time()
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-        dist.init_process_group(
-            backend="mooncake-cpu",
-            store=store,
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
-            pg_options=pg.MooncakeBackendOptions(
-                torch.ones(world, dtype=torch.int32, device="cpu"),
-                is_extension=True,
-                heartbeat_timeout=hb_timeout,
-            ),
-        )
-        pg.join_group(timeout=60)
-        t = torch.ones(256, device="cpu")
-        dist.all_reduce(t)
-        q.put(("joined", rank, t_start, time.time()))
-        t.fill_(1.0)
-        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
-        _serve(rank, world, q, t, backend, pg, dist)
-    except BaseException as e:
-        import traceback
-
-        q.put(("error", f"joiner {rank}: {e}\n{traceback.format_exc()}"))
-
-
-# ----------------------------------------------------------------------------- drivers
 def _should_pin(args) -> bool:
     if args.pin == "auto":
         return args.world > len(os.sched_getaffinity(0))
@@ -410,12 +331,34 @@ def run_perf(args) -> list[dict]:
         p.join(timeout=30)
     rows = merge_rows([per_rank[r] for r in range(args.world)])
     if args.mpi:
+        from .bench_mpi import run_mpi
+
         mpi = run_mpi(args, sizes) if "all_reduce" in colls else None
         if mpi:
             for row in rows:
                 if row["collective"] == "all_reduce" and row["bytes"] in mpi:
                     row["time_s"]["mpi"] = mpi[row["bytes"]]
     return rows
+
+
+def nccl_unavailable(world: int, device: str) -> Optional[str]:
+    """Why NCCL cannot run this world here (None: it can). NCCL needs CUDA tensors and one GPU
+    per rank: several ranks on one GPU are refused by NCCL ("Duplicate GPU detected")."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return f"NCCL moves CUDA tensors only (--device {device})"
+    if not torch.cuda.is_available():
+        return "no CUDA device here"
+    if not torch.distributed.is_nccl_available():
+        return "this torch build has no NCCL"
+    n = torch.cuda.device_count()
+    if n < world:
+        return (
+            f"NCCL needs one GPU per rank: --world {world} but {n} GPU(s) visible (several ranks "
+            "on one GPU is not a configuration NCCL runs)"
+        )
+    return None
 
 
 def device_copy_bw(nbytes: int = 256 << 20, iters: int = 10) -> Optional[float]:
@@ -433,77 +376,6 @@ def device_copy_bw(nbytes: int = 256 << 20, iters: int = 10) -> Optional[float]:
         dst.copy_(src)
     torch.cuda.synchronize()
     return nbytes * iters / (time.perf_counter() - t0) / 1e9
-
-
-# ----------------------------------------------------------------------------- MPICH column
-def _mpiexec() -> Optional[str]:
-    import importlib.util
-    import shutil
-
-    if importlib.util.find_spec("mpi4py") is None:
-        return None
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return here if os.path.exists(here) else shutil.which("mpiexec")
-
-
-def run_mpi(args, sizes: list[int]) -> Optional[dict[int, float]]:
-    """MPICH's MPI_Allreduce (float32, SUM) at ``sizes``, timed like the main run: size ->
-    median seconds (slowest rank per op). None, with a note, when mpi4py/mpiexec are absent."""
-    import subprocess
-
-    exe = _mpiexec()
-    if exe is None:
-        print(
-            "--mpi: mpi4py / mpiexec not installed (pip install mpich mpi4py); skipped",
-            file=sys.stderr,
-        )
-        return None
-    cfg = {
-        "sizes": sizes, "warmup": args.warmup, "iters": args.iters, "reps": args.reps,
-        "gap_s": args.gap_us / 1e6, "back_to_back": args.back_to_back, "pin": _should_pin(args),
-    }  # fmt: skip
-    cmd = [exe, "-n", str(args.world), sys.executable, "-m", "mooncake.pg.bench",
-           "--mpi-worker", json.dumps(cfg)]  # fmt: skip
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=True)
-    except (subprocess.SubprocessError, OSError) as e:
-        print(f"--mpi: {' '.join(cmd[:3])} failed: {e}; skipped", file=sys.stderr)
-        return None
-    for line in out.stdout.splitlines():
-        if line.startswith("MPIRESULT "):
-            return {int(k): v for k, v in json.loads(line[10:]).items()}
-    print(f"--mpi: no result from mpiexec; skipped ({out.stderr[-300:]})", file=sys.stderr)
-    return None
-
-
-def _mpi_worker(cfg: dict) -> None:
-    import array
-
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank, world = comm.Get_rank(), comm.Get_size()
-    if cfg["pin"]:
-        _pin(rank)
-    res = {}
-    for size in cfg["sizes"]:
-        n = max(world, max(1, size // 4) - max(1, size // 4) % world)
-        src = array.array("f", bytes(4 * n))
-        dst = array.array("f", bytes(4 * n))
-
-        def op(src=src, dst=dst):
-            comm.Allreduce([src, MPI.FLOAT], [dst, MPI.FLOAT], op=MPI.SUM)
-
-        for _ in range(cfg["warmup"]):
-            op()
-        mine = []
-        for _ in range(cfg["reps"] if cfg["back_to_back"] else cfg["iters"]):
-            mine += _time_ops(op, comm.Barrier, cfg)
-        allr = comm.gather(mine, root=0)
-        if rank == 0:
-            res[size] = statistics.median(op_time(col) for col in zip(*allr))
-    if rank == 0:
-        print("MPIRESULT " + json.dumps(res), flush=True)
 
 
 def print_perf(rows, backends, world) -> None:
@@ -531,91 +403,6 @@ def print_perf(rows, backends, world) -> None:
             row["ratio"] = row["time_s"][backends[0]] / row["time_s"][ref]
             line += f"{row['ratio']:>8.3f}"
         print(line, flush=True)
-
-
-def run_fault(args) -> dict:
-    import torch.distributed as dist
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
-    world, victim = args.world, args.victim
-    hb = args.heartbeat_timeout
-    procs = {
-        r: ctx.Process(target=_fault_member, args=(r, world, port, q, hb), daemon=True)
-        for r in range(world)
-    }
-    for p in procs.values():
-        p.start()
-    ready: set = set()
-    deadline = time.monotonic() + 120
-    while len(ready) < world:
-        msg = q.get(timeout=max(1.0, deadline - time.monotonic()))
-        if msg[0] == "error":
-            raise RuntimeError(msg[1])
-        if msg[0] == "ready":
-            ready.add(msg[1])
-    time.sleep(args.settle)
-    results = {"mode": args.fault, "world": world, "victim": victim, "trials": []}
-    try:
-        for trial in range(args.trials):
-            time.sleep(0.3)
-            t_fault = time.time()
-            os.kill(procs[victim].pid, signal.SIGSTOP if args.fault == "stop" else signal.SIGKILL)
-            seen, recovered = {}, {}
-            joined = None
-            deadline = time.monotonic() + 60
-            joiner_started = False
-            while (len(recovered) < world - 1 or joined is None) and time.monotonic() < deadline:
-                try:
-                    msg = q.get(timeout=0.5)
-                except Exception:
-                    continue
-                if msg[0] == "error":
-                    raise RuntimeError(msg[1])
-                if msg[0] == "failure_seen":
-                    seen[msg[1]] = msg[3]
-                    if len(seen) == world - 1 and not joiner_started:
-                        if args.fault == "stop":
-                            os.kill(procs[victim].pid, signal.SIGKILL)
-                        procs[victim].join(timeout=5)
-                        procs[victim] = ctx.Process(
-                            target=_fault_joiner, args=(victim, world, port, q, hb), daemon=True
-                        )
-                        procs[victim].start()
-                        joiner_started = True
-                elif msg[0] == "recovered":
-                    recovered[msg[1]] = msg[2]
-                elif msg[0] == "joined":
-                    joined = (msg[2], msg[3])
-            if joined is None:
-                raise RuntimeError(f"trial {trial}: the replacement did not join in time")
-            lat = max(seen.values()) - t_fault
-            results["trials"].append({"detect_s": lat, "join_first_op_s": joined[1] - joined[0]})
-            print(
-                f"  trial {trial}: survivors' op returned {lat * 1e3:.1f} ms after the "
-                f"{'kill' if args.fault == 'kill' else 'stop'}; replacement's first full-world op "
-                f"{(joined[1] - joined[0]) * 1e3:.0f} ms after its init started",
-                flush=True,
-            )
-    finally:
-        open(_STOP_FILE.format(os.getpid()), "w").close()
-        time.sleep(1.0)
-        for p in procs.values():
-            if p.is_alive():
-                p.kill()
-        os.unlink(_STOP_FILE.format(os.getpid()))
-    det = sorted(t["detect_s"] for t in results["trials"])
-    joins = sorted(t["join_first_op_s"] for t in results["trials"])
-    pick = lambda v, p: v[min(len(v) - 1, round(p * (len(v) - 1)))]  # noqa: E731
-    results["summary"] = {
-        "survivor_latency_ms_median": statistics.median(det) * 1e3,
-        "survivor_latency_ms_p99": pick(det, 0.99) * 1e3,
-        "join_first_op_ms_median": statistics.median(joins) * 1e3,
-        "join_first_op_ms_max": joins[-1] * 1e3,
-    }
-    return results
 
 
 def main(argv=None) -> int:
@@ -692,6 +479,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot")
     args = ap.parse_args(argv)
     if args.mpi_worker:
+        from .bench_mpi import _mpi_worker
+
         _mpi_worker(json.loads(args.mpi_worker))
         return 0
     if args.iters is None:
@@ -719,6 +508,15 @@ def main(argv=None) -> int:
         if not args.device.startswith("cuda"):
             ap.error(f"--cuda-path needs --device cuda, got --device {args.device}")
         args.backends = ",".join(f"mooncake:{p}" for p in paths)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if "nccl" in backends:
+        why = nccl_unavailable(args.world, args.device)
+        if why:
+            print(f"# nccl column skipped: {why}", flush=True)
+            backends.remove("nccl")
+            if not backends:
+                ap.error("--backends: nothing left to run without nccl")
+        args.backends = ",".join(backends)
     if args.fault:
         args.victim = args.world // 2 if args.victim is None else args.victim
         if not 0 <= args.victim < args.world:
@@ -729,6 +527,8 @@ def main(argv=None) -> int:
                 "dead, and one survivor of two is not a majority, so it raises EvictedError "
                 "(the backend README's membership safety rule)"
             )
+        from .bench_faults import run_fault
+
         res = run_fault(args)
         s = res["summary"]
         print(
