@@ -44,6 +44,7 @@ import os
 import struct
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
@@ -75,6 +76,7 @@ def _env_bytes(name: str, default: int) -> int:
 # for both ops (all_reduce below 64 KiB stays on the one-message direct path).
 ALLREDUCE_MIN_BYTES = _env_bytes("MOONCAKE_BULK_ALLREDUCE_MIN", 64 * 1024)
 BROADCAST_MIN_BYTES = _env_bytes("MOONCAKE_BULK_BROADCAST_MIN", 96 * 1024)
+ALLGATHER_MIN_BYTES = _env_bytes("MOONCAKE_BULK_ALLGATHER_MIN", 64 * 1024)
 
 _ALIGN = 4096
 # READY payload: region offset, payload bytes, host id length; then the host id and the descriptor.
@@ -119,6 +121,12 @@ class Arena:
         self.halves = (_Half(), _Half())
         # group rank -> descriptor -> (RemoteSegment, uint8 tensor over the mapping or None)
         self.remote: dict[int, OrderedDict[bytes, tuple[object, Optional[torch.Tensor]]]] = {}
+        # (group rank, parity) -> (host id, descriptor) of the peer's arena half last mapped,
+        # and group rank -> ((seq, attempt), cursor): the peer's bump cursor as this rank
+        # predicts it (the READY tables of ``_ready_table``).
+        self.known: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        self.shadow: dict[int, tuple[tuple[int, int], int]] = {}
+        self.predicted = 0  # READY tables whose every prediction held (tests, debugging)
 
     def region(self, x: Exchange, nbytes: int) -> tuple[bytes, int, torch.Tensor]:
         """A fresh region of this op attempt: (descriptor, offset, uint8 tensor of nbytes)."""
@@ -186,6 +194,28 @@ class Arena:
         """Drop mappings of ranks that left the group (a replacement brings a new arena)."""
         for r in [r for r in self.remote if r not in members]:
             del self.remote[r]
+        for k in [k for k in self.known if k[0] not in members]:
+            del self.known[k]
+
+    def predict(self, x: Exchange, r: int, nbytes: int) -> Optional[tuple[bytes, _Source]]:
+        """Peer ``r``'s READY for its next region of ``nbytes`` in this op attempt, as ``r``
+        sends it when its arena half did not grow since this rank last mapped it, with the
+        mapping to read it from; None when this rank has no mapping of that half to offer."""
+        key = (x.seq, x.attempt)
+        op, cursor = self.shadow.get(r, ((-1, -1), 0))
+        if op != key:
+            cursor = 0
+        need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        self.shadow[r] = (key, cursor + need)  # as ``region`` bumps it
+        known = self.known.get((r, x.seq & 1))
+        if known is None:
+            return None
+        host, desc = known
+        got = self.remote.get(r, {}).get(desc)
+        if got is None or got[1] is None:
+            return None
+        entry = _READY.pack(cursor, nbytes, len(host)) + host + desc
+        return entry, _Source(got[0], got[1], cursor)
 
 
 _arenas: weakref.WeakKeyDictionary[ScratchPool, Arena] = weakref.WeakKeyDictionary()
@@ -214,10 +244,7 @@ def _pack_ready(arena: Arena, desc: bytes, off: int, nbytes: int) -> bytes:
     return _READY.pack(off, nbytes, len(arena.host_id)) + arena.host_id + desc
 
 
-def _recv_ready(x: Exchange, src: int, nbytes: int) -> Optional[_Ready]:
-    data = x.recv_bytes(src, _PH_READY)
-    if data is None:
-        return None
+def _parse_ready(x: Exchange, src: int, data: bytes, nbytes: int) -> Optional[_Ready]:
     if len(data) < _READY.size:
         x.note_mismatch(src, "sent data this rank's op does not expect (different op?)")
         return None
@@ -228,8 +255,18 @@ def _recv_ready(x: Exchange, src: int, nbytes: int) -> Optional[_Ready]:
         )
         return None
     host = data[_READY.size : _READY.size + hl]
-    faults.hit("data_recv")
     return _Ready(off, n, host, data[_READY.size + hl :])
+
+
+def _recv_readies(x: Exchange, nbytes: int) -> dict[int, _Ready]:
+    """Every peer's READY, in one wait."""
+    out: dict[int, _Ready] = {}
+    for p, data in x.recv_bytes_each(x.peers, _PH_READY).items():
+        faults.hit("data_recv")
+        got = _parse_ready(x, p, data, nbytes)
+        if got is not None:
+            out[p] = got
+    return out
 
 
 class _Source:
@@ -297,11 +334,7 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
         _copy(mine[my_s + my_n :], flat[my_s + my_n :])
     # 2. READY
     x.send_many(x.peers, _PH_READY, raw=_pack_ready(arena, desc, off, nbytes))
-    readies: dict[int, _Ready] = {}
-    for p in x.peers:
-        got = _recv_ready(x, p, nbytes)
-        if got is not None:
-            readies[p] = got
+    readies = _recv_readies(x, nbytes)
     arena.forget_others(members)
     if len(readies) != len(x.peers) or x.failed or x.mismatch:
         x.send_many(x.peers, _PH_REDUCED, raw=b"\0")  # whoever waits for it learns at once
@@ -386,29 +419,153 @@ def allreduce(x: Exchange, flat: torch.Tensor, op: str) -> Optional[Commit]:
     return commit
 
 
+# ------------------------------------------------------------------------ READY tables
+_LEN = struct.Struct("<H")
+
+
+def _ready_table(
+    x: Exchange, arena: Arena, owners: list[int], nbytes: int, mine: bytes, last: bool
+) -> Optional[dict[int, _Source]]:
+    """The data phase of an op that reads the arena regions of ``owners`` (members; this rank's
+    own READY is ``mine`` when it is one): one symmetric message round in which every rank sends
+    every peer the same kind of table, one entry per owner: its own READY, and for the other
+    owners the READY this rank predicts they send (``Arena.predict``: their arena half did not
+    grow since this rank mapped it), or an empty entry. Every rank waits for every peer's table
+    before its vote, so every vote follows a data message that every peer waited for (see
+    ``protocol.agree``'s stall rule).
+
+    When all tables are byte-identical, every prediction was right: every rank already holds a
+    mapping of every region it reads, and with ``last`` (the op's only communication)
+    ``Exchange.exchange_bytes`` runs the agreement's first round (and the commit decision) in
+    the same native call. Otherwise each owner's own entry
+    of its table is its READY: this rank opens the regions it did not predict before its vote.
+    Returns owner -> source of its region (peers only), or None when a peer failed or
+    mismatched (the agreement then decides)."""
+    preds: dict[int, _Source] = {}
+    parts = []
+    for o in owners:
+        entry = mine
+        if o != x.me:
+            got = arena.predict(x, o, nbytes)
+            entry = b""
+            if got is not None:
+                entry, preds[o] = got
+        parts.append(_LEN.pack(len(entry)) + entry)
+    payload = b"".join(parts)
+    tables = x.exchange_bytes(x.peers, _PH_READY, payload, last)
+    arena.forget_others(x.members)
+    if x.voted is None:  # the step-by-step path: a fault point per message
+        for _ in tables:
+            faults.hit("data_recv")
+    srcs: dict[int, _Source] = {}
+    for k, o in enumerate(owners):
+        if o == x.me:
+            continue
+        table = tables.get(o)
+        if table is None:
+            continue  # failed (recorded) or mismatched
+        if table == payload and o in preds:
+            srcs[o] = preds[o]  # its READY is the one predicted: a region already mapped
+            continue
+        entry = _table_entry(table, k)
+        ready = None if entry is None else _parse_ready(x, o, entry, nbytes)
+        if ready is None:
+            if x.mismatch is None:
+                x.note_mismatch(o, "sent a READY table this rank's op does not expect")
+            continue
+        src = _open(x, arena, o, ready)
+        if src is None:
+            continue
+        if src.buf is not None:
+            arena.known[(o, x.seq & 1)] = (ready.host, ready.desc)
+        srcs[o] = src
+    if len(srcs) != len(owners) - (x.me in owners) or x.failed or x.mismatch:
+        return None
+    if len(preds) == len(srcs) and all(srcs[o] is preds[o] for o in srcs):
+        arena.predicted += 1
+    return srcs
+
+
+def _table_entry(table: bytes, k: int) -> Optional[bytes]:
+    off = 0
+    for _ in range(k + 1):
+        if off + _LEN.size > len(table):
+            return None
+        (n,) = _LEN.unpack_from(table, off)
+        start, off = off + _LEN.size, off + _LEN.size + n
+    return table[start:off] if off <= len(table) else None
+
+
 # ---------------------------------------------------------------------------------- broadcast
-def broadcast(x: Exchange, flat: torch.Tensor, root: int) -> Optional[Commit]:
-    """Arena broadcast; None when the arena path does not apply."""
+def broadcast(x: Exchange, flat: torch.Tensor, root: int, last: bool) -> Optional[Commit]:
+    """Arena broadcast (the root copies its tensor into its arena once; receivers copy from the
+    mapping at commit); None when the arena path does not apply. The READY table round
+    (``_ready_table``) has one entry, the root's READY."""
     arena = arena_for(x)
     if arena is None:
         return None
     if root not in x.members:
         return no_commit
     nbytes = flat.numel() * flat.element_size()
+    mine = b""
     if x.me == root:
         desc, off, region = arena.region(x, nbytes)
         _copy(region, flat)
-        x.send_many(x.peers, _PH_READY, raw=_pack_ready(arena, desc, off, nbytes))
-        arena.forget_others(x.members)
+        mine = _pack_ready(arena, desc, off, nbytes)
+    srcs = _ready_table(x, arena, [root], nbytes, mine, last)
+    if x.me == root or srcs is None:
         return no_commit
-    ready = _recv_ready(x, root, nbytes)
-    arena.forget_others(x.members)
-    if ready is None:
-        return no_commit
-    src = _open(x, arena, root, ready)
-    if src is None:
-        return no_commit
-    data = _read(x, root, src, 0, nbytes, flat.dtype, x.scratch_scope() + "bcast")
+    data = _read(x, root, srcs[root], 0, nbytes, flat.dtype, x.scratch_scope() + "bcast")
     if data is None:
         return no_commit
     return lambda: _copy(flat, data)
+
+
+# ---------------------------------------------------------------------------------- all-gather
+def allgather(
+    x: Exchange, outs: Sequence[torch.Tensor], flat: torch.Tensor, last: bool
+) -> Optional[Commit]:
+    """Arena all-gather: ``outs[r]`` (contiguous, ``flat``'s size each) receives member r's
+    ``flat``, slots of non-members are zeroed; None when the arena path does not apply.
+
+    Each rank copies its part into its arena once; one READY table round (``_ready_table``,
+    every member an owner); each rank has mapped every peer's region before its vote (a peer
+    that dies after sending its table leaves the mapping valid) and copies the parts from the
+    mappings at commit, so ``outs`` are untouched until then. Peers that cannot be mapped are
+    read with one-sided engine reads into scratch before the agreement (the commit must not
+    depend on a peer that may die after it)."""
+    arena = arena_for(x)
+    if arena is None:
+        return None
+    nbytes = flat.numel() * flat.element_size()
+    desc, off, region = arena.region(x, nbytes)
+    _copy(region.view(flat.dtype), flat)
+    mine = _pack_ready(arena, desc, off, nbytes)
+    srcs = _ready_table(x, arena, x.members, nbytes, mine, last)
+    if srcs is None:
+        return no_commit
+    parts: dict[int, torch.Tensor] = {}
+    scope = ""
+    for p, src in srcs.items():
+        if src.buf is None and not scope:
+            scope = x.scratch_scope()
+        t = _read(x, p, src, 0, nbytes, flat.dtype, f"{scope}ag{p}")
+        if t is None:
+            return no_commit
+        parts[p] = t
+    members, me = x.members, x.me
+
+    def commit() -> None:
+        for r, o in enumerate(outs):
+            if r == me:
+                _copy(_flat(o), flat)
+            elif r in parts:
+                _copy(_flat(o), parts[r])
+            elif r not in members:
+                native.zero(o)
+
+    return commit
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)

@@ -90,17 +90,19 @@ def _allreduce_rs_ag(x: Exchange, flat: torch.Tensor, op: str) -> Commit:
     return lambda: native.copy(flat, result, len(x.members))
 
 
-def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
+def broadcast(x: Exchange, t: torch.Tensor, root: int, last: bool = False) -> Commit:
+    """``last``: this call is the op's only communication (not one tensor of a coalesced op),
+    so its one message round may also run the agreement's first round (see ``allreduce``)."""
     flat = t.reshape(-1)
     if root not in x.members:
         return no_commit  # the root failed before: every survivor keeps its tensor unchanged
     nbytes = flat.numel() * flat.element_size()
     if bulk.BROADCAST_MIN_BYTES and nbytes >= bulk.BROADCAST_MIN_BYTES and len(x.members) > 1:
-        c = bulk.broadcast(x, flat, root)  # shared-memory arenas (bulk.py)
+        c = bulk.broadcast(x, flat, root, last)  # shared-memory arenas (bulk.py)
         if c is not None:
             return c
     if nbytes <= SMALL_BROADCAST_BYTES and len(x.members) > 1:
-        return _broadcast_direct(x, flat, root)
+        return _broadcast_direct(x, flat, root, last)
     if x.me == root:
         x.send_many(x.peers, 0, flat)
         return no_commit
@@ -110,7 +112,7 @@ def broadcast(x: Exchange, t: torch.Tensor, root: int) -> Commit:
     return lambda: native.copy(flat, tmp, len(x.members))
 
 
-def _broadcast_direct(x: Exchange, flat: torch.Tensor, root: int) -> Commit:
+def _broadcast_direct(x: Exchange, flat: torch.Tensor, root: int, last: bool) -> Commit:
     """A small broadcast as one symmetric round: the root sends its buffer to every peer, the
     others send the same header without payload, so the data, the agreement's first round and
     the DECIDED run in one native call (``Exchange.exchange(last=True)``), as a small all_reduce
@@ -119,7 +121,7 @@ def _broadcast_direct(x: Exchange, flat: torch.Tensor, root: int) -> Commit:
     # Only the root's row is landed: every other peer's message is the header alone (dest 0).
     dests = [a if p == root else 0 for p, a in zip(x.peers, addrs)]
     got = x.exchange(
-        x.peers, 0, flat, dests, lambda src, n: rows[src] if src == root else None, True,
+        x.peers, 0, flat, dests, lambda src, n: rows[src] if src == root else None, last,
         send=x.me == root,
     )  # fmt: skip
     if x.me == root or root not in got:
@@ -165,9 +167,17 @@ def _collect(x: Exchange, outs: Sequence[torch.Tensor], own: torch.Tensor) -> Co
     return commit
 
 
-def allgather(x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor) -> Commit:
-    """``outs[r]`` receives rank r's ``t``; slots of non-members are zeroed."""
+def allgather(
+    x: Exchange, outs: Sequence[torch.Tensor], t: torch.Tensor, last: bool = False
+) -> Commit:
+    """``outs[r]`` receives rank r's ``t``; slots of non-members are zeroed. ``last``: as for
+    ``broadcast``."""
     flat = t.reshape(-1)
+    nbytes = flat.numel() * flat.element_size()
+    if bulk.ALLGATHER_MIN_BYTES and nbytes >= bulk.ALLGATHER_MIN_BYTES and len(x.members) > 1:
+        c = bulk.allgather(x, outs, flat, last)  # shared-memory arenas (bulk.py)
+        if c is not None:
+            return c
     x.send_many(x.peers, 0, flat)
     return _collect(x, outs, flat)
 

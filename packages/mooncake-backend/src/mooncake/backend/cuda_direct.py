@@ -2,7 +2,7 @@
 
 Which path an op takes is decided per group, identically on every member (``CudaPath.usable``):
 ``cuda_path`` / ``MOONCAKE_BACKEND_CUDA_PATH`` = ``auto``, ``direct`` or ``staged`` (the default
-until the direct path has run on a GPU).
+until the GPU client set has run on the direct path).
 Outside ``staged``, the first CUDA collective after any membership change runs two tiny agreed
 ops ("cuda_path", "cuda_path_ok"): every member reports its host id, GPU uuid, mode and arena
 blob (``cuda_ipc``), each maps every peer's arena, and the group goes direct only when all
@@ -59,8 +59,8 @@ log = logging.getLogger("mooncake.backend")
 MODES = ("auto", "direct", "staged")
 ENV = "MOONCAKE_BACKEND_CUDA_PATH"
 DIRECT_KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter")
-# The default stays the staged path until the direct one has passed its GPU tests
-# (tests/test_cuda_direct.py); ``auto`` / ``direct`` opt in.
+# The default stays the staged path until the GPU client set (tools/clients --gpu) has run on
+# the direct one (its own GPU tests, tests/test_cuda_direct.py, pass); ``auto`` / ``direct`` opt in.
 DEFAULT = "staged"
 _READY_HEAD = struct.Struct("<Q")
 _ALIGN = 256
@@ -104,8 +104,6 @@ def choose(infos: dict[int, dict], oks: Optional[dict[int, str]] = None) -> tupl
     modes = {i.get("mode", "auto") for i in infos.values()}
     if "staged" in modes:
         return False, "a member chose cuda_path=staged"
-    if len(infos) < 2:
-        return False, "one member: nothing to exchange"
     hosts = {i.get("host") for i in infos.values()}
     if len(hosts) != 1 or "" in hosts or None in hosts:
         return False, f"members are on {len(hosts)} hosts (direct needs one host)"
@@ -113,6 +111,8 @@ def choose(infos: dict[int, dict], oks: Optional[dict[int, str]] = None) -> tupl
     if errs:
         r = min(errs)
         return False, f"rank {r} cannot export CUDA IPC memory: {errs[r]}"
+    if len(infos) < 2:
+        return True, "one member: every op is local"
     if oks is None:
         return True, "pending the mapping check"
     bad = {r: e for r, e in oks.items() if e}

@@ -271,14 +271,19 @@ class Exchange:
 
     def recv_bytes(self, src: int, phase: int) -> Optional[bytes]:
         """Receive an inline payload of unknown size (control data)."""
-        got: list[bytes] = []
+        return self.recv_bytes_each((src,), phase).get(src)
+
+    def recv_bytes_each(self, srcs: Iterable[int], phase: int) -> dict[int, bytes]:
+        """One inline payload of unknown size (control data) from each of ``srcs``, in one wait
+        (one native round in the common case): source -> bytes, for those that sent one."""
+        got: dict[int, bytes] = {}
 
         def keep(s: int, msg: Message) -> bool:
-            got.append(bytes_of(msg)[wire.HEADER_SIZE :])
+            got[s] = bytes_of(msg)[wire.HEADER_SIZE :]
             return True
 
-        self._receive((src,), phase, None, keep)
-        return got[0] if got else None
+        self._receive(srcs, phase, None, keep)
+        return got
 
     def recv_each(self, srcs: Iterable[int], phase: int, sink: DataSink) -> set[int]:
         """Receive one payload from each of ``srcs``.
@@ -391,6 +396,66 @@ class Exchange:
         if pending:
             self._drain(pending, phase, sink, None, got)
         return got
+
+    def exchange_bytes(
+        self, peers: list[int], phase: int, payload: bytes, last: bool = False
+    ) -> dict[int, bytes]:
+        """``send_many(peers, phase, raw=payload)`` then ``recv_bytes_each(peers, phase)``, as one
+        native round in the common case. Every peer's message lands there only when it is
+        byte-identical to this rank's own (header and payload alike: the ranks agree on what
+        the payload says, e.g. predicted arena READYs, ``bulk``); with ``last`` (the op's last
+        message round, ``peers`` all the attempt's peers) the same call then runs the
+        agreement's round 0 as ``exchange(last=True)`` does (``voted``) when all of them
+        landed. A peer whose message matched gets ``payload`` in the result; the others' come
+        back as they were sent (source -> payload), and the agreement then runs step by step."""
+        names, failed, mailbox = self.names, self.failed, self.mailbox
+        targets = [names[p] for p in peers]
+        if (
+            failed
+            or faults.armed("data_send")
+            or faults.armed("data_recv")
+            or mailbox.has_back(targets, self.tag)
+        ):
+            self.send_many(peers, phase, raw=payload)
+            return self.recv_bytes_each(peers, phase)
+        head = _pack(self.seq, self.attempt, wire.DATA_INLINE, phase, self.sig, len(payload))
+        head += payload
+        vote = final = b""
+        if last and self.mismatch is None and not faults.armed("agree_send"):
+            vote = wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0)
+            final = wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0)
+        self.sent_at = time.monotonic()
+        rounds, res = mailbox.exchange(
+            targets, self.tag, head, self.deadline - time.monotonic(), self._key,
+            expect=head, second=vote, second_min_timeout=self.grace, then=final,
+            second_max_delay=self.max_gap,
+        )  # fmt: skip
+        if rounds == 2:  # every message matched; res holds the votes
+            self.bytes_sent += len(payload) * len(peers)
+            self.voted = () if all(status is LANDED for status, _ in res) else res
+            return dict.fromkeys(peers, payload)
+        out: dict[int, bytes] = {}
+        got: set[int] = set()
+
+        def keep(src: int, msg: Message) -> bool:
+            out[src] = bytes_of(msg)[wire.HEADER_SIZE :]
+            return True
+
+        pending: dict[str, int] = {}
+        reached = 0
+        for p, name, (status, msg) in zip(peers, targets, res):
+            if status is LANDED:
+                out[p] = payload
+            elif status is MESSAGE:
+                if not self._take(name, p, msg, phase, None, keep, got):
+                    pending[name] = p
+            else:
+                failed.add(p)
+            reached += status is not SEND_FAILED
+        self.bytes_sent += len(payload) * reached
+        if pending:
+            self._drain(pending, phase, None, keep, got)
+        return out
 
     def _drain(
         self,

@@ -283,7 +283,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         sig = (root, tuple((str(t.dtype), t.numel()) for t in tensors))
 
         def body(x, ins, outs):
-            commits = [algo.broadcast(x, t, root) for t in outs]
+            last = len(outs) == 1  # a coalesced op's tensors must not vote one by one
+            commits = [algo.broadcast(x, t, root, last) for t in outs]
             return lambda: [c() for c in commits]
 
         return self._staged("broadcast", sig, [], tensors, body, tensors)
@@ -314,7 +315,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         n = self.size()
 
         def body(x, ins, outs):
-            commits = [algo.allgather(x, outs[i * n : (i + 1) * n], t) for i, t in enumerate(ins)]
+            last = len(ins) == 1
+            commits = [
+                algo.allgather(x, outs[i * n : (i + 1) * n], t, last) for i, t in enumerate(ins)
+            ]
             return lambda: [c() for c in commits]
 
         return self._staged("allgather", sig, input_tensors, flat_outs, body, output_tensors)
@@ -334,7 +338,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         sig = (str(input.dtype), input.numel())
 
         def body(x, ins, outs):
-            return algo.allgather(x, list(outs[0].reshape(self.size(), -1).unbind(0)), ins[0])
+            outs0 = list(outs[0].reshape(self.size(), -1).unbind(0))
+            return algo.allgather(x, outs0, ins[0], True)
 
         return self._staged("allgather", sig, [input], [output], body, [output])
 
