@@ -526,8 +526,8 @@ class TransferEngine:
         *lands*: those bytes are copied to `dests[i]` (raw memory, one address per peer) and
         nothing is returned for it; `dests[i]` = 0 says peer i sends no payload (its message
         lands when it is exactly `expect`; not allowed with `reduce`). Round 2 runs only when
-        every message of round 1 landed and `second` is not empty: `second` is sent to every peer and a peer's message lands when it
-        equals `second`; it waits until `timeout` (counted from the call) or at least
+        every message of round 1 landed and `second` is not empty: `second` is sent to every
+        peer and a peer's message lands when it equals `second`; it waits until `timeout` (counted from the call) or at least
         `second_min_timeout` seconds; with `second_max_delay` (seconds) round 2 runs only if it
         can start within that time after round 1's messages were sent (a caller that stalled
         in between, e.g. stopped, gets back 1 round with every peer landed, nothing more sent
