@@ -520,25 +520,25 @@ class TransferEngine:
         """One or two message rounds in one call, the GIL released throughout (the generic
         round primitive of csrc/rounds.cc; it knows nothing of what the messages mean).
 
-        Round 1 sends `data` (followed by `length` bytes at `addr`) to every peer as
-        `notify_many` does, then takes one message from each peer that was reached as
-        `recv_round` does. A message that is exactly `expect` followed by `dest_len` bytes
-        *lands*: those bytes are copied to `dests[i]` (raw memory, one address per peer) and
-        nothing is returned for it; `dests[i]` = 0 says peer i sends no payload (its message
-        lands when it is exactly `expect`; not allowed with `reduce`). Round 2 runs only when
-        every message of round 1 landed and `second` is not empty: `second` is sent to every
-        peer and a peer's message lands when it equals `second`; it waits until `timeout` (counted from the call) or at least
-        `second_min_timeout` seconds; with `second_max_delay` (seconds) round 2 runs only if it
-        can start within that time after round 1's messages were sent (a caller that stalled
-        in between, e.g. stopped, gets back 1 round with every peer landed, nothing more sent
-        or folded). When every message of the last round run landed and `then`
-        is not empty, `then` is sent to every peer (failures ignored), and first, when `reduce` =
-        (dtype, op, count, self_addr, out_addr, self_pos) is given, the landed rows and this
-        rank's own `count` elements at `self_addr` (at position `self_pos` of the member order:
-        the peers in order, this rank inserted before `peers[self_pos]`) are folded element-wise,
-        left to right, into `out_addr` (which may be `self_addr`): dtype 1 float32, 2 float64,
-        3 int32, 4 int64; op 1 sum, 2 product (floats and integers), 3 min, 4 max (integers
-        only; integers wrap). The result is what torch's binary ops give in the same order.
+        Round 1 sends `data` (followed by `length` bytes at `addr`) to every peer as `notify_many`
+        does, then takes one message from each peer that was reached as `recv_round` does. A message
+        that is exactly `expect` followed by `dest_len` bytes *lands*: those bytes are copied to
+        `dests[i]` (raw memory, one address per peer) and nothing is returned for it; `dests[i]` = 0
+        says peer i sends no payload (its message lands when it is exactly `expect`; not allowed
+        with `reduce`). Round 2 runs only when every message of round 1 landed and `second` is not
+        empty: `second` is sent to every peer and a peer's message lands when it equals `second`; it
+        waits until `timeout` (counted from the call) or at least `second_min_timeout` seconds; with
+        `second_max_delay` (seconds) round 2 runs only if it can start within that time after round
+        1's messages were sent (a caller that stalled in between, e.g. stopped, gets back 1 round
+        with every peer landed, nothing more sent or folded). When every message of the last round
+        run landed and `then` is not empty, `then` is sent to every peer (failures ignored), and
+        first, when `reduce` = (dtype, op, count, self_addr, out_addr, self_pos) is given, the
+        landed rows and this rank's own `count` elements at `self_addr` (at position `self_pos` of
+        the member order: the peers in order, this rank inserted before `peers[self_pos]`) are
+        folded element-wise, left to right, into `out_addr` (which may be `self_addr`): dtype 1
+        float32, 2 float64, 3 int32, 4 int64; op 1 sum, 2 product (floats and integers), 3 min, 4
+        max (integers only; integers wrap). The result is what torch's binary ops give in the same
+        order.
 
         Returns (rounds run, per peer of the last round, in order, a (RoundStatus, value) pair):
         (LANDED, None) landed, (MESSAGE, Notification) any other message, (DEAD, reason) dead
