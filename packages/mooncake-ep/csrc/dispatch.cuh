@@ -43,6 +43,10 @@ template <class Tp>
 __device__ __forceinline__ void announce_arrival(const Tp& tp, const uint64_t* s_peer, const int* s_active,
                                                  const HalfOffsets& off, int num_ranks, int rank, int kind, int half) {
   __syncthreads();
+  if constexpr (FenceBeforeSignals<Tp>::value) {
+    if (threadIdx.x == 0) tp.fence();  // every put of the block before every signal below
+    __syncthreads();
+  }
   if (threadIdx.x < 32)
     for (int r = threadIdx.x; r < num_ranks; r += 32)
       if (s_active[r] != 0) add_signal(tp, s_peer, r, arrival_offset(off, rank, kind, half), 1);  // release

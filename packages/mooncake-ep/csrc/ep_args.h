@@ -69,7 +69,8 @@
   X(MEP_PHASE_RECV, 2)                                                                           \
   X(MEP_TRANSPORT_P2P, 0)                                                                        \
   X(MEP_TRANSPORT_P2P_STAGED, 1)                                                                 \
-  X(MEP_TRANSPORT_PROXY, 2)
+  X(MEP_TRANSPORT_PROXY, 2)                                                                      \
+  X(MEP_TRANSPORT_NVSHMEM, 3) /* only in _mooncake_ep_nvshmem.so */
 
 #define MEP_DECLARE_FIELD(type, name, doc) type name;
 typedef struct MepOpArgs {

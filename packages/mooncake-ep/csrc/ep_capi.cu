@@ -15,6 +15,9 @@
 
 #include "ep_context.h"
 #include "mooncake/device/p2p.cuh"
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+#include "mooncake/device/nvshmem.cuh"
+#endif
 
 namespace mooncake {
 namespace ep {
@@ -22,11 +25,12 @@ namespace capi {
 
 // 3: proxy mode (mep_ctx_create_host, mep_ctx_set_ring, kind 2); 4: mep_dispatch / mep_combine take
 // a MepOpArgs block (ep_args.h, layout checked by mep_args_layout_hash) instead of an int64 vector;
-// mep_bench_launch moved to _mooncake_ep_bench.so.
-constexpr int kAbiVersion = 4;
+// mep_bench_launch moved to _mooncake_ep_bench.so; 5: transport kind 3 (NVSHMEM; launched only by
+// _mooncake_ep_nvshmem.so, the same sources built with MOONCAKE_EP_WITH_NVSHMEM), mep_has_nvshmem.
+constexpr int kAbiVersion = 5;
 
 static_assert(MEP_PHASE_SEND == kPhaseSend && MEP_PHASE_RECV == kPhaseRecv, "phase bits");
-static_assert(static_cast<int>(TransportKind::kProxy) + 1 == kTransportKinds, "transport kinds");
+static_assert(static_cast<int>(TransportKind::kNvshmem) + 1 == kTransportKinds, "transport kinds");
 
 thread_local std::string g_last_error;
 
@@ -58,6 +62,8 @@ void resolve_kernels(Context* c) {
   bool ok = cudaSetDevice(c->device) == cudaSuccess && d.ctx_get_current(&c->cu_ctx) == CUDA_SUCCESS &&
             c->cu_ctx != nullptr;
   auto resolve = [&ok](const void* symbol, CUfunction* out) {
+    *out = nullptr;
+    if (symbol == nullptr) return;  // a kind this library was built without
     cudaFunction_t fn = nullptr;
     ok = ok && cudaGetFuncBySymbol(&fn, symbol) == cudaSuccess && fn != nullptr;
     *out = reinterpret_cast<CUfunction>(fn);
@@ -121,6 +127,9 @@ int check_shape(const Context& c, int64_t N, int64_t T, int64_t H, int64_t K, in
 
 int check_transport(int kind) {
   if (kind < 0 || kind >= kTransportKinds) return fail(kInvalidArgument, "unknown transport kind");
+  if (kind == MEP_TRANSPORT_NVSHMEM && !kHasNvshmem)
+    return fail(kInvalidArgument,
+                "transport kind 3 (NVSHMEM) runs only in _mooncake_ep_nvshmem.so; this library was built without NVSHMEM");
   return 0;
 }
 
@@ -160,6 +169,18 @@ int launch_op(const Context& c, TransportKind kind, const void* symbol, CUfuncti
     dev::HostProxyTransport tp{c.ring_dev, static_cast<char*>(c.buffer), timeout_us, c.rank, c.num_ranks};
     void* args[] = {params, &tp};
     return launch(c, symbol, fn, shape, stream, args);
+  }
+  if (kind == TransportKind::kNvshmem) {
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+    if (!c.nvshmem || c.nvshmem_mapped == nullptr)
+      return fail(kInvalidArgument, "transport kind 3 (NVSHMEM) needs a context made by mep_ctx_create_nvshmem");
+    dev::NvshmemTransport tp{c.nvshmem_mapped, static_cast<char*>(c.buffer), c.rank, c.num_ranks};
+    void* args[] = {params, &tp};
+    return launch(c, symbol, fn, shape, stream, args);
+#else
+    (void)timeout_us;
+    return fail(kInvalidArgument, "transport kind 3 (NVSHMEM) is not built into this library");
+#endif
   }
   dev::P2PTransport tp{c.peer_table, c.rank, c.num_ranks};
   void* args[] = {params, &tp};
@@ -221,6 +242,9 @@ extern "C" {
 
 int mep_abi_version() { return kAbiVersion; }
 
+// 1 in _mooncake_ep_nvshmem.so (transport kind 3 and the mep_nvshmem_* calls), 0 otherwise.
+int mep_has_nvshmem() { return kHasNvshmem ? 1 : 0; }
+
 const char* mep_last_error() { return g_last_error.c_str(); }
 
 // PCI bus id, compute capability and SM count of `device`.
@@ -241,7 +265,13 @@ int mep_can_reach(int device, const char* bus_id, int* out) {
 // Allocates the symmetric buffer (zeroed), the local state and the peer table on `device`. With
 // `host_base` (proxy mode) the buffer is that host memory instead: registered, mapped into the
 // device (kernels use its device address), not owned.
-static int create_ctx(int device, int rank, int num_ranks, uint64_t buffer_bytes, void* host_base, void** out) {
+}  // extern "C"
+
+namespace mooncake {
+namespace ep {
+namespace capi {
+int create_context(int device, int rank, int num_ranks, uint64_t buffer_bytes, void* host_base, void* device_buffer,
+                   Context** out) {
   *out = nullptr;
   if (num_ranks < 1 || rank < 0 || rank >= num_ranks || buffer_bytes == 0)
     return fail(kInvalidArgument, "mep_ctx_create: bad rank/num_ranks/buffer_bytes");
@@ -256,7 +286,11 @@ static int create_ctx(int device, int rank, int num_ranks, uint64_t buffer_bytes
   int rc = check(cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, device), "sm count");
   if (rc == 0) rc = check(cudaDeviceGetAttribute(&c->max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "smem");
   if (rc == 0) rc = check(prepare_kernels(c->max_smem), "prepare kernels");
-  if (host_base == nullptr) {
+  if (host_base == nullptr && device_buffer != nullptr) {
+    c->buffer = device_buffer;
+    c->nvshmem = true;  // the only caller with a buffer of its own (mep_ctx_create_nvshmem)
+    if (rc == 0) rc = check(cudaMemset(c->buffer, 0, buffer_bytes), "cudaMemset(buffer)");
+  } else if (host_base == nullptr) {
     if (rc == 0) rc = check(cudaMalloc(&c->buffer, buffer_bytes), "cudaMalloc(buffer)");
     if (rc == 0) rc = check(cudaMemset(c->buffer, 0, buffer_bytes), "cudaMemset(buffer)");
   } else {
@@ -276,7 +310,7 @@ static int create_ctx(int device, int rank, int num_ranks, uint64_t buffer_bytes
   if (rc == 0) resolve_kernels(c);
   if (rc != 0) {
     if (c->host_base) cudaHostUnregister(c->host_base);
-    else if (c->buffer) cudaFree(c->buffer);
+    else if (c->buffer && !c->nvshmem) cudaFree(c->buffer);
     if (c->state) cudaFree(c->state);
     if (c->peer_table) cudaFree(c->peer_table);
     if (c->verdicts) cudaFree(c->verdicts);
@@ -287,6 +321,18 @@ static int create_ctx(int device, int rank, int num_ranks, uint64_t buffer_bytes
   c->peers[rank] = c->buffer;
   *out = c;
   return 0;
+}
+}  // namespace capi
+}  // namespace ep
+}  // namespace mooncake
+
+extern "C" {
+
+static int create_ctx(int device, int rank, int num_ranks, uint64_t buffer_bytes, void* host_base, void** out) {
+  Context* c = nullptr;
+  const int rc = create_context(device, rank, num_ranks, buffer_bytes, host_base, nullptr, &c);
+  *out = c;
+  return rc;
 }
 
 int mep_ctx_create(int device, int rank, int num_ranks, uint64_t buffer_bytes, void** out) {
@@ -341,6 +387,7 @@ int mep_ctx_num_sms(void* ctx) { return static_cast<Context*>(ctx)->num_sms; }
 int mep_ctx_export(void* ctx, unsigned char* out) {
   auto* c = static_cast<Context*>(ctx);
   if (c->host_base != nullptr) return fail(kInvalidArgument, "mep_ctx_export: a host buffer has no IPC handle");
+  if (c->nvshmem) return fail(kInvalidArgument, "mep_ctx_export: an NVSHMEM buffer is shared through NVSHMEM, not IPC");
   DeviceGuard guard(c->device);
   MEP_CHECK(dev::p2p_export(c->buffer, out));
   return 0;
@@ -472,8 +519,11 @@ int mep_ctx_destroy(void* ctx) {
   cudaFree(c->verdicts);
   cudaFree(c->state);
   if (c->ring_host != nullptr) cudaHostUnregister(c->ring_host);
+  if (c->nvshmem_mapped != nullptr) cudaFree(c->nvshmem_mapped);
+  // An NVSHMEM buffer stays allocated: nvshmem_free is collective (a barrier), and destroy is local
+  // and must not block on a dead PE; it is released with the process.
   if (c->host_base != nullptr) cudaHostUnregister(c->host_base);
-  else cudaFree(c->buffer);
+  else if (!c->nvshmem) cudaFree(c->buffer);
   (void)cudaGetLastError();
   delete c;
   return 0;

@@ -51,6 +51,11 @@ struct Context {
   uint64_t* verdicts = nullptr;         // device [4][R]
   bool cooperative = true;              // cooperative launches (all blocks co-resident)
   uint64_t* trace[2] = {nullptr, nullptr};  // optional phase timestamps (dispatch, combine)
+  // NVSHMEM mode (_mooncake_ep_nvshmem.so only): the buffer is an nvshmem_malloc allocation (not
+  // freed here: nvshmem_free is collective), and nvshmem_mapped (device [R]) holds nvshmem_ptr of
+  // each peer's buffer or 0 (reached through NVSHMEM puts), the NvshmemTransport's table.
+  bool nvshmem = false;
+  uint64_t* nvshmem_mapped = nullptr;
   uint64_t* peer_table = nullptr;       // device [R]
   std::vector<void*> peers;             // mapped base per rank; own rank = buffer
   std::vector<unsigned char> handles;   // [R][64] handle each mapping was opened from
@@ -97,6 +102,12 @@ struct LaunchScope {
     if (restore_device) cudaSetDevice(previous_device);
   }
 };
+
+// Creates a context (mep_ctx_create*): the symmetric buffer is `host_base` (host memory,
+// registered and mapped), else `device_buffer` (device memory the caller owns, zeroed here), else
+// a new cudaMalloc allocation.
+int create_context(int device, int rank, int num_ranks, uint64_t buffer_bytes, void* host_base, void* device_buffer,
+                   Context** out);
 
 // Resolves every kernel variant for driver-API launches (driver_launch stays false if it cannot).
 void resolve_kernels(Context* c);

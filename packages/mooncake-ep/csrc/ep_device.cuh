@@ -118,6 +118,17 @@ struct LocalSourceOnly<Tp, std::void_t<decltype(Tp::kLocalSourceOnly)>> {
   static constexpr bool value = Tp::kLocalSourceOnly;
 };
 
+// Whether put()s are ordered before a later signal only through fence() (NVSHMEM): the arrival
+// announcement then fences once per block between the block's puts and its signals.
+template <class Tp, class = void>
+struct FenceBeforeSignals {
+  static constexpr bool value = false;
+};
+template <class Tp>
+struct FenceBeforeSignals<Tp, std::void_t<decltype(Tp::kFenceBeforeSignals)>> {
+  static constexpr bool value = Tp::kFenceBeforeSignals;
+};
+
 __device__ __forceinline__ char* peer_addr(const uint64_t* s_peer, int peer, uint64_t offset) {
   return reinterpret_cast<char*>(s_peer[peer]) + offset;
 }

@@ -7,6 +7,9 @@
 #include "dispatch.cuh"
 #include "ep_launch.h"
 #include "mooncake/device/p2p.cuh"
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+#include "mooncake/device/nvshmem.cuh"
+#endif
 
 namespace mooncake {
 namespace ep {
@@ -75,6 +78,20 @@ template <>
 CombineFn<HostProxyTransport> pick_combine<HostProxyTransport>(int) {
   return combine_kernel<HostProxyTransport, 0>;
 }
+
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+using mooncake::device::NvshmemTransport;
+// NVSHMEM mode: the staged path to other nodes is bound by the NIC; one generic instantiation
+// (a node whose peers are all mapped launches the P2P kind over nvshmem_ptr addresses instead).
+template <>
+DispatchFn<NvshmemTransport> pick_dispatch<NvshmemTransport>(int) {
+  return dispatch_kernel<NvshmemTransport, 0>;
+}
+template <>
+CombineFn<NvshmemTransport> pick_combine<NvshmemTransport>(int) {
+  return combine_kernel<NvshmemTransport, 0>;
+}
+#endif
 
 // Launches pass the transport by address: the staged transport adds no member.
 static_assert(sizeof(P2PStagedTransport) == sizeof(P2PTransport), "transports must share one layout");
@@ -161,6 +178,10 @@ cudaError_t prepare_kernels(int max_smem) {
   if (err != cudaSuccess) return err;
   err = prepare_transport<P2PStagedTransport>(max_smem);
   if (err != cudaSuccess) return err;
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+  err = prepare_transport<NvshmemTransport>(max_smem);
+  if (err != cudaSuccess) return err;
+#endif
   return prepare_transport<HostProxyTransport>(max_smem);
 }
 
@@ -180,6 +201,11 @@ const void* dispatch_symbol(TransportKind kind, int hcase) {
   const int h = kCaseHidden[hcase];
   if (kind == TransportKind::kP2PStaged) return reinterpret_cast<const void*>(pick_dispatch<P2PStagedTransport>(h));
   if (kind == TransportKind::kProxy) return reinterpret_cast<const void*>(pick_dispatch<HostProxyTransport>(h));
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+  if (kind == TransportKind::kNvshmem) return reinterpret_cast<const void*>(pick_dispatch<NvshmemTransport>(h));
+#else
+  if (kind == TransportKind::kNvshmem) return nullptr;
+#endif
   return reinterpret_cast<const void*>(pick_dispatch<P2PTransport>(h));
 }
 
@@ -187,6 +213,11 @@ const void* combine_symbol(TransportKind kind, int hcase) {
   const int h = kCaseHidden[hcase];
   if (kind == TransportKind::kP2PStaged) return reinterpret_cast<const void*>(pick_combine<P2PStagedTransport>(h));
   if (kind == TransportKind::kProxy) return reinterpret_cast<const void*>(pick_combine<HostProxyTransport>(h));
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+  if (kind == TransportKind::kNvshmem) return reinterpret_cast<const void*>(pick_combine<NvshmemTransport>(h));
+#else
+  if (kind == TransportKind::kNvshmem) return nullptr;
+#endif
   return reinterpret_cast<const void*>(pick_combine<P2PTransport>(h));
 }
 

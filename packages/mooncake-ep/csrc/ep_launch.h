@@ -21,10 +21,23 @@ namespace mooncake {
 namespace ep {
 
 // kProxy: HostProxyTransport (the symmetric buffer is mapped host memory the transfer engine
-// moves; puts to other ranks go through the proxy ring).
+// moves; puts to other ranks go through the proxy ring). kNvshmem: NvshmemTransport
+// (mooncake/device/nvshmem.cuh), compiled only into _mooncake_ep_nvshmem.so (built with
+// MOONCAKE_EP_WITH_NVSHMEM); the production library has no kernel of that kind (its symbols are
+// null and a launch of it is refused).
 // The values are MepOpArgs::transport's (MEP_TRANSPORT_*).
-enum class TransportKind : int { kP2P = MEP_TRANSPORT_P2P, kP2PStaged = MEP_TRANSPORT_P2P_STAGED, kProxy = MEP_TRANSPORT_PROXY };
-constexpr int kTransportKinds = 3;
+enum class TransportKind : int {
+  kP2P = MEP_TRANSPORT_P2P,
+  kP2PStaged = MEP_TRANSPORT_P2P_STAGED,
+  kProxy = MEP_TRANSPORT_PROXY,
+  kNvshmem = MEP_TRANSPORT_NVSHMEM
+};
+constexpr int kTransportKinds = 4;
+#ifdef MOONCAKE_EP_WITH_NVSHMEM
+constexpr bool kHasNvshmem = true;
+#else
+constexpr bool kHasNvshmem = false;
+#endif
 // Compiled hidden sizes (DeepEP's) plus the generic variant (case 0, H read at run time).
 constexpr int kHiddenCases = 9;
 
@@ -42,7 +55,8 @@ uint64_t combine_smem_bytes(const CombineParams& p, const LaunchShape& s);
 cudaError_t prepare_kernels(int max_smem);
 
 // Kernel variants: hidden_case(H) in [0, kHiddenCases) picks the compiled variant of H (0: the
-// generic one); the symbols are the host stubs the runtime knows the kernels by.
+// generic one); the symbols are the host stubs the runtime knows the kernels by (null for a kind
+// this library was built without: kNvshmem outside the NVSHMEM library).
 int hidden_case(int hidden);
 const void* dispatch_symbol(TransportKind kind, int hcase);
 const void* combine_symbol(TransportKind kind, int hcase);

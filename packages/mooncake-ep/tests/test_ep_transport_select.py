@@ -17,7 +17,7 @@ from ep_harness import assert_all_ok, run_world
 from mooncake.ep.fast_path_setup import proxy_engine_transport, requested_transport
 from mooncake.ep.transport_select import choose_mode
 
-OK = {"p2p": None, "proxy": None}
+OK = {"p2p": None, "nvshmem": None, "proxy": None}
 
 
 def _infos(n: int, transport: str = "auto") -> list[dict]:
@@ -28,19 +28,15 @@ def _infos(n: int, transport: str = "auto") -> list[dict]:
 def test_env_values_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MOONCAKE_EP_TRANSPORT", raising=False)
     assert requested_transport() == "auto"
-    for name in ("auto", "p2p", "p2p-staged", "proxy", "portable"):
+    for name in ("auto", "p2p", "p2p-staged", "nvshmem", "proxy", "portable"):
         monkeypatch.setenv("MOONCAKE_EP_TRANSPORT", name)
         assert requested_transport() == name
     monkeypatch.setenv("MOONCAKE_EP_TRANSPORT", "rdma")
-    with pytest.raises(ValueError, match=r"MOONCAKE_EP_TRANSPORT='rdma' is not one of auto, p2p"):
-        requested_transport()
-    monkeypatch.setenv("MOONCAKE_EP_TRANSPORT", "nvshmem")
     with pytest.raises(ValueError) as info:
         requested_transport()
     text = str(info.value)
-    assert "'nvshmem'" in text
-    assert "not built" in text
-    assert "available: auto, p2p, p2p-staged, proxy, portable" in text
+    assert "MOONCAKE_EP_TRANSPORT='rdma' is not one of" in text
+    assert "auto, p2p, p2p-staged, nvshmem, proxy, portable" in text
     monkeypatch.delenv("MOONCAKE_EP_PROXY_TRANSPORT", raising=False)
     assert proxy_engine_transport() is None
     monkeypatch.setenv("MOONCAKE_EP_PROXY_TRANSPORT", "tcp")
@@ -55,16 +51,24 @@ def test_auto_order_p2p_then_nvshmem_then_proxy() -> None:
     mode, reason = choose_mode("auto", _infos(3), [OK] * 3)
     assert mode == "p2p"
     assert "CUDA IPC" in reason
-    no_p2p = {"p2p": "ranks are on 2 hosts; P2P needs one host", "proxy": None}
-    mode, reason = choose_mode("auto", _infos(3), [OK, no_p2p, OK])
+    no_p2p = {"p2p": "ranks are on 2 hosts; P2P needs one host", "nvshmem": None, "proxy": None}
+    mode, reason = choose_mode("auto", _infos(3), [no_p2p, no_p2p, no_p2p])
+    assert mode == "nvshmem"
+    assert "p2p: rank 0: ranks are on 2 hosts" in reason
+    assert "through NVSHMEM" in reason
+    no_rdma = {**no_p2p, "nvshmem": "ranks are on several hosts and this host has no RDMA device"}
+    mode, reason = choose_mode("auto", _infos(3), [no_p2p, no_rdma, no_p2p])
     assert mode == "proxy"
     # The reason says why each earlier mode was skipped, in order, then what was chosen.
-    assert reason.index("p2p: rank 1: ranks are on 2 hosts") < reason.index("NVSHMEM: not built")
-    assert reason.index("NVSHMEM") < reason.index("host proxy")
-    nothing = {"p2p": "no", "proxy": "cannot import"}
+    assert reason.index("p2p: rank 0: ranks are on 2 hosts") < reason.index(
+        "nvshmem: rank 1: ranks are on several hosts"
+    )
+    assert reason.index("nvshmem: rank 1") < reason.index("host proxy")
+    nothing = {"p2p": "no", "nvshmem": "not built", "proxy": "cannot import"}
     mode, reason = choose_mode("auto", _infos(2), [nothing, OK])
     assert mode is None
     assert "p2p: rank 0: no" in reason
+    assert "nvshmem: rank 0: not built" in reason
     assert "proxy: rank 0: cannot import" in reason
 
 
@@ -75,6 +79,11 @@ def test_forced_modes_and_disagreements() -> None:
     assert reason.startswith("MOONCAKE_EP_TRANSPORT=proxy; ")
     mode, _ = choose_mode("p2p-staged", _infos(2, "p2p-staged"), [OK, OK])
     assert mode == "p2p-staged"
+    mode, reason = choose_mode("nvshmem", _infos(2, "nvshmem"), [OK, OK])
+    assert mode == "nvshmem"
+    assert reason.startswith("MOONCAKE_EP_TRANSPORT=nvshmem; ")
+    mode, reason = choose_mode("nvshmem", _infos(2, "nvshmem"), [OK, {**OK, "nvshmem": "no lib"}])
+    assert (mode, reason) == (None, "nvshmem: rank 1: no lib")  # forced: no fallback
     mode, reason = choose_mode("p2p", _infos(2, "p2p"), [OK, {"p2p": "GPU x", "proxy": None}])
     assert mode is None
     assert reason == "p2p: rank 1: GPU x"  # forced: no fallback to proxy
@@ -101,13 +110,13 @@ def rank_env_cases(rank: int, world_size: int, port: int, backend: str) -> dict:
     cases = [
         ("portable", {"MOONCAKE_EP_TRANSPORT": "portable"}, None),
         ("portable+fast", {"MOONCAKE_EP_TRANSPORT": "portable"}, "fast"),
-        ("nvshmem", {"MOONCAKE_EP_TRANSPORT": "nvshmem"}, None),
         ("bogus", {"MOONCAKE_EP_TRANSPORT": "bogus"}, None),
         ("bad proxy transport", {"MOONCAKE_EP_PROXY_TRANSPORT": "udp"}, None),
         ("auto", {}, None),
     ]
     if not torch.cuda.is_available():
         cases.append(("proxy forced", {"MOONCAKE_EP_TRANSPORT": "proxy"}, None))
+        cases.append(("nvshmem forced", {"MOONCAKE_EP_TRANSPORT": "nvshmem"}, None))
     out = {}
     for name, env, path in cases:
         saved = dict(os.environ)
@@ -138,10 +147,9 @@ def test_buffer_transport_environment() -> None:
     assert "MOONCAKE_EP_TRANSPORT=portable" in got["portable"][2]
     assert got["portable+fast"][:2] == ("error", "ValueError")
     assert "contradicts MOONCAKE_EP_TRANSPORT=portable" in got["portable+fast"][2]
-    assert got["nvshmem"][:2] == ("error", "ValueError")
-    assert "available: auto, p2p, p2p-staged, proxy, portable" in got["nvshmem"][2]
     assert got["bogus"][:2] == ("error", "ValueError")
     assert "'bogus'" in got["bogus"][2]
+    assert "auto, p2p, p2p-staged, nvshmem, proxy, portable" in got["bogus"][2]
     assert got["bad proxy transport"][:2] == ("error", "ValueError")
     assert "MOONCAKE_EP_PROXY_TRANSPORT='udp'" in got["bad proxy transport"][2]
     if "proxy forced" in got:  # CPU machine: no CUDA, so the forced proxy mode cannot run
@@ -149,6 +157,8 @@ def test_buffer_transport_environment() -> None:
         assert got["proxy forced"][:2] == ("error", "TransportUnavailable")
         assert "MOONCAKE_EP_TRANSPORT=proxy was requested" in got["proxy forced"][2]
         assert "CUDA is not available" in got["proxy forced"][2]
+        assert got["nvshmem forced"][:2] == ("error", "TransportUnavailable")
+        assert "MOONCAKE_EP_TRANSPORT=nvshmem was requested" in got["nvshmem forced"][2]
     for name in got:  # the same outcome on both ranks
         assert values[1][name][:2] == got[name][:2], name
 

@@ -28,11 +28,11 @@ TRANSPORTS = {
     "p2p": _cuda.TRANSPORT_P2P,
     "p2p-staged": _cuda.TRANSPORT_P2P_STAGED,
     "proxy": _cuda.TRANSPORT_PROXY,
+    "nvshmem": _cuda.TRANSPORT_NVSHMEM,
 }
-# MOONCAKE_EP_TRANSPORT values: auto (P2P inside a host, else NVSHMEM, else proxy, else
-# portable) or one forced; nvshmem is a mode of the design that this package does not build.
-TRANSPORT_CHOICES = ("auto", "p2p", "p2p-staged", "proxy", "portable")
-NOT_BUILT = {"nvshmem": "the NVSHMEM mode is not built in this package"}
+# MOONCAKE_EP_TRANSPORT values: auto (P2P inside a host, else NVSHMEM where it initialises with a
+# remote transport, else proxy, else portable) or one forced.
+TRANSPORT_CHOICES = ("auto", "p2p", "p2p-staged", "nvshmem", "proxy", "portable")
 # MOONCAKE_EP_PROXY_TRANSPORT: how the proxy's engine reaches peers (auto: shm on one host, tcp
 # across hosts; tcp forces TCP even on one host).
 PROXY_ENGINE_TRANSPORTS = ("auto", "tcp", "shm", "cma")
@@ -83,13 +83,8 @@ def first_failure(answers: list[dict]) -> Optional[str]:
 
 def requested_transport() -> str:
     """MOONCAKE_EP_TRANSPORT (default ``auto``), validated: ValueError naming the value and the
-    choices (``nvshmem`` too: not built here)."""
+    choices."""
     name = os.environ.get("MOONCAKE_EP_TRANSPORT", "auto") or "auto"
-    if name in NOT_BUILT:
-        raise ValueError(
-            f"MOONCAKE_EP_TRANSPORT={name!r}: {NOT_BUILT[name]}; "
-            f"available: {', '.join(TRANSPORT_CHOICES)}"
-        )
     if name not in TRANSPORT_CHOICES:
         raise ValueError(
             f"MOONCAKE_EP_TRANSPORT={name!r} is not one of {', '.join(TRANSPORT_CHOICES)}"

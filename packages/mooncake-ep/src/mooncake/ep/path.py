@@ -41,6 +41,13 @@ class TransportUnavailable(RuntimeError):
     after the same collectives)."""
 
 
+class RecoveryUnsupported(RuntimeError):
+    """``update_ep_member`` was called on a path whose transport cannot change its membership
+    (the NVSHMEM mode: NVSHMEM cannot re-admit a process into a running job). Raised on every rank
+    before anything is exchanged; the message names the mode to use instead. The path keeps
+    working for the ranks it has (failed ones stay masked in ``active_ranks``)."""
+
+
 class PathReplaced(PathUnavailable):
     """A fast path's ``update_ep_member`` chose another transport than its own (membership
     changed what can reach what); ``.path`` is the new path, already set up with the same

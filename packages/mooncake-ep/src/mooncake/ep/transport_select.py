@@ -1,17 +1,20 @@
 """Which device transport the fast path uses, decided the same way on every rank (collective).
 
 Order (``MOONCAKE_EP_TRANSPORT=auto``, the default): **P2P** (CUDA IPC) when every rank's GPU is
-reachable from every other (one host), then **NVSHMEM** (not built in this package: skipped with
-that reason), then **proxy** (``mooncake.ep.proxy_path``: kernels post puts and signals into a
-host ring; a native proxy thread per rank carries them over the transfer engine: shared memory on
-one host, TCP across hosts), else the portable path. ``MOONCAKE_EP_TRANSPORT=p2p | p2p-staged |
-proxy`` forces one (it must work on every rank, else every rank raises ``TransportUnavailable``);
-``portable`` forces the portable path; ``nvshmem`` raises ValueError naming the modes available.
+reachable from every other (one host), then **NVSHMEM** (``mooncake.ep.nvshmem_path``: the
+NVSHMEM-mode library is built and, across hosts, NVSHMEM has a remote transport: an RDMA device
+and ``NVSHMEM_REMOTE_TRANSPORT`` not ``none``), then **proxy** (``mooncake.ep.proxy_path``:
+kernels post puts and signals into a host ring; a native proxy thread per rank carries them over
+the transfer engine: shared memory on one host, TCP across hosts), else the portable path.
+``MOONCAKE_EP_TRANSPORT=p2p | p2p-staged | nvshmem | proxy`` forces one (it must work on every
+rank, else every rank raises ``TransportUnavailable``); ``portable`` forces the portable path;
+an unknown value raises ValueError naming the modes available.
 
 Collectives of a selection (``select``, and every fast path's ``update_ep_member``, so survivors
 updating and a replacement constructing meet): 1 ``info`` (``probe``: can this rank run the
 kernels at all), 2 ``modes`` (each rank's verdict per mode), then the chosen mode's own three
-exchanges (P2P: IPC handles, opened, ready; proxy: endpoints, opened, ready).
+exchanges (P2P: IPC handles, opened, ready; proxy: endpoints, opened, ready; NVSHMEM: unique id,
+initialised, ready).
 """
 
 from __future__ import annotations
@@ -46,13 +49,32 @@ def proxy_unavailable() -> Optional[str]:
     return None
 
 
-def local_verdicts(lib: Optional[ctypes.CDLL], info: dict, infos: list[dict]) -> dict:
-    """This rank's verdict per mode: None = usable, else the reason (never raises)."""
-    verdicts: dict = {"p2p": None, "proxy": proxy_unavailable()}
+def local_verdicts(
+    lib: Optional[ctypes.CDLL],
+    info: dict,
+    infos: list[dict],
+    rank: int = 0,
+    requested: str = "auto",
+) -> dict:
+    """This rank's verdict per mode: None = usable, else the reason (never raises). NVSHMEM is
+    judged only where it could be chosen (forced, or auto with P2P out of reach), so that a
+    one-host group never loads NVSHMEM."""
+    verdicts: dict = {
+        "p2p": None,
+        "proxy": proxy_unavailable(),
+        "nvshmem": "not judged (P2P serves this rank)",
+    }
     try:
         verdicts["p2p"] = reachability(lib, info["device"], infos)
     except Exception as exc:
         verdicts["p2p"] = f"{type(exc).__name__}: {exc}"
+    several_hosts = len({i["host"] for i in infos}) > 1
+    if requested == "nvshmem" or (
+        requested == "auto" and (several_hosts or verdicts["p2p"] is not None)
+    ):
+        from .nvshmem_path import nvshmem_unavailable
+
+        verdicts["nvshmem"] = nvshmem_unavailable(infos, rank, len(infos))
     return verdicts
 
 
@@ -65,9 +87,6 @@ def choose_mode(requested: str, infos: list[dict], verdicts: list[Optional[dict]
     order = MODE_ORDER if requested == "auto" else (requested,)
     skipped = []
     for mode in order:
-        if mode == "nvshmem":
-            skipped.append("NVSHMEM: not built in this package")
-            continue
         key = "p2p" if mode in P2P_MODES else mode
         bad = None
         for rank, v in enumerate(verdicts):
@@ -85,6 +104,7 @@ def choose_mode(requested: str, infos: list[dict], verdicts: list[Optional[dict]
                 "p2p-staged": "P2P mappings with the staged put path (p2p-staged)",
                 "proxy": "puts and signals go through a host proxy over the transfer engine "
                 "(proxy device transport)",
+                "nvshmem": "kernels reach peers through NVSHMEM (NVSHMEM device transport)",
             }[mode]
             return mode, f"{forced}{earlier}{what}"
         skipped.append(f"{mode}: {bad}")
@@ -100,7 +120,9 @@ def agree(group: Any, num_ep_buffer_bytes: int) -> tuple:
     if failure is not None:
         return info, infos, None, failure
     lib = _cuda.load()
-    verdicts = gather(group, local_verdicts(lib, info, infos))  # collective 2
+    verdicts = gather(
+        group, local_verdicts(lib, info, infos, group.rank(), requested)
+    )  # collective 2
     mode, reason = choose_mode(requested, infos, verdicts)
     return info, infos, mode, reason
 
@@ -122,6 +144,10 @@ def setup(group: Any, info: dict, infos: list[dict], nbytes: int, mode: str, rea
         from .proxy_path import setup_proxy
 
         return setup_proxy(group, info, infos, nbytes, grid, reason)
+    if mode == "nvshmem":
+        from .nvshmem_path import setup_nvshmem
+
+        return setup_nvshmem(group, info, infos, nbytes, grid, reason)
     from .fast_path import CudaP2PPath
 
     lib = _cuda.load()
@@ -147,8 +173,9 @@ def setup(group: Any, info: dict, infos: list[dict], nbytes: int, mode: str, rea
 
 
 def select(group: Any, num_ep_buffer_bytes: int) -> Any:
-    """Collective. A fast path (``CudaP2PPath`` or ``ProxyPath``) on every rank, or ``(None,
-    reason)`` on every rank (``TransportUnavailable`` when a forced mode cannot be used)."""
+    """Collective. A fast path (``CudaP2PPath``, ``NvshmemPath`` or ``ProxyPath``) on every rank,
+    or ``(None, reason)`` on every rank (``TransportUnavailable`` when a forced mode cannot be
+    used)."""
     info, infos, mode, reason = agree(group, num_ep_buffer_bytes)
     if mode is None:
         return decline(reason)

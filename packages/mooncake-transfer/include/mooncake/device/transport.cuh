@@ -37,7 +37,8 @@
 //     // Atomic add with release semantics on a peer's signal word.
 //     __device__ void signal_add(int peer, uint64_t offset, uint64_t value) const;
 //
-//     // Orders earlier puts/stores before later signals (release fence at system scope).
+//     // Orders earlier puts/stores before later signals (release fence at system scope; with
+//     // kFenceBeforeSignals, also the puts of every thread of the block that synchronised first).
 //     __device__ void fence() const;
 //     // Waits until every earlier put of this thread is complete at its destination.
 //     __device__ void quiet() const;
@@ -56,8 +57,19 @@
 //                   the device producer (proxy_ring_post, proxy_ring_quiet) are in proxy_ring.h;
 //                   the host consumer is the transfer package's HostProxy (csrc/proxy.h), tested
 //                   on the CPU with a host thread as the producer.
-//   (planned)       NvshmemTransport: nvshmem put/signal (IBGDA), kDirectStore where
-//                   nvshmem_ptr() maps the peer.
+//   nvshmem.cuh     NvshmemTransport: NVSHMEM's device API (IBGDA across nodes): stores where
+//                   nvshmem_ptr() maps the peer, else nvshmem_putmem_nbi / nvshmem_uint64_p /
+//                   nvshmemx_signal_op; waits stay wait_until on local memory. Needs the NVSHMEM
+//                   headers and libnvshmem_device.a (-rdc=true): only mooncake-ep's separate
+//                   NVSHMEM library includes it.
+//
+// Optional traits (detected by the kernels, absent = false):
+//   static constexpr bool kLocalSourceOnly;     put() sources must lie in the local symmetric
+//                                               buffer (the kernels stage other data there first)
+//   static constexpr bool kFenceBeforeSignals;  put()s become ordered before a later signal only
+//                                               through fence(): the kernels call fence() from one
+//                                               thread per block, after the barrier that follows
+//                                               the block's puts, before its arrival signals
 #pragma once
 
 #include "mooncake/device/primitives.cuh"

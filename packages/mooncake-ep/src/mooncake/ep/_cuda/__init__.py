@@ -25,8 +25,9 @@ from typing import Optional
 LIB_NAME = "_mooncake_ep_cuda.so"
 BENCH_LIB_NAME = "_mooncake_ep_bench.so"
 # 3: proxy mode (mep_ctx_create_host, mep_ctx_set_ring, transport kind 2); 4: MepOpArgs argument
-# block (was an int64 vector), mep_args_layout_hash, mep_bench_launch in its own library
-ABI_VERSION = 4
+# block (was an int64 vector), mep_args_layout_hash, mep_bench_launch in its own library;
+# 5: transport kind 3 (NVSHMEM, only in _mooncake_ep_nvshmem.so), mep_has_nvshmem
+ABI_VERSION = 5
 IPC_HANDLE_BYTES = 64
 INVALID_ARGUMENT = 100000  # the library's own error codes; others are cudaError_t / CUresult values
 # mep_dispatch / mep_combine asked to write cached outputs on a stream under graph capture: nothing
@@ -99,6 +100,7 @@ CONSTANTS = {
     "MEP_TRANSPORT_P2P": 0,
     "MEP_TRANSPORT_P2P_STAGED": 1,
     "MEP_TRANSPORT_PROXY": 2,
+    "MEP_TRANSPORT_NVSHMEM": 3,
 }
 FLAG_FP8 = CONSTANTS["MEP_FLAG_FP8"]
 FLAG_ROUND_SCALE = CONSTANTS["MEP_FLAG_ROUND_SCALE"]
@@ -111,6 +113,7 @@ PHASE_RECV = CONSTANTS["MEP_PHASE_RECV"]
 TRANSPORT_P2P = CONSTANTS["MEP_TRANSPORT_P2P"]
 TRANSPORT_P2P_STAGED = CONSTANTS["MEP_TRANSPORT_P2P_STAGED"]
 TRANSPORT_PROXY = CONSTANTS["MEP_TRANSPORT_PROXY"]
+TRANSPORT_NVSHMEM = CONSTANTS["MEP_TRANSPORT_NVSHMEM"]
 
 
 def layout_description(cls: type = MepOpArgs, constants: Optional[dict] = None) -> str:
@@ -210,6 +213,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p_int, p_u32 = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint32)
     sigs = {
         "mep_abi_version": (c_int, []),
+        "mep_has_nvshmem": (c_int, []),
         "mep_args_layout_hash": (c_u64, []),
         "mep_args_layout": (c_char_p, []),
         "mep_last_error": (c_char_p, []),
@@ -248,6 +252,27 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn.argtypes = argtypes
 
 
+def open_library(path: str, extra: Optional[dict] = None) -> ctypes.CDLL:
+    """``path`` loaded, its C ABI declared (plus ``extra``: name -> (restype, argtypes)), its ABI
+    version and ``MepOpArgs`` layout checked. Raises OSError with the reason. (``load()`` for the
+    production library; ``mooncake.ep.nvshmem_path`` for the NVSHMEM one.)"""
+    lib = ctypes.CDLL(path)
+    try:
+        _declare(lib)
+        for name, (restype, argtypes) in (extra or {}).items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    except AttributeError as exc:
+        raise OSError(f"{path} lacks a symbol ({exc}): stale build") from exc
+    version = lib.mep_abi_version()
+    if version != ABI_VERSION:
+        raise OSError(
+            f"{path} has ABI version {version}, this package needs {ABI_VERSION}: stale build"
+        )
+    check_layout(path, lib.mep_args_layout_hash(), lib.mep_args_layout().decode())
+    return lib
+
+
 def load() -> ctypes.CDLL:
     """The loaded library (cached). Raises OSError with the reason when it is unusable."""
     global _lib
@@ -257,19 +282,8 @@ def load() -> ctypes.CDLL:
         path = library_path()
         if not os.path.exists(path):
             raise OSError(f"{path} does not exist (the package was built without nvcc)")
-        lib = ctypes.CDLL(path)
-        try:
-            _declare(lib)
-        except AttributeError as exc:
-            raise OSError(f"{path} lacks a symbol ({exc}): stale build") from exc
-        version = lib.mep_abi_version()
-        if version != ABI_VERSION:
-            raise OSError(
-                f"{path} has ABI version {version}, this package needs {ABI_VERSION}: stale build"
-            )
-        check_layout(path, lib.mep_args_layout_hash(), lib.mep_args_layout().decode())
-        _lib = lib
-        return lib
+        _lib = open_library(path)
+        return _lib
 
 
 def load_bench() -> ctypes.CDLL:
