@@ -116,6 +116,14 @@ def rank_env_cases(rank: int, world_size: int, port: int, backend: str) -> dict:
     ]
     if not torch.cuda.is_available():
         cases.append(("proxy forced", {"MOONCAKE_EP_TRANSPORT": "proxy"}, None))
+        # Forced on rank 0 only: both ranks raise (the verdict comes from the gathered answers).
+        cases.append(
+            (
+                "proxy forced on rank 0",
+                {"MOONCAKE_EP_TRANSPORT": "proxy"} if rank == 0 else {},
+                None,
+            )
+        )
         cases.append(("nvshmem forced", {"MOONCAKE_EP_TRANSPORT": "nvshmem"}, None))
     out = {}
     for name, env, path in cases:
@@ -157,6 +165,11 @@ def test_buffer_transport_environment() -> None:
         assert got["proxy forced"][:2] == ("error", "TransportUnavailable")
         assert "MOONCAKE_EP_TRANSPORT=proxy was requested" in got["proxy forced"][2]
         assert "CUDA is not available" in got["proxy forced"][2]
+        assert got["proxy forced on rank 0"][:2] == ("error", "TransportUnavailable")
+        assert (
+            "MOONCAKE_EP_TRANSPORT=proxy was requested (on at least one rank)"
+            in (got["proxy forced on rank 0"][2])
+        )
         assert got["nvshmem forced"][:2] == ("error", "TransportUnavailable")
         assert "MOONCAKE_EP_TRANSPORT=nvshmem was requested" in got["nvshmem forced"][2]
     for name in got:  # the same outcome on both ranks

@@ -251,11 +251,14 @@ class CudaPath:
                 reason,
             )
         self.direct, self.reason = direct, reason
-        if not direct and self.mode == "direct":
+        # Forced on any member (every member read the same answers): every member raises, so no
+        # member runs the staged op alone while the others left.
+        forced = any(i.get("mode") == "direct" for r, i in infos.items() if r in pg.members)
+        if not direct and forced:
             self.members = None  # decide again next time (and raise again)
             raise RuntimeError(
-                f"mooncake: cuda_path=direct ({ENV}) was forced, but this group cannot use it: "
-                f"{reason}"
+                f"mooncake: cuda_path=direct ({ENV}) was forced (on at least one member), but "
+                f"this group cannot use it: {reason}"
             )
 
     # ------------------------------------------------------------------ one op

@@ -119,6 +119,9 @@ def probe(num_ep_buffer_bytes: int) -> dict:
         "transport": "",
     }
     try:
+        # Every rank reports its setting, also when it cannot take a fast path: a forced mode on
+        # any rank makes every rank raise (transport_select.decline).
+        info["transport"] = requested_transport()
         if num_ep_buffer_bytes <= 0:
             info["reason"] = (
                 "num_ep_buffer_bytes=0 (pass Buffer.get_ep_buffer_size_hint(T, H, R, E) to use it)"
@@ -141,7 +144,6 @@ def probe(num_ep_buffer_bytes: int) -> dict:
                 f"GPU {device} is sm_{major.value}{minor.value}; the kernels need sm_90 or newer"
             )
             return info
-        info["transport"] = requested_transport()
         info.update(ok=True, bus_id=bus.value.decode(), device=device, num_sms=sms.value)
     except Exception as exc:
         info.update(ok=False, reason=f"{type(exc).__name__}: {exc}")

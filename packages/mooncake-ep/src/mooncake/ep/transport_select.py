@@ -127,12 +127,18 @@ def agree(group: Any, num_ep_buffer_bytes: int) -> tuple:
     return info, infos, mode, reason
 
 
-def decline(reason: str) -> tuple[None, str]:
-    """``(None, reason)``, or TransportUnavailable when MOONCAKE_EP_TRANSPORT forced a mode."""
-    requested = requested_transport()
-    if requested != "auto":
+def decline(reason: str, infos: list) -> tuple[None, str]:
+    """``(None, reason)``, or TransportUnavailable when MOONCAKE_EP_TRANSPORT forced a mode on
+    any rank. Decided from every rank's ``probe`` answer (``infos``, gathered in collective 1), so
+    every rank raises or none does, even when the setting differs between ranks."""
+    forced = {requested_transport()} | {
+        str(i.get("transport")) for i in infos if isinstance(i, dict) and i.get("transport")
+    }
+    forced.discard("auto")
+    if forced:
         raise TransportUnavailable(
-            f"MOONCAKE_EP_TRANSPORT={requested} was requested but cannot be used: {reason}"
+            f"MOONCAKE_EP_TRANSPORT={'/'.join(sorted(forced))} was requested (on at least one "
+            f"rank) but cannot be used: {reason}"
         )
     return None, reason
 
@@ -178,10 +184,10 @@ def select(group: Any, num_ep_buffer_bytes: int) -> Any:
     used)."""
     info, infos, mode, reason = agree(group, num_ep_buffer_bytes)
     if mode is None:
-        return decline(reason)
+        return decline(reason, infos)
     result = setup(group, info, infos, num_ep_buffer_bytes, mode, reason)
     if isinstance(result, tuple):
-        return decline(result[1])
+        return decline(result[1], infos)
     logger.info("rank %d: EP transport %s (%s)", group.rank(), mode, result.reason)
     return result
 
