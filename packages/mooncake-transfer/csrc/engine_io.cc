@@ -349,10 +349,16 @@ bool Engine::on_frame(Connection& c, const FrameHeader& h, std::string& payload,
       return true;
     case kUcxInfoResp: {
       Pending p;
-      if (c.take_pending(h.req, &p) && p.kind == Pending::kUcxInfo) {
-        *p.reply = std::move(payload);
-        p.batch->complete_ok();
+      if (!c.take_pending(h.req, &p)) return true;
+      if (p.kind != Pending::kUcxInfo) {
+        // A reply to a request of another kind: fail that request (it must not hang) and drop
+        // the peer's connection, which broke the protocol.
+        why = "UCX_INFO_RESP for a request of another kind";
+        p.batch->complete_err(ErrorInfo{ErrKind::kGeneric, c.peer ? c.peer->name : "", why});
+        return false;
       }
+      *p.reply = std::move(payload);
+      p.batch->complete_ok();
       return true;
     }
     case kError: {
@@ -430,6 +436,13 @@ void Engine::ucx_service_loop() {
     auto seg = segments_.find(job.seg_id);
     if (!seg) {
       send_error(c, job.req, kErrBadSegment, "UCX request for unknown segment " + std::to_string(job.seg_id));
+      continue;
+    }
+    // Only an engine that allows UCX (transport 'ucx' or 'auto') starts it for a peer: UCX's own
+    // sockets are not covered by the group secret. GPU segments are reachable over UCX only.
+    if (cfg_.transport != "auto" && cfg_.transport != "ucx" && seg->location.rfind("cuda", 0) != 0) {
+      send_error(c, job.req, kErrBadRequest,
+                 "this engine does not serve segments over UCX (its transport is '" + cfg_.transport + "')");
       continue;
     }
     std::string why;

@@ -365,10 +365,8 @@ void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
     std::lock_guard<std::mutex> g(core_->mu);
     const Lib* lib = core_->lib;
     auto& ep = rem->ep;
-    if (ep->failed) {
-      ErrorInfo e = peer->dead() ? peer->dead_error()
-                                 : ErrorInfo{ErrKind::kGeneric, peer->name, "ucx endpoint failed: " + ep->why};
-      b->complete_err(e);
+    if (ep->failed && peer->dead()) {
+      b->complete_err(peer->dead_error());
       engine_.local_op_done(*peer);
       return;
     }
@@ -378,29 +376,38 @@ void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
     u->peer = peer;
     u->ep = ep;
     u->write = op.write;
-    ep->ops.insert(u);
-    ucp_request_param_t rp{};
-    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    rp.send_cb = reinterpret_cast<ucp_send_nbx_callback_t>(&UcxTransport::on_request);
-    rp.user_data = u;
-    auto track = [&](ucs_status_ptr_t r) {
-      if (r == nullptr) return true;
-      if (ptr_is_err(r)) {
-        if (u->status == UCS_OK) u->status = ptr_status(r);
-        return false;
-      }
-      ++u->outstanding;
-      return true;
-    };
-    const uint64_t raddr = rem->addr + op.offset;
-    if (op.write) {
-      if (track(lib->put_nbx(ep->ep, op.local, static_cast<size_t>(op.len), raddr, rem->rkey, &rp)))
-        track(lib->ep_flush_nbx(ep->ep, &rp));  // remote completion: the data is in the owner's memory
+    if (ep->failed) {
+      // UCX saw the connection fail before the engine's detector did: like an op that failed in
+      // flight, it waits (kDeadGraceNs at most) for the detector's verdict, so a killed peer
+      // reads as PeerDeadError here too.
+      u->status = -25;  // UCS_ERR_CONNECTION_RESET
+      settle_locked(u);
+      pending = true;
     } else {
-      track(lib->get_nbx(ep->ep, op.local, static_cast<size_t>(op.len), raddr, rem->rkey, &rp));
+      ep->ops.insert(u);
+      ucp_request_param_t rp{};
+      rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      rp.send_cb = reinterpret_cast<ucp_send_nbx_callback_t>(&UcxTransport::on_request);
+      rp.user_data = u;
+      auto track = [&](ucs_status_ptr_t r) {
+        if (r == nullptr) return true;
+        if (ptr_is_err(r)) {
+          if (u->status == UCS_OK) u->status = ptr_status(r);
+          return false;
+        }
+        ++u->outstanding;
+        return true;
+      };
+      const uint64_t raddr = rem->addr + op.offset;
+      if (op.write) {
+        if (track(lib->put_nbx(ep->ep, op.local, static_cast<size_t>(op.len), raddr, rem->rkey, &rp)))
+          track(lib->ep_flush_nbx(ep->ep, &rp));  // remote completion: the data is in the owner's memory
+      } else {
+        track(lib->get_nbx(ep->ep, op.local, static_cast<size_t>(op.len), raddr, rem->rkey, &rp));
+      }
+      pending = u->outstanding > 0;
+      settle_locked(u);
     }
-    pending = u->outstanding > 0;
-    settle_locked(u);
   }
   if (pending) kick();
 }

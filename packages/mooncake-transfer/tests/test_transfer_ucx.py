@@ -178,6 +178,23 @@ def test_unregistered_segment_is_not_served_over_ucx(engine_factory, monkeypatch
         eng.open_segment(desc)
 
 
+@pytest.mark.timeout(60)
+def test_owner_that_chose_tcp_does_not_start_ucx_for_a_peer(engine_factory, monkeypatch):
+    """UCX's sockets are not covered by the group secret: an owner whose transport is 'tcp'
+    refuses a peer's UCX request (and stays reachable over tcp)."""
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    owner = engine_factory("owner-tcp", transport="tcp")
+    seg = owner.allocate(4096)
+    eng = engine_factory("init-tcp", transport="ucx")
+    with pytest.raises(TransferError, match="does not serve segments over UCX .* 'tcp'"):
+        eng.open_segment(seg.descriptor())
+    rseg = eng.open_segment(seg.descriptor(), transport="tcp")
+    buf = LocalBuf(4096)
+    buf.fill(b"t" * 4096)
+    eng.write(rseg, 0, buf.addr, 4096, timeout=30)
+    assert bytes(seg.view()[:4]) == b"tttt"
+
+
 @pytest.mark.timeout(120)
 def test_kill9_fails_pending_ucx_ops_fast(engine_factory, peer_factory, monkeypatch):
     size = 64 * MiB
