@@ -186,7 +186,7 @@ def test_owner_that_chose_tcp_does_not_start_ucx_for_a_peer(engine_factory, monk
     owner = engine_factory("owner-tcp", transport="tcp")
     seg = owner.allocate(4096)
     eng = engine_factory("init-tcp", transport="ucx")
-    with pytest.raises(TransferError, match="does not serve segments over UCX .* 'tcp'"):
+    with pytest.raises(TransferError, match=r"does not serve segments over UCX .* 'tcp'"):
         eng.open_segment(seg.descriptor())
     rseg = eng.open_segment(seg.descriptor(), transport="tcp")
     buf = LocalBuf(4096)
