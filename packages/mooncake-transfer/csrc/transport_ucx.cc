@@ -303,6 +303,9 @@ void UcxTransport::attach(RemoteSeg& rs, const std::string& payload) {
   auto remote = std::make_shared<UcxRemote>();
   {
     std::lock_guard<std::mutex> g(core_->mu);
+    // A peer marked DEAD before this point had its endpoints closed already (peer_dead); one
+    // marked later is closed by the progress thread, which takes this lock after us.
+    if (rs.peer->dead()) throw TransferErr(rs.peer->dead_error());
     const Lib* lib = core_->lib;
     std::shared_ptr<UcxEp> slot;
     auto found = eps_.find(peer);
