@@ -488,7 +488,9 @@ class Buffer:
         self.num_ops = 0  # as in a new Buffer: every rank starts again at half 0 (so do the paths)
 
     def destroy(self) -> None:
-        """Release the path's resources: local (no collective), idempotent, never blocks."""
+        """Release the path's resources: local (no collective), idempotent, bounded: it waits
+        for nothing but this rank's own GPU work and, in proxy mode, up to 1 s for the proxy to
+        drain."""
         self._dispatch_ok.clear()  # the specialised ops hold the path
         self._combine_ok.clear()
         path, self._path = self._path, None
