@@ -7,7 +7,8 @@ Outside ``staged``, the first CUDA collective after any membership change runs t
 ops ("cuda_path", "cuda_path_ok"): every member reports its host id, GPU uuid, mode and arena
 blob (``cuda_ipc``), each maps every peer's arena, and the group goes direct only when all
 members share one host and every mapping worked (``choose``); otherwise it stays staged and the
-reason is logged (with ``direct`` forced, every member raises it instead).
+reason is logged (with ``direct`` forced, every member raises it instead). ``staged`` members run
+no decision op: members configured differently (staged on some) get OpMismatchError.
 
 One direct op (all_reduce, broadcast, all_gather, reduce_scatter; the other collectives stay
 staged), on the group's own CUDA stream, which first waits for the caller's current stream:
@@ -164,7 +165,10 @@ class CudaPath:
         """Whether this op takes the direct path (agreed ops run first when the membership
         changed since the last decision)."""
         check_capture(kind)
-        if kind not in DIRECT_KINDS:
+        if kind not in DIRECT_KINDS or self.mode == "staged":
+            # staged (the default): exactly the path of before, no decision ops. A group whose
+            # members disagree (staged here, auto/direct elsewhere) fails its ops with
+            # OpMismatchError on every member: they issue different ops.
             return False
         pg = self.pg
         m = pg.membership
