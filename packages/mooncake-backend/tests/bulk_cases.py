@@ -107,7 +107,9 @@ def large_loop_body(rank: int, world: int, port: int, iters: int) -> dict:
     the cross-host protocol with engine reads)."""
     init(rank, world, port)
     for i in range(iters):
-        n = 150_001 + i
+        # Above and below the scratch pool's 1 MiB (engine reads land in pooled or fresh
+        # buffers, which the commit must hold).
+        n = 150_001 + i if i % 2 else 60_001 + i
         t = torch.full((n,), 1 << rank, dtype=torch.int64)
         dist.all_reduce(t)
         assert torch.all(t == (1 << world) - 1), f"iter {i}: {t[0]}"

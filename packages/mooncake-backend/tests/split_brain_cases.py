@@ -55,11 +55,27 @@ class Log:
         self.phase, self.idx = phase, 0
 
     def allreduce(self, active: torch.Tensor, n: int = 64) -> None:
-        t = torch.full((n,), 1 << self.rank, dtype=torch.int64)
-        dist.all_reduce(t)
-        got = int(t[0])
-        if not bool(torch.all(t == got)):
-            got = -1
+        """One op whose result is the mask of its contributors: an all_reduce of ``n`` int64,
+        or, with ``SPLIT_BRAIN_ALLGATHER=<n>`` in the environment, an all_gather of ``n``
+        int64 (large: the arena path, ``backend/bulk.py``) whose slots are OR-ed."""
+        big = int(os.environ.get("SPLIT_BRAIN_ALLGATHER", "0"))
+        if big:
+            t = torch.full((big,), 1 << self.rank, dtype=torch.int64)
+            outs = [torch.full((big,), -1, dtype=torch.int64) for _ in range(active.numel())]
+            dist.all_gather(outs, t)
+            got = 0
+            for r, o in enumerate(outs):
+                v = int(o[0])
+                if v not in (0, 1 << r) or not bool(torch.all(o == v)):
+                    got = -1
+                    break
+                got |= v
+        else:
+            t = torch.full((n,), 1 << self.rank, dtype=torch.int64)
+            dist.all_reduce(t)
+            got = int(t[0])
+            if not bool(torch.all(t == got)):
+                got = -1
         self.ops.append([self.phase, self.idx, time.time(), got, mask_of(active)])
         self.idx += 1
 

@@ -252,14 +252,18 @@ def _ok(res: dict, key) -> dict:
 
 
 # ------------------------------------------------------------------------------- stop / resume
-def run_stop_resume(world: int, victim: int, cycles: int, sync: str, seed: int) -> None:
+def run_stop_resume(
+    world: int, victim: int, cycles: int, sync: str, seed: int, env: dict | None = None
+) -> None:
     label = f"world {world}, victim {victim}"
     budget = 40.0 + 20.0 * cycles
     rng = random.Random(seed)
     windows: list = []
     with Ranks(timeout=budget + 15) as rk:
         for r in range(world):
-            rk.start(stop_resume_body, r, world, victim, cycles, sync, HB, OP_TIMEOUT, budget)
+            rk.start(
+                stop_resume_body, r, world, victim, cycles, sync, HB, OP_TIMEOUT, budget, env=env
+            )
         pid = rk.procs[victim].pid
         try:
             for k in range(cycles):
@@ -313,6 +317,15 @@ def run_stop_resume(world: int, victim: int, cycles: int, sync: str, seed: int) 
 def test_stop_resume_evicts_and_rejoins(victim, tmp_path):
     """Fast subset of acceptance 1: world 3, one stop/resume cycle."""
     run_stop_resume(3, victim, 1, str(tmp_path), seed=victim)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("victim", [0, 2])
+def test_stop_resume_during_large_allgathers(victim, tmp_path):
+    """The same with large all_gathers (arena path: READY tables, the vote in the same native
+    call when every READY was predicted): the stopped rank never completes an op alone."""
+    env = {"SPLIT_BRAIN_ALLGATHER": "100000"}
+    run_stop_resume(3, victim, 1, str(tmp_path), seed=10 + victim, env=env)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Large all-reduce and broadcast through per-group shared-memory arenas.
+"""All-reduce, broadcast and all-gather through per-group shared-memory arenas.
 
 Every rank of a group owns an *arena*: engine-``allocate()``d (memfd) segments, grown on demand
 and reused across ops. Same-host peers map each other's arenas once (``RemoteSegment.view()``,
@@ -16,8 +16,21 @@ All-reduce of ``n`` bytes among ``m`` members (rank ``i`` owns chunk ``i``):
    commit never needs another message;
 5. the commit copies every chunk from the arenas into the caller's tensor.
 
-Broadcast: the root copies its tensor into its arena and sends READY; receivers copy from the
-mapping at commit.
+Broadcast: the root copies its tensor into its arena; receivers copy from the mapping at
+commit. All-gather: every rank copies its input into its arena once; every rank copies every
+peer's part from the mappings at commit (the outputs are untouched until then).
+
+Both run one symmetric message round, the *READY table* (``_ready_table``): every rank sends
+every peer one entry per rank whose region the op reads (the root; every member): its own READY,
+and for the others the READY it predicts (``Arena.predict``: the peer's arena half did not grow
+since this rank mapped it, and the offset follows the same bump as the peer's). Every rank waits
+for every table before its vote, so each vote follows a data message of its own that every peer
+waited for (``protocol.agree``'s stall rule holds; a rank that sent nothing would wait one more
+round). When every table is byte-identical, every prediction held: each rank already holds a
+mapping (referenced before the round) of every region it reads, so the engine's
+``exchange_round`` sends the vote and the DECIDED in the same call (``Exchange.exchange_bytes``)
+and the commit needs no peer alive. Otherwise the tables are read entry by entry and each rank
+opens the regions it did not predict before its vote, as above.
 
 Why arenas are never overwritten while a peer still reads them: each op's regions live in the
 half of the arena chosen by the op's sequence number parity. A rank writes half ``h`` at op
@@ -49,6 +62,8 @@ from typing import Callable, Optional
 
 import torch
 
+from mooncake.transfer import copy_buffers
+
 from . import faults, native
 from .exchange import Exchange, ScratchPool, even_chunks, no_commit
 from .reduce_ops import reduce_into
@@ -72,11 +87,16 @@ def _env_bytes(name: str, default: int) -> int:
 
 
 # Payloads of at least this many bytes take the arena path (0 disables it). Measured on the
-# 2-core machines (world 2, same run): the arena path is at or below the pull path from 96 KiB up
-# for both ops (all_reduce below 64 KiB stays on the one-message direct path).
+# 2-core machines (world 2, same run): all_reduce's arena path is at or below the pull path
+# from 96 KiB up (below 64 KiB it stays on the one-message direct path). Broadcast and
+# all_gather run a clean op in one native call here (READY tables, ``_ready_table``); the same
+# processes switching paths op by op (``benchmarks/paths.py``, per-op, position-balanced, world
+# 2 and 4): broadcast at or below the fused small round from 32 KiB (world 4: 32 KiB 243 vs
+# 291 us, 64 KiB 257 vs 407), all_gather below the inline path from 4 KiB (world 4: 16 KiB 339
+# vs 405 us, 256 KiB 453 vs 809; world 2: 16 KiB 93 vs 122).
 ALLREDUCE_MIN_BYTES = _env_bytes("MOONCAKE_BULK_ALLREDUCE_MIN", 64 * 1024)
-BROADCAST_MIN_BYTES = _env_bytes("MOONCAKE_BULK_BROADCAST_MIN", 96 * 1024)
-ALLGATHER_MIN_BYTES = _env_bytes("MOONCAKE_BULK_ALLGATHER_MIN", 64 * 1024)
+BROADCAST_MIN_BYTES = _env_bytes("MOONCAKE_BULK_BROADCAST_MIN", 32 * 1024)
+ALLGATHER_MIN_BYTES = _env_bytes("MOONCAKE_BULK_ALLGATHER_MIN", 16 * 1024)
 
 _ALIGN = 4096
 # READY payload: region offset, payload bytes, host id length; then the host id and the descriptor.
@@ -101,12 +121,13 @@ def _frombuffer(view: memoryview) -> torch.Tensor:
 class _Half:
     """One parity half of an arena: a segment and a bump cursor reset at each op attempt."""
 
-    __slots__ = ("buf", "cursor", "desc", "op", "retired", "seg")
+    __slots__ = ("buf", "cursor", "desc", "op", "ptr", "retired", "seg")
 
     def __init__(self) -> None:
         self.seg = None
         self.desc = b""
         self.buf: Optional[torch.Tensor] = None
+        self.ptr = 0  # buf's address
         self.cursor = 0
         self.op: tuple[int, int] = (-1, -1)
         self.retired: list = []
@@ -130,6 +151,16 @@ class Arena:
 
     def region(self, x: Exchange, nbytes: int) -> tuple[bytes, int, torch.Tensor]:
         """A fresh region of this op attempt: (descriptor, offset, uint8 tensor of nbytes)."""
+        h, off = self._bump(x, nbytes)
+        return h.desc, off, h.buf[off : off + nbytes]
+
+    def region_ptr(self, x: Exchange, nbytes: int) -> tuple[bytes, int, int]:
+        """``region`` as (descriptor, offset, address): no tensor built (the hot paths copy with
+        raw addresses)."""
+        h, off = self._bump(x, nbytes)
+        return h.desc, off, h.ptr + off
+
+    def _bump(self, x: Exchange, nbytes: int) -> tuple[_Half, int]:
         h = self.halves[x.seq & 1]
         key = (x.seq, x.attempt)
         if h.op != key:
@@ -148,10 +179,11 @@ class Arena:
             size = -(-max(need, cap + cap // 2, 1 << 20) // _ALIGN) * _ALIGN
             seg = self.engine.allocate(size)
             h.seg, h.desc, h.buf = seg, seg.descriptor(), _frombuffer(seg.view())
+            h.ptr = h.buf.data_ptr()
             h.cursor = 0
         off = h.cursor
         h.cursor += need
-        return h.desc, off, h.buf[off : off + nbytes]
+        return h, off
 
     def _drop(self, segs: list, timeout: float = 1.0) -> None:
         """Unregister replaced segments (the engine keeps allocate()d memory until then; local
@@ -227,8 +259,14 @@ def arena_for(x: Exchange) -> Optional[Arena]:
     if pool is None or pool.min_bytes >= (1 << 60):
         return None
     a = _arenas.get(pool)
+    engine = x.mailbox.engine
+    if a is not None and a.engine is not engine:
+        # ``pg.rejoin`` gave the process a new engine incarnation: peers refuse the old one's
+        # segments, so its arena goes and a new one starts.
+        a.close()
+        a = None
     if a is None:
-        a = _arenas[pool] = Arena(x.mailbox.engine)
+        a = _arenas[pool] = Arena(engine)
         weakref.finalize(pool, a.close)  # the group is gone: give the memory back
     return a
 
@@ -276,6 +314,11 @@ class _Source:
 
     def __init__(self, rseg, buf: Optional[torch.Tensor], off: int) -> None:
         self.rseg, self.buf, self.off = rseg, buf, off
+
+    def ptr(self) -> int:
+        """Address of the region in this process's mapping (mapped sources only)."""
+        assert self.buf is not None
+        return self.buf.data_ptr() + self.off
 
 
 def _open(x: Exchange, arena: Arena, r: int, ready: _Ready) -> Optional[_Source]:
@@ -507,15 +550,24 @@ def broadcast(x: Exchange, flat: torch.Tensor, root: int, last: bool) -> Optiona
     if root not in x.members:
         return no_commit
     nbytes = flat.numel() * flat.element_size()
+    th = native.threads(nbytes, 1)
     mine = b""
     if x.me == root:
-        desc, off, region = arena.region(x, nbytes)
-        _copy(region, flat)
+        desc, off, ptr = arena.region_ptr(x, nbytes)
+        copy_buffers(ptr, flat.data_ptr(), nbytes, th)
         mine = _pack_ready(arena, desc, off, nbytes)
     srcs = _ready_table(x, arena, [root], nbytes, mine, last)
     if x.me == root or srcs is None:
         return no_commit
-    data = _read(x, root, srcs[root], 0, nbytes, flat.dtype, x.scratch_scope() + "bcast")
+    src = srcs[root]
+    if src.buf is not None:
+        ptr = src.ptr()
+
+        def commit(_mapping: torch.Tensor = src.buf) -> None:  # held until the copy
+            copy_buffers(flat.data_ptr(), ptr, nbytes, th)
+
+        return commit
+    data = _read(x, root, src, 0, nbytes, flat.dtype, x.scratch_scope() + "bcast")
     if data is None:
         return no_commit
     return lambda: _copy(flat, data)
@@ -538,34 +590,42 @@ def allgather(
     if arena is None:
         return None
     nbytes = flat.numel() * flat.element_size()
-    desc, off, region = arena.region(x, nbytes)
-    _copy(region.view(flat.dtype), flat)
+    members = x.members
+    desc, off, ptr = arena.region_ptr(x, nbytes)
+    copy_buffers(ptr, flat.data_ptr(), nbytes, native.threads(nbytes, 1))
     mine = _pack_ready(arena, desc, off, nbytes)
-    srcs = _ready_table(x, arena, x.members, nbytes, mine, last)
+    srcs = _ready_table(x, arena, members, nbytes, mine, last)
     if srcs is None:
         return no_commit
-    parts: dict[int, torch.Tensor] = {}
+    # Group rank -> address to copy its part from (outs are contiguous CPU tensors: checked
+    # by the process group; staged CUDA outputs are host tensors).
+    parts: dict[int, int] = {x.me: flat.data_ptr()}
+    # The tensors behind those addresses (peers' mappings: the arena's cache may drop one
+    # when a coalesced op opens more; engine-read scratch), held by the commit.
+    keep: list[torch.Tensor] = []
     scope = ""
     for p, src in srcs.items():
-        if src.buf is None and not scope:
+        if src.buf is not None:
+            parts[p] = src.ptr()
+            keep.append(src.buf)
+            continue
+        if not scope:
             scope = x.scratch_scope()
         t = _read(x, p, src, 0, nbytes, flat.dtype, f"{scope}ag{p}")
         if t is None:
             return no_commit
-        parts[p] = t
-    members, me = x.members, x.me
+        keep.append(t)
+        parts[p] = t.data_ptr()
+    th = native.threads(nbytes, len(members))
 
-    def commit() -> None:
+    def commit(_keep: list = keep) -> None:  # holds them until the copies
         for r, o in enumerate(outs):
-            if r == me:
-                _copy(_flat(o), flat)
-            elif r in parts:
-                _copy(_flat(o), parts[r])
+            src = parts.get(r)
+            if src is not None:
+                dst = o.data_ptr()
+                if dst != src:  # in place (the input is this slot): nothing to copy
+                    copy_buffers(dst, src, nbytes, th)
             elif r not in members:
                 native.zero(o)
 
     return commit
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 1 else t.reshape(-1)
