@@ -182,6 +182,28 @@ def assert_all_ok(results: list[RankResult]) -> list[Any]:
     return [r.value for r in results]
 
 
+def run_matrix(
+    world_size: int, env: dict, cases: list, extras: list, timeout: float, path: str
+) -> list[Any]:
+    """``test_cuda_fast_path.rank_matrix`` (the EP correctness matrix) on every rank of a gloo
+    group under ``env``; asserts that no case differs from the portable path and that every rank
+    ran on ``path``. Returns each rank's value."""
+    values = assert_all_ok(
+        run_world(
+            world_size,
+            "test_cuda_fast_path:rank_matrix",
+            (cases, extras),
+            backend="gloo",
+            timeout=timeout,
+            env=env,
+        )
+    )
+    errors = [e for v in values for e in v["errors"]]
+    assert not errors, "\n".join(errors[:40])
+    assert all(v["path"] == path for v in values), [v["path"] for v in values]
+    return values
+
+
 def init_group(
     rank: int,
     world_size: int,

@@ -32,22 +32,9 @@ EXTRAS = ["update", "two_alive", "graph", "missing"]
 
 
 def _matrix(world_size: int, env: dict, cases: list, extras: list, timeout: float) -> list:
-    from ep_harness import assert_all_ok, run_world
+    from ep_harness import run_matrix
 
-    values = assert_all_ok(
-        run_world(
-            world_size,
-            "test_cuda_fast_path:rank_matrix",
-            (cases, extras),
-            backend="gloo",
-            timeout=timeout,
-            env=env,
-        )
-    )
-    errors = [e for v in values for e in v["errors"]]
-    assert not errors, "\n".join(errors[:40])
-    assert all(v["path"] == "cuda-proxy" for v in values), [v["path"] for v in values]
-    return values
+    return run_matrix(world_size, env, cases, extras, timeout, "cuda-proxy")
 
 
 @pytest.mark.timeout(600)

@@ -50,6 +50,7 @@ import torch
 
 from . import cuda_ipc
 from .exchange import Exchange, no_commit
+from .reduce_ops import fold_left
 from .work import MooncakeWork
 
 if TYPE_CHECKING:
@@ -425,28 +426,7 @@ def device_reduce(out: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -
         if out.data_ptr() != parts[0].data_ptr():
             out.copy_(parts[0])
         work, rest = out, parts[1:]
-    for p in rest:
-        if name in ("SUM", "AVG"):
-            work.logical_or_(p) if work.dtype == torch.bool else work.add_(p)
-        elif name == "PRODUCT":
-            work.logical_and_(p) if work.dtype == torch.bool else work.mul_(p)
-        elif name == "MIN":
-            torch.minimum(work, p, out=work)
-        elif name == "MAX":
-            torch.maximum(work, p, out=work)
-        elif name == "BAND":
-            work.bitwise_and_(p)
-        elif name == "BOR":
-            work.bitwise_or_(p)
-        elif name == "BXOR":
-            work.bitwise_xor_(p)
-        else:
-            raise ValueError(f"reduce op {name} is not supported by mooncake")
-    if name == "AVG" and len(parts) > 1:
-        if work.dtype.is_floating_point or work.dtype.is_complex:
-            work.div_(len(parts))
-        elif work.dtype != torch.bool:
-            work.copy_(torch.div(work, len(parts), rounding_mode="trunc"))
+    fold_left(work, rest, name, len(parts))
     if work is not out:
         out.copy_(work.to(dt))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -91,27 +92,19 @@ def reduce_fresh(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) ->
     return acc
 
 
-def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
-    """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values.
-    Natively (``native.reduce``) where the engine covers the dtype and op, else torch ops."""
-    if native.reduce(acc, parts, name):
-        return acc
-    fp8 = acc.dtype in _FP8
-    rest = parts[1:]
-    if (
-        not fp8
-        and acc.dtype != torch.bool
-        and rest
-        and acc.data_ptr() != parts[0].data_ptr()
-        and all(p.data_ptr() != acc.data_ptr() for p in rest)
-    ):
-        _BINARY[name](parts[0], rest[0], out=acc)  # first pair in one pass, no copy
-        rest = rest[1:]
-    elif acc.data_ptr() != parts[0].data_ptr():
-        acc.copy_(parts[0])
-    work = acc.float() if fp8 else acc
+def fold_left(
+    work: torch.Tensor,
+    rest: Sequence[torch.Tensor],
+    name: str,
+    count: int,
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """``work`` op= each of ``rest`` in order (torch ops, on ``work``'s device), then AVG's
+    division by ``count`` (the number of contributors): the element-wise steps every reduction
+    of this backend takes, on the CPU and on the device."""
     for p in rest:
-        p = p.float() if fp8 else p
+        if convert is not None:
+            p = convert(p)
         if name in ("SUM", "AVG"):
             if work.dtype == torch.bool:
                 work.logical_or_(p)
@@ -132,11 +125,40 @@ def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> 
             work.bitwise_or_(p)
         elif name == "BXOR":
             work.bitwise_xor_(p)
-    if name == "AVG" and len(parts) > 1:
+        else:
+            raise ValueError(f"reduce op {name} is not supported by mooncake")
+    if name == "AVG" and count > 1:
         if work.dtype.is_floating_point or work.dtype.is_complex:
-            work.div_(len(parts))
+            work.div_(count)
         elif work.dtype != torch.bool:
-            work.copy_(torch.div(work, len(parts), rounding_mode="trunc"))
+            work.copy_(torch.div(work, count, rounding_mode="trunc"))
+    return work
+
+
+def _to_float(p: torch.Tensor) -> torch.Tensor:
+    return p.float()
+
+
+def reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """``acc`` = reduction of ``parts`` (in order). ``acc`` may alias ``parts[0]``'s values.
+    Natively (``native.reduce``) where the engine covers the dtype and op, else torch ops."""
+    if native.reduce(acc, parts, name):
+        return acc
+    fp8 = acc.dtype in _FP8
+    rest = parts[1:]
+    if (
+        not fp8
+        and acc.dtype != torch.bool
+        and rest
+        and acc.data_ptr() != parts[0].data_ptr()
+        and all(p.data_ptr() != acc.data_ptr() for p in rest)
+    ):
+        _BINARY[name](parts[0], rest[0], out=acc)  # first pair in one pass, no copy
+        rest = rest[1:]
+    elif acc.data_ptr() != parts[0].data_ptr():
+        acc.copy_(parts[0])
+    work = acc.float() if fp8 else acc
+    fold_left(work, rest, name, len(parts), _to_float if fp8 else None)
     if fp8:
         acc.copy_(work.to(acc.dtype))
     return acc
