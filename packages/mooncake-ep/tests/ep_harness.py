@@ -204,6 +204,41 @@ def run_matrix(
     return values
 
 
+def run_kill(world_size: int, env: dict, case: Any, point: str, occurrence: int) -> None:
+    """``test_cuda_fast_path.rank_kill`` under ``env``: the last rank SIGKILLs itself at
+    ``point`` (``occurrence``-th time); every survivor must end exact and have marked it."""
+    results = run_world(
+        world_size,
+        "test_cuda_fast_path:rank_kill",
+        (case, point, occurrence),
+        backend="gloo",
+        timeout=240,
+        env=env,
+    )
+    victim = results[-1]
+    assert victim.exitcode == -9, f"victim: exit {victim.exitcode}, {victim.error[:500]}"
+    errors = []
+    for r in results[:-1]:
+        assert r.ok, f"rank {r.rank}: {r.error}"
+        errors += r.value["errors"]
+        assert r.value["marks"], f"rank {r.rank} never marked the killed rank"
+    assert not errors, "\n".join(errors[:40])
+
+
+def run_kernel_bench(env: dict, out: str) -> dict:
+    """``python -m mooncake.ep._cuda.bench`` (one rank, DeepEP shape) under ``env``; its JSON."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "mooncake.ep._cuda.bench", "--iters", "20", "--json", out]
+    proc = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
 def init_group(
     rank: int,
     world_size: int,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from typing import Any, Optional
 
@@ -154,30 +152,15 @@ def test_nvshmem_update_ep_member_error(env: dict) -> None:
 def test_nvshmem_kill(world_size: int, point: str, occurrence: int, env: dict) -> None:
     """SIGKILL the last rank (a PE) in NVSHMEM mode: the survivors' ops return within
     timeout_us + 100 ms with it masked, never wait for it again, and stay exact."""
-    from ep_harness import run_world
+    from ep_harness import run_kill
 
-    args = (_case("kill", **FP8), point, occurrence)
-    results = run_world(
-        world_size, "test_cuda_fast_path:rank_kill", args, backend="gloo", timeout=240, env=env
-    )
-    victim = results[-1]
-    assert victim.exitcode == -9, f"victim: exit {victim.exitcode}, {victim.error[:500]}"
-    errors = []
-    for r in results[:-1]:
-        assert r.ok, f"rank {r.rank}: {r.error}"
-        errors += r.value["errors"]
-        assert r.value["marks"], f"rank {r.rank} never marked the killed rank"
-    assert not errors, "\n".join(errors[:40])
+    run_kill(world_size, env, _case("kill", **FP8), point, occurrence)
 
 
 def _bench(env: dict, out: str) -> dict:
-    cmd = [sys.executable, "-m", "mooncake.ep._cuda.bench", "--iters", "20", "--json", out]
-    proc = subprocess.run(
-        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out) as f:
-        return json.load(f)
+    from ep_harness import run_kernel_bench
+
+    return run_kernel_bench(env, out)
 
 
 @pytest.mark.timeout(600)

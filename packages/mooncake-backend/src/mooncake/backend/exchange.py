@@ -129,6 +129,16 @@ class Exchange:
     def _hdr(self, kind: int, phase: int, nbytes: int) -> bytes:
         return _pack(self.seq, self.attempt, kind, phase, self.sig, nbytes)
 
+    def _clean_votes(self, last: bool) -> tuple[bytes, bytes]:
+        """The agreement's round-0 AGREE and DECIDED of a clean rank, for a native round that
+        runs them after the data (``last``, no mismatch, no armed agree_send fault); else empty."""
+        if not last or self.mismatch is not None or faults.armed("agree_send"):
+            return b"", b""
+        return (
+            wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0),
+            wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0),
+        )
+
     def note_mismatch(self, src: int, what: str) -> None:
         if self.mismatch is None:
             self.mismatch = f"group rank {src}: {what}"
@@ -364,10 +374,7 @@ class Exchange:
             self.send_many(peers, phase, t)
             return self.recv_each(peers, phase, sink)
         head = _pack(self.seq, self.attempt, wire.DATA_INLINE, phase, self.sig, size)
-        vote = final = b""
-        if last and self.mismatch is None and not faults.armed("agree_send"):
-            vote = wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0)
-            final = wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0)
+        vote, final = self._clean_votes(last)
         self.sent_at = time.monotonic()
         rounds, res = mailbox.exchange(
             targets, self.tag, head, self.deadline - time.monotonic(), self._key,
@@ -420,10 +427,7 @@ class Exchange:
             return self.recv_bytes_each(peers, phase)
         head = _pack(self.seq, self.attempt, wire.DATA_INLINE, phase, self.sig, len(payload))
         head += payload
-        vote = final = b""
-        if last and self.mismatch is None and not faults.armed("agree_send"):
-            vote = wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0)
-            final = wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0)
+        vote, final = self._clean_votes(last)
         self.sent_at = time.monotonic()
         rounds, res = mailbox.exchange(
             targets, self.tag, head, self.deadline - time.monotonic(), self._key,
