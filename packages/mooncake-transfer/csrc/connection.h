@@ -104,6 +104,7 @@ class Connection {
   int64_t hs_deadline = 0;
   std::string banner_nonce;
   bool got_bye = false;
+  bool quiet_drop = false;  // refused as a normal race (duplicate dial, closing): a debug line
   uint64_t last_err_req = 0;  // one ERROR per failed request, no ACK after it
   uint32_t cur_err = 0;       // error code of the WRITE frame being received (I/O thread)
 

@@ -550,6 +550,11 @@ size_t Engine::connection_count() {
 void Engine::close() {
   std::lock_guard<std::mutex> guard(close_mu_);
   if (closing_.exchange(true)) return;
+  // Before the BYEs and before the liveness lock is released (the I/O thread ends below): a
+  // same-host peer whose watcher sees the lock go before it reads our BYE still knows this was a
+  // clean close. From here on, a peer's answer to our BYE (it drops the connection) is no news
+  // either (close_conn checks closing_).
+  inbox_.mark_closing();
   std::vector<std::shared_ptr<Connection>> conns;
   {
     std::lock_guard<std::mutex> g(mu_);

@@ -3,6 +3,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -18,6 +19,8 @@ namespace mooncake::transfer {
 
 namespace {
 constexpr size_t kMaxHandshaking = 128;
+// close(): how long queued frames (BYE) may take to leave, over all connections together.
+constexpr int64_t kCloseLingerNs = 100 * 1000000LL;
 
 std::string addr_str(const sockaddr_storage& ss) {
   char buf[INET6_ADDRSTRLEN] = "?";
@@ -105,13 +108,22 @@ void Engine::io_loop() {
     }
     tick(now_ns(), &next_wake);
   }
-  // Shutting down: give queued frames (BYE) one chance, then close everything.
+  // Shutting down: queued frames (BYE, behind whatever was queued before it) get a short,
+  // bounded moment to leave, so a peer that is reading sees a clean close; then close everything.
   std::vector<std::shared_ptr<Connection>> all;
   {
     std::lock_guard<std::mutex> g(mu_);
     for (auto& kv : conns_) all.push_back(kv.second);
   }
-  for (auto& c : all) c->flush();
+  const int64_t linger_end = now_ns() + kCloseLingerNs;
+  for (auto& c : all) {
+    while (c->flush() && !c->send_queue_empty()) {
+      const int64_t left = linger_end - now_ns();
+      if (left <= 0) break;
+      pollfd pfd{c->fd(), POLLOUT, 0};
+      if (::poll(&pfd, 1, static_cast<int>((left + 999999) / 1000000)) <= 0) break;
+    }
+  }
   for (auto& c : all) close_conn(c, "engine closed", false);
 }
 
@@ -161,6 +173,9 @@ bool Engine::handle_hello(Connection& c, const std::string& payload, std::string
     it.hdr = make_header(kHelloAck, 0, static_cast<uint32_t>(it.len));
     c.send(&it, 1, false);
     why = msg;
+    // Both sides dialing at once, or a dial that lost to an established connection or to our
+    // close: the dialer uses the other connection or gives up; nothing went wrong.
+    c.quiet_drop = status == kHelloDuplicate || status == kHelloClosing;
     return false;
   };
   if (!decode(payload, m)) return refuse(kHelloBadRequest, "malformed HELLO");
@@ -538,7 +553,8 @@ void Engine::close_conn(const std::shared_ptr<Connection>& c, const std::string&
       active = p->conn == c;
       if (active) p->conn.reset();
     }
-    if (stop_.load()) {
+    if (closing_.load()) {
+      // Our own close: the peer answering our BYE by dropping the connection is no failure.
       err = ErrorInfo{ErrKind::kGeneric, p->name, "engine closed"};
     } else {
       if (active) {
@@ -548,9 +564,10 @@ void Engine::close_conn(const std::shared_ptr<Connection>& c, const std::string&
       err = p->dead_error();
     }
     c->peer.reset();
-  } else if (!stop_.load()) {
-    // Refusals were logged already; a client that just went away is only worth a debug line.
-    const bool quiet = eof || why.rfind("recv:", 0) == 0 || why == "bad secret";
+  } else if (!closing_.load()) {
+    // Refusals were logged already, normal races (a crossing or repeated dial) are no news, and
+    // a client that just went away is only worth a debug line.
+    const bool quiet = eof || c->quiet_drop || why.rfind("recv:", 0) == 0 || why == "bad secret";
     log(quiet ? kLogDebug : kLogWarning, "dropped unauthenticated connection from " + c->remote() + ": " + why);
   }
   for (auto& x : pend) x.batch->complete_err(err);

@@ -228,9 +228,14 @@ void Engine::watch_liveness(const std::shared_ptr<Peer>& p, std::shared_ptr<Shar
       if (rc == EOWNERDEAD) pthread_mutex_consistent(&d->alive);
       if (rc == EOWNERDEAD || rc == 0) pthread_mutex_unlock(&d->alive);  // the next watcher's turn
       if (rc != EOWNERDEAD && rc != 0) return;  // unusable lock: leave it to the other signals
+      // The owner flags a clean close before it sends BYE and before its lock is released: the
+      // lock can still win the race against reading that BYE from the socket, so the verdict is
+      // the BYE's (info level). Without the flag the process died or exited without closing.
+      const bool clean = d->closing.load(std::memory_order_acquire) != 0;
+      const char* reason = clean ? Engine::kReasonBye : "process exited (its liveness lock was released)";
       std::lock_guard<std::mutex> g(link->mu);
       auto sp = weak.lock();
-      if (link->engine && sp) link->engine->mark_dead(sp, "process exited (its liveness lock was released)", true);
+      if (link->engine && sp) link->engine->mark_dead(sp, reason, true);
       return;
     }
   }).detach();

@@ -44,6 +44,7 @@ Inbox::Inbox() : spin_ns_(default_spin_ns()) {
   bell_->seq.store(0);
   bell_->sleepers.store(0);
   bell_->alive_armed.store(0);
+  bell_->closing.store(0);
   pthread_mutexattr_t a;
   pthread_mutexattr_init(&a);
   pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);

@@ -66,6 +66,8 @@ class Inbox {
   // Takes this engine's liveness lock (see DoorbellWord::alive); called once by the I/O thread,
   // which then holds it until it ends.
   void hold_liveness();
+  // Tells peers watching the liveness lock that its release will be a clean close (Engine::close).
+  void mark_closing() { bell_->closing.store(1, std::memory_order_release); }
 
  private:
   struct Ring {

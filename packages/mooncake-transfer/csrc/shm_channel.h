@@ -47,7 +47,10 @@ struct DoorbellWord {
   // 15-20 ms for a bare torch process, 60-110 ms with 1 GiB more resident memory). Same-host
   // peers that map this doorbell wait on it (Engine::watch_liveness) and mark the owner DEAD.
   std::atomic<uint32_t> alive_armed;  // 1 once the owner holds `alive`
-  uint32_t reserved;
+  // 1 once the owner began Engine::close() (set before its BYEs go out and before `alive` is
+  // released): a release after this is a clean close, not a death. Zero-filled, so an engine
+  // that never sets it (an older build) reads as before: a release means the process exited.
+  std::atomic<uint32_t> closing;
   pthread_mutex_t alive;
 };
 
