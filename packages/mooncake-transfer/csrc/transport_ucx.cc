@@ -29,43 +29,76 @@ constexpr int kIdleWaitMs = 100;                          // the progress thread
 constexpr int64_t kDeadGraceNs = 500LL * 1000000LL;
 constexpr size_t kMaxAddressBytes = 16384;
 constexpr size_t kMaxRkeyBytes = 16384;
+// An op's deadline allows every byte queued on the worker ahead of it (and its own) to move at
+// this rate at least (a floor far below any transport UCX uses, shared by all peers).
+constexpr double kMinBytesPerSec = 100e6;
+// The deadline's fixed part, by default this many heartbeat timeouts: a peer that stops
+// answering is declared DEAD by the failure detector first (PeerDeadError, as over tcp); this
+// catches a UCX path that stalls while the peer still answers on the engine's connection.
+// MOONCAKE_UCX_OP_TIMEOUT_MS overrides it.
+constexpr double kOpTimeoutHeartbeats = 2.0;
+constexpr double kMaxOpTimeoutMs = 3600e3;
 }  // namespace
 
 // Context + worker, shared by the transport, the endpoints, rkeys and memory maps so that UCX
 // objects are released in order (rkeys and maps before the worker and context) whoever goes last.
+//
+// It also owns what UCX may still call back into: every op whose requests UCX has not returned
+// (the requests' user data) and every endpoint whose close UCX did not finish (the error
+// callback's argument). Both are freed after ucp_worker_destroy at the latest, whose purge may
+// complete requests: the callbacks then see `live` null and only release what they own.
 struct UcxCore {
   const Lib* lib = nullptr;
   ucp_context_h ctx = nullptr;
   ucp_worker_h worker = nullptr;
   std::mutex mu;  // every UCX call on this context/worker (the worker is SERIALIZED)
-  ~UcxCore() {
-    if (worker) lib->worker_destroy(worker);
-    if (ctx) lib->cleanup(ctx);
-  }
+  // All under mu (or single-threaded in the destructor).
+  UcxTransport* live = nullptr;                   // null once the transport shut down
+  std::unordered_set<UcxOp*> ops;                 // every op not yet freed
+  std::vector<std::shared_ptr<UcxEp>> keep_eps;   // closes UCX did not finish in time
+  std::vector<ucp_rkey_h> stale_rkeys;            // unpacked on endpoints closed after a stall
+  ~UcxCore();
 };
 
 struct UcxEp {
   std::string peer;
   ucp_ep_h ep = nullptr;
-  UcxTransport* owner = nullptr;
+  UcxCore* core = nullptr;  // outlives every UcxEp UCX can call back about
   bool failed = false;   // no new ops
   bool closing = false;  // ucp_ep_close_nbx was called
   std::string why;
+  ErrKind why_kind = ErrKind::kGeneric;  // kTimeout: reset because an op passed its deadline
   std::unordered_set<UcxOp*> ops;  // started, not finished
 };
 
-// One op in flight. Guarded by the core lock; deleted when finished and UCX has returned every
-// request it holds for it.
+// One op. Guarded by the core lock; owned by UcxCore::ops, freed (release_locked) once it is
+// finished and UCX has returned every request it holds for it, never earlier.
 struct UcxOp {
-  UcxTransport* t = nullptr;
+  UcxCore* core = nullptr;
   std::shared_ptr<Batch> batch;
   std::shared_ptr<Peer> peer;
   std::shared_ptr<UcxEp> ep;
   bool write = true;
+  uint64_t len = 0;
+  int64_t started = 0;
+  int64_t deadline = kForever;
   int outstanding = 0;  // UCX requests not called back yet
   bool finished = false;
   int status = UCS_OK;
 };
+
+UcxCore::~UcxCore() {
+  if (worker) {
+    // Requests UCX completes while it destroys its endpoints call on_request with live == null.
+    for (ucp_rkey_h rk : stale_rkeys) lib->rkey_destroy(rk);
+    stale_rkeys.clear();
+    lib->worker_destroy(worker);
+  }
+  for (UcxOp* u : ops) delete u;  // no worker, no callbacks any more
+  ops.clear();
+  keep_eps.clear();
+  if (ctx) lib->cleanup(ctx);
+}
 
 UcxMemReg::~UcxMemReg() {
   if (!core || !memh) return;
@@ -206,6 +239,20 @@ std::unique_ptr<UcxTransport> UcxTransport::create(Engine& e, const std::string&
   epoll_ctl(t->epfd_, EPOLL_CTL_ADD, t->worker_fd_, &ev);
   ev.data.fd = t->wake_fd_;
   epoll_ctl(t->epfd_, EPOLL_CTL_ADD, t->wake_fd_, &ev);
+  double op_timeout_s = kOpTimeoutHeartbeats * e.heartbeat_timeout();
+  if (const char* v = std::getenv("MOONCAKE_UCX_OP_TIMEOUT_MS"); v && *v) {
+    char* end = nullptr;
+    const double ms = std::strtod(v, &end);
+    if (end && *end == '\0' && ms > 0 && ms <= kMaxOpTimeoutMs) {
+      op_timeout_s = ms / 1e3;
+    } else {
+      e.log(kLogWarning, std::string("MOONCAKE_UCX_OP_TIMEOUT_MS='") + v + "' is not a number of ms in (0, " +
+                             std::to_string(static_cast<int64_t>(kMaxOpTimeoutMs)) + "]: using " +
+                             std::to_string(op_timeout_s) + " s");
+    }
+  }
+  t->op_timeout_ns_ = static_cast<int64_t>(op_timeout_s * 1e9);
+  core->live = t.get();
   t->core_ = std::move(core);
   UcxTransport* raw = t.get();
   t->thread_ = std::thread([raw] { raw->progress_loop(); });
@@ -303,37 +350,12 @@ void UcxTransport::attach(RemoteSeg& rs, const std::string& payload) {
   auto remote = std::make_shared<UcxRemote>();
   {
     std::lock_guard<std::mutex> g(core_->mu);
+    if (!core_->live) throw TransferErr(ErrKind::kGeneric, peer, "engine closed");
     // A peer marked DEAD before this point had its endpoints closed already (peer_dead); one
     // marked later is closed by the progress thread, which takes this lock after us.
     if (rs.peer->dead()) throw TransferErr(rs.peer->dead_error());
     const Lib* lib = core_->lib;
-    std::shared_ptr<UcxEp> slot;
-    auto found = eps_.find(peer);
-    if (found != eps_.end()) slot = found->second;
-    if (!slot || slot->failed) {
-      auto ep = std::make_shared<UcxEp>();
-      ep->peer = peer;
-      ep->owner = this;
-      ucp_ep_params_t ep_params{};
-      ep_params.field_mask =
-          UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep_params.address = reinterpret_cast<const ucp_address_t*>(address.data());
-      ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-      ep_params.err_handler.cb = &UcxTransport::on_ep_error;
-      ep_params.err_handler.arg = ep.get();  // lives in eps_ / closing_ until its close finished
-      ucs_status_t st = lib->ep_create(core_->worker, &ep_params, &ep->ep);
-      if (st != UCS_OK)
-        throw TransferErr(ErrKind::kGeneric, peer,
-                          "ucp_ep_create to the owner failed: " + lib->err(st) +
-                              (st == -6 /* UCS_ERR_UNREACHABLE */
-                                   ? " (the ucx transport needs peer failure handling: UCX_TLS must include a "
-                                     "transport that has it, such as tcp or an RDMA one; shared-memory-only "
-                                     "sets like 'sm' lack it)"
-                                   : ""));
-      if (slot) to_close_.push_back(slot);  // a failed one: closed by the progress thread
-      eps_[peer] = ep;
-      slot = ep;
-    }
+    std::shared_ptr<UcxEp> slot = ep_for_locked(peer, address);
     ucp_rkey_h rk = nullptr;
     ucs_status_t st = lib->ep_rkey_unpack(slot->ep, rkey.data(), &rk);
     if (st != UCS_OK)
@@ -341,11 +363,54 @@ void UcxTransport::attach(RemoteSeg& rs, const std::string& payload) {
     remote->core = core_;
     remote->ep = slot;
     remote->rkey = rk;
+    remote->address = address;
+    remote->rkey_packed = rkey;
     remote->addr = addr;
     remote->length = length;
   }
   kick();  // the new endpoint's wire-up needs progress
   rs.ucx = std::move(remote);
+}
+
+std::shared_ptr<UcxEp> UcxTransport::ep_for_locked(const std::string& peer, const std::string& address) {
+  const Lib* lib = core_->lib;
+  std::shared_ptr<UcxEp> slot;
+  auto found = eps_.find(peer);
+  if (found != eps_.end()) slot = found->second;
+  if (slot && !slot->failed) return slot;
+  auto ep = std::make_shared<UcxEp>();
+  ep->peer = peer;
+  ep->core = core_.get();
+  ucp_ep_params_t ep_params{};
+  ep_params.field_mask =
+      UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep_params.address = reinterpret_cast<const ucp_address_t*>(address.data());
+  ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep_params.err_handler.cb = &UcxTransport::on_ep_error;
+  // Lives in eps_ / to_close_ / closing_ until its close finished, else in core_->keep_eps.
+  ep_params.err_handler.arg = ep.get();
+  ucs_status_t st = lib->ep_create(core_->worker, &ep_params, &ep->ep);
+  if (st != UCS_OK)
+    throw TransferErr(ErrKind::kGeneric, peer,
+                      "ucp_ep_create to the owner failed: " + lib->err(st) +
+                          (st == -6 /* UCS_ERR_UNREACHABLE */
+                               ? " (the ucx transport needs peer failure handling: UCX_TLS must include a "
+                                 "transport that has it, such as tcp or an RDMA one; shared-memory-only "
+                                 "sets like 'sm' lack it)"
+                               : ""));
+  if (slot) to_close_.push_back(slot);  // a failed one: closed by the progress thread
+  eps_[peer] = ep;
+  return ep;
+}
+
+int64_t UcxTransport::op_deadline_locked(uint64_t len) const {
+  const double allowance_ns = static_cast<double>(queued_bytes_ + len) / kMinBytesPerSec * 1e9;
+  return now_ns() + op_timeout_ns_ + static_cast<int64_t>(std::min(allowance_ns, 1e17));
+}
+
+void UcxTransport::release_locked(UcxOp* u) {
+  core_->ops.erase(u);
+  delete u;
 }
 
 void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
@@ -362,23 +427,56 @@ void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
                                 "ucx: offset + length = " + std::to_string(op.offset + op.len) +
                                     " exceeds the owner's segment length " + std::to_string(rem->length)});
   if (peer->dead()) return finish_now(peer->dead_error());
-  if (stop_.load()) return finish_now(ErrorInfo{ErrKind::kGeneric, peer->name, "engine closed"});
   bool pending;
   {
-    std::lock_guard<std::mutex> g(core_->mu);
-    const Lib* lib = core_->lib;
-    auto& ep = rem->ep;
-    if (ep->failed && peer->dead()) {
-      b->complete_err(peer->dead_error());
-      engine_.local_op_done(*peer);
-      return;
+    std::unique_lock<std::mutex> g(core_->mu);
+    if (!core_->live) {
+      g.unlock();
+      return finish_now(ErrorInfo{ErrKind::kGeneric, peer->name, "engine closed"});
     }
+    const Lib* lib = core_->lib;
+    if (rem->ep->failed && peer->dead()) {
+      g.unlock();
+      return finish_now(peer->dead_error());
+    }
+    if (rem->ep->failed && rem->ep->why_kind == ErrKind::kTimeout) {
+      // Its endpoint was reset after an op passed its deadline (a stalled UCX path, the peer
+      // alive): bind this segment to the peer's current endpoint, a fresh one if need be.
+      ucp_rkey_h rk = nullptr;
+      std::string why;
+      try {
+        auto ep = ep_for_locked(peer->name, rem->address);
+        ucs_status_t st = lib->ep_rkey_unpack(ep->ep, rem->rkey_packed.data(), &rk);
+        if (st != UCS_OK) {
+          why = "the owner's rkey was refused by UCX: " + lib->err(st);
+        } else {
+          // The old rkey may still be named by requests UCX has not returned: destroyed once
+          // every closing endpoint's close finished (reap_closing_locked).
+          if (rem->rkey) core_->stale_rkeys.push_back(rem->rkey);
+          rem->rkey = rk;
+          rem->ep = ep;
+        }
+      } catch (const TransferErr& e) {
+        why = e.info.reason;
+      }
+      if (!why.empty()) {
+        g.unlock();
+        return finish_now(ErrorInfo{ErrKind::kGeneric, peer->name, "ucx: reconnecting after a stall failed: " + why});
+      }
+    }
+    auto& ep = rem->ep;
     auto* u = new UcxOp;
-    u->t = this;
+    core_->ops.insert(u);
+    u->core = core_.get();
     u->batch = b;
     u->peer = peer;
     u->ep = ep;
     u->write = op.write;
+    u->len = op.len;
+    u->started = now_ns();
+    u->deadline = op_deadline_locked(op.len);
+    next_expiry_ = std::min(next_expiry_, u->deadline);
+    queued_bytes_ += op.len;
     if (ep->failed) {
       // UCX saw the connection fail before the engine's detector did: like an op that failed in
       // flight, it waits (kDeadGraceNs at most) for the detector's verdict, so a killed peer
@@ -416,12 +514,19 @@ void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
 }
 
 void UcxTransport::on_request(void* req, int status, void* user) {
+  // Inside worker_progress (core lock held) or ucp_worker_destroy (~UcxCore, single-threaded).
   auto* u = static_cast<UcxOp*>(user);
-  const Lib* lib = u->t->core_->lib;  // core lock held: we are inside worker_progress
-  lib->request_free(req);
+  UcxCore* core = u->core;
+  core->lib->request_free(req);
   if (status != UCS_OK && u->status == UCS_OK) u->status = status;
   --u->outstanding;
-  u->t->settle_locked(u);
+  if (core->live) {
+    core->live->settle_locked(u);
+  } else if (u->outstanding == 0) {
+    // The transport shut down (it failed the op already): only the op's memory is left.
+    core->ops.erase(u);
+    delete u;
+  }
 }
 
 void UcxTransport::settle_locked(UcxOp* u) {
@@ -429,13 +534,14 @@ void UcxTransport::settle_locked(UcxOp* u) {
   // Connection-type failures (reset, unreachable, timed out, canceled, I/O error).
   const int s = u->status;
   const bool conn_err = s == -25 || s == -6 || s == -20 || s == -80 || s == UCS_ERR_CANCELED || s == -3;
-  if (!u->finished && s != UCS_OK && (u->ep->failed || conn_err) && !u->peer->dead() && !stop_.load()) {
+  if (!u->finished && s != UCS_OK && (u->ep->failed || conn_err) && u->ep->why_kind != ErrKind::kTimeout &&
+      !u->peer->dead() && !stop_.load()) {
     u->ep->ops.erase(u);  // the endpoint's reaper leaves it alone: finished by run_deferred_locked
     deferred_.push_back({u, now_ns() + kDeadGraceNs});
     return;
   }
   if (!u->finished) finish_locked(u, u->status);
-  delete u;
+  release_locked(u);
 }
 
 void UcxTransport::run_deferred_locked(bool all) {
@@ -447,7 +553,7 @@ void UcxTransport::run_deferred_locked(bool all) {
       continue;
     }
     finish_locked(u, u->status);
-    delete u;
+    release_locked(u);
     deferred_[i] = deferred_.back();
     deferred_.pop_back();
   }
@@ -455,26 +561,41 @@ void UcxTransport::run_deferred_locked(bool all) {
 
 void UcxTransport::finish_locked(UcxOp* u, int status) {
   if (u->finished) return;
-  u->finished = true;
-  u->ep->ops.erase(u);
   if (status == UCS_OK) {
+    u->finished = true;
+    u->ep->ops.erase(u);
+    queued_bytes_ -= std::min(queued_bytes_, u->len);
     u->batch->complete_ok();
-  } else if (u->peer->dead()) {
-    u->batch->complete_err(u->peer->dead_error());
+    engine_.local_op_done(*u->peer);
+    return;
+  }
+  const char* what = u->write ? "write" : "read";
+  if (u->peer->dead()) {
+    finish_err_locked(u, u->peer->dead_error());
+  } else if (u->ep->why_kind == ErrKind::kTimeout) {
+    // Canceled with its endpoint, which another op's deadline reset.
+    finish_err_locked(u, ErrorInfo{ErrKind::kTimeout, u->peer->name, std::string("ucx ") + what + " canceled: " + u->ep->why});
   } else {
     std::string why = u->ep->failed && !u->ep->why.empty() ? u->ep->why : core_->lib->err(status);
-    u->batch->complete_err(
-        ErrorInfo{ErrKind::kGeneric, u->peer->name, std::string("ucx ") + (u->write ? "write" : "read") + " failed: " + why});
+    finish_err_locked(u, ErrorInfo{ErrKind::kGeneric, u->peer->name, std::string("ucx ") + what + " failed: " + why});
   }
+}
+
+void UcxTransport::finish_err_locked(UcxOp* u, const ErrorInfo& e) {
+  if (u->finished) return;
+  u->finished = true;
+  u->ep->ops.erase(u);
+  queued_bytes_ -= std::min(queued_bytes_, u->len);
+  u->batch->complete_err(e);
   engine_.local_op_done(*u->peer);
 }
 
 void UcxTransport::on_ep_error(void* arg, ucp_ep_h, int status) {
   auto* ep = static_cast<UcxEp*>(arg);
-  UcxTransport* t = ep->owner;
+  UcxTransport* t = ep->core->live;
   // Core lock held (inside worker_progress): no new ops; the progress thread closes it after
-  // progress returns (not from inside UCX's callback).
-  if (ep->failed) return;
+  // progress returns (not from inside UCX's callback). Inside ucp_worker_destroy: nothing to do.
+  if (ep->failed || !t) return;
   ep->failed = true;
   ep->why = "connection to the peer failed: " + t->core_->lib->err(status);
   auto it = t->eps_.find(ep->peer);
@@ -512,11 +633,52 @@ void UcxTransport::reap_closing_locked(bool force_all) {
       continue;
     }
     if (c.req) lib->request_free(c.req);  // an unfinished one is released by UCX when it ends
-    // Ops UCX did not return by now are failed here (their requests stay UCX's to complete).
+    // UCX may still call the endpoint's error callback until its close ends: keep its argument.
+    if (!done) core_->keep_eps.push_back(c.ep);
+    // Ops UCX did not return by now are failed here; they stay allocated (UcxCore::ops) until
+    // UCX returns their requests, as late as ucp_worker_destroy.
     std::vector<UcxOp*> left(c.ep->ops.begin(), c.ep->ops.end());
     for (UcxOp* u : left) finish_locked(u, UCS_ERR_CANCELED);
     closing_.erase(closing_.begin() + static_cast<std::ptrdiff_t>(i));
   }
+  // Every close finished: UCX has completed every request of the closed endpoints, so the rkeys
+  // unpacked on them are no longer in use.
+  if (closing_.empty() && core_->keep_eps.empty() && !core_->stale_rkeys.empty()) {
+    for (ucp_rkey_h rk : core_->stale_rkeys) lib->rkey_destroy(rk);
+    core_->stale_rkeys.clear();
+  }
+}
+
+int64_t UcxTransport::expire_locked(int64_t now) {
+  int64_t next = kForever;
+  std::vector<UcxOp*> expired;
+  for (UcxOp* u : core_->ops) {
+    if (u->finished || u->outstanding == 0) continue;
+    if (now < u->deadline) next = std::min(next, u->deadline);
+    else expired.push_back(u);
+  }
+  std::vector<std::shared_ptr<UcxEp>> stalled;
+  for (UcxOp* u : expired) {
+    char secs[64];
+    snprintf(secs, sizeof(secs), "%.1f s", static_cast<double>(u->deadline - u->started) / 1e9);
+    const std::string what = std::string("ucx ") + (u->write ? "write" : "read") + " of " + std::to_string(u->len) +
+                             " bytes";
+    std::string why = what + " did not complete within its deadline of " + secs +
+                      " (the peer's UCX path is stalled; its endpoint was reset)";
+    if (!u->ep->closing && std::find(stalled.begin(), stalled.end(), u->ep) == stalled.end()) {
+      stalled.push_back(u->ep);
+      if (!u->ep->failed) {
+        u->ep->failed = true;
+        u->ep->why_kind = ErrKind::kTimeout;
+        u->ep->why = "an earlier " + what + " passed its " + secs + " deadline (the peer's UCX path is stalled)";
+      }
+      engine_.log(kLogWarning, "peer '" + u->peer->name + "': " + why);
+    }
+    // Reported now; the op stays allocated until UCX returns its requests (the close cancels them).
+    finish_err_locked(u, u->peer->dead() ? u->peer->dead_error() : ErrorInfo{ErrKind::kTimeout, u->peer->name, why});
+  }
+  for (auto& ep : stalled) close_ep_locked(ep, ep->why);  // cancels every request on it
+  return next;
 }
 
 void UcxTransport::peer_dead(const std::string& peer) {
@@ -538,6 +700,7 @@ void UcxTransport::progress_loop() {
     }
     ucs_status_t armed;
     bool closing;
+    int64_t next_deadline;
     {
       std::lock_guard<std::mutex> g(core_->mu);
       for (auto& name : dead) {
@@ -552,13 +715,20 @@ void UcxTransport::progress_loop() {
       std::vector<std::shared_ptr<UcxEp>> failed;
       failed.swap(to_close_);
       for (auto& ep : failed) close_ep_locked(ep, ep->why);
+      const int64_t now = now_ns();
+      if (now >= next_expiry_) next_expiry_ = expire_locked(now);  // scans the ops only then
+      next_deadline = next_expiry_;
       reap_closing_locked(false);
       run_deferred_locked(false);
       closing = !closing_.empty() || !deferred_.empty();
       armed = lib->worker_arm(core_->worker);
     }
     if (armed == UCS_ERR_BUSY) continue;  // more events already: progress again
-    const int ms = closing ? 10 : kIdleWaitMs;
+    int ms = closing ? 10 : kIdleWaitMs;
+    if (next_deadline != kForever) {
+      const int64_t left = next_deadline - now_ns();
+      ms = std::max<int>(1, std::min<int>(ms, static_cast<int>(std::max<int64_t>(0, left) / 1000000 + 1)));
+    }
     int n = epoll_wait(epfd_, evs, 4, ms);
     for (int i = 0; i < n; ++i) {
       if (evs[i].data.fd == wake_fd_) {
@@ -578,7 +748,11 @@ void UcxTransport::shutdown() {
   std::lock_guard<std::mutex> g(core_->mu);
   std::vector<std::shared_ptr<UcxEp>> all;
   for (auto& kv : eps_) all.push_back(kv.second);
+  for (auto& ep : to_close_) all.push_back(ep);
+  to_close_.clear();
   for (auto& ep : all) close_ep_locked(ep, "engine closed");
+  // Bounded: a forced close cancels what is outstanding without asking the peer, so it normally
+  // ends at once; one that does not is left to UCX (its endpoint kept in core_->keep_eps).
   const int64_t deadline = now_ns() + kCloseDeadlineNs;
   while (!closing_.empty() && now_ns() < deadline) {
     if (core_->lib->worker_progress(core_->worker) == 0) usleep(1000);
@@ -586,6 +760,14 @@ void UcxTransport::shutdown() {
   }
   reap_closing_locked(true);
   run_deferred_locked(true);
+  // Whatever is left is failed now; its memory stays with the core until UCX returns its
+  // requests (at the latest inside ucp_worker_destroy, whose callbacks see live == null).
+  std::vector<UcxOp*> left(core_->ops.begin(), core_->ops.end());
+  for (UcxOp* u : left) {
+    finish_err_locked(u, ErrorInfo{ErrKind::kGeneric, u->peer->name, "engine closed"});
+    if (u->outstanding == 0) release_locked(u);
+  }
+  core_->live = nullptr;
 }
 
 }  // namespace mooncake::transfer

@@ -7,6 +7,17 @@
 // such request. One UCP endpoint per peer; writes are put + endpoint flush (complete when the data
 // is in the owner's memory), reads are get. A progress thread drives the worker and sleeps on its
 // event fd (every wait has a deadline). Completion is reported on the op's Batch exactly once.
+//
+// Deadlines: every op has one (see UcxTransport::op_deadline_locked). A peer that stops answering
+// at all is caught first by the failure detector (heartbeat_timeout: PeerDeadError, as over tcp);
+// an op still unfinished at its own deadline (the UCX path stalled while the peer still answers
+// heartbeats) fails with a timeout naming the peer and the deadline, and its endpoint is
+// force-closed: the only way to cancel UCX RMA requests (ucp_request_cancel only cancels tag
+// receives). The peer's segments then bind to a fresh endpoint on their next op.
+//
+// Lifetime: an op's state (the user data of its UCX requests) is freed only once UCX has returned
+// every request it holds, whenever that is (even after the op was reported failed, the transport
+// shut down, or inside ucp_worker_destroy): it is owned by UcxCore, which outlives the worker.
 #pragma once
 
 #include <atomic>
@@ -38,8 +49,10 @@ struct UcxMemReg {
 // A peer's segment bound to its UCX endpoint (initiator side).
 struct UcxRemote {
   std::shared_ptr<UcxCore> core;
-  std::shared_ptr<UcxEp> ep;
-  ucx::ucp_rkey_h rkey = nullptr;
+  std::shared_ptr<UcxEp> ep;       // under the core lock: replaced after a stall reset its endpoint
+  ucx::ucp_rkey_h rkey = nullptr;  // under the core lock (unpacked on `ep`)
+  std::string address;             // the owner's worker address and packed rkey, to rebind
+  std::string rkey_packed;
   uint64_t addr = 0;    // in the owner's address space, as the owner said
   uint64_t length = 0;  // as the owner said
   ~UcxRemote();
@@ -86,8 +99,18 @@ class UcxTransport : public Transport {
   void close_ep_locked(const std::shared_ptr<UcxEp>& ep, const std::string& why);
   void reap_closing_locked(bool force_all);
   void finish_locked(UcxOp* op, int status);
+  void finish_err_locked(UcxOp* op, const ErrorInfo& e);
   void settle_locked(UcxOp* op);
   void run_deferred_locked(bool all);
+  // The peer's live endpoint (created from `address` when there is none or it failed).
+  std::shared_ptr<UcxEp> ep_for_locked(const std::string& peer, const std::string& address);
+  // An op's deadline: op_timeout_ns_ plus the time every byte queued on this worker (this op's
+  // included) takes at kMinBytesPerSec.
+  int64_t op_deadline_locked(uint64_t len) const;
+  // Fails ops past their deadline (timeout) and force-closes their endpoints; returns the next
+  // deadline of an op in flight (kForever when none).
+  int64_t expire_locked(int64_t now);
+  void release_locked(UcxOp* op);
   static void on_request(void* req, int status, void* user);
   static void on_ep_error(void* arg, ucx::ucp_ep_h ep, int status);
 
@@ -108,6 +131,9 @@ class UcxTransport : public Transport {
   std::vector<Closing> closing_;
   std::vector<std::shared_ptr<UcxEp>> to_close_;  // failed in UCX's error callback
   std::vector<std::pair<UcxOp*, int64_t>> deferred_;  // failed ops waiting (deadline) for DEAD
+  uint64_t queued_bytes_ = 0;  // bytes of the ops in flight (not finished)
+  int64_t op_timeout_ns_ = 0;  // an op's deadline, before the allowance for queued bytes
+  int64_t next_expiry_ = kForever;  // no op in flight has an earlier deadline (maybe finished)
 
   std::mutex q_mu_;  // peers marked dead, handed to the progress thread
   std::vector<std::string> dead_q_;
