@@ -1,5 +1,5 @@
 """``python -m mooncake.pg.bench``: collectives of the Mooncake backend against a reference
-backend in the same processes (interleaved per op), nccl-tests style, plus fault timing.
+backend in the same processes (interleaved per op, A B B A), nccl-tests style, plus fault timing.
 
 Examples::
 
@@ -250,8 +250,10 @@ def _perf_worker(rank, world, port, args, q):
                     for _ in range(args["warmup"]):
                         ops[b]()
                 samples = {b: [] for b in backends}
-                for _ in range(rounds):
-                    for b in backends:  # interleaved A B A B
+                for i in range(rounds):
+                    # interleaved and position-balanced (A B B A ...): on a loaded host the op
+                    # right after another backend's op is slower, so neither always goes second
+                    for b in backends if i % 2 == 0 else backends[::-1]:
                         samples[b] += _time_ops(ops[b], bars[b], args)
                 rows.append({"collective": coll, "bytes": size, "samples": samples})
                 if rank == 0:
