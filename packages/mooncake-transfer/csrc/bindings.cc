@@ -656,6 +656,13 @@ PYBIND11_MODULE(_engine, m) {
                                      py::arg("retired") = offsetof(dv::ProxyRingHeader, retired),
                                      py::arg("closed") = offsetof(dv::ProxyRingHeader, closed));
       d["signal_msg_size"] = sizeof(ProxySignalMsg);
+      d["signal_msg_offsets"] = py::dict(py::arg("magic") = offsetof(ProxySignalMsg, magic),
+                                         py::arg("op") = offsetof(ProxySignalMsg, op),
+                                         py::arg("epoch") = offsetof(ProxySignalMsg, epoch),
+                                         py::arg("seg_id") = offsetof(ProxySignalMsg, seg_id),
+                                         py::arg("offset") = offsetof(ProxySignalMsg, offset),
+                                         py::arg("value") = offsetof(ProxySignalMsg, value));
+      d["signal_magic"] = kProxySignalMagic;
       d["magic"] = dv::kProxyRingMagic;
       d["version"] = dv::kProxyRingVersion;
       return d;
@@ -807,7 +814,7 @@ PYBIND11_MODULE(_engine, m) {
         "The native thread that carries a ProxyRing's descriptors over an engine.")
         .def(py::init([](std::shared_ptr<Engine> engine, std::shared_ptr<ProxyRing> ring, const SegmentObj& local,
                          std::vector<std::shared_ptr<RemoteSeg>> peers, double op_timeout, double idle_sleep_us,
-                         int64_t max_inflight) {
+                         int64_t max_inflight, int64_t epoch) {
                ProxyConfig c;
                c.op_timeout_s = op_timeout;
                if (!(idle_sleep_us >= 1 && idle_sleep_us <= 100000))
@@ -818,10 +825,13 @@ PYBIND11_MODULE(_engine, m) {
                  throw std::invalid_argument("max_inflight must be in [1, 1048576], got " +
                                              std::to_string(max_inflight));
                c.max_inflight = static_cast<uint32_t>(max_inflight);
+               if (epoch < 0 || epoch > 0xFFFF)
+                 throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(epoch));
+               c.epoch = static_cast<uint16_t>(epoch);
                return std::make_shared<HostProxy>(std::move(engine), std::move(ring), local.seg, std::move(peers), c);
              }),
              py::arg("engine"), py::arg("ring"), py::arg("local"), py::arg("peers"), py::arg("op_timeout") = 10.0,
-             py::arg("idle_sleep_us") = 200.0, py::arg("max_inflight") = 4096)
+             py::arg("idle_sleep_us") = 200.0, py::arg("max_inflight") = 4096, py::arg("epoch") = 0)
         .def("start", &HostProxy::start)
         .def("stop", [](HostProxy& p, double drain_timeout) {
           if (!(drain_timeout >= 0) || drain_timeout > 3600)
@@ -830,6 +840,14 @@ PYBIND11_MODULE(_engine, m) {
           GilRelease g;
           p.stop(drain_timeout);
         }, py::arg("drain_timeout") = 1.0)
+        .def("wait_settled", [](HostProxy& p, double timeout) {
+          if (!(timeout >= 0) || timeout > 3600)
+            throw std::invalid_argument("timeout must be in [0, 3600] seconds, got " + std::to_string(timeout));
+          GilRelease g;
+          return p.wait_settled(timeout);
+        }, py::arg("timeout"),
+        "After stop(): waits until every put stop() left in flight completed or failed; returns "
+        "how many are still unsettled at the deadline (they may still land at the peer).")
         .def_property_readonly("running", &HostProxy::running)
         .def("set_peer", [](HostProxy& p, int64_t i, std::shared_ptr<RemoteSeg> seg) {
           if (i < 0 || i > UINT32_MAX) throw std::invalid_argument("peer must be >= 0, got " + std::to_string(i));
@@ -841,18 +859,27 @@ PYBIND11_MODULE(_engine, m) {
           d["invalid"] = p.invalid.load();
           d["signals_shm"] = p.signals_shm.load();
           d["signals_notify"] = p.signals_notify.load();
+          d["unsettled"] = p.unsettled.load();
           d["last_drop"] = p.last_drop();
           return d;
         });
 
     py::class_<ProxySignalApplier, std::shared_ptr<ProxySignalApplier>>(m, "ProxySignalApplier",
         "Applies proxy signals that arrive as notifications to local segments (receiving side).")
-        .def(py::init([](std::shared_ptr<Engine> engine, const std::vector<SegmentObj*>& segs) {
+        .def(py::init([](std::shared_ptr<Engine> engine, const std::vector<SegmentObj*>& segs, int64_t epoch) {
+               if (epoch < 0 || epoch > 0xFFFF)
+                 throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(epoch));
                std::vector<std::shared_ptr<LocalSegment>> v;
                for (auto* s : segs) v.push_back(s ? s->seg : nullptr);
-               return std::make_shared<ProxySignalApplier>(std::move(engine), std::move(v));
+               return std::make_shared<ProxySignalApplier>(std::move(engine), std::move(v),
+                                                           static_cast<uint16_t>(epoch));
              }),
-             py::arg("engine"), py::arg("segments"))
+             py::arg("engine"), py::arg("segments"), py::arg("epoch") = 0)
+        .def_property("epoch", &ProxySignalApplier::epoch, [](ProxySignalApplier& a, int64_t e) {
+          if (e < 0 || e > 0xFFFF) throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(e));
+          a.set_epoch(static_cast<uint16_t>(e));
+        }, "The membership epoch whose signals are applied (others are rejected).")
+        .def_property_readonly("stale_epoch", [](const ProxySignalApplier& a) { return a.stale_epoch.load(); })
         .def("start", &ProxySignalApplier::start)
         .def("stop", &ProxySignalApplier::stop, py::call_guard<GilRelease>())
         .def_property_readonly("applied", [](const ProxySignalApplier& a) { return a.applied.load(); })

@@ -115,7 +115,15 @@ HostProxy::HostProxy(std::shared_ptr<Engine> engine, std::shared_ptr<ProxyRing> 
   next_ticket_ = device::proxy_load_acquire(&hdr_->tail);
 }
 
-HostProxy::~HostProxy() { stop(0.5); }
+HostProxy::~HostProxy() {
+  stop(0.5);
+  if (wait_settled(0.5) == 0) return;
+  // A put the engine still holds reads its source after we are gone: a PUT_VALUE's source is the
+  // `value` inside its deque entry. Leak the entries (moving a deque keeps its elements where
+  // they are) rather than let the engine read freed memory; a few bytes, only after a peer
+  // stalled past both deadlines.
+  new std::deque<Inflight>(std::move(inflight_));
+}
 
 void HostProxy::start() {
   std::lock_guard<std::mutex> g(stop_mu_);
@@ -325,7 +333,7 @@ void HostProxy::handle(const ProxyDesc& d, uint64_t ticket) {
     complete(p);
     return;
   }
-  ProxySignalMsg m{kProxySignalMagic, d.op, seg->desc.seg_id, d.dst_offset, d.src};
+  ProxySignalMsg m{kProxySignalMagic, d.op, cfg_.epoch, seg->desc.seg_id, d.dst_offset, d.src};
   try {
     engine_->notify(peer->name, &m, sizeof(m), kProxySignalTag);
   } catch (const std::exception& ex) {
@@ -373,18 +381,55 @@ void HostProxy::run() {
     if (!inflight_.empty()) sleep_ns(100000);
   }
   retire_done();
-  while (!inflight_.empty()) {
-    drop(inflight_.front().peer, "proxy stopped with the put still in flight");
-    inflight_.pop_front();
+  // What is left: the front is pending, entries behind it may have finished. Count each once;
+  // keep every entry (the engine may still read a pending PUT_VALUE's source, and erasing from
+  // the middle of a deque would move it) until wait_settled() or the destructor sees it settle.
+  size_t pending = 0;
+  for (auto& e : inflight_) {
+    const Status s = e.batch->poll();
+    if (s == Status::kDone) {
+      complete(e.peer);
+    } else if (s == Status::kFailed) {
+      drop(e.peer, "put to peer " + std::to_string(e.peer) + " failed: " + format_error(e.batch->error()));
+    } else {
+      ++pending;
+      drop(e.peer, "proxy stopped with the put still in flight (it may still land)");
+    }
   }
-  publish_retired(next_ticket_);
+  unsettled.store(pending);
+  device::proxy_store_release(&hdr_->retired, next_ticket_);  // every descriptor is accounted for
+}
+
+size_t HostProxy::count_unsettled() {
+  while (!inflight_.empty() && inflight_.front().batch->poll() != Status::kPending) inflight_.pop_front();
+  size_t n = 0;
+  for (auto& e : inflight_)
+    if (e.batch->poll() == Status::kPending) ++n;
+  unsettled.store(n);
+  return n;
+}
+
+size_t HostProxy::wait_settled(double timeout_s) {
+  std::lock_guard<std::mutex> g(stop_mu_);  // the thread is joined: inflight_ is ours
+  if (running_.load())
+    throw TransferErr(ErrKind::kGeneric, "", "proxy: wait_settled() needs a stopped proxy (call stop() first)");
+  const int64_t deadline = now_ns() + static_cast<int64_t>(std::max(0.0, std::min(timeout_s, 3600.0)) * 1e9);
+  for (;;) {
+    const size_t n = count_unsettled();
+    if (n == 0 || now_ns() >= deadline) return n;
+    for (auto& e : inflight_) {
+      if (e.batch->poll() != Status::kPending) continue;
+      e.batch->wait(std::min<int64_t>(deadline, now_ns() + 10000000));  // bounded slice
+      break;
+    }
+  }
 }
 
 // ---- ProxySignalApplier ---------------------------------------------------------------------
 
 ProxySignalApplier::ProxySignalApplier(std::shared_ptr<Engine> engine,
-                                       std::vector<std::shared_ptr<LocalSegment>> segs)
-    : engine_(std::move(engine)), segs_(std::move(segs)) {
+                                       std::vector<std::shared_ptr<LocalSegment>> segs, uint16_t epoch)
+    : epoch_(epoch), engine_(std::move(engine)), segs_(std::move(segs)) {
   if (!engine_) throw std::invalid_argument("engine must not be None");
   for (size_t i = 0; i < segs_.size(); ++i)
     if (!segs_[i]) throw std::invalid_argument("segments[" + std::to_string(i) + "] must be a Segment, got None");
@@ -423,6 +468,13 @@ void ProxySignalApplier::run() {
     std::memcpy(&s, m->data.data(), sizeof(s));
     if (s.magic != kProxySignalMagic || (s.op != device::kProxySignal && s.op != device::kProxySignalAdd) ||
         s.offset % 8 != 0) {
+      rejected.fetch_add(1);
+      continue;
+    }
+    // A signal of another membership epoch (sent before the last update_ep_member and delivered
+    // after the buffer was zeroed) must not touch the new epoch's counters.
+    if (s.epoch != epoch_.load(std::memory_order_relaxed)) {
+      stale_epoch.fetch_add(1);
       rejected.fetch_add(1);
       continue;
     }

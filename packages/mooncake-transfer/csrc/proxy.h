@@ -32,12 +32,15 @@ namespace mooncake::transfer {
 
 // Tag of the signal notifications ("MCPXYSIG" minus the top bit so it is a valid Python int64).
 constexpr uint64_t kProxySignalTag = 0x4D4350585953494Bull & 0x7FFFFFFFFFFFFFFFull;
-constexpr uint32_t kProxySignalMagic = 0x4E474953u;  // "SIGN"
+// "SIG2": version 2 of the message carries the sender's membership epoch (version 1, "SIGN", had
+// a 32-bit op and no epoch; the applier rejects it).
+constexpr uint32_t kProxySignalMagic = 0x32474953u;
 
 // The payload of a signal notification (32 bytes, little-endian host order).
 struct ProxySignalMsg {
   uint32_t magic;
-  uint32_t op;  // kProxySignal or kProxySignalAdd
+  uint16_t op;     // kProxySignal or kProxySignalAdd
+  uint16_t epoch;  // the sending proxy's membership epoch (ProxyConfig::epoch)
   uint64_t seg_id;  // the receiver's segment id (from its descriptor)
   uint64_t offset;
   uint64_t value;
@@ -64,6 +67,11 @@ struct ProxyConfig {
   double op_timeout_s = 10.0;    // a signal waits at most this long for its peer's earlier puts
   int64_t idle_sleep_max_ns = 200000;  // the idle consumer's longest sleep between polls
   uint32_t max_inflight = 4096;  // puts in flight before the consumer waits for the oldest
+  // Membership epoch stamped into every notification-delivered signal: a peer's applier applies
+  // only signals of its own epoch, so one still in flight across a membership change (EP
+  // update_ep_member: stop, zero the buffer, restart with the next epoch) cannot land in the new
+  // epoch's counters. 16 bits: compared for equality, wraps after 65536 changes.
+  uint16_t epoch = 0;
 };
 
 class HostProxy {
@@ -77,9 +85,17 @@ class HostProxy {
   HostProxy& operator=(const HostProxy&) = delete;
 
   void start();
-  // Closes the ring (producers fail at once), stops and joins the thread. Puts still in flight
-  // after `drain_s` are counted as dropped. Idempotent.
+  // Closes the ring (producers fail at once), stops and joins the thread: no signal of this proxy
+  // (shared-memory store or notification send) happens after it returns. Puts still in flight
+  // after `drain_s` are counted as dropped but kept (with their PUT_VALUE sources) until the
+  // engine settles them: such a put may still land in the peer's segment (see wait_settled).
+  // Idempotent.
   void stop(double drain_s);
+  // After stop(): waits up to `timeout_s` until every put that stop() left in flight has
+  // completed or failed at the engine, and returns how many are still unsettled (0: none of this
+  // proxy's puts can land any more, except what a failed TCP connection's kernel buffer still
+  // delivers; see the EP docs). Raises if the proxy is running.
+  size_t wait_settled(double timeout_s);
   bool running() const { return running_.load(); }
   // Replaces peer i's receive segment (a replacement process; null: none); clears its
   // failed-put mark.
@@ -90,6 +106,7 @@ class HostProxy {
   std::atomic<uint64_t> invalid{0};
   std::atomic<uint64_t> signals_shm{0};
   std::atomic<uint64_t> signals_notify{0};
+  std::atomic<uint64_t> unsettled{0};  // puts stop() left in flight and not yet settled
   std::string last_drop();
 
  private:
@@ -108,6 +125,7 @@ class HostProxy {
   void retire_done();
   void publish_retired(uint64_t next_ticket);
   bool wait_batch(Batch& b, int64_t deadline);
+  size_t count_unsettled();  // stopped: pops settled entries off the front, counts pending ones
   // Waits (deadline) for every in-flight put to `peer`; false if one failed or did not finish.
   bool wait_peer_puts(uint32_t peer, std::string& why);
   std::shared_ptr<RemoteSeg> peer_seg(uint32_t i);
@@ -135,18 +153,27 @@ class HostProxy {
 };
 
 // The receiving side of notification-delivered signals: applies ProxySignalMsg notifications to
-// the listed local segments with release atomics. One thread; stop() joins it.
+// the listed local segments with release atomics. One thread; stop() joins it. Only signals
+// stamped with the applier's current epoch are applied; others count as rejected (and in
+// stale_epoch).
 class ProxySignalApplier {
  public:
-  ProxySignalApplier(std::shared_ptr<Engine> engine, std::vector<std::shared_ptr<LocalSegment>> segs);
+  ProxySignalApplier(std::shared_ptr<Engine> engine, std::vector<std::shared_ptr<LocalSegment>> segs,
+                     uint16_t epoch = 0);
   ~ProxySignalApplier();
   void start();
   void stop();
+  // The epoch whose signals are applied from now on (set it while stopped, before the peers'
+  // proxies of that epoch start, so that no signal of the new epoch is rejected).
+  void set_epoch(uint16_t e) { epoch_.store(e); }
+  uint16_t epoch() const { return epoch_.load(); }
   std::atomic<uint64_t> applied{0};
   std::atomic<uint64_t> rejected{0};
+  std::atomic<uint64_t> stale_epoch{0};  // of `rejected`: well-formed, but another epoch's
 
  private:
   void run();
+  std::atomic<uint16_t> epoch_{0};
   std::shared_ptr<Engine> engine_;
   std::vector<std::shared_ptr<LocalSegment>> segs_;
   std::thread thread_;

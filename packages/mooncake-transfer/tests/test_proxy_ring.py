@@ -1,9 +1,14 @@
 """Host proxy ring (issue 15, acceptance 1): descriptor format, data before signal, wrap-around
-and back-pressure, drop on a dead peer, stop() while busy. A host thread stands in for the GPU
+and back-pressure, drop on a dead peer, stop() while busy, membership epochs of signals and
+puts left in flight by stop(). A host thread stands in for the GPU
 producer; receivers are real processes reached over shared memory, cross-memory attach or TCP."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import struct
 import threading
 import time
 
@@ -11,6 +16,7 @@ import pytest
 from proxy_testlib import ProxyPeer, fill_regions, make_regions
 
 from mooncake.transfer import PeerState, TransferError, TransferTimeout
+from mooncake.transfer._engine import PROXY_SIGNAL_TAG
 from mooncake.transfer.proxy import (
     PROXY_PUT,
     PROXY_PUT_VALUE,
@@ -18,7 +24,9 @@ from mooncake.transfer.proxy import (
     PROXY_SIGNAL_ADD,
     HostProxy,
     ProxyRing,
+    ProxySignalApplier,
     proxy_layout,
+    wait_word,
 )
 
 MiB = 1024 * 1024
@@ -68,6 +76,15 @@ def test_descriptor_and_header_layout():
     assert lay["header_size"] == 384
     assert lay["header_offsets"] == {"head": 64, "tail": 128, "retired": 192, "closed": 256}
     assert lay["signal_msg_size"] == 32
+    assert lay["signal_msg_offsets"] == {
+        "magic": 0,
+        "op": 4,
+        "epoch": 6,
+        "seg_id": 8,
+        "offset": 16,
+        "value": 24,
+    }
+    assert lay["signal_magic"] == int.from_bytes(b"SIG2", "little")
     assert (PROXY_PUT, PROXY_PUT_VALUE, PROXY_SIGNAL, PROXY_SIGNAL_ADD) == (1, 2, 3, 4)
     r = ProxyRing(16, 3)
     # header, completed[3] + dropped[3] rounded to 64 bytes, 16 slots of 32 bytes
@@ -392,3 +409,182 @@ def test_native_producer_throughput(engine_factory, proxy_peers, capsys):
             + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items())
         )
     assert min(rates.values()) > 20000, rates
+
+
+# ---- (f) membership epochs and puts left in flight by stop() ------------------------------------
+
+
+def _wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of `pid` is in state T (a SIGSTOP reaches the threads asynchronously)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] != "T":
+                return False
+    return True
+
+
+def _u64(addr: int) -> int:
+    return struct.unpack("<Q", (ctypes.c_char * 8).from_address(addr).raw)[0]
+
+
+@pytest.mark.timeout(60)
+def test_signal_of_another_epoch_is_rejected(engine_factory):
+    """The applier applies only signals stamped with its epoch: one from a proxy of an older epoch
+    (and a version-1 message without an epoch) is rejected and leaves the word alone."""
+    a = engine_factory("pxep-a")
+    b = engine_factory("pxep-b")
+    remote = b.allocate(1 << 16)
+    rseg = a.open_segment(remote.descriptor(), transport="tcp")
+    local = a.allocate(4096)
+    with ProxySignalApplier(b, [remote], epoch=5) as applier:
+        assert applier.epoch == 5
+        ring = ProxyRing(16, 1)
+        with HostProxy(a, ring, local, [rseg], epoch=4) as old:
+            ring.post(PROXY_SIGNAL_ADD, 0, 64, 7, 0)
+            ring.post(PROXY_SIGNAL, 0, 72, 9, 0)
+            assert ring.quiet(ring.head - 1, 10)
+            assert old.stats()["signals_notify"] == 2  # sent: the receiver must reject them
+        _wait_until(lambda: applier.rejected == 2, 10, "stale signals were not rejected")
+        # A version-1 message ("SIGN" magic, 32-bit op, no epoch) is not applied either.
+        v1 = struct.pack("<IIQQQ", 0x4E474953, PROXY_SIGNAL_ADD, remote.id, 64, 1)
+        a.notify(b.name, v1, tag=PROXY_SIGNAL_TAG)
+        _wait_until(lambda: applier.rejected == 3, 10, "a version-1 signal was not rejected")
+        assert (applier.applied, applier.stale_epoch) == (0, 2)
+        assert (_u64(remote.addr + 64), _u64(remote.addr + 72)) == (0, 0)
+        ring2 = ProxyRing(16, 1)
+        with HostProxy(a, ring2, local, [rseg], epoch=5):
+            ring2.post(PROXY_SIGNAL_ADD, 0, 64, 3, 0)
+            assert wait_word(remote.addr + 64, 3, 10.0) == 3
+        assert (applier.applied, applier.rejected) == (1, 3)
+    with pytest.raises(ValueError, match="epoch must be in"):
+        HostProxy(a, ProxyRing(16, 1), local, [rseg], epoch=1 << 16)
+    with pytest.raises(ValueError, match="epoch must be in"):
+        ProxySignalApplier(b, [remote], epoch=-1)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_restart_with_new_epoch_never_applies_an_old_signal(engine_factory, transport):
+    """update_ep_member's order on a receiver: epoch 1 traffic, the sender's proxy stops, the
+    applier stops, the buffer is zeroed, the applier restarts with epoch 2, a new proxy (epoch
+    2) starts. Old signals that arrive after the zeroing (queued while the applier was stopped,
+    and one sent late by a proxy still on epoch 1, the stand-in for a delayed notification) are
+    rejected: the counter ends at exactly the new epoch's sum."""
+    a = engine_factory(f"pxre-a-{transport}")
+    b = engine_factory(f"pxre-b-{transport}")
+    remote = b.allocate(1 << 20) if transport == "tcp" else None
+    if remote is None:  # cma reaches registered memory
+        import mmap
+
+        mm = mmap.mmap(-1, 1 << 20)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        remote = b.register(base, 1 << 20)
+    rseg = a.open_segment(remote.descriptor(), transport=transport)
+    assert rseg.transport == transport
+    local = a.allocate(1 << 20)
+    local.view()[4096:8192] = bytes(range(256)) * 16
+    applier = ProxySignalApplier(b, [remote], epoch=1)
+    applier.start()
+    try:
+        # Epoch 1: put + signal pairs, the producer thread still posting when stop() comes.
+        ring1 = ProxyRing(64, 1)
+        p1 = HostProxy(a, ring1, local, [rseg], epoch=1)
+        p1.start()
+        descs = []
+        for i in range(4000):
+            descs.append((PROXY_PUT, 0, 4096 + 64 * (i % 64), 4096, 64))
+            descs.append((PROXY_SIGNAL_ADD, 0, 0, 1, 0))
+        result = {}
+        th = threading.Thread(target=lambda: result.setdefault("r", ring1.post_many(descs, 30)))
+        th.start()
+        _wait_until(lambda: p1.stats()["signals_notify"] >= 50, 20, "epoch 1 sent no signals")
+        # A late sender of epoch 1 (its proxy outlives the update, like a notification delayed
+        # in the network) that will post after the restart.
+        ring_late = ProxyRing(16, 1)
+        late = HostProxy(a, ring_late, local, [rseg], epoch=1)
+        late.start()
+        applier.stop()  # the update begins: signals queue up from now on
+        applied1 = applier.applied
+        ring_late.post(PROXY_SIGNAL_ADD, 0, 0, 1000, 0)
+        assert ring_late.quiet(ring_late.head - 1, 10)
+        p1.stop(0.5)
+        th.join(30)
+        assert not th.is_alive()
+        assert p1.wait_settled(10) == 0
+        sent1 = p1.stats()["signals_notify"] + 1
+        # The receiver's update: zero the buffer, new epoch, applier back (the queue not drained:
+        # the epoch check alone must reject what is queued).
+        ctypes.memset(remote.addr, 0, 64)
+        applier.epoch = 2
+        applier.start()
+        ring2 = ProxyRing(64, 1)
+        with HostProxy(a, ring2, local, [rseg], epoch=2) as p2:
+            ring_late.post(PROXY_SIGNAL_ADD, 0, 0, 1000, 0)  # after the restart, epoch 1
+            assert ring_late.quiet(ring_late.head - 1, 10)
+            new = [(PROXY_PUT, 0, 8192, 4096, 64), (PROXY_SIGNAL_ADD, 0, 0, 3, 0)] * 20
+            assert ring2.post_many(new, timeout=10)[:2] == (len(new), "posted")
+            assert ring2.quiet(ring2.head - 1, 10)
+            assert p2.stats()["signals_notify"] == 20
+            total = sent1 + 1 + 20  # every signal sent, each applied or rejected once
+            _wait_until(
+                lambda: applier.applied + applier.stale_epoch >= total,
+                20,
+                f"signals missing: applied {applier.applied}, stale {applier.stale_epoch}",
+            )
+        late.stop()
+        assert applier.applied == applied1 + 20, (applied1, applier.applied, applier.stale_epoch)
+        assert applier.stale_epoch == sent1 + 1 - applied1
+        assert applier.rejected == applier.stale_epoch
+        assert _u64(remote.addr) == 60, "an epoch-1 signal landed after the restart"
+    finally:
+        applier.stop()
+
+
+@pytest.mark.timeout(90)
+def test_stop_keeps_unsettled_puts_until_they_settle(engine_factory, proxy_peers):
+    """stop() with puts in flight to a stalled (SIGSTOPped) peer: they count as dropped and as
+    unsettled; wait_settled() waits for them with a deadline, and once the peer runs again they
+    land (a PUT_VALUE's source stays valid after stop()) and nothing is unsettled any more."""
+    peer = proxy_peers("pxsettle", alloc=4 * MiB)
+    eng = engine_factory("pxsettles")
+    rseg = eng.open_segment(peer.desc("alloc"), transport="tcp")
+    local = eng.allocate(4 * MiB)
+    ring = ProxyRing(64, 1)
+    proxy = HostProxy(eng, ring, local, [rseg])
+    proxy.start()
+    with pytest.raises(TransferError, match="stopped proxy"):
+        proxy.wait_settled(0)
+    os.kill(peer.pid, signal.SIGSTOP)
+    try:
+        _wait_until(lambda: _all_threads_stopped(peer.pid), 5, "the peer did not stop")
+        descs = [(PROXY_PUT, 0, 4096 * (i + 1), 0, 4096) for i in range(8)]
+        descs.append((PROXY_PUT_VALUE, 0, 64, 0x0EEDFACE12345678, 0))
+        assert ring.post_many(descs, timeout=5)[:2] == (9, "posted")
+        _wait_until(lambda: proxy.stats()["consumed"] == 9, 5, "the proxy did not take them")
+        t0 = time.monotonic()
+        proxy.stop(0.2)
+        assert time.monotonic() - t0 < 2.0
+        st = proxy.stats()
+        assert st["unsettled"] == 9, st
+        assert (st["dropped"], st["completed"]) == ([9], [0]), st
+        assert "may still land" in st["last_drop"]
+        assert ring.retired == ring.tail == 9
+        t0 = time.monotonic()
+        assert proxy.wait_settled(0.2) == 9  # the peer is still stopped: a bounded wait
+        assert 0.15 < time.monotonic() - t0 < 2.0
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+    assert proxy.wait_settled(20) == 0
+    assert proxy.stats()["unsettled"] == 0
+    reply = peer.request(op="wait_word", seg="alloc", offset=64, minimum=1, timeout=10)
+    assert reply["value"] == 0x0EEDFACE12345678, reply
+    # Counted once: the late completions do not change the books.
+    st = proxy.stats()
+    assert (st["dropped"], st["completed"]) == ([9], [0]), st

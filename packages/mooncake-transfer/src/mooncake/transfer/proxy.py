@@ -64,6 +64,8 @@ class HostProxy:
         op_timeout: seconds a signal waits for its peer's earlier puts before it is dropped.
         idle_sleep_us: longest sleep of the idle consumer between polls (latency vs CPU).
         max_inflight: puts in flight before the consumer waits for the oldest one.
+        epoch: membership epoch (0..65535) stamped into every signal sent as a notification;
+            the peer's ProxySignalApplier applies only signals of its own epoch.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class HostProxy:
         op_timeout: float = 10.0,
         idle_sleep_us: float = 200.0,
         max_inflight: int = 4096,
+        epoch: int = 0,
     ) -> None:
         if not isinstance(ring, ProxyRing):
             raise TypeError(f"ring must be a ProxyRing, got {type(ring).__name__}")
@@ -91,7 +94,14 @@ class HostProxy:
             raise ValueError(f"op_timeout must be in (0, 3600] seconds, got {op_timeout!r}")
         self.ring = ring
         self._p = _engine.HostProxy(
-            _core(engine), ring, local, peers, op_timeout, float(idle_sleep_us), int(max_inflight)
+            _core(engine),
+            ring,
+            local,
+            peers,
+            op_timeout,
+            float(idle_sleep_us),
+            int(max_inflight),
+            int(epoch),
         )
 
     def start(self) -> None:
@@ -99,8 +109,15 @@ class HostProxy:
 
     def stop(self, drain_timeout: float = 1.0) -> None:
         """Closes the ring (producers fail at once), joins the thread; puts still in flight after
-        `drain_timeout` seconds are counted as dropped. Idempotent."""
+        `drain_timeout` seconds are counted as dropped (stats()["unsettled"]: they may still
+        land). No signal of this proxy is stored or sent after it returns. Idempotent."""
         self._p.stop(drain_timeout)
+
+    def wait_settled(self, timeout: float) -> int:
+        """After stop(): waits up to `timeout` seconds until every put that stop() left in
+        flight has completed or failed at the engine; returns how many are still unsettled (0:
+        none of this proxy's puts is still on its way)."""
+        return self._p.wait_settled(timeout)
 
     @property
     def running(self) -> bool:
@@ -113,8 +130,8 @@ class HostProxy:
         self._p.set_peer(peer, seg)
 
     def stats(self) -> dict:
-        """consumed, invalid, signals_shm, signals_notify, last_drop, and the ring's per-peer
-        completed / dropped lists."""
+        """consumed, invalid, signals_shm, signals_notify, unsettled, last_drop, and the ring's
+        per-peer completed / dropped lists."""
         d = dict(self._p.stats())
         d["completed"] = self.ring.completed()
         d["dropped"] = self.ring.dropped()
@@ -131,14 +148,16 @@ class HostProxy:
 
 class ProxySignalApplier:
     """Receiving side: applies proxy signals that arrive as notifications (peers reached over
-    'tcp' or 'cma') to `segments` of `engine`, with release atomics, on one native thread."""
+    'tcp' or 'cma') to `segments` of `engine`, with release atomics, on one native thread. Only
+    signals stamped with its `epoch` are applied; others (a previous membership's, still in
+    flight) count as `rejected` and `stale_epoch`."""
 
-    def __init__(self, engine: TransferEngine, segments: Sequence[Segment]) -> None:
+    def __init__(self, engine: TransferEngine, segments: Sequence[Segment], epoch: int = 0) -> None:
         segments = list(segments)
         for i, s in enumerate(segments):
             if not isinstance(s, Segment):
                 raise TypeError(f"segments[{i}] must be a Segment, got {type(s).__name__}")
-        self._a = _engine.ProxySignalApplier(_core(engine), segments)
+        self._a = _engine.ProxySignalApplier(_core(engine), segments, int(epoch))
 
     def start(self) -> None:
         self._a.start()
@@ -147,8 +166,22 @@ class ProxySignalApplier:
         self._a.stop()
 
     @property
+    def epoch(self) -> int:
+        """The epoch whose signals are applied; set it before the peers' proxies of the new
+        epoch start (an update: stop, zero the buffer, set the epoch, start)."""
+        return self._a.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._a.epoch = int(value)
+
+    @property
     def applied(self) -> int:
         return self._a.applied
+
+    @property
+    def stale_epoch(self) -> int:
+        return self._a.stale_epoch
 
     @property
     def rejected(self) -> int:
