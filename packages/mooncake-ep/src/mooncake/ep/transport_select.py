@@ -144,7 +144,8 @@ def decline(reason: str, infos: list) -> tuple[None, str]:
 
 
 def setup(group: Any, info: dict, infos: list[dict], nbytes: int, mode: str, reason: str) -> Any:
-    """Collectives 3-5 of ``mode``: its path, or ``(None, reason)`` (same verdict everywhere)."""
+    """Collectives 3-5 of ``mode`` (3-6 for proxy: its group secret first): its path, or
+    ``(None, reason)`` (same verdict everywhere)."""
     grid = min(i["num_sms"] for i in infos)
     if mode == "proxy":
         from .proxy_path import setup_proxy
