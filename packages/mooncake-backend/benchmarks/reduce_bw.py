@@ -53,13 +53,17 @@ def _time(fn_per_stream, streams: list, iters: int) -> float:
     return start.elapsed_time(stop) / 1e3 / iters
 
 
-def measure(nbytes: int, parts: int, n_streams: int, dtype: torch.dtype, op: str, iters: int) -> dict:
+def measure(
+    nbytes: int, parts: int, n_streams: int, dtype: torch.dtype, op: str, iters: int
+) -> dict:
     n = nbytes // torch.empty((), dtype=dtype).element_size()
     streams = [torch.cuda.Stream() for _ in range(n_streams)]
     srcs = [torch.randn(n, device="cuda").to(dtype) for _ in range(n_streams)]
     dsts = [torch.empty_like(s) for s in srcs]
     copy_t = _time([lambda d=d, s=s: d.copy_(s) for d, s in zip(dsts, srcs)], streams, iters)
-    ins = [[torch.randn(n, device="cuda").to(dtype) for _ in range(parts)] for _ in range(n_streams)]
+    ins = [
+        [torch.randn(n, device="cuda").to(dtype) for _ in range(parts)] for _ in range(n_streams)
+    ]
     outs = [torch.empty_like(p[0]) for p in ins]
     red_t = _time(
         [lambda o=o, p=p: device_reduce(o, p, op) for o, p in zip(outs, ins)], streams, iters
@@ -85,7 +89,9 @@ def measure(nbytes: int, parts: int, n_streams: int, dtype: torch.dtype, op: str
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", default="64M", help="bytes per input and per stream (default 64M)")
     ap.add_argument("--parts", default="2,4,8", help="inputs folded (the world size), comma list")
     ap.add_argument("--streams", default="1,2,4", help="concurrent streams, comma list")
@@ -100,16 +106,22 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     rows = []
     print(f"# {torch.cuda.get_device_name()}, {a.dtype}, {a.op}, {a.size} per input per stream")
-    print(f"{'parts':>5} {'streams':>7} {'copy GB/s':>10} {'reduce GB/s':>12} {'useful GB/s':>12} {'ratio':>6}")
+    print(
+        f"{'parts':>5} {'streams':>7} {'copy GB/s':>10} {'reduce GB/s':>12} "
+        f"{'useful GB/s':>12} {'ratio':>6}"
+    )
     for parts in (int(p) for p in a.parts.split(",")):
         for ns in (int(s) for s in a.streams.split(",")):
             r = measure(_size(a.size), parts, ns, dtype, a.op, a.iters)
             rows.append(r)
             print(
-                f"{parts:>5} {ns:>7} {r['copy_traffic_GBps']:10.0f} {r['reduce_traffic_GBps']:12.0f} "
+                f"{parts:>5} {ns:>7} {r['copy_traffic_GBps']:10.0f} "
+                f"{r['reduce_traffic_GBps']:12.0f} "
                 f"{r['reduce_useful_GBps']:12.0f} {r['ratio']:6.2f}"
             )
-    print("# GB/s = memory traffic (copy 2N, in-place add 3N per extra input); target ratio >= 0.70")
+    print(
+        "# GB/s = memory traffic (copy 2N, in-place add 3N per extra input); target ratio >= 0.70"
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
