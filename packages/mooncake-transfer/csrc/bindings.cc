@@ -136,6 +136,12 @@ int threads_arg(int64_t t) {
   return static_cast<int>(t);
 }
 
+
+// A proxy signal epoch from Python (16 bits on the wire, ProxySignalMsg::epoch).
+uint16_t proxy_epoch(int64_t e) {
+  if (e < 0 || e > 0xFFFF) throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(e));
+  return static_cast<uint16_t>(e);
+}
 }  // namespace
 
 PYBIND11_MODULE(_engine, m) {
@@ -825,9 +831,7 @@ PYBIND11_MODULE(_engine, m) {
                  throw std::invalid_argument("max_inflight must be in [1, 1048576], got " +
                                              std::to_string(max_inflight));
                c.max_inflight = static_cast<uint32_t>(max_inflight);
-               if (epoch < 0 || epoch > 0xFFFF)
-                 throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(epoch));
-               c.epoch = static_cast<uint16_t>(epoch);
+               c.epoch = proxy_epoch(epoch);
                return std::make_shared<HostProxy>(std::move(engine), std::move(ring), local.seg, std::move(peers), c);
              }),
              py::arg("engine"), py::arg("ring"), py::arg("local"), py::arg("peers"), py::arg("op_timeout") = 10.0,
@@ -867,18 +871,15 @@ PYBIND11_MODULE(_engine, m) {
     py::class_<ProxySignalApplier, std::shared_ptr<ProxySignalApplier>>(m, "ProxySignalApplier",
         "Applies proxy signals that arrive as notifications to local segments (receiving side).")
         .def(py::init([](std::shared_ptr<Engine> engine, const std::vector<SegmentObj*>& segs, int64_t epoch) {
-               if (epoch < 0 || epoch > 0xFFFF)
-                 throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(epoch));
+               const uint16_t e = proxy_epoch(epoch);
                std::vector<std::shared_ptr<LocalSegment>> v;
                for (auto* s : segs) v.push_back(s ? s->seg : nullptr);
-               return std::make_shared<ProxySignalApplier>(std::move(engine), std::move(v),
-                                                           static_cast<uint16_t>(epoch));
+               return std::make_shared<ProxySignalApplier>(std::move(engine), std::move(v), e);
              }),
              py::arg("engine"), py::arg("segments"), py::arg("epoch") = 0)
-        .def_property("epoch", &ProxySignalApplier::epoch, [](ProxySignalApplier& a, int64_t e) {
-          if (e < 0 || e > 0xFFFF) throw std::invalid_argument("epoch must be in [0, 65535], got " + std::to_string(e));
-          a.set_epoch(static_cast<uint16_t>(e));
-        }, "The membership epoch whose signals are applied (others are rejected).")
+        .def_property("epoch", &ProxySignalApplier::epoch,
+                      [](ProxySignalApplier& a, int64_t e) { a.set_epoch(proxy_epoch(e)); },
+                      "The membership epoch whose signals are applied (others are rejected).")
         .def_property_readonly("stale_epoch", [](const ProxySignalApplier& a) { return a.stale_epoch.load(); })
         .def("start", &ProxySignalApplier::start)
         .def("stop", &ProxySignalApplier::stop, py::call_guard<GilRelease>())
