@@ -5,7 +5,7 @@ import random
 import time
 
 import pytest
-from fault_cases import allreduce_loop
+from fault_cases import allreduce_loop, allreduce_loop_lane
 from harness import Ranks
 
 from mooncake.backend.faults import POINTS  # step points and the native wire_* points
@@ -71,6 +71,35 @@ def test_kill_inside_the_fused_native_round(point):
     # the wire_* points kill the victim between two peers' messages inside that call.
     for world, victim, nth in ((3, 0, 5), (3, 2, 7), (4, 1, 10)):
         run_trial(world, victim, point, nth, ("all_reduce",), (4,))
+
+
+@pytest.mark.timeout(300)
+def test_small_allreduce_lane_hands_a_failed_op_to_the_protocol(tmp_path):
+    """Small all_reduces finish in the lane (one native call, no protocol objects) while all is
+    clean; the op a kill -9 interrupts is handed to the protocol, which excludes the victim and
+    re-runs it among the survivors: every result is the mask of the ranks that contributed."""
+    world, victim = 3, 1
+    ready = str(tmp_path / "ready")
+    with Ranks(timeout=120) as rk:
+        for r in range(world):
+            rk.start(
+                allreduce_loop_lane, r, world, 300, (16,), ("all_reduce",), 0.002, ready, key=r
+            )
+        deadline = time.monotonic() + 90
+        while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):
+            assert time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        rk.kill(victim)
+        res = rk.collect(range(world))
+    logs = {r: (st, v[0] if st == "ok" else v) for r, (st, v) in res.items()}
+    check_survivors(logs, victim, world, None)
+    for r in range(world):
+        if r == victim:
+            continue
+        clean, resumed = res[r][1][1]
+        assert clean >= 50, f"rank {r}: only {clean} ops finished in the lane"
+        assert resumed >= 1, f"rank {r}: no op was handed to the protocol after the kill"
 
 
 @pytest.mark.timeout(300)

@@ -43,10 +43,18 @@ constexpr double kMaxOpTimeoutMs = 3600e3;
 // Context + worker, shared by the transport, the endpoints, rkeys and memory maps so that UCX
 // objects are released in order (rkeys and maps before the worker and context) whoever goes last.
 //
-// It also owns what UCX may still call back into: every op whose requests UCX has not returned
-// (the requests' user data) and every endpoint whose close UCX did not finish (the error
-// callback's argument). Both are freed after ucp_worker_destroy at the latest, whose purge may
+// It also owns what UCX may still call back into or read: every op whose requests UCX has not
+// returned (the requests' user data), every endpoint whose close UCX did not finish (the error
+// callback's argument), and every rkey that such an op was posted with but no segment holds any
+// more. Ops and endpoints are freed after ucp_worker_destroy at the latest, whose purge may
 // complete requests: the callbacks then see `live` null and only release what they own.
+//
+// rkeys: UCX reads an op's rkey until it returns the op's last request (its software RMA over tcp
+// packs the rkey's memory type into every fragment it sends, fragments that wait in UCX's queues
+// while the owner's socket is full), so an rkey is destroyed only when no UcxRemote holds it
+// (the RemoteSegment was dropped, or rebound to a fresh endpoint after a stall) *and* no op that
+// names it is left (rkey_ops). Ops do not hold their UcxRemote: that would hold the core (and
+// its worker) from the core's own op table, so ops pending at shutdown would never be freed.
 struct UcxCore {
   const Lib* lib = nullptr;
   ucp_context_h ctx = nullptr;
@@ -56,7 +64,14 @@ struct UcxCore {
   UcxTransport* live = nullptr;                   // null once the transport shut down
   std::unordered_set<UcxOp*> ops;                 // every op not yet freed
   std::vector<std::shared_ptr<UcxEp>> keep_eps;   // closes UCX did not finish in time
-  std::vector<ucp_rkey_h> stale_rkeys;            // unpacked on endpoints closed after a stall
+  std::unordered_map<ucp_rkey_h, int> rkey_ops;   // rkey -> ops not yet freed posted with it
+  std::unordered_set<ucp_rkey_h> dropped_rkeys;   // no UcxRemote holds them; ops still name them
+  // `u` is about to post requests naming `rk`: `rk` is kept until `u` is freed.
+  void use_rkey(UcxOp* u, ucp_rkey_h rk);
+  // Its holder lets go of `rk`: destroyed now, or when the last op naming it is freed.
+  void drop_rkey(ucp_rkey_h rk);
+  // Frees `u` (finished, every request returned by UCX) and the rkey it was the last user of.
+  void free_op(UcxOp* u);
   ~UcxCore();
 };
 
@@ -71,7 +86,7 @@ struct UcxEp {
   std::unordered_set<UcxOp*> ops;  // started, not finished
 };
 
-// One op. Guarded by the core lock; owned by UcxCore::ops, freed (release_locked) once it is
+// One op. Guarded by the core lock; owned by UcxCore::ops, freed (UcxCore::free_op) once it is
 // finished and UCX has returned every request it holds for it, never earlier.
 struct UcxOp {
   UcxCore* core = nullptr;
@@ -85,13 +100,44 @@ struct UcxOp {
   int outstanding = 0;  // UCX requests not called back yet
   bool finished = false;
   int status = UCS_OK;
+  ucp_rkey_h rkey = nullptr;  // the rkey its requests name (counted in UcxCore::rkey_ops)
 };
+
+void UcxCore::use_rkey(UcxOp* u, ucp_rkey_h rk) {
+  u->rkey = rk;
+  ++rkey_ops[rk];
+}
+
+void UcxCore::drop_rkey(ucp_rkey_h rk) {
+  if (!rk) return;
+  if (rkey_ops.count(rk)) dropped_rkeys.insert(rk);
+  else lib->rkey_destroy(rk);
+}
+
+void UcxCore::free_op(UcxOp* u) {
+  ops.erase(u);
+  if (u->rkey) {
+    auto it = rkey_ops.find(u->rkey);
+    if (it != rkey_ops.end() && --it->second == 0) {
+      rkey_ops.erase(it);
+      // UCX has returned every request that named it (possibly inside its own progress: UCX
+      // destroys rkeys from request completions itself).
+      if (dropped_rkeys.erase(u->rkey)) lib->rkey_destroy(u->rkey);
+    }
+  }
+  delete u;
+}
 
 UcxCore::~UcxCore() {
   if (worker) {
-    // Requests UCX completes while it destroys its endpoints call on_request with live == null.
-    for (ucp_rkey_h rk : stale_rkeys) lib->rkey_destroy(rk);
-    stale_rkeys.clear();
+    // No UcxRemote is left (each holds the core): the rkeys left are named by ops whose requests
+    // UCX never returned (their endpoints' forced close did not finish). They come from the
+    // worker's memory pool, so they go before it; ucp_worker_destroy then only purges those
+    // requests (completes them with an error, sending nothing), calling on_request with
+    // live == null.
+    for (ucp_rkey_h rk : dropped_rkeys) lib->rkey_destroy(rk);
+    dropped_rkeys.clear();
+    rkey_ops.clear();
     lib->worker_destroy(worker);
   }
   for (UcxOp* u : ops) delete u;  // no worker, no callbacks any more
@@ -108,8 +154,10 @@ UcxMemReg::~UcxMemReg() {
 
 UcxRemote::~UcxRemote() {
   if (!core || !rkey) return;
+  // Ops posted with the rkey may still be in UCX's hands (the segment was dropped right after
+  // submit()): the core then keeps the rkey until UCX returned them.
   std::lock_guard<std::mutex> g(core->mu);
-  core->lib->rkey_destroy(rkey);
+  core->drop_rkey(rkey);
 }
 
 namespace {
@@ -123,6 +171,13 @@ bool open_context(UcxCore& core, bool& cuda, bool& rdma, std::string& describe, 
     why = "UCX configuration (UCX_* environment) is invalid: " + lib->err(st);
     return false;
   }
+  // UCX's tcp transport redials a connection that fails while it is being established
+  // (tcp_ep.c: states CONNECTING / WAITING_ACK) up to UCX_TCP_MAX_CONN_RETRIES times (default 25)
+  // to the same IP:port, which a different process may listen on by then: it accepts without
+  // authentication, and UCX's tcp put / software get handlers act on the raw addresses they are
+  // sent. One attempt only, unless the user set it. (ucp_config_modify takes the name without
+  // "UCX_" and hands it to every transport's config; a UCX that lacks it refuses it: ignored.)
+  if (!std::getenv("UCX_TCP_MAX_CONN_RETRIES")) lib->config_modify(config, "TCP_MAX_CONN_RETRIES", "1");
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
   params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
@@ -408,10 +463,7 @@ int64_t UcxTransport::op_deadline_locked(uint64_t len) const {
   return now_ns() + op_timeout_ns_ + static_cast<int64_t>(std::min(allowance_ns, 1e17));
 }
 
-void UcxTransport::release_locked(UcxOp* u) {
-  core_->ops.erase(u);
-  delete u;
-}
+void UcxTransport::release_locked(UcxOp* u) { core_->free_op(u); }
 
 void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
   const auto& peer = op.seg->peer;
@@ -450,9 +502,9 @@ void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
         if (st != UCS_OK) {
           why = "the owner's rkey was refused by UCX: " + lib->err(st);
         } else {
-          // The old rkey may still be named by requests UCX has not returned: destroyed once
-          // every closing endpoint's close finished (reap_closing_locked).
-          if (rem->rkey) core_->stale_rkeys.push_back(rem->rkey);
+          // The old rkey may still be named by requests UCX has not returned on the old
+          // endpoint: the core destroys it once their ops are freed.
+          core_->drop_rkey(rem->rkey);
           rem->rkey = rk;
           rem->ep = ep;
         }
@@ -486,6 +538,7 @@ void UcxTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
       pending = true;
     } else {
       ep->ops.insert(u);
+      core_->use_rkey(u, rem->rkey);  // kept (even if the segment is dropped) until `u` is freed
       ucp_request_param_t rp{};
       rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       rp.send_cb = reinterpret_cast<ucp_send_nbx_callback_t>(&UcxTransport::on_request);
@@ -523,9 +576,9 @@ void UcxTransport::on_request(void* req, int status, void* user) {
   if (core->live) {
     core->live->settle_locked(u);
   } else if (u->outstanding == 0) {
-    // The transport shut down (it failed the op already): only the op's memory is left.
-    core->ops.erase(u);
-    delete u;
+    // The transport shut down (it failed the op already): only the op's memory is left (and
+    // the rkey it was the last user of, unless ~UcxCore destroyed that already).
+    core->free_op(u);
   }
 }
 
@@ -640,12 +693,6 @@ void UcxTransport::reap_closing_locked(bool force_all) {
     std::vector<UcxOp*> left(c.ep->ops.begin(), c.ep->ops.end());
     for (UcxOp* u : left) finish_locked(u, UCS_ERR_CANCELED);
     closing_.erase(closing_.begin() + static_cast<std::ptrdiff_t>(i));
-  }
-  // Every close finished: UCX has completed every request of the closed endpoints, so the rkeys
-  // unpacked on them are no longer in use.
-  if (closing_.empty() && core_->keep_eps.empty() && !core_->stale_rkeys.empty()) {
-    for (ucp_rkey_h rk : core_->stale_rkeys) lib->rkey_destroy(rk);
-    core_->stale_rkeys.clear();
   }
 }
 

@@ -18,6 +18,9 @@
 // Lifetime: an op's state (the user data of its UCX requests) is freed only once UCX has returned
 // every request it holds, whenever that is (even after the op was reported failed, the transport
 // shut down, or inside ucp_worker_destroy): it is owned by UcxCore, which outlives the worker.
+// The rkey an op was posted with lives as long: a segment dropped (or rebound after a stall)
+// while ops name its rkey hands the rkey to UcxCore, which destroys it when the last of them is
+// freed (before ucp_worker_destroy at the latest).
 #pragma once
 
 #include <atomic>
@@ -50,7 +53,9 @@ struct UcxMemReg {
 struct UcxRemote {
   std::shared_ptr<UcxCore> core;
   std::shared_ptr<UcxEp> ep;       // under the core lock: replaced after a stall reset its endpoint
-  ucx::ucp_rkey_h rkey = nullptr;  // under the core lock (unpacked on `ep`)
+  // Under the core lock (unpacked on `ep`). Given to UcxCore::drop_rkey when replaced or when
+  // this goes: destroyed once no op in UCX's hands names it.
+  ucx::ucp_rkey_h rkey = nullptr;
   std::string address;             // the owner's worker address and packed rkey, to rebind
   std::string rkey_packed;
   uint64_t addr = 0;    // in the owner's address space, as the owner said

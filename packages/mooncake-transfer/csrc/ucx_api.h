@@ -137,6 +137,7 @@ struct Lib {
   void (*get_version)(unsigned*, unsigned*, unsigned*);
   ucs_status_t (*config_read)(const char*, const char*, ucp_config_t**);
   void (*config_release)(ucp_config_t*);
+  ucs_status_t (*config_modify)(ucp_config_t*, const char*, const char*);
   ucs_status_t (*init_version)(unsigned, unsigned, const ucp_params_t*, const ucp_config_t*, ucp_context_h*);
   void (*cleanup)(ucp_context_h);
   ucs_status_t (*context_query)(ucp_context_h, ucp_context_attr_t*);

@@ -53,6 +53,7 @@ const Lib* load(const std::string& lib_dir, std::string& why) {
   sym(h, "ucp_get_version", l.get_version, missing);
   sym(h, "ucp_config_read", l.config_read, missing);
   sym(h, "ucp_config_release", l.config_release, missing);
+  sym(h, "ucp_config_modify", l.config_modify, missing);
   sym(h, "ucp_init_version", l.init_version, missing);
   sym(h, "ucp_cleanup", l.cleanup, missing);
   sym(h, "ucp_context_query", l.context_query, missing);

@@ -393,6 +393,66 @@ def test_teardown_with_ucx_ops_pending_on_a_stopped_peer(peer_factory, monkeypat
         eng.close()
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stopped", [False, True], ids=["running-owner", "stopped-owner"])
+def test_segment_dropped_while_ucx_ops_are_in_flight(
+    engine_factory, peer_factory, monkeypatch, stopped
+):
+    """The RemoteSegment (holder of the UCX rkey) is dropped right after submit(), while UCX still
+    holds large writes and reads that name its rkey: against a running owner, and against one
+    that is SIGSTOPped (its socket full, so UCX keeps most fragments queued) and resumed. UCX
+    needs an rkey until every request using it is returned; the engine keeps it that long. The
+    ops complete, the bytes are exact, nothing crashes, and a fresh segment works byte-exact.
+
+    UCX_RKEY_MPOOL_MAX_MD=-1 makes UCX malloc() every rkey instead of taking it from its pool, so
+    an rkey destroyed too early has its first bytes (the memory type UCX's software RMA over tcp
+    puts in each fragment's header) overwritten by the allocator's free list."""
+    monkeypatch.setenv("UCX_RKEY_MPOOL_MAX_MD", "-1")
+    size = 32 * MiB
+    peer, eng, rseg = _pair(
+        engine_factory, peer_factory, monkeypatch, "tcp", "reg", 2 * size, heartbeat_timeout=30.0
+    )
+    wbuf, rbuf = LocalBuf(size), LocalBuf(size)
+    data = os.urandom(size)
+    wbuf.fill(data)
+    assert peer.request(op="fill", seg="reg", offset=size, length=size, seed=23)["ok"]
+    eng.write(rseg, 0, wbuf.addr, 4096, timeout=30)  # endpoint wired up
+    if stopped:
+        os.kill(peer.pid, signal.SIGSTOP)
+    try:
+        ops = [("write", rseg, 0, wbuf.addr, size), ("read", rseg, size, rbuf.addr, size)]
+        h = eng.submit(ops)
+        del ops, rseg  # the last references: the segment (and, before the fix, its rkey) goes
+        gc.collect()
+        if stopped:
+            time.sleep(0.5)
+            assert h.poll() is None  # still in flight: the owner cannot take the bytes
+    finally:
+        if stopped:
+            os.kill(peer.pid, signal.SIGCONT)
+    st = h.wait(60)
+    assert st == TransferStatus.DONE, (st, h.error)
+    assert peer.proc.poll() is None
+    assert eng.peer_state(peer.name) == PeerState.ALIVE
+    assert peer.request(op="sha", seg="reg", offset=0, length=size)["sha"] == (
+        hashlib.sha256(data).hexdigest()
+    )
+    assert rbuf.bytes(0, size) == pattern(23, size)
+    # A fresh segment (a new rkey) on the same endpoint: byte-exact both ways.
+    fresh = eng.open_segment(peer.desc("reg"))
+    assert fresh.transport == "ucx"
+    data = os.urandom(size)
+    wbuf.fill(data)
+    eng.write(fresh, size, wbuf.addr, size, timeout=60)
+    assert peer.request(op="sha", seg="reg", offset=size, length=size)["sha"] == (
+        hashlib.sha256(data).hexdigest()
+    )
+    assert peer.request(op="fill", seg="reg", offset=0, length=size, seed=29)["ok"]
+    eng.read(fresh, 0, rbuf.addr, size, timeout=60)
+    assert rbuf.bytes(0, size) == pattern(29, size)
+    assert peer.proc.poll() is None
+
+
 @pytest.mark.timeout(120)
 def test_owner_survives_initiator_killed_mid_transfer(engine_factory, peer_factory, monkeypatch):
     monkeypatch.setenv("UCX_TLS", "tcp")
@@ -484,6 +544,31 @@ def test_shm_only_ucx_is_refused_clearly(engine_factory, peer_factory, monkeypat
     rseg = eng.open_segment(peer.desc("reg"), transport="tcp")
     buf = LocalBuf(4096)
     eng.write(rseg, 0, buf.addr, 4096, timeout=30)
+    assert peer.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_users_tcp_conn_retries_wins(engine_factory, peer_factory, monkeypatch):
+    """The engine asks UCX for one tcp connection attempt (UCX_TCP_MAX_CONN_RETRIES=1: no redial
+    of a connection that fails during setup, see the README) unless the user set the variable: a
+    user's 0 (not even one attempt) reaches UCX, so the endpoint cannot connect; without it the
+    same owner is reached."""
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    monkeypatch.delenv("UCX_TCP_MAX_CONN_RETRIES", raising=False)
+    peer = peer_factory("owner-retries", reg=4096, env={"UCX_TLS": "tcp"})
+    monkeypatch.setenv("UCX_TCP_MAX_CONN_RETRIES", "0")  # this process's engines only
+    eng = engine_factory("init-retries-0", transport="ucx")
+    with pytest.raises(TransferError, match="ucp_ep_create"):
+        eng.open_segment(peer.desc("reg"))
+    monkeypatch.delenv("UCX_TCP_MAX_CONN_RETRIES")
+    eng = engine_factory("init-retries-default", transport="ucx")
+    rseg = eng.open_segment(peer.desc("reg"))
+    buf = LocalBuf(4096)
+    buf.fill(b"r" * 4096)
+    eng.write(rseg, 0, buf.addr, 4096, timeout=30)
+    assert peer.request(op="sha", seg="reg", offset=0, length=4096)["sha"] == (
+        hashlib.sha256(b"r" * 4096).hexdigest()
+    )
     assert peer.proc.poll() is None
 
 

@@ -53,9 +53,23 @@ def _allreduce_direct(x: Exchange, flat: torch.Tensor, op: str, last: bool) -> C
         ptr = flat.data_ptr()
         fold = (*fold, flat.numel(), ptr, ptr, x.members.index(x.me))
     got = x.exchange(peers, 0, flat, addrs, lambda src, n: rows[src], last, fold)
-    if fold is not None and x.voted == ():
+    return allreduce_direct_commit(x, flat, op, fold is not None, got, rows, result)
+
+
+def allreduce_direct_commit(
+    x: Exchange,
+    flat: torch.Tensor,
+    op: str,
+    folded: bool,
+    got: set[int],
+    rows: dict[int, torch.Tensor],
+    result: torch.Tensor,
+) -> Commit:
+    """The commit of a direct all_reduce whose one round returned ``got`` (the sources whose
+    row landed in ``rows``); ``folded``: the round was asked to fold the rows natively."""
+    if folded and x.voted == ():
         return no_commit  # decided and committed natively
-    if len(got) != len(peers):
+    if len(got) != len(x.peers):
         return no_commit
     me = x.me
     reduce_fresh(result, [flat if r == me else rows[r] for r in x.members], op)
@@ -246,8 +260,9 @@ def alltoall(x: Exchange, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tens
 
 
 def barrier(x: Exchange) -> Commit:
-    x.send_many(x.peers, 0, raw=b"")
-    x.recv_each(x.peers, 0, lambda src, n: None)
+    """One empty message to and from every peer, in the same native call as the agreement's
+    first round and the DECIDED when all is clean (``Exchange.exchange_bytes(last=True)``)."""
+    x.exchange_bytes(x.peers, 0, b"", last=True)
     return no_commit
 
 

@@ -34,7 +34,6 @@ log = logging.getLogger("mooncake.backend")
 BLOB_BYTES = 1024  # READY carries the blob in a fixed-size field (``cuda_direct``)
 _ALIGN = 1 << 12
 _MIN_HALF = 1 << 21  # 2 MiB per half to start with
-_MAX_MAPS_PER_PEER = 4
 
 
 def device_uuid(device: torch.device) -> str:
@@ -175,13 +174,14 @@ class DeviceArena:
         maps = self.peers.setdefault(rank, OrderedDict())
         buf = maps.get(blob)
         if buf is None:
-            buf = import_blob(blob)
-            maps[blob] = buf
-            while len(maps) > _MAX_MAPS_PER_PEER:
+            # A new blob replaces the rank's arena for good (it grew, or a replacement process
+            # took the rank): the older mappings are retired now, not kept for reuse, so a
+            # dead process's arena is not held mapped behind its replacement's.
+            while maps:
                 _, old = maps.popitem(last=False)
                 self.retired.add(self.stream, old)
-        else:
-            maps.move_to_end(blob)
+            buf = import_blob(blob)
+            maps[blob] = buf
         half = buf.numel() // 2
         if nbytes > half:
             raise ValueError(f"peer {rank}'s arena half holds {half} bytes, the op needs {nbytes}")

@@ -383,10 +383,26 @@ class Exchange:
             second=vote, second_min_timeout=self.grace, then=final,
             reduce=fold if vote and fold is not None else (), second_max_delay=self.max_gap,
         )  # fmt: skip
+        return self.after_round(peers, targets, phase, sink, size, rounds, res)
+
+    def after_round(
+        self,
+        peers: list[int],
+        targets: list[str],
+        phase: int,
+        sink: DataSink,
+        size: int,
+        rounds: int,
+        res: list,
+    ) -> set[int]:
+        """What ``exchange`` returns, from its native round's results (``rounds``, ``res``; see
+        ``Mailbox.exchange``): also how an op whose native round was issued outside an
+        ``Exchange`` (``small_ops``) goes on from it."""
         if rounds == 2:  # every payload landed; res holds the votes
             self.bytes_sent += size * len(peers)
             self.voted = () if all(status is LANDED for status, _ in res) else res
             return set(peers)
+        failed = self.failed
         got: set[int] = set()
         pending: dict[str, int] = {}
         reached = 0

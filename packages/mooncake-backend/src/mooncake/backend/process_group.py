@@ -29,6 +29,7 @@ from .membership import Membership
 from .options import MooncakeBackendOptions
 from .protocol import run_op
 from .reduce_ops import check_op, op_name
+from .small_ops import SmallAllreduce
 from .staging import Staged
 from .work import MooncakeWork
 from .world import get_world
@@ -122,6 +123,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self, store, rank, size, cap, list(global_ranks), str(group_id)
         )
         self._cuda = None if device_type == "cpu" else CudaPath(self, self._opts.cuda_path)
+        self._small = SmallAllreduce(self)
         _groups.add(self)
         self._publish(force=True)
 
@@ -251,6 +253,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 _check_tensors("tensors", tensors, "cpu")
             if op != "SUM":
                 check_op(op, t.dtype)
+            if self._small.run(t, op):
+                return _done(tensors)
             self.run_op(
                 "allreduce",
                 (op, ((t.dtype, t.numel()),)),

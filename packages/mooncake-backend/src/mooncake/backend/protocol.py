@@ -93,32 +93,64 @@ def run_op(pg: MooncakeProcessGroup, kind: str, sig_parts: tuple, body: Body) ->
         pg._ensure_member()
     seq = pg._seq
     pg._seq += 1
+    sig = op_signature(pg, kind, sig_parts)
+    faults.hit("op_start")
+    _attempts(pg, kind, seq, sig, body, None)
+
+
+def op_signature(pg: MooncakeProcessGroup, kind: str, sig_parts: tuple) -> int:
+    """The op's signature (``wire.signature``), cached per group."""
     key = (kind, sig_parts)
     sig = pg._sigs.get(key)
     if sig is None:
         if len(pg._sigs) > 4096:  # many distinct shapes: keep the cache bounded
             pg._sigs.clear()
         sig = pg._sigs[key] = wire.signature(kind, *sig_parts)
-    faults.hit("op_start")
+    return sig
+
+
+def new_attempt(pg: MooncakeProcessGroup, seq: int, attempt: int, members: list[int], sig: int):
+    """The ``Exchange`` of one attempt of op ``seq`` among ``members``."""
+    x = Exchange(
+        pg._world.mailbox,
+        pg.membership.names,
+        pg._tag,
+        seq,
+        attempt,
+        members,
+        pg._rank,
+        time.monotonic() + pg._op_timeout(),
+        sig,
+    )
+    x.scratch = pg._scratch
+    x.grace = pg._grace
+    x.max_gap = pg._max_gap
+    return x
+
+
+def resume_op(pg: MooncakeProcessGroup, kind: str, body: Body, x: Exchange, commit) -> None:
+    """Go on with op ``x.seq`` whose attempt ``x`` already ran its algorithm (``commit`` is what
+    the algorithm returned) outside ``run_op`` (``small_ops``): from the agreement on, as
+    ``run_op`` would have; later attempts run ``body``."""
+    _attempts(pg, kind, x.seq, x.sig, body, (x, commit))
+
+
+def _attempts(
+    pg: MooncakeProcessGroup, kind: str, seq: int, sig: int, body: Body, first: Optional[tuple]
+) -> None:
+    m = pg.membership
     attempt = 0
     while True:
-        members = sorted(m.members)
-        x = Exchange(
-            pg._world.mailbox,
-            m.names,
-            pg._tag,
-            seq,
-            attempt,
-            members,
-            pg._rank,
-            time.monotonic() + pg._op_timeout(),
-            sig,
-        )
-        x.scratch = pg._scratch
-        x.grace = pg._grace
-        x.max_gap = pg._max_gap
+        if first is not None:
+            (x, commit), first = first, None
+            members = x.members
+        else:
+            members = sorted(m.members)
+            x = new_attempt(pg, seq, attempt, members, sig)
+            commit = None
         try:
-            commit = body(x)
+            if commit is None:
+                commit = body(x)
             if len(members) > 1:
                 d = agree(x, pg._grace, lambda ranks: prove_dead(pg, ranks))
             else:
