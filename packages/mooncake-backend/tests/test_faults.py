@@ -74,16 +74,19 @@ def test_kill_inside_the_fused_native_round(point):
 
 
 @pytest.mark.timeout(300)
-def test_small_allreduce_lane_hands_a_failed_op_to_the_protocol(tmp_path):
-    """Small all_reduces finish in the lane (one native call, no protocol objects) while all is
-    clean; the op a kill -9 interrupts is handed to the protocol, which excludes the victim and
-    re-runs it among the survivors: every result is the mask of the ranks that contributed."""
+@pytest.mark.parametrize("ops", [("all_reduce",), ("broadcast",), ("broadcast", "all_reduce")])
+def test_small_op_lane_hands_a_failed_op_to_the_protocol(tmp_path, ops):
+    """Small all_reduces and broadcasts finish in the lane (one native call, no protocol
+    objects) while all is clean; the op a kill -9 interrupts is handed to the protocol, which
+    excludes the victim and re-runs it among the survivors: every all_reduce result is the mask
+    of the ranks that contributed, every broadcast the root's value (or unchanged everywhere
+    when the root is the victim)."""
     world, victim = 3, 1
     ready = str(tmp_path / "ready")
     with Ranks(timeout=120) as rk:
         for r in range(world):
             rk.start(
-                allreduce_loop_lane, r, world, 300, (16,), ("all_reduce",), 0.002, ready, key=r
+                allreduce_loop_lane, r, world, 300, (16,), ops, 0.002, ready, key=r
             )
         deadline = time.monotonic() + 90
         while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):

@@ -138,6 +138,14 @@ def _broadcast_direct(x: Exchange, flat: torch.Tensor, root: int, last: bool) ->
         x.peers, 0, flat, dests, lambda src, n: rows[src] if src == root else None, last,
         send=x.me == root,
     )  # fmt: skip
+    return broadcast_direct_commit(x, flat, root, got, rows)
+
+
+def broadcast_direct_commit(
+    x: Exchange, flat: torch.Tensor, root: int, got: set[int], rows: dict[int, torch.Tensor]
+) -> Commit:
+    """The commit of a direct broadcast whose one round returned ``got`` (the root's row landed
+    in ``rows[root]`` when the root is in it)."""
     if x.me == root or root not in got:
         return no_commit
     src = rows[root]

@@ -29,7 +29,7 @@ from .membership import Membership
 from .options import MooncakeBackendOptions
 from .protocol import run_op
 from .reduce_ops import check_op, op_name
-from .small_ops import SmallAllreduce
+from .small_ops import SmallOps
 from .staging import Staged
 from .work import MooncakeWork
 from .world import get_world
@@ -123,7 +123,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self, store, rank, size, cap, list(global_ranks), str(group_id)
         )
         self._cuda = None if device_type == "cpu" else CudaPath(self, self._opts.cuda_path)
-        self._small = SmallAllreduce(self)
+        self._small = SmallOps(self)
         _groups.add(self)
         self._publish(force=True)
 
@@ -253,7 +253,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 _check_tensors("tensors", tensors, "cpu")
             if op != "SUM":
                 check_op(op, t.dtype)
-            if self._small.run(t, op):
+            if self._small.allreduce(t, op):
                 return _done(tensors)
             self.run_op(
                 "allreduce",
@@ -282,6 +282,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         root = opts.rootRank if opts is not None else 0
         self._check_root(root)
         _check_tensors("tensors", tensors, self._device_type)
+        if (
+            len(tensors) == 1
+            and self._device_type == "cpu"
+            and self._small.broadcast(tensors[0], root)
+        ):
+            return _done(tensors)
         if d := self._direct("broadcast", tensors):
             return d.broadcast(tensors, root)
         sig = (root, tuple((str(t.dtype), t.numel()) for t in tensors))

@@ -1,19 +1,22 @@
-"""The clean path of a small CPU all_reduce in one native call, without the op protocol's
-per-attempt objects.
+"""The clean path of a small CPU all_reduce or broadcast in one native call, without the op
+protocol's per-attempt objects.
 
 Every op runs through ``protocol.run_op``: an ``Exchange`` per attempt, the algorithm
 (``collectives``), the agreement (``protocol.agree``), the commit. A small single-tensor
 all_reduce (``collectives._allreduce_direct``) already does all of its work in one native call
 (``Exchange.exchange(last=True)`` with a fold): the payloads, the agreement's round-0 votes, the
-DECIDED and the reduction into the caller's tensor. The Python around that call was most of the
-op's host time (measured at world 2 on the 2-core machines: 33 us per op back-to-back, 7 us of
-it in the native call).
+DECIDED and the reduction into the caller's tensor; the Python around that call (building
+those objects) cost about as much again (world 2, 2-core machines, 1 KiB back-to-back: 34-49 us
+per op through ``run_op``, 20-36 us through the lane).
 
-``allreduce`` below issues the very same native call, with the same messages byte for byte,
-from a few values cached per group. Only when the call returns anything but "every payload
-and every vote landed clean" does it build the attempt's ``Exchange`` from the call's results
-and hand it to the protocol (``protocol.resume_op``), which goes on exactly as if it had issued
-the call itself: the agreement, the exclusion rule, re-runs among the survivors. Whatever the
+A small broadcast (``collectives._broadcast_direct``, below the arena sizes) is the same round
+without the fold: the root sends its buffer, the others the header alone, and the root's row is
+copied into the caller's tensor after the call. ``SmallOps`` below issues the very same native
+call, with the same messages byte for byte, from a few values cached per group. Only when the
+call returns anything but "every payload and every vote landed clean" does it build the
+attempt's ``Exchange`` from the call's results and hand it to the protocol
+(``protocol.resume_op``), which goes on exactly as if it had issued the call itself: the
+agreement, the exclusion rule, re-runs among the survivors. Whatever the
 lane cannot express (an armed fault point, pushed-back messages, a membership change pending,
 debug logging) takes ``run_op`` from the start.
 """
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from . import collectives, faults, wire
+from . import bulk, collectives, faults, native, wire
 from .exchange import LANDED
 from .protocol import new_attempt, op_signature, resume_op
 from .reduce_ops import native_fold
@@ -39,8 +42,8 @@ _key = wire.KEY.pack
 _SCOPE = "s1."  # the scratch scope of an op's first algorithm call (``Exchange.scratch_scope``)
 
 
-class SmallAllreduce:
-    """Per group: the lane's cached op constants, one entry per (dtype, numel, op)."""
+class SmallOps:
+    """Per group: the lane, and its op constants cached per (kind, dtype, numel, op or root)."""
 
     __slots__ = ("_ops", "_pg", "clean", "resumed")
 
@@ -48,32 +51,34 @@ class SmallAllreduce:
         self._pg = pg
         self.clean = 0  # ops the lane finished alone
         self.resumed = 0  # ops the lane handed to the protocol after its native call
-        # (dtype, numel, op) -> (signature, fold codes, bytes) or None (not for the lane)
+        # key -> (signature, fold codes or None, bytes), or None (not for the lane)
         self._ops: dict[tuple, Optional[tuple]] = {}
 
-    def _entry(self, t: torch.Tensor, op: str) -> Optional[tuple]:
-        k = (t.dtype, t.numel(), op)
+    def _entry(self, t: torch.Tensor, kind: str, arg) -> Optional[tuple]:
+        k = (kind, t.dtype, t.numel(), arg)
         e = self._ops.get(k, False)
         if e is False:
-            fold = native_fold(t.dtype, op)
+            e = None
             nbytes = t.numel() * t.element_size()
-            if (
-                fold is None
-                or nbytes > collectives.SMALL_ALLREDUCE_BYTES
-                or nbytes >= wire.PULL_MIN
+            if kind == "allreduce":
+                fold = native_fold(t.dtype, arg)
+                if fold is not None and nbytes <= collectives.SMALL_ALLREDUCE_BYTES:
+                    parts = (arg, ((t.dtype, t.numel()),))
+                    e = (op_signature(self._pg, kind, parts), fold, nbytes)
+            elif nbytes <= collectives.SMALL_BROADCAST_BYTES and not (
+                bulk.BROADCAST_MIN_BYTES and nbytes >= bulk.BROADCAST_MIN_BYTES
             ):
+                parts = (arg, ((str(t.dtype), t.numel()),))  # as ``broadcast`` signs it
+                e = (op_signature(self._pg, kind, parts), None, nbytes)
+            if e is not None and nbytes >= wire.PULL_MIN:
                 e = None
-            else:
-                parts = (op, ((t.dtype, t.numel()),))
-                e = (op_signature(self._pg, "allreduce", parts), fold, nbytes)
             if len(self._ops) > 256:
                 self._ops.clear()
             self._ops[k] = e
         return e
 
-    def run(self, t: torch.Tensor, op: str) -> bool:
-        """All-reduce contiguous CPU tensor ``t`` in place; False (nothing done) when the op is
-        not for the lane, and the caller runs it through ``protocol.run_op``."""
+    def _open(self) -> Optional[list[int]]:
+        """The sorted members when the lane may run an op now, else None."""
         pg = self._pg
         m = pg.membership
         if (
@@ -84,45 +89,100 @@ class SmallAllreduce:
             or faults.armed_point() is not None
             or len(m.members) < 2
         ):
+            return None
+        return sorted(m.members)
+
+    def allreduce(self, t: torch.Tensor, op: str) -> bool:
+        """All-reduce contiguous CPU tensor ``t`` in place; False (nothing done) when the op is
+        not for the lane, and the caller runs it through ``protocol.run_op``."""
+        members = self._open()
+        if members is None:
             return False
-        e = self._entry(t, op)
-        if e is None or t.numel() < len(m.members):
+        e = self._entry(t, "allreduce", op)
+        if e is None or t.numel() < len(members):
             return False
         sig, fold, size = e
-        members = sorted(m.members)
-        me = pg._rank
+        me = self._pg._rank
         peers = [r for r in members if r != me]
-        names = m.names
+        rows, result, addrs = self._pg._scratch.small(_SCOPE, t, peers)
+        ptr = t.data_ptr()
+        fold = (*fold, t.numel(), ptr, ptr, members.index(me))
+        ran = self._round(members, peers, sig, size, ptr, True, addrs, fold)
+        if ran is None:
+            return False
+        x, targets, rounds, res = ran
+        if x is None:
+            return True  # decided, and folded into ``t`` by the native call: committed
+        # Anything else: the attempt goes on in the protocol, from this call's results.
+        got = x.after_round(peers, targets, 0, lambda src, n: rows[src], size, rounds, res)
+        flat = t.reshape(-1)
+        commit = collectives.allreduce_direct_commit(x, flat, op, True, got, rows, result)
+        body = lambda x: collectives.allreduce(x, t, op, True)  # noqa: E731
+        resume_op(self._pg, "allreduce", body, x, commit)
+        return True
+
+    def broadcast(self, t: torch.Tensor, root: int) -> bool:
+        """Broadcast contiguous CPU tensor ``t`` from group rank ``root``; False as above."""
+        members = self._open()
+        if members is None or root not in members:
+            return False  # a failed root: the protocol's path leaves every tensor unchanged
+        e = self._entry(t, "broadcast", root)
+        if e is None:
+            return False
+        sig, _, size = e
+        me = self._pg._rank
+        peers = [r for r in members if r != me]
+        rows, _, addrs = self._pg._scratch.small(_SCOPE, t, peers)
+        # Only the root's row lands: every other peer's message is the header alone (dest 0).
+        dests = [a if p == root else 0 for p, a in zip(peers, addrs)]
+        ran = self._round(members, peers, sig, size, t.data_ptr(), me == root, dests, ())
+        if ran is None:
+            return False
+        x, targets, rounds, res = ran
+        flat = t.reshape(-1)
+        if x is None:
+            if me != root:
+                native.copy(flat, rows[root], len(members))  # the commit
+            return True
+
+        def sink(src: int, n: int):
+            return rows[src] if src == root else None
+
+        got = x.after_round(peers, targets, 0, sink, size, rounds, res)
+        commit = collectives.broadcast_direct_commit(x, flat, root, got, rows)
+        body = lambda x: collectives.broadcast(x, t, root, True)  # noqa: E731
+        resume_op(self._pg, "broadcast", body, x, commit)
+        return True
+
+    def _round(self, members, peers, sig, size, addr, send, dests, fold):
+        """The op's one native call (``Exchange.exchange(last=True)``'s, byte for byte). None:
+        not issued (pushed-back messages wait in the mailbox); else (None, ...) when every
+        payload and vote landed clean (decided, the DECIDED sent, the fold done), or (the
+        attempt's ``Exchange``, targets, rounds, per-peer results) for the protocol to go on."""
+        pg = self._pg
+        names = pg.membership.names
         targets = [names[p] for p in peers]
         mailbox = pg._world.mailbox
         tag = pg._tag
         if mailbox.has_back(targets, tag):
-            return False
+            return None
         seq = pg._seq
         pg._seq += 1
-        rows, result, addrs = pg._scratch.small(_SCOPE, t, peers)
-        ptr = t.data_ptr()
         head = _pack(seq, 0, wire.DATA_INLINE, 0, sig, size)
         timeout = pg._op_timeout()
         sent_at = time.monotonic()
         rounds, res = mailbox.exchange(
             targets, tag, head, timeout, _key(seq, 0),
-            addr=ptr, length=size, expect=head, dests=addrs, dest_len=size,
+            addr=addr, length=size if send else 0, expect=head, dests=dests, dest_len=size,
             second=_agree(wire.AGREE, seq, 0, sig, 0, 0, 0), second_min_timeout=pg._grace,
-            then=_agree(wire.DECIDED, seq, 0, sig, 1, 0, 0),
-            reduce=(*fold, t.numel(), ptr, ptr, members.index(me)),
+            then=_agree(wire.DECIDED, seq, 0, sig, 1, 0, 0), reduce=fold,
             second_max_delay=pg._max_gap,
         )  # fmt: skip
         if rounds == 2 and all(status is LANDED for status, _ in res):
             self.clean += 1
-            return True  # decided, and folded into ``t`` by the native call: committed
-        # Anything else: the attempt goes on in the protocol, from this call's results.
+            return None, targets, rounds, res
         self.resumed += 1
         x = new_attempt(pg, seq, 0, members, sig)
         x.deadline = sent_at + timeout
         x.sent_at = sent_at
-        got = x.after_round(peers, targets, 0, lambda src, n: rows[src], size, rounds, res)
-        flat = t.reshape(-1)
-        commit = collectives.allreduce_direct_commit(x, flat, op, True, got, rows, result)
-        resume_op(pg, "allreduce", lambda x: collectives.allreduce(x, t, op, True), x, commit)
-        return True
+        return x, targets, rounds, res
