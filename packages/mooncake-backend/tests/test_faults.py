@@ -85,9 +85,7 @@ def test_small_op_lane_hands_a_failed_op_to_the_protocol(tmp_path, ops):
     ready = str(tmp_path / "ready")
     with Ranks(timeout=120) as rk:
         for r in range(world):
-            rk.start(
-                allreduce_loop_lane, r, world, 300, (16,), ops, 0.002, ready, key=r
-            )
+            rk.start(allreduce_loop_lane, r, world, 300, (16,), ops, 0.002, ready, key=r)
         deadline = time.monotonic() + 90
         while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):
             assert time.monotonic() < deadline, "ranks did not start"
