@@ -166,7 +166,7 @@ PYBIND11_MODULE(_engine, m) {
   auto point_arg = [](const std::string& point) {
     FaultPoint p;
     if (!fault_point_of(point, p))
-      throw std::invalid_argument("point must be 'send', 'land' or 'then', got '" + point + "'");
+      throw std::invalid_argument("point must be 'send', 'land', 'then' or 'cma', got '" + point + "'");
     return p;
   };
   m.def("arm_fault", [point_arg](const std::string& point, int64_t nth) {
@@ -178,7 +178,8 @@ PYBIND11_MODULE(_engine, m) {
   "counted from now, in every engine of the process. 'send': after each notification sent "
   "(notify, notify_ptr, notify_many, exchange_round's messages including `then`); 'land': after "
   "each message a round landed or returned (exchange_round, recv_round); 'then': after each "
-  "`then` message of exchange_round. Disarmed, a point costs one relaxed atomic load.");
+  "`then` message of exchange_round; 'cma': inside each CMA copy, while its in-flight count on "
+  "the owner's segment is raised. Disarmed, a point costs one relaxed atomic load.");
   m.def("disarm_fault", [point_arg](std::optional<std::string> point) {
     if (point) arm_fault(point_arg(*point), 0);
     else disarm_faults();
@@ -397,6 +398,7 @@ PYBIND11_MODULE(_engine, m) {
         py::dict d;
         d["notify_ring_sent"] = e.notify_ring_sent.load();
         d["notify_tcp_sent"] = e.notify_tcp_sent.load();
+        d["cma_dead_lanes"] = e.guard_dead_lanes();
         return d;
       })
       .def("connect", [](Engine& e, const std::string& ep, double timeout) {

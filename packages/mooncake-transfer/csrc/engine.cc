@@ -555,6 +555,8 @@ void Engine::close() {
   // clean close. From here on, a peer's answer to our BYE (it drops the connection) is no news
   // either (close_conn checks closing_).
   inbox_.mark_closing();
+  // Same-host peers' CMA copies into our segments stop here (TCP ones with the I/O thread).
+  revoke_all_cma();
   std::vector<std::shared_ptr<Connection>> conns;
   {
     std::lock_guard<std::mutex> g(mu_);

@@ -24,6 +24,7 @@
 #include "detector.h"
 #include "inbox.h"
 #include "peer.h"
+#include "seg_guard.h"
 #include "segment.h"
 #include "transport.h"
 #include "transport_ucx.h"
@@ -125,6 +126,8 @@ class Engine : private FrameHandler {
   // Counters for tests and the bench: notifications sent through the same-host ring / over TCP.
   std::atomic<uint64_t> notify_ring_sent{0};
   std::atomic<uint64_t> notify_tcp_sent{0};
+  // CMA guard (seg_guard.h): lanes of dead peer processes freed by this engine as the owner.
+  uint64_t guard_dead_lanes();
 
  private:
   // engine.cc
@@ -161,6 +164,13 @@ class Engine : private FrameHandler {
   void run_local(const Op& op, const std::shared_ptr<Batch>& b);
 
   // engine_segments.cc
+  // Gives a new CPU segment its CMA guard slot (none when the table cannot be made or is full).
+  void guard_segment(LocalSegment& seg);
+  // Binds `rs` (a same-host segment that CMA can reach) to the owner's guard table; false and
+  // `why` when not possible (the caller then uses tcp).
+  bool attach_guard(RemoteSeg& rs, std::string& why);
+  // Engine::close(): refuses CMA to every segment and waits (bounded) for copies in flight.
+  void revoke_all_cma();
   // Binds `rs` to the owner's segment over UCX (asks the owner on the control connection).
   void open_ucx(const std::shared_ptr<RemoteSeg>& rs, double timeout_s);
   // auto mode, other host: is UCX loadable here with an RDMA transport? (asked once, logged)
@@ -189,6 +199,13 @@ class Engine : private FrameHandler {
   size_t handshaking_ = 0;
 
   SegmentRegistry segments_;
+  // The CMA guard table (seg_guard.h), made on the first CPU segment; guard_failed_: could not be.
+  std::mutex guard_mu_;
+  std::unique_ptr<GuardTable> guard_;
+  std::atomic<GuardTable*> guard_ptr_{nullptr};  // guard_, published for lock-free readers
+  bool guard_failed_ = false;
+  bool guard_full_logged_ = false;
+  std::atomic<bool> cma_guard_logged_{false};
   Inbox inbox_;
   EventQueue poll_events_;
   EventQueue bg_events_;

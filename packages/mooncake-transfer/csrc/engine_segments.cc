@@ -10,12 +10,99 @@ namespace mooncake::transfer {
 
 std::shared_ptr<LocalSegment> Engine::allocate(uint64_t length) {
   if (closing_.load()) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
-  return segments_.allocate(length, token_);
+  auto seg = segments_.allocate(length, token_);
+  guard_segment(*seg);  // reached over shm (nothing to revoke there), or over cma when asked for
+  return seg;
+}
+
+void Engine::guard_segment(LocalSegment& seg) {
+  std::lock_guard<std::mutex> g(guard_mu_);
+  if (!guard_ && !guard_failed_) {
+    try {
+      guard_ = std::make_unique<GuardTable>("mooncake-guard-" + token_);
+      guard_ptr_.store(guard_.get(), std::memory_order_release);
+    } catch (const TransferErr& e) {
+      guard_failed_ = true;
+      log(kLogWarning, std::string("no CMA guard table (") + e.what() +
+                           "): same-host peers reach this engine's segments over shm or tcp, never cma");
+    }
+  }
+  if (!guard_) return;
+  uint32_t slot = 0;
+  uint64_t gen = 0;
+  if (!guard_->acquire(slot, gen)) {
+    if (!guard_full_logged_) {
+      guard_full_logged_ = true;
+      log(kLogWarning, "all " + std::to_string(kGuardSlots) +
+                           " CMA guard slots are in use: segments registered from now on are reached over "
+                           "shm or tcp by same-host peers until some are unregistered");
+    }
+    return;
+  }
+  seg.guard_slot = static_cast<int32_t>(slot);
+  seg.guard_gen = gen;
+}
+
+uint64_t Engine::guard_dead_lanes() {
+  GuardTable* gt = guard_ptr_.load(std::memory_order_acquire);
+  return gt ? gt->dead_lanes() : 0;
+}
+
+bool Engine::attach_guard(RemoteSeg& rs, std::string& why) {
+  const Descriptor& d = rs.desc;
+  if (d.version < 2) {
+    why = "the owner's build cannot revoke CMA access (descriptor version " + std::to_string(d.version) + ")";
+    return false;
+  }
+  if (d.guard_fd < 0) {
+    why = "the owner gave segment " + std::to_string(d.seg_id) + " no CMA guard slot";
+    return false;
+  }
+  if (d.guard_slot >= kGuardSlots || d.guard_gen == 0) {
+    why = "bad CMA guard slot in the descriptor";
+    return false;
+  }
+  Peer& peer = *rs.peer;
+  std::shared_ptr<GuardMap> gm;
+  {
+    std::lock_guard<std::mutex> g(peer.guard_mu);
+    if (peer.guard && peer.guard->region->name() == d.guard_name) {
+      gm = peer.guard;
+    } else {
+      gm = open_guard(d.pid, d.guard_fd, d.guard_name, why);
+      if (!gm) return false;
+      peer.guard = gm;
+    }
+  }
+  rs.guard = gm;
+  rs.guard_gen = &gm->view.gen(d.guard_slot);
+  rs.guard_count = &gm->view.count(gm->lane, d.guard_slot);
+  return true;
+}
+
+void Engine::revoke_all_cma() {
+  GuardTable* gt = guard_ptr_.load(std::memory_order_acquire);
+  if (!gt) return;
+  auto segs = segments_.all();
+  for (auto& s : segs)
+    if (s->guard_slot >= 0) gt->revoke(static_cast<uint32_t>(s->guard_slot), /*closed=*/true);
+  // Copies past their check are single syscalls; a peer stopped inside one is waited for 2 s.
+  const int64_t deadline = now_ns() + 2000000000LL;
+  for (auto& s : segs) {
+    if (s->guard_slot < 0) continue;
+    if (!gt->drain(static_cast<uint32_t>(s->guard_slot), deadline))
+      log(kLogWarning, "close: CMA copies by a peer into segment " + std::to_string(s->id) +
+                           " still in flight after 2 s");
+  }
 }
 
 std::shared_ptr<LocalSegment> Engine::register_memory(uint64_t addr, uint64_t length, const std::string& location) {
   if (closing_.load()) throw TransferErr(ErrKind::kGeneric, "", "engine closed");
-  if (location == "cpu") return segments_.add_registered(reinterpret_cast<uint8_t*>(addr), length, location);
+  if (location == "cpu") {
+    auto seg = segments_.add_registered(reinterpret_cast<uint8_t*>(addr), length, location);
+    guard_segment(*seg);
+    return seg;
+  }
   // GPU memory: reachable through UCX only (mapped now, so a bad pointer fails here).
   const std::string why = ucx_cuda_status();
   if (!why.empty()) throw TransferErr(ErrKind::kGeneric, "", "register(location='" + location + "'): " + why);
@@ -111,9 +198,21 @@ void Engine::unregister(uint64_t seg_id, double timeout_s) {
     std::lock_guard<std::mutex> g(seg->mu);
     seg->ucx_reg.reset();
   }
-  if (!SegmentRegistry::wait_idle(*seg, deadline_after(timeout_s)))
+  const int64_t deadline = deadline_after(timeout_s);
+  // CMA: refuse new copies, then wait for those past their check (seg_guard.h). The slot is
+  // reused only once no copy can be running (a drain that timed out keeps it out of use).
+  bool cma_idle = true;
+  if (seg->guard_slot >= 0) {
+    GuardTable* gt = guard_ptr_.load(std::memory_order_acquire);
+    const uint32_t slot = static_cast<uint32_t>(seg->guard_slot);
+    gt->revoke(slot);
+    cma_idle = gt->drain(slot, deadline);
+    if (cma_idle) gt->release(slot);
+    else gt->quarantine(slot);
+  }
+  if (!SegmentRegistry::wait_idle(*seg, deadline) || !cma_idle)
     throw TransferErr(ErrKind::kTimeout, "", "unregister: transfers into segment " + std::to_string(seg_id) +
-                                                 " still in flight");
+                                                 " still in flight" + (cma_idle ? "" : " (cma)"));
 }
 
 std::string Engine::descriptor(const LocalSegment& seg) const {
@@ -129,6 +228,13 @@ std::string Engine::descriptor(const LocalSegment& seg) const {
   d.location = seg.location;
   d.memfd = seg.memfd;
   d.memfd_name = seg.memfd_name;
+  if (seg.guard_slot >= 0) {
+    GuardTable* gt = guard_ptr_.load(std::memory_order_acquire);
+    d.guard_fd = gt->fd();
+    d.guard_name = gt->name();
+    d.guard_slot = static_cast<uint32_t>(seg.guard_slot);
+    d.guard_gen = seg.guard_gen;
+  }
   return encode_descriptor(d);
 }
 
@@ -197,12 +303,24 @@ std::shared_ptr<RemoteSeg> Engine::open_segment(const std::string& bytes, double
     }
     log(kLogWarning, "cannot map shared memory of '" + d.owner + "' (" + mwhy + "); trying CMA");
   }
+  // CMA only with the owner's guard (its unregister() must be able to stop us), else tcp.
+  std::string gwhy;
+  if (!attach_guard(*rs, gwhy)) {
+    if (!cma_guard_logged_.exchange(true))
+      log(kLogWarning, "segment of '" + d.owner + "' over tcp, not cma: " + gwhy);
+    rs->kind = TransportKind::kTcp;
+    rs->transport = &tcp_;
+    return rs;
+  }
   int e = LocalCopyTransport::cma_probe(d.pid, d.addr);
   if (e == 0) {
     rs->kind = TransportKind::kCma;
     rs->transport = &cma_;
     return rs;
   }
+  rs->guard.reset();
+  rs->guard_gen = nullptr;
+  rs->guard_count = nullptr;
   if (e == ESRCH) {
     mark_dead(peer, "process " + std::to_string(d.pid) + " does not exist (ESRCH)", true);
     throw TransferErr(peer->dead_error());

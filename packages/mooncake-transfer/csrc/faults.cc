@@ -31,6 +31,7 @@ bool fault_point_of(const std::string& name, FaultPoint& out) {
   if (name == "send") out = FaultPoint::kSend;
   else if (name == "land") out = FaultPoint::kLand;
   else if (name == "then") out = FaultPoint::kThen;
+  else if (name == "cma") out = FaultPoint::kCma;
   else return false;
   return true;
 }

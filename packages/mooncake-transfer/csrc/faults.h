@@ -9,6 +9,8 @@
 //   kLand  after each message a round took: landed at its destination by exchange_round, or
 //          returned by exchange_round / recv_round.
 //   kThen  after each `then` message of exchange_round.
+//   kCma   inside each CMA copy to a guarded segment, after its in-flight count was raised and
+//          the segment found registered, before the copy (a peer dying in mid-copy).
 //
 // Disarmed, a hit costs one relaxed atomic load.
 #pragma once
@@ -19,15 +21,15 @@
 
 namespace mooncake::transfer {
 
-enum class FaultPoint : int { kSend = 0, kLand = 1, kThen = 2 };
-constexpr int kFaultPoints = 3;
+enum class FaultPoint : int { kSend = 0, kLand = 1, kThen = 2, kCma = 3 };
+constexpr int kFaultPoints = 4;
 
 // Arms `p` to kill the process at its `nth` hit from now (nth >= 1; 0 disarms it). Resets the
 // point's hit count either way.
 void arm_fault(FaultPoint p, uint64_t nth);
 // Disarms every point.
 void disarm_faults();
-// FaultPoint of a name ("send", "land", "then"); false for any other name.
+// FaultPoint of a name ("send", "land", "then", "cma"); false for any other name.
 bool fault_point_of(const std::string& name, FaultPoint& out);
 // Hits counted at `p` since it was last armed.
 uint64_t fault_hits(FaultPoint p);

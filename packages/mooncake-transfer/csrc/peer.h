@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "connection.h"
+#include "seg_guard.h"
 #include "shm_channel.h"
 
 namespace mooncake::transfer {
@@ -47,6 +48,10 @@ struct Peer {
   std::shared_ptr<SharedRegion> their_doorbell;
   uint32_t doorbell_fd = UINT32_MAX;  // from the handshake
   std::string doorbell_name;
+
+  // This peer's CMA guard table mapped here, with our lane in it (seg_guard.h; under guard_mu).
+  std::mutex guard_mu;
+  std::shared_ptr<GuardMap> guard;
 
   std::mutex mu;
   std::condition_variable cv;  // local_inflight reached 0, or death

@@ -15,7 +15,7 @@ namespace mooncake::transfer {
 
 namespace {
 constexpr uint32_t kDescMagic = 0x4453434DU;  // "MCSD"
-constexpr uint8_t kDescVersion = 1;
+constexpr uint8_t kDescVersion = 2;  // 1: before the CMA guard fields
 
 size_t page_round(uint64_t n) {
   const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
@@ -80,6 +80,14 @@ std::shared_ptr<LocalSegment> SegmentRegistry::find(uint64_t id) {
   return it == map_.end() ? nullptr : it->second;
 }
 
+std::vector<std::shared_ptr<LocalSegment>> SegmentRegistry::all() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<std::shared_ptr<LocalSegment>> out;
+  out.reserve(map_.size());
+  for (auto& kv : map_) out.push_back(kv.second);
+  return out;
+}
+
 bool SegmentRegistry::remove(uint64_t id) {
   std::lock_guard<std::mutex> g(mu_);
   return map_.erase(id) > 0;
@@ -110,6 +118,10 @@ std::string encode_descriptor(const Descriptor& d) {
   w.str(d.location);
   w.u32(static_cast<uint32_t>(d.memfd));
   w.str(d.memfd_name);
+  w.u32(static_cast<uint32_t>(d.guard_fd));
+  w.str(d.guard_name);
+  w.u32(d.guard_slot);
+  w.u64(d.guard_gen);
   return std::move(w.data());
 }
 
@@ -117,7 +129,8 @@ std::string decode_descriptor(const std::string& bytes, Descriptor& d) {
   Reader r(bytes.data(), bytes.size());
   if (r.u32() != kDescMagic || !r.ok()) return "not a mooncake segment descriptor (bad magic)";
   uint8_t ver = r.u8();
-  if (ver != kDescVersion) return "unsupported descriptor version " + std::to_string(ver);
+  if (ver != 1 && ver != kDescVersion) return "unsupported descriptor version " + std::to_string(ver);
+  d.version = ver;
   uint8_t kind = r.u8();
   if (kind > 1) return "bad segment kind " + std::to_string(kind);
   d.kind = static_cast<SegKind>(kind);
@@ -131,6 +144,13 @@ std::string decode_descriptor(const std::string& bytes, Descriptor& d) {
   d.location = r.str(64);
   d.memfd = static_cast<int32_t>(r.u32());
   d.memfd_name = r.str(512);
+  d.guard_fd = -1;
+  if (ver >= 2) {
+    d.guard_fd = static_cast<int32_t>(r.u32());
+    d.guard_name = r.str(512);
+    d.guard_slot = r.u32();
+    d.guard_gen = r.u64();
+  }
   if (!r.ok() || !r.at_end()) return "truncated or oversized descriptor";
   if (d.owner.empty() || d.endpoint.empty()) return "descriptor without owner/endpoint";
   if (d.seg_id == 0) return "descriptor with segment id 0";

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace mooncake::transfer {
 
@@ -23,6 +24,10 @@ struct LocalSegment {
   int memfd = -1;          // kMemfd only: fd peers open through /proc/<pid>/fd/<memfd>
   std::string memfd_name;  // checked by the peer so a recycled fd number is never mapped
   size_t map_len = 0;
+  // Slot in the engine's CMA guard table (seg_guard.h) and its generation; -1: none (GPU memory,
+  // or the table is full), then peers do not reach it over CMA.
+  int32_t guard_slot = -1;
+  uint64_t guard_gen = 0;
 
   // Transfers the I/O thread is moving into/out of this segment right now.
   std::atomic<int> active{0};
@@ -54,6 +59,8 @@ class SegmentRegistry {
   std::shared_ptr<LocalSegment> allocate(uint64_t length, const std::string& token);
   std::shared_ptr<LocalSegment> add_registered(uint8_t* addr, uint64_t length, const std::string& location);
   std::shared_ptr<LocalSegment> find(uint64_t id);
+  // Every registered segment (a snapshot).
+  std::vector<std::shared_ptr<LocalSegment>> all();
   // Removes it so no new remote access starts; returns false if unknown.
   bool remove(uint64_t id);
   // Waits until no remote access is in flight; false on deadline.
@@ -65,8 +72,10 @@ class SegmentRegistry {
   uint64_t next_id_ = 1;
 };
 
-// What a peer needs to reach a segment, as portable bytes.
+// What a peer needs to reach a segment, as portable bytes. Version 2 adds the CMA guard fields;
+// version 1 (older builds) is still read, and such a segment is never reached over CMA.
 struct Descriptor {
+  uint8_t version = 2;
   SegKind kind = SegKind::kRegistered;
   std::string owner;     // engine name
   std::string endpoint;  // "host:port"
@@ -78,6 +87,12 @@ struct Descriptor {
   std::string location;
   int32_t memfd = -1;
   std::string memfd_name;
+  // The owner's CMA guard table (fd in the owner, memfd name) and this segment's slot and
+  // generation in it; guard_fd -1: no slot.
+  int32_t guard_fd = -1;
+  std::string guard_name;
+  uint32_t guard_slot = 0;
+  uint64_t guard_gen = 0;
 };
 
 std::string encode_descriptor(const Descriptor& d);

@@ -4,12 +4,14 @@
 // reported on the operation's Batch, exactly once.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 
 #include "batch.h"
 #include "peer.h"
+#include "seg_guard.h"
 #include "segment.h"
 
 namespace mooncake::transfer {
@@ -30,6 +32,11 @@ struct RemoteSeg {
   std::shared_ptr<ShmMapping> map;  // kShm only
   std::shared_ptr<UcxRemote> ucx;   // kUcx only: endpoint, rkey and the owner's address/length
   Transport* transport = nullptr;
+  // kCma only: the owner's guard table (kept mapped), the segment's generation word in it and
+  // this process's in-flight count for the segment (see seg_guard.h).
+  std::shared_ptr<GuardMap> guard;
+  std::atomic<uint64_t>* guard_gen = nullptr;
+  std::atomic<uint32_t>* guard_count = nullptr;
 };
 
 struct Op {

@@ -6,8 +6,19 @@
 #include <cstring>
 
 #include "engine.h"
+#include "faults.h"
 
 namespace mooncake::transfer {
+
+namespace {
+// Ends this process's in-flight mark on a CMA segment (seg_guard.h) on every path.
+struct GuardHold {
+  std::atomic<uint32_t>* count;
+  ~GuardHold() {
+    if (count) count->fetch_sub(1, std::memory_order_release);
+  }
+};
+}  // namespace
 
 int LocalCopyTransport::cma_probe(uint32_t pid, uint64_t addr) {
   uint8_t byte;
@@ -29,6 +40,25 @@ void LocalCopyTransport::post(const Op& op, const std::shared_ptr<Batch>& b) {
     if (op.write) std::memcpy(remote, op.local, op.len);
     else std::memcpy(op.local, remote, op.len);
   } else {
+    // The owner's unregister() clears the generation word and then waits for our count: raise
+    // it, then check (seq_cst both, see seg_guard.h), so a copy that passes the check is waited for.
+    GuardHold hold{op.seg->guard_count};
+    if (hold.count) {
+      hold.count->fetch_add(1, std::memory_order_seq_cst);
+      const uint64_t gen = op.seg->guard_gen->load(std::memory_order_seq_cst);
+      if (gen == kGenClosed) {  // the owner closed its engine; its BYE (-> DEAD) is on the way
+        b->complete_err(ErrorInfo{ErrKind::kPeerDead, p.name, Engine::kReasonBye});
+        return;
+      }
+      if (gen != op.seg->desc.guard_gen) {
+        b->complete_err(ErrorInfo{ErrKind::kGeneric, p.name,
+                                  std::string("rejected by the segment owner: ") +
+                                      (op.write ? "WRITE to unknown segment " : "READ of unknown segment ") +
+                                      std::to_string(op.seg->desc.seg_id) + " (unregistered; cma)"});
+        return;
+      }
+    }
+    fault_hit(FaultPoint::kCma);
     uint64_t done = 0;
     while (done < op.len) {
       iovec l{op.local + done, static_cast<size_t>(op.len - done)};

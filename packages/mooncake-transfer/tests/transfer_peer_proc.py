@@ -25,6 +25,69 @@ def pattern(seed: int, n: int) -> bytes:
     return b"".join(rnd.randbytes(min(block, n - i)) for i in range(0, n, block))
 
 
+def cma_loop(eng, cmd: dict) -> dict:
+    """Writes (or reads) `size` bytes at offset 0 of a peer segment in a loop: for `seconds`, until
+    `stop_file` exists, or `after_fail` seconds after the first failure (`started_file` is made
+    after the first success). Times are
+    time.monotonic() (one clock for every process of the host). Reads report whether a
+    successful one returned the byte `secret` (written by the owner after its unregister)."""
+    rseg = eng.open_segment(bytes.fromhex(cmd["desc"]), transport=cmd.get("transport", "cma"))
+    size = cmd["size"]
+    write = cmd.get("mode", "write") == "write"
+    buf = ctypes.create_string_buffer(bytes([cmd.get("byte", 0xA5)]) * size, size)
+    addr = ctypes.addressof(buf)
+    secret = cmd.get("secret")
+    stop_file = cmd.get("stop_file")
+    res = {
+        "transport": rseg.transport,
+        "n_ok": 0,
+        "n_fail": 0,
+        "ok_after_fail": 0,
+        "first_ok": None,
+        "last_ok_start": None,
+        "first_fail": None,
+        "errors": {},
+        "secret_seen": False,
+    }
+    end = time.monotonic() + cmd.get("seconds", 10.0)
+    next_stop_check = 0.0
+    while True:
+        now = time.monotonic()
+        if now > end:
+            break
+        if stop_file and now >= next_stop_check:
+            if os.path.exists(stop_file):
+                break
+            next_stop_check = now + 0.001
+        if res["first_fail"] is not None and now - res["first_fail"] > cmd.get("after_fail", 1.0):
+            break
+        t0 = time.monotonic()
+        try:
+            if write:
+                eng.write(rseg, 0, addr, size, timeout=10)
+            else:
+                eng.read(rseg, 0, addr, size, timeout=10)
+                if secret is not None and bytes([secret]) in buf.raw:
+                    res["secret_seen"] = True
+        except Exception as e:  # reported to the test
+            res["n_fail"] += 1
+            if res["first_fail"] is None:
+                res["first_fail"] = t0
+            key = f"{type(e).__name__}: {e}"
+            res["errors"][key] = res["errors"].get(key, 0) + 1
+            continue
+        res["n_ok"] += 1
+        if res["first_ok"] is None:
+            res["first_ok"] = t0
+            if cmd.get("started_file"):
+                with open(cmd["started_file"], "w"):
+                    pass
+        res["last_ok_start"] = t0
+        if res["first_fail"] is not None:
+            res["ok_after_fail"] += 1
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
@@ -116,6 +179,12 @@ def main() -> None:
                 out["transport"] = rseg.transport
                 out["peer"] = rseg.peer
                 out["rtt"] = eng.probe(rseg.peer)
+            elif op == "cma_loop":
+                out.update(cma_loop(eng, cmd))
+            elif op == "arm_fault":
+                from mooncake.transfer import _engine
+
+                _engine.arm_fault(cmd["point"], cmd["nth"])
             elif op == "notify_many":
                 # Message i = 4-byte index + filler up to sizes[i] bytes (small ones take the
                 # same-host ring, big ones TCP): the receiver checks the order.

@@ -399,7 +399,10 @@ class TransferEngine:
         return self._core.register_memory(addr, length, location)
 
     def unregister(self, seg: Segment, timeout: float = 30.0) -> None:
-        """Stops remote access to `seg`; waits for in-flight remote transfers into it to end."""
+        """Stops remote access to `seg`; waits for in-flight remote transfers into it (tcp, and
+        same-host cma copies) to end, TransferTimeout at `timeout`. Once it returns no tcp or cma
+        access by a peer touches the memory; later ones fail with TransferError ("unknown
+        segment"). shm peers (allocate() segments) keep their mapping of the memfd."""
         if not isinstance(seg, Segment):
             raise TypeError(f"seg must be a Segment, got {type(seg).__name__}")
         self._core.unregister(seg, _check_seconds(timeout))
