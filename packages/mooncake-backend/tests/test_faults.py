@@ -49,6 +49,23 @@ def run_trial(world, victim, point, nth, ops, sizes, iters=12):
     check_survivors(res, victim, world, ops)
 
 
+def kill_during_loop(tmp_path, body, world, victim, settle, iters, sizes, ops) -> dict:
+    """Ranks loop ``body`` (``allreduce_loop``'s arguments, 2 ms apart); once every rank is in
+    its loop and ``settle`` s more have passed, ``victim`` is killed from outside (SIGKILL).
+    Returns every rank's (status, result)."""
+    ready = str(tmp_path / "ready")
+    with Ranks(timeout=120) as rk:
+        for r in range(world):
+            rk.start(body, r, world, iters, sizes, ops, 0.002, ready, key=r)
+        deadline = time.monotonic() + 90
+        while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):
+            assert time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.05)
+        time.sleep(settle)
+        rk.kill(victim)
+        return rk.collect(range(world))
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world", [3, 4])
 def test_kill_at_random_points_every_victim(world):
@@ -82,17 +99,7 @@ def test_small_op_lane_hands_a_failed_op_to_the_protocol(tmp_path, ops):
     of the ranks that contributed, every broadcast the root's value (or unchanged everywhere
     when the root is the victim)."""
     world, victim = 3, 1
-    ready = str(tmp_path / "ready")
-    with Ranks(timeout=120) as rk:
-        for r in range(world):
-            rk.start(allreduce_loop_lane, r, world, 300, (16,), ops, 0.002, ready, key=r)
-        deadline = time.monotonic() + 90
-        while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):
-            assert time.monotonic() < deadline, "ranks did not start"
-            time.sleep(0.05)
-        time.sleep(0.2)
-        rk.kill(victim)
-        res = rk.collect(range(world))
+    res = kill_during_loop(tmp_path, allreduce_loop_lane, world, victim, 0.2, 300, (16,), ops)
     logs = {r: (st, v[0] if st == "ok" else v) for r, (st, v) in res.items()}
     check_survivors(logs, victim, world, None)
     for r in range(world):
@@ -107,17 +114,9 @@ def test_small_op_lane_hands_a_failed_op_to_the_protocol(tmp_path, ops):
 def test_external_kill_during_loop_latency(tmp_path):
     """kill -9 from outside while the ranks loop all_reduce: survivors' op returns quickly."""
     world, victim = 4, 2
-    ready = str(tmp_path / "ready")
-    with Ranks(timeout=120) as rk:
-        for r in range(world):
-            rk.start(allreduce_loop, r, world, 400, (256,), ("all_reduce",), 0.002, ready, key=r)
-        deadline = time.monotonic() + 90
-        while not all(os.path.exists(f"{ready}.{r}") for r in range(world)):
-            assert time.monotonic() < deadline, "ranks did not start"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        rk.kill(victim)
-        res = rk.collect(range(world))
+    res = kill_during_loop(
+        tmp_path, allreduce_loop, world, victim, 0.3, 400, (256,), ("all_reduce",)
+    )
     check_survivors(res, victim, world, None)
     for r, (_status, log) in res.items():
         if r == victim:

@@ -38,6 +38,39 @@ def _stays(buf: LocalBuf, expect: bytes, seconds: float) -> int:
     return bad
 
 
+def _start_writer(owner, peer, tmp_path, size: int, byte: int, after_fail: float):
+    """Registers a plain `size`-byte buffer and has `peer` write `byte` into it over cma in a loop
+    (until the stop file appears; `after_fail` s more once a write failed); returns (buf, seg,
+    stop file) once a first write landed."""
+    buf = LocalBuf(size)
+    seg = owner.register(buf.addr, size)
+    stop = tmp_path / "stop"
+    peer.send_only(
+        op="cma_loop",
+        desc=seg.descriptor().hex(),
+        size=size,
+        byte=byte,
+        seconds=30.0,
+        stop_file=str(stop),
+        after_fail=after_fail,
+    )
+    _wait_until(lambda: buf.bytes(0, 1) == bytes([byte]), 20.0, "the peer's cma writes to land")
+    return buf, seg, stop
+
+
+def _watch_zeroed(buf: LocalBuf, stop, peer) -> tuple[float, int, dict]:
+    """Right after access was revoked: zero-fills `buf` and watches it for 1 s, then stops the
+    peer's loop. Returns (when the revoking call returned, failed checks, the peer's report)."""
+    t_ret = time.monotonic()
+    buf.fill(bytes(buf.size))
+    bad = _stays(buf, bytes(buf.size), 1.0)
+    stop.touch()
+    res = peer.read_reply(timeout=30.0)
+    assert res["ok"], res
+    assert res["transport"] == "cma", res
+    return t_ret, bad, res
+
+
 def _assert_refused_like_tcp(res: dict, seg_id: int, verb: str) -> None:
     assert res["n_fail"] > 0, res
     for msg in res["errors"]:
@@ -54,28 +87,10 @@ def test_cma_writes_stop_when_unregister_returns(engine_factory, peer_factory, t
     owner = engine_factory("cmarev-owner")
     peer = peer_factory("cmarev-writer")
     size = 64 * 1024
-    buf = LocalBuf(size)
-    seg = owner.register(buf.addr, size)
-    stop = tmp_path / "stop"
-    peer.send_only(
-        op="cma_loop",
-        desc=seg.descriptor().hex(),
-        size=size,
-        byte=0xA5,
-        seconds=30.0,
-        stop_file=str(stop),
-        after_fail=1.5,
-    )
-    _wait_until(lambda: buf.bytes(0, 1) == b"\xa5", 20.0, "the peer's cma writes to land")
+    buf, seg, stop = _start_writer(owner, peer, tmp_path, size, 0xA5, 1.5)
     time.sleep(0.05)
     owner.unregister(seg, timeout=10.0)
-    t_ret = time.monotonic()
-    buf.fill(bytes(size))
-    bad = _stays(buf, bytes(size), 1.0)
-    stop.touch()
-    res = peer.read_reply(timeout=30.0)
-    assert res["ok"], res
-    assert res["transport"] == "cma"
+    t_ret, bad, res = _watch_zeroed(buf, stop, peer)
     assert bad == 0, f"writes landed after unregister() returned ({bad} checks); peer: {res}"
     assert res["n_ok"] > 0, res
     assert res["last_ok_start"] < t_ret, res
@@ -210,28 +225,9 @@ def test_cma_writes_stop_when_the_owner_engine_closes(engine_factory, peer_facto
     PeerDeadError (the owner closed)."""
     owner = engine_factory("cmarev-owner-close")
     peer = peer_factory("cmarev-closewriter")
-    size = 16 * 1024
-    buf = LocalBuf(size)
-    seg = owner.register(buf.addr, size)
-    stop = tmp_path / "stop"
-    peer.send_only(
-        op="cma_loop",
-        desc=seg.descriptor().hex(),
-        size=size,
-        byte=0x5C,
-        seconds=30.0,
-        stop_file=str(stop),
-        after_fail=1.0,
-    )
-    _wait_until(lambda: buf.bytes(0, 1) == b"\x5c", 20.0, "the peer's cma writes to land")
+    buf, _seg, stop = _start_writer(owner, peer, tmp_path, 16 * 1024, 0x5C, 1.0)
     owner.close()
-    t_ret = time.monotonic()
-    buf.fill(bytes(size))
-    bad = _stays(buf, bytes(size), 1.0)
-    stop.touch()
-    res = peer.read_reply(timeout=30.0)
-    assert res["ok"], res
-    assert res["transport"] == "cma", res
+    t_ret, bad, res = _watch_zeroed(buf, stop, peer)
     assert bad == 0, f"writes landed after close() returned; peer: {res}"
     assert res["last_ok_start"] < t_ret, res
     assert res["n_fail"] > 0, res
