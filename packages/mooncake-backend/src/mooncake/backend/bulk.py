@@ -65,8 +65,9 @@ import torch
 from mooncake.transfer import copy_buffers
 
 from . import faults, native
-from .exchange import Exchange, ScratchPool, even_chunks, no_commit
+from .exchange import Exchange, even_chunks, no_commit
 from .reduce_ops import reduce_into
+from .scratch import ScratchPool
 
 log = logging.getLogger("mooncake.backend")
 

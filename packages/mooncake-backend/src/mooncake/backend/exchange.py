@@ -20,6 +20,7 @@ from mooncake.transfer import RoundStatus
 
 from . import faults, wire
 from .mailbox import Mailbox, Message, PeerGone, bytes_of, copy_payload, head_of
+from .scratch import NO_POOL, ScratchPool
 from .wire import H_ATTEMPT, H_KIND, H_NBYTES, H_PHASE, H_SEQ, H_SIG
 
 log = logging.getLogger("mooncake.backend")
@@ -103,7 +104,7 @@ class Exchange:
         # (addr, nbytes) -> (segment, descriptor, tensor): the tensor reference keeps the memory
         # alive until release(), even when the algorithm that sent it has returned.
         self._regs: dict[tuple[int, int], tuple[object, bytes, torch.Tensor]] = {}
-        self.scratch: ScratchPool = _NO_POOL
+        self.scratch: ScratchPool = NO_POOL
         self._scopes = 0
         self.grace = 0.0  # the agreement's minimum wait (the group's grace), see ``exchange``
         # When this rank last sent data, and the longest gap after it within which a peer surely
@@ -134,10 +135,7 @@ class Exchange:
         runs them after the data (``last``, no mismatch, no armed agree_send fault); else empty."""
         if not last or self.mismatch is not None or faults.armed("agree_send"):
             return b"", b""
-        return (
-            wire.pack_agree(wire.AGREE, self.seq, self.attempt, self.sig, 0, 0, 0),
-            wire.pack_agree(wire.DECIDED, self.seq, self.attempt, self.sig, 1, 0, 0),
-        )
+        return clean_votes(self.seq, self.attempt, self.sig)
 
     def note_mismatch(self, src: int, what: str) -> None:
         if self.mismatch is None:
@@ -373,15 +371,11 @@ class Exchange:
         ):
             self.send_many(peers, phase, t)
             return self.recv_each(peers, phase, sink)
-        head = _pack(self.seq, self.attempt, wire.DATA_INLINE, phase, self.sig, size)
-        vote, final = self._clean_votes(last)
         self.sent_at = time.monotonic()
-        rounds, res = mailbox.exchange(
-            targets, self.tag, head, self.deadline - time.monotonic(), self._key,
-            addr=t.data_ptr(), length=size if send else 0, expect=head, dests=dests,
-            dest_len=size,
-            second=vote, second_min_timeout=self.grace, then=final,
-            reduce=fold if vote and fold is not None else (), second_max_delay=self.max_gap,
+        rounds, res = data_round(
+            mailbox, targets, self.tag, self.seq, self.attempt, phase, self.sig,
+            self.deadline - time.monotonic(), t.data_ptr(), size, send, dests,
+            self._clean_votes(last), self.grace, fold, self.max_gap,
         )  # fmt: skip
         return self.after_round(peers, targets, phase, sink, size, rounds, res)
 
@@ -534,6 +528,47 @@ class Exchange:
         return True
 
 
+def clean_votes(seq: int, attempt: int, sig: int) -> tuple[bytes, bytes]:
+    """A clean rank's round-0 AGREE and its DECIDED for attempt (``seq``, ``attempt``)."""
+    return (
+        wire.pack_agree(wire.AGREE, seq, attempt, sig, 0, 0, 0),
+        wire.pack_agree(wire.DECIDED, seq, attempt, sig, 1, 0, 0),
+    )
+
+
+def data_round(
+    mailbox: Mailbox,
+    targets: list[str],
+    tag: int,
+    seq: int,
+    attempt: int,
+    phase: int,
+    sig: int,
+    timeout: float,
+    addr: int,
+    size: int,
+    send: bool,
+    dests: list[int],
+    votes: tuple[bytes, bytes],
+    grace: float,
+    fold: Optional[tuple],
+    max_gap: float,
+) -> tuple[int, list]:
+    """The native call of a one-round data phase (``Exchange.exchange``; the small-op lane,
+    ``small_ops``): this rank's header and ``size`` bytes at ``addr`` (the header alone unless
+    ``send``) to every target; every peer's identical header lands its payload at ``dests``; with
+    ``votes`` (``clean_votes``, or empty) the agreement's round 0 and the DECIDED follow in the
+    same call, and ``fold`` (the engine's ``reduce`` spec) folds the landed rows."""
+    head = _pack(seq, attempt, wire.DATA_INLINE, phase, sig, size)
+    vote, final = votes
+    return mailbox.exchange(
+        targets, tag, head, timeout, wire.KEY.pack(seq, attempt),
+        addr=addr, length=size if send else 0, expect=head, dests=dests, dest_len=size,
+        second=vote, second_min_timeout=grace, then=final,
+        reduce=fold if vote and fold is not None else (), second_max_delay=max_gap,
+    )  # fmt: skip
+
+
 def no_commit() -> None:
     """The commit of an attempt that has nothing to publish on this rank."""
     return None
@@ -548,49 +583,6 @@ def even_chunks(numel: int, n: int) -> list[tuple[int, int]]:
         out.append((start, size))
         start += size
     return out
-
-
-class ScratchPool:
-    """Per-group reusable host buffers for large ops: fresh allocations of tens of MiB cost
-    page faults on every op. Buffers are only used within one op (ops of a group are serial,
-    and the agreement ends every peer's reads before the op returns)."""
-
-    def __init__(self, min_bytes: int = 1 << 20) -> None:
-        self.min_bytes = min_bytes
-        self._bufs: dict[str, torch.Tensor] = {}
-        self._small: dict[tuple, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
-
-    def small(
-        self, name: str, like: torch.Tensor, peers: list[int]
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor, list[int]]:
-        """One landing row per peer, a result row shaped like ``like`` (flat) and the rows'
-        addresses in ``peers`` order, reused across ops with the same name, shape, dtype and
-        peers (small ops: no allocation)."""
-        key = (name, like.dtype, like.numel(), tuple(peers))
-        got = self._small.get(key)
-        if got is None:
-            if len(self._small) > 256:
-                self._small.clear()
-            space = torch.empty((len(peers) + 1, like.numel()), dtype=like.dtype, device="cpu")
-            rows = list(space[: len(peers)])
-            got = self._small[key] = (
-                dict(zip(peers, rows)),
-                space[len(peers)],
-                [r.data_ptr() for r in rows],
-            )
-        return got
-
-    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
-        if nbytes < self.min_bytes:
-            return torch.empty(numel, dtype=dtype, device="cpu")
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[name] = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
-        return buf[:nbytes].view(dtype)
-
-
-_NO_POOL = ScratchPool(min_bytes=1 << 62)
 
 
 class _FutureMessage(Exception):

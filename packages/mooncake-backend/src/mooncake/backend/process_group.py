@@ -24,11 +24,12 @@ from . import wire
 from .active import ActiveMask
 from .cuda_direct import CudaPath, check_capture
 from .errors import EvictedError
-from .exchange import Exchange, ScratchPool
+from .exchange import Exchange
 from .membership import Membership
 from .options import MooncakeBackendOptions
 from .protocol import run_op
 from .reduce_ops import check_op, op_name
+from .scratch import ScratchPool
 from .small_ops import SmallOps
 from .staging import Staged
 from .work import MooncakeWork

@@ -128,7 +128,9 @@ def new_attempt(pg: MooncakeProcessGroup, seq: int, attempt: int, members: list[
     return x
 
 
-def resume_op(pg: MooncakeProcessGroup, kind: str, body: Body, x: Exchange, commit) -> None:
+def resume_op(
+    pg: MooncakeProcessGroup, kind: str, body: Body, x: Exchange, commit: Callable[[], None]
+) -> None:
     """Go on with op ``x.seq`` whose attempt ``x`` already ran its algorithm (``commit`` is what
     the algorithm returned) outside ``run_op`` (``small_ops``): from the agreement on, as
     ``run_op`` would have; later attempts run ``body``."""
@@ -138,6 +140,9 @@ def resume_op(pg: MooncakeProcessGroup, kind: str, body: Body, x: Exchange, comm
 def _attempts(
     pg: MooncakeProcessGroup, kind: str, seq: int, sig: int, body: Body, first: Optional[tuple]
 ) -> None:
+    """Attempts of op ``seq`` until it commits here (or raises): each runs ``body`` among the
+    current members, then the agreement; ``first``: (Exchange, commit) of an attempt 0 whose
+    algorithm already ran (``resume_op``)."""
     m = pg.membership
     attempt = 0
     while True:

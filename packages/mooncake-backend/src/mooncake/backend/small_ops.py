@@ -29,16 +29,13 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from . import bulk, collectives, faults, native, wire
-from .exchange import LANDED
+from .exchange import LANDED, clean_votes, data_round
 from .protocol import new_attempt, op_signature, resume_op
 from .reduce_ops import native_fold
 
 if TYPE_CHECKING:
     from .process_group import MooncakeProcessGroup
 
-_pack = wire.HEADER.pack
-_agree = wire.pack_agree
-_key = wire.KEY.pack
 _SCOPE = "s1."  # the scratch scope of an op's first algorithm call (``Exchange.scratch_scope``)
 
 
@@ -168,15 +165,11 @@ class SmallOps:
             return None
         seq = pg._seq
         pg._seq += 1
-        head = _pack(seq, 0, wire.DATA_INLINE, 0, sig, size)
         timeout = pg._op_timeout()
         sent_at = time.monotonic()
-        rounds, res = mailbox.exchange(
-            targets, tag, head, timeout, _key(seq, 0),
-            addr=addr, length=size if send else 0, expect=head, dests=dests, dest_len=size,
-            second=_agree(wire.AGREE, seq, 0, sig, 0, 0, 0), second_min_timeout=pg._grace,
-            then=_agree(wire.DECIDED, seq, 0, sig, 1, 0, 0), reduce=fold,
-            second_max_delay=pg._max_gap,
+        rounds, res = data_round(
+            mailbox, targets, tag, seq, 0, 0, sig, timeout, addr, size, send, dests,
+            clean_votes(seq, 0, sig), pg._grace, fold, pg._max_gap,
         )  # fmt: skip
         if rounds == 2 and all(status is LANDED for status, _ in res):
             self.clean += 1
