@@ -48,6 +48,16 @@ def allreduce_loop(
                 assert torch.all(o == v), "all_gather slot not uniform"
                 assert v in (0, 1 << r), f"slot {r} holds {v}: stale or foreign data"
                 got |= v
+        elif kind == "all_gather_single":
+            t = torch.full((n,), 1 << rank, dtype=torch.int64)
+            out = torch.full((world, n), -1, dtype=torch.int64)
+            getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, t)
+            got = 0
+            for r in range(world):
+                v = int(out[r, 0])
+                assert torch.all(out[r] == v), "all_gather_single row not uniform"
+                assert v in (0, 1 << r), f"row {r} holds {v}: stale or foreign data"
+                got |= v
         elif kind == "broadcast":
             root = i % world
             t = torch.full((n,), 1 << rank, dtype=torch.int64)

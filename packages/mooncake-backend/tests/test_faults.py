@@ -28,7 +28,7 @@ def check_survivors(res: dict, victim: int, world: int, kinds: dict) -> None:
     for i, kind, got, mask in ref:
         assert not (mask >> victim & 1) or mask == full
         assert mask | (1 << victim) == full, f"op {i}: unexpected mask {mask:b}"
-        if kind in ("all_reduce", "all_gather"):
+        if kind in ("all_reduce", "all_gather", "all_gather_single"):
             assert got == mask, f"op {i} {kind}: result {got:b} != contributors {mask:b}"
         elif kind == "broadcast":
             root = i % world
@@ -91,13 +91,22 @@ def test_kill_inside_the_fused_native_round(point):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("ops", [("all_reduce",), ("broadcast",), ("broadcast", "all_reduce")])
+@pytest.mark.parametrize(
+    "ops",
+    [
+        ("all_reduce",),
+        ("broadcast",),
+        ("all_gather", "all_gather_single"),
+        ("broadcast", "all_reduce", "all_gather"),
+    ],
+)
 def test_small_op_lane_hands_a_failed_op_to_the_protocol(tmp_path, ops):
-    """Small all_reduces and broadcasts finish in the lane (one native call, no protocol
-    objects) while all is clean; the op a kill -9 interrupts is handed to the protocol, which
-    excludes the victim and re-runs it among the survivors: every all_reduce result is the mask
-    of the ranks that contributed, every broadcast the root's value (or unchanged everywhere
-    when the root is the victim)."""
+    """Small all_reduces, broadcasts and all_gathers finish in the lane (one native call, no
+    protocol objects) while all is clean; the op a kill -9 interrupts is handed to the protocol,
+    which excludes the victim and re-runs it among the survivors: every all_reduce result is the
+    mask of the ranks that contributed, every broadcast the root's value (or unchanged everywhere
+    when the root is the victim), every all_gather the contributors' slots with the victim's
+    zeroed."""
     world, victim = 3, 1
     res = kill_during_loop(tmp_path, allreduce_loop_lane, world, victim, 0.2, 300, (16,), ops)
     logs = {r: (st, v[0] if st == "ok" else v) for r, (st, v) in res.items()}

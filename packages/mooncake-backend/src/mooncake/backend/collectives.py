@@ -175,10 +175,17 @@ def _collect(x: Exchange, outs: Sequence[torch.Tensor], own: torch.Tensor) -> Co
     """Land every peer's payload in ``outs[peer]``; the commit writes ``own`` into ``outs[me]``
     and zeroes the slots of ranks that are not members (never stale data)."""
     x.recv_each(x.peers, 0, lambda src, n: _flat(outs[src]))
-    members = x.members
+    return collect_commit(outs, own, x.me, x.members)
+
+
+def collect_commit(
+    outs: Sequence[torch.Tensor], own: torch.Tensor, me: int, members: list[int]
+) -> Commit:
+    """The commit of an op whose peers' payloads landed in ``outs[peer]``: ``own`` into
+    ``outs[me]``, zeroes into the slots of ranks that are not ``members``."""
 
     def commit() -> None:
-        mine = outs[x.me]
+        mine = outs[me]
         if mine.numel():
             native.copy(_flat(mine), _flat(own), len(members))
         if len(members) != len(outs):
@@ -200,6 +207,15 @@ def allgather(
         c = bulk.allgather(x, outs, flat, last)  # shared-memory arenas (bulk.py)
         if c is not None:
             return c
+    if nbytes and len(x.members) > 1:
+        # One symmetric round: every peer's payload lands straight in its output slot (outputs
+        # are written before the commit, as ``_collect`` does; only the commit fills this
+        # rank's own slot and zeroes non-members'), and with ``last`` the agreement's first
+        # round and the DECIDED run in the same native call.
+        peers = x.peers
+        dests = [_flat(outs[p]).data_ptr() for p in peers]
+        x.exchange(peers, 0, flat, dests, lambda src, n: _flat(outs[src]), last)
+        return collect_commit(outs, flat, x.me, x.members)
     x.send_many(x.peers, 0, flat)
     return _collect(x, outs, flat)
 

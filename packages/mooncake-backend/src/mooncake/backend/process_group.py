@@ -319,6 +319,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         for outs, t in zip(output_tensors, input_tensors):
             self._check_list("output_tensors", outs, t)
         _check_tensors("input_tensors", input_tensors, self._device_type)
+        if (
+            len(input_tensors) == 1
+            and self._device_type == "cpu"
+            and self._small.allgather(output_tensors[0], input_tensors[0], True)
+        ):
+            return _done(output_tensors)
         flat_outs = [o for outs in output_tensors for o in outs]
         if len(input_tensors) == 1 and (d := self._direct("allgather", flat_outs)):
             return d.allgather(output_tensors[0], input_tensors[0], output_tensors)
@@ -344,6 +350,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("output", [output], self._device_type)
         _check_tensors("input", [input], self._device_type)
         self._check_split(output, input, "output", "input")
+        if self._device_type == "cpu" and self._small.allgather(output, input, False):
+            return _done([output])
         if d := self._direct("allgather", [output, input]):
             return d.allgather(list(output.view(self.size(), -1).unbind(0)), input, [output])
         sig = (str(input.dtype), input.numel())

@@ -1,5 +1,5 @@
-"""The clean path of a small CPU all_reduce or broadcast in one native call, without the op
-protocol's per-attempt objects.
+"""The clean path of a small CPU all_reduce, broadcast or all_gather in one native call, without
+the op protocol's per-attempt objects.
 
 Every op runs through ``protocol.run_op``: an ``Exchange`` per attempt, the algorithm
 (``collectives``), the agreement (``protocol.agree``), the commit. A small single-tensor
@@ -11,7 +11,9 @@ per op through ``run_op``, 20-36 us through the lane).
 
 A small broadcast (``collectives._broadcast_direct``, below the arena sizes) is the same round
 without the fold: the root sends its buffer, the others the header alone, and the root's row is
-copied into the caller's tensor after the call. ``SmallOps`` below issues the very same native
+copied into the caller's tensor after the call. A small all_gather (``collectives.allgather``,
+below its arena size) is the same round again: every rank sends its input, and each peer's
+payload lands straight in that peer's output slot. ``SmallOps`` below issues the very same native
 call, with the same messages byte for byte, from a few values cached per group. Only when the
 call returns anything but "every payload and every vote landed clean" does it build the
 attempt's ``Exchange`` from the call's results and hand it to the protocol
@@ -27,6 +29,8 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 import torch
+
+from mooncake.transfer import copy_buffers
 
 from . import bulk, collectives, faults, native, wire
 from .exchange import LANDED, clean_votes, data_round
@@ -62,11 +66,17 @@ class SmallOps:
                 if fold is not None and nbytes <= collectives.SMALL_ALLREDUCE_BYTES:
                     parts = (arg, ((t.dtype, t.numel()),))
                     e = (op_signature(self._pg, kind, parts), fold, nbytes)
-            elif nbytes <= collectives.SMALL_BROADCAST_BYTES and not (
-                bulk.BROADCAST_MIN_BYTES and nbytes >= bulk.BROADCAST_MIN_BYTES
-            ):
-                parts = (arg, ((str(t.dtype), t.numel()),))  # as ``broadcast`` signs it
-                e = (op_signature(self._pg, kind, parts), None, nbytes)
+            elif kind == "broadcast":
+                if nbytes <= collectives.SMALL_BROADCAST_BYTES and not (
+                    bulk.BROADCAST_MIN_BYTES and nbytes >= bulk.BROADCAST_MIN_BYTES
+                ):
+                    parts = (arg, ((str(t.dtype), t.numel()),))  # as ``broadcast`` signs it
+                    e = (op_signature(self._pg, kind, parts), None, nbytes)
+            elif nbytes and not (bulk.ALLGATHER_MIN_BYTES and nbytes >= bulk.ALLGATHER_MIN_BYTES):
+                # ``arg``: True from ``allgather`` (a list of outputs), False from
+                # ``_allgather_base`` (one output tensor); each signs the op its own way.
+                dt = (str(t.dtype), t.numel())
+                e = (op_signature(self._pg, kind, (dt,) if arg else dt), None, nbytes)
             if e is not None and nbytes >= wire.PULL_MIN:
                 e = None
             if len(self._ops) > 256:
@@ -149,6 +159,48 @@ class SmallOps:
         commit = collectives.broadcast_direct_commit(x, flat, root, got, rows)
         body = lambda x: collectives.broadcast(x, t, root, True)  # noqa: E731
         resume_op(self._pg, "broadcast", body, x, commit)
+        return True
+
+    def allgather(self, out, t: torch.Tensor, listed: bool) -> bool:
+        """All-gather contiguous CPU tensor ``t``: ``listed`` (from ``allgather``): into the list
+        ``out`` (one contiguous CPU tensor per group rank, ``t``'s size each); else (from
+        ``_allgather_base``, which signs the op differently) into the rows of the contiguous
+        tensor ``out``. False as above."""
+        members = self._open()
+        if members is None:
+            return False
+        e = self._entry(t, "allgather", listed)
+        if e is None:
+            return False
+        sig, _, size = e
+        me = self._pg._rank
+        peers = [r for r in members if r != me]
+        # Peers' payloads land straight in their output slots (``collectives.allgather``).
+        if listed:
+            dests = [out[p].data_ptr() for p in peers]
+        else:
+            base = out.data_ptr()
+            dests = [base + p * size for p in peers]
+        ran = self._round(members, peers, sig, size, t.data_ptr(), True, dests, ())
+        if ran is None:
+            return False
+        x, targets, rounds, res = ran
+        extent = len(out) if listed else self._pg.membership.extent
+        if x is None and len(members) == extent:
+            copy_buffers(out[me].data_ptr() if listed else base + me * size, t.data_ptr(), size)
+            return True  # the commit: this rank's own slot (no slot of a non-member to zero)
+        outs = out if listed else list(out.view(extent, -1).unbind(0))
+        commit = collectives.collect_commit(outs, t, me, members)
+        if x is None:
+            commit()
+            return True
+
+        def sink(src: int, n: int):
+            return outs[src].reshape(-1)
+
+        x.after_round(peers, targets, 0, sink, size, rounds, res)
+        body = lambda x: collectives.allgather(x, outs, t, True)  # noqa: E731
+        resume_op(self._pg, "allgather", body, x, commit)
         return True
 
     def _round(self, members, peers, sig, size, addr, send, dests, fold):

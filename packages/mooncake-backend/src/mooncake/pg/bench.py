@@ -156,6 +156,9 @@ def _op_of(coll: str, nbytes: int, world: int, group, device: str, dtype):
     import torch.distributed as dist
 
     torch = _Torch(_t, dtype)  # ones / empty in ``dtype``
+    # torch 2.13 renamed the tensor forms (the old names warn on every call, about 13 us here)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     n = max(1, nbytes // dtype.itemsize)
     n -= n % world
     n = max(n, world)
@@ -165,11 +168,11 @@ def _op_of(coll: str, nbytes: int, world: int, group, device: str, dtype):
     if coll == "all_gather":
         t = torch.ones(n // world, device=device)
         out = torch.empty(n, device=device)
-        return lambda: dist.all_gather_into_tensor(out, t, group=group)
+        return lambda: all_gather(out, t, group=group)
     if coll == "reduce_scatter":
         t = torch.ones(n, device=device)
         out = torch.empty(n // world, device=device)
-        return lambda: dist.reduce_scatter_tensor(out, t, group=group)
+        return lambda: reduce_scatter(out, t, group=group)
     if coll == "all_to_all":
         t = torch.ones(n, device=device)
         out = torch.empty(n, device=device)
