@@ -108,12 +108,10 @@ def check_evicted(
             same = [p for p in sout["ops"] if p[0] == phase and p[1] == o[1]]
             theirs = same[0] if same else None
             if theirs is None:
-                done = [p[1] for p in sout["ops"] if p[0] == phase]
-                raised = [e for e in sout["events"] if e["phase"] == phase and e["what"] == "evicted"]
-                assert raised and max(done, default=-1) == o[1] - 1, (
-                    f"{label}: rank {s} has no op {o[1]} of phase {phase} and did not raise "
-                    f"EvictedError on it (its last op: {max(done, default=None)})"
-                )
+                last = max((p[1] for p in sout["ops"] if p[0] == phase), default=-1)
+                ev = [e["what"] for e in sout["events"] if e["phase"] == phase]
+                assert last == o[1] - 1, f"{label}: rank {s} has no op {o[1]}; its last: {last}"
+                assert "evicted" in ev, f"{label}: rank {s} has no op {o[1]} and no EvictedError"
                 continue
             assert theirs[3] == full, (
                 f"{label}: rank {r} completed {_describe(o, world, t_fault)} after the fault, "
