@@ -58,6 +58,13 @@ def allreduce_loop(
                 assert torch.all(out[r] == v), "all_gather_single row not uniform"
                 assert v in (0, 1 << r), f"row {r} holds {v}: stale or foreign data"
                 got |= v
+        elif kind == "reduce_scatter_single":
+            t = torch.full((world * n,), 1 << rank, dtype=torch.int64)
+            out = torch.full((n,), -1, dtype=torch.int64)
+            getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, t)
+            got = int(out[0])
+            assert torch.all(out == got), "reduce_scatter result not uniform"
+            assert torch.all(t == 1 << rank), "reduce_scatter changed its input"
         elif kind == "broadcast":
             root = i % world
             t = torch.full((n,), 1 << rank, dtype=torch.int64)

@@ -28,7 +28,7 @@ def check_survivors(res: dict, victim: int, world: int, kinds: dict) -> None:
     for i, kind, got, mask in ref:
         assert not (mask >> victim & 1) or mask == full
         assert mask | (1 << victim) == full, f"op {i}: unexpected mask {mask:b}"
-        if kind in ("all_reduce", "all_gather", "all_gather_single"):
+        if kind in ("all_reduce", "all_gather", "all_gather_single", "reduce_scatter_single"):
             assert got == mask, f"op {i} {kind}: result {got:b} != contributors {mask:b}"
         elif kind == "broadcast":
             root = i % world
@@ -75,7 +75,10 @@ def test_kill_at_random_points_every_victim(world):
             point = rng.choice(POINTS)
             nth = rng.randint(1, 8)
             ops = rng.choice(
-                [("all_reduce",), ("all_reduce", "all_gather", "broadcast", "barrier")]
+                [
+                    ("all_reduce",),
+                    ("all_reduce", "all_gather", "broadcast", "barrier", "reduce_scatter_single"),
+                ]
             )
             sizes = rng.choice([(4,), (200000,), (4, 200000)])
             run_trial(world, victim, point, nth, ops, sizes)
@@ -88,6 +91,8 @@ def test_kill_inside_the_fused_native_round(point):
     # the wire_* points kill the victim between two peers' messages inside that call.
     for world, victim, nth in ((3, 0, 5), (3, 2, 7), (4, 1, 10)):
         run_trial(world, victim, point, nth, ("all_reduce",), (4,))
+    # All_gather and reduce_scatter take the same fused round.
+    run_trial(3, 1, point, 6, ("all_gather", "reduce_scatter_single"), (4,))
 
 
 @pytest.mark.timeout(300)
@@ -97,16 +102,17 @@ def test_kill_inside_the_fused_native_round(point):
         ("all_reduce",),
         ("broadcast",),
         ("all_gather", "all_gather_single"),
-        ("broadcast", "all_reduce", "all_gather"),
+        ("reduce_scatter_single",),
+        ("broadcast", "all_reduce", "all_gather", "reduce_scatter_single"),
     ],
 )
 def test_small_op_lane_hands_a_failed_op_to_the_protocol(tmp_path, ops):
-    """Small all_reduces, broadcasts and all_gathers finish in the lane (one native call, no
-    protocol objects) while all is clean; the op a kill -9 interrupts is handed to the protocol,
-    which excludes the victim and re-runs it among the survivors: every all_reduce result is the
-    mask of the ranks that contributed, every broadcast the root's value (or unchanged everywhere
-    when the root is the victim), every all_gather the contributors' slots with the victim's
-    zeroed."""
+    """Small all_reduces, broadcasts, all_gathers and reduce_scatters finish in the lane (one
+    native call, no protocol objects) while all is clean; the op a kill -9 interrupts is handed to
+    the protocol, which excludes the victim and re-runs it among the survivors: every all_reduce
+    result is the mask of the ranks that contributed, every broadcast the root's value (or
+    unchanged everywhere when the root is the victim), every all_gather the contributors' slots
+    with the victim's zeroed, every reduce_scatter chunk the mask of its contributors."""
     world, victim = 3, 1
     res = kill_during_loop(tmp_path, allreduce_loop_lane, world, victim, 0.2, 300, (16,), ops)
     logs = {r: (st, v[0] if st == "ok" else v) for r, (st, v) in res.items()}

@@ -250,10 +250,19 @@ def scatter(
     return lambda: native.copy(flat, tmp, len(x.members))
 
 
-def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], op: str) -> Commit:
-    """``out`` = reduction over members of their ``ins[me]``."""
+def reduce_scatter(
+    x: Exchange,
+    out: torch.Tensor,
+    ins: Sequence[torch.Tensor],
+    op: str,
+    whole: Optional[torch.Tensor] = None,
+) -> Commit:
+    """``out`` = reduction over members of their ``ins[me]``; ``whole``: one contiguous tensor
+    whose consecutive rows are ``ins`` (``reduce_scatter_single``), when the caller has it."""
     flat = _flat(out)
     peers = x.peers
+    if peers and flat.numel() and tensor_bytes(flat) * len(ins) <= SMALL_ALLREDUCE_BYTES:
+        return _reduce_scatter_direct(x, flat, ins, op, whole)
     for p in peers:
         x.send(p, 0, _flat(ins[p]))
     scope = x.scratch_scope()
@@ -270,6 +279,58 @@ def reduce_scatter(x: Exchange, out: torch.Tensor, ins: Sequence[torch.Tensor], 
     me = x.me
     reduce_fresh(result, [_flat(ins[me]) if r == me else bufs[r] for r in x.members], op)
     return lambda: native.copy(flat, result, len(x.members))
+
+
+def _reduce_scatter_direct(
+    x: Exchange,
+    flat: torch.Tensor,
+    ins: Sequence[torch.Tensor],
+    op: str,
+    whole: Optional[torch.Tensor],
+) -> Commit:
+    """A small reduce_scatter as a small all_reduce of the whole input (every rank sends all of
+    it, ``len(ins)`` times the bytes a rank needs, in one symmetric round): the data, the
+    agreement's first round, the DECIDED and the fold into a scratch row run in one native
+    call, as for ``_allreduce_direct``; the commit copies this rank's chunk of that row."""
+    chunk = flat.numel()
+    if whole is None:
+        whole = x.scratch.get(x.scratch_scope() + "rsin", chunk * len(ins), flat.dtype)
+        for i, t in enumerate(ins):
+            native.copy(whole[i * chunk : (i + 1) * chunk], _flat(t))
+    else:
+        whole = _flat(whole)
+    rows, result, addrs = x.scratch.small(x.scratch_scope(), whole, x.peers)
+    fold = native_fold(whole.dtype, op)
+    if fold is not None:
+        ptr = whole.data_ptr()
+        fold = (*fold, whole.numel(), ptr, result.data_ptr(), x.members.index(x.me))
+    got = x.exchange(x.peers, 0, whole, addrs, lambda src, n: rows[src], True, fold)
+    return reduce_scatter_direct_commit(x, flat, op, whole, fold is not None, got, rows, result)
+
+
+def reduce_scatter_direct_commit(
+    x: Exchange,
+    flat: torch.Tensor,
+    op: str,
+    whole: torch.Tensor,
+    folded: bool,
+    got: set[int],
+    rows: dict[int, torch.Tensor],
+    result: torch.Tensor,
+) -> Commit:
+    """The commit of a direct reduce_scatter whose one round returned ``got`` (the sources whose
+    ``whole`` landed in ``rows``); ``folded``: the round was asked to fold them into ``result``."""
+    if len(got) != len(x.peers):
+        return no_commit
+    chunk = flat.numel()
+    lo = x.me * chunk
+    mine = result[lo : lo + chunk]
+    if not folded or x.voted != ():  # not folded natively: reduce this rank's chunk here
+        parts = [
+            whole[lo : lo + chunk] if r == x.me else rows[r][lo : lo + chunk] for r in x.members
+        ]
+        reduce_fresh(mine, parts, op)
+    return lambda: native.copy(flat, mine, len(x.members))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

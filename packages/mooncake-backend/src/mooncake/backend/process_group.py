@@ -423,13 +423,18 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         _check_tensors("input", [input], self._device_type)
         self._check_split(input, output, "input", "output")
         check_op(op, output.dtype)
+        if self._device_type == "cpu" and self._small.reduce_scatter(output, input, op):
+            return _done([output])
         if d := self._direct("reduce_scatter", [output, input]):
             ins = list(input.view(self.size(), -1).unbind(0))
             return d.reduce_scatter(output, ins, op, [output])
         sig = (op, str(output.dtype), output.numel())
 
         def body(x, i, o):
-            return algo.reduce_scatter(x, o[0], list(i[0].reshape(self.size(), -1).unbind(0)), op)
+            whole = i[0]
+            return algo.reduce_scatter(
+                x, o[0], list(whole.reshape(self.size(), -1).unbind(0)), op, whole
+            )
 
         return self._staged("reduce_scatter", sig, [input], [output], body, [output])
 

@@ -1,5 +1,5 @@
-"""The clean path of a small CPU all_reduce, broadcast or all_gather in one native call, without
-the op protocol's per-attempt objects.
+"""The clean path of a small CPU all_reduce, broadcast, all_gather or reduce_scatter in one native
+call, without the op protocol's per-attempt objects.
 
 Every op runs through ``protocol.run_op``: an ``Exchange`` per attempt, the algorithm
 (``collectives``), the agreement (``protocol.agree``), the commit. A small single-tensor
@@ -13,10 +13,12 @@ A small broadcast (``collectives._broadcast_direct``, below the arena sizes) is 
 without the fold: the root sends its buffer, the others the header alone, and the root's row is
 copied into the caller's tensor after the call. A small all_gather (``collectives.allgather``,
 below its arena size) is the same round again: every rank sends its input, and each peer's
-payload lands straight in that peer's output slot. ``SmallOps`` below issues the very same native
-call, with the same messages byte for byte, from a few values cached per group. Only when the
-call returns anything but "every payload and every vote landed clean" does it build the
-attempt's ``Exchange`` from the call's results and hand it to the protocol
+payload lands straight in that peer's output slot. A small reduce_scatter
+(``collectives._reduce_scatter_direct``) is a small all_reduce of the whole input folded into
+a scratch row, of which the commit copies this rank's chunk. ``SmallOps`` below issues the very
+same native call, with the same messages byte for byte, from a few values cached per group.
+Only when the call returns anything but "every payload and every vote landed clean" does it
+build the attempt's ``Exchange`` from the call's results and hand it to the protocol
 (``protocol.resume_op``), which goes on exactly as if it had issued the call itself: the
 agreement, the exclusion rule, re-runs among the survivors. Whatever the
 lane cannot express (an armed fault point, pushed-back messages, a membership change pending,
@@ -72,6 +74,13 @@ class SmallOps:
                 ):
                     parts = (arg, ((str(t.dtype), t.numel()),))  # as ``broadcast`` signs it
                     e = (op_signature(self._pg, kind, parts), None, nbytes)
+            elif kind == "reduce_scatter":  # t: the output; arg: (op, the whole input's bytes)
+                op, whole = arg
+                fold = native_fold(t.dtype, op)
+                if fold is not None and t.numel() and whole <= collectives.SMALL_ALLREDUCE_BYTES:
+                    parts = (op, str(t.dtype), t.numel())  # as ``_reduce_scatter_base`` signs it
+                    e = (op_signature(self._pg, kind, parts), fold, whole)
+                nbytes = whole
             elif nbytes and not (bulk.ALLGATHER_MIN_BYTES and nbytes >= bulk.ALLGATHER_MIN_BYTES):
                 # ``arg``: True from ``allgather`` (a list of outputs), False from
                 # ``_allgather_base`` (one output tensor); each signs the op its own way.
@@ -201,6 +210,41 @@ class SmallOps:
         x.after_round(peers, targets, 0, sink, size, rounds, res)
         body = lambda x: collectives.allgather(x, outs, t, True)  # noqa: E731
         resume_op(self._pg, "allgather", body, x, commit)
+        return True
+
+    def reduce_scatter(self, out: torch.Tensor, whole: torch.Tensor, op: str) -> bool:
+        """``out`` = this rank's chunk of the reduction of contiguous CPU tensor ``whole`` (one
+        chunk of ``out``'s size per group rank) over the members, as a small all_reduce of
+        ``whole`` folded natively into a scratch row (``collectives._reduce_scatter_direct``);
+        False as above."""
+        members = self._open()
+        if members is None:
+            return False
+        e = self._entry(out, "reduce_scatter", (op, whole.numel() * whole.element_size()))
+        if e is None:
+            return False
+        sig, fold, size = e
+        me = self._pg._rank
+        peers = [r for r in members if r != me]
+        rows, result, addrs = self._pg._scratch.small(_SCOPE, whole.reshape(-1), peers)
+        src = whole.data_ptr()
+        fold = (*fold, whole.numel(), src, result.data_ptr(), members.index(me))
+        ran = self._round(members, peers, sig, size, src, True, addrs, fold)
+        if ran is None:
+            return False
+        x, targets, rounds, res = ran
+        chunk = out.numel() * out.element_size()
+        if x is None:  # decided, and folded into ``result``: the commit is this rank's chunk
+            copy_buffers(out.data_ptr(), result.data_ptr() + me * chunk, chunk)
+            return True
+        flat = whole.reshape(-1)
+        got = x.after_round(peers, targets, 0, lambda s, n: rows[s], size, rounds, res)
+        commit = collectives.reduce_scatter_direct_commit(
+            x, out.reshape(-1), op, flat, True, got, rows, result
+        )
+        ins = list(whole.reshape(self._pg.membership.extent, -1).unbind(0))
+        body = lambda x: collectives.reduce_scatter(x, out, ins, op, whole)  # noqa: E731
+        resume_op(self._pg, "reduce_scatter", body, x, commit)
         return True
 
     def _round(self, members, peers, sig, size, addr, send, dests, fold):
