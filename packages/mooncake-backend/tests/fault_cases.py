@@ -65,6 +65,32 @@ def allreduce_loop(
             got = int(out[0])
             assert torch.all(out == got), "reduce_scatter result not uniform"
             assert torch.all(t == 1 << rank), "reduce_scatter changed its input"
+        elif kind in ("reduce", "gather", "scatter"):
+            # Rooted ops: the root checks its own result against the contributors (active_ranks
+            # after the op); every survivor records None, so all logs stay identical.
+            root = i % world
+            t = torch.full((n,), 1 << rank, dtype=torch.int64)
+            if kind == "reduce":
+                dist.reduce(t, dst=root)
+                if rank == root:
+                    assert torch.all(t == mask_of(active)), f"reduce gave {int(t[0]):b}"
+            elif kind == "gather":
+                outs = [torch.full((n,), -1, dtype=torch.int64) for _ in range(world)]
+                dist.gather(t, outs if rank == root else None, dst=root)
+                if rank == root:
+                    got = 0
+                    for r, o in enumerate(outs):
+                        assert torch.all(o == int(o[0])), "gather slot not uniform"
+                        assert int(o[0]) in (0, 1 << r), f"gather slot {r} holds {int(o[0])}"
+                        got |= int(o[0])
+                    assert got == mask_of(active), f"gather gave {got:b}"
+            else:
+                ins = [torch.full((n,), 100 * root + r, dtype=torch.int64) for r in range(world)]
+                out = torch.full((n,), -1, dtype=torch.int64)
+                dist.scatter(out, ins if rank == root else None, src=root)
+                want = 100 * root + rank if active[root] else -1  # a failed root: unchanged
+                assert torch.all(out == want), f"scatter gave {int(out[0])}, want {want}"
+            got = None
         elif kind == "broadcast":
             root = i % world
             t = torch.full((n,), 1 << rank, dtype=torch.int64)

@@ -96,6 +96,16 @@ def test_kill_inside_the_fused_native_round(point):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("point", ["data_send", "data_recv", "agree_send", "pre_commit"])
+def test_kill_during_rooted_ops(point):
+    # reduce, gather and scatter (roots 0, 1, 2 in turn): the root checks its result against
+    # active_ranks, a scatter from a failed root leaves every survivor's output unchanged. Rank 2
+    # receives nothing (it only roots the scatters), so the victims are the receiving roots.
+    for victim, nth in ((0, 2), (1, 3)):
+        run_trial(3, victim, point, nth, ("reduce", "gather", "scatter"), (4, 3000))
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "ops",
     [
