@@ -108,18 +108,25 @@ class SmallOps:
             return None
         return sorted(m.members)
 
+    def _start(self, t: torch.Tensor, kind: str, arg) -> Optional[tuple]:
+        """(members, this rank, its peers, signature, fold codes, bytes) when the lane may run
+        this op now (``_open``) and the op is for it (``_entry``), else None."""
+        members = self._open()
+        if members is None:
+            return None
+        e = self._entry(t, kind, arg)
+        if e is None:
+            return None
+        me = self._pg._rank
+        return (members, me, [r for r in members if r != me], *e)
+
     def allreduce(self, t: torch.Tensor, op: str) -> bool:
         """All-reduce contiguous CPU tensor ``t`` in place; False (nothing done) when the op is
         not for the lane, and the caller runs it through ``protocol.run_op``."""
-        members = self._open()
-        if members is None:
+        st = self._start(t, "allreduce", op)
+        if st is None or t.numel() < len(st[0]):
             return False
-        e = self._entry(t, "allreduce", op)
-        if e is None or t.numel() < len(members):
-            return False
-        sig, fold, size = e
-        me = self._pg._rank
-        peers = [r for r in members if r != me]
+        members, me, peers, sig, fold, size = st
         rows, result, addrs = self._pg._scratch.small(_SCOPE, t, peers)
         ptr = t.data_ptr()
         fold = (*fold, t.numel(), ptr, ptr, members.index(me))
@@ -139,15 +146,10 @@ class SmallOps:
 
     def broadcast(self, t: torch.Tensor, root: int) -> bool:
         """Broadcast contiguous CPU tensor ``t`` from group rank ``root``; False as above."""
-        members = self._open()
-        if members is None or root not in members:
+        st = self._start(t, "broadcast", root)
+        if st is None or root not in st[0]:
             return False  # a failed root: the protocol's path leaves every tensor unchanged
-        e = self._entry(t, "broadcast", root)
-        if e is None:
-            return False
-        sig, _, size = e
-        me = self._pg._rank
-        peers = [r for r in members if r != me]
+        members, me, peers, sig, _, size = st
         rows, _, addrs = self._pg._scratch.small(_SCOPE, t, peers)
         # Only the root's row lands: every other peer's message is the header alone (dest 0).
         dests = [a if p == root else 0 for p, a in zip(peers, addrs)]
@@ -175,15 +177,10 @@ class SmallOps:
         ``out`` (one contiguous CPU tensor per group rank, ``t``'s size each); else (from
         ``_allgather_base``, which signs the op differently) into the rows of the contiguous
         tensor ``out``. False as above."""
-        members = self._open()
-        if members is None:
+        st = self._start(t, "allgather", listed)
+        if st is None:
             return False
-        e = self._entry(t, "allgather", listed)
-        if e is None:
-            return False
-        sig, _, size = e
-        me = self._pg._rank
-        peers = [r for r in members if r != me]
+        members, me, peers, sig, _, size = st
         # Peers' payloads land straight in their output slots (``collectives.allgather``).
         if listed:
             dests = [out[p].data_ptr() for p in peers]
@@ -217,15 +214,10 @@ class SmallOps:
         chunk of ``out``'s size per group rank) over the members, as a small all_reduce of
         ``whole`` folded natively into a scratch row (``collectives._reduce_scatter_direct``);
         False as above."""
-        members = self._open()
-        if members is None:
+        st = self._start(out, "reduce_scatter", (op, whole.numel() * whole.element_size()))
+        if st is None:
             return False
-        e = self._entry(out, "reduce_scatter", (op, whole.numel() * whole.element_size()))
-        if e is None:
-            return False
-        sig, fold, size = e
-        me = self._pg._rank
-        peers = [r for r in members if r != me]
+        members, me, peers, sig, fold, size = st
         rows, result, addrs = self._pg._scratch.small(_SCOPE, whole.reshape(-1), peers)
         src = whole.data_ptr()
         fold = (*fold, whole.numel(), src, result.data_ptr(), members.index(me))
